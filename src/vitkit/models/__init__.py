@@ -1,0 +1,3 @@
+"""Model families; importing this package registers every variant."""
+
+from vitkit.models import vit  # noqa: F401

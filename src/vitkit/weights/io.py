@@ -1,0 +1,72 @@
+"""The vitkit checkpoint format: safetensors weights with the model's name and config in metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from vitkit.io import atomic_path
+
+FORMAT_NAME = "vitkit"
+FORMAT_VERSION = "1"
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write `model`'s weights and config to a .safetensors file atomically.
+
+    `metadata` adds string entries (e.g. which weights a "best" file holds).
+    """
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+    name = getattr(model, "variant_name", None)
+    config = getattr(model, "config", None)
+    if name is not None and dataclasses.is_dataclass(config):
+        meta["model"] = name
+        meta["config"] = json.dumps(dataclasses.asdict(config))
+    meta.update(metadata or {})
+    # safetensors refuses shared or non-contiguous storage: save independent contiguous copies
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a .safetensors file (empty when it has none)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorsError, OSError) as err:
+        raise ValueError(f"cannot read {path}: not a valid safetensors file ({err})") from err
+
+
+def config_fields(metadata: dict[str, str]) -> dict[str, Any]:
+    """The config stored by `save_model`, with JSON lists turned back into tuples."""
+    fields = json.loads(metadata["config"])
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by `save_model` (architecture from the metadata) and load its weights."""
+    from safetensors.torch import load_file
+
+    from vitkit.registry import create_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT_NAME or "model" not in meta:
+        raise ValueError(
+            f"{path} is not a vitkit checkpoint (no model name in its metadata): "
+            "build the model with vitkit.create_model(NAME) and use vitkit.load_checkpoint(model, path)"
+        )
+    model = create_model(meta["model"], **config_fields(meta))
+    model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
+    return model.to(device)
