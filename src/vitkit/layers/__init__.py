@@ -2,6 +2,7 @@
 
 from vitkit.layers.attention import Attention
 from vitkit.layers.drop_path import DropPath, drop_path_rates
+from vitkit.layers.init import trunc_normal_
 from vitkit.layers.layer_scale import LayerScale
 from vitkit.layers.mlp import Mlp
 from vitkit.layers.patch_embed import PatchEmbed
@@ -16,4 +17,5 @@ __all__ = [
     "drop_path_rates",
     "resample_abs_pos_embed",
     "sincos_2d_pos_embed",
+    "trunc_normal_",
 ]

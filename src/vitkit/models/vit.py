@@ -24,6 +24,7 @@ from vitkit.layers import (
     drop_path_rates,
     resample_abs_pos_embed,
     sincos_2d_pos_embed,
+    trunc_normal_,
 )
 from vitkit.registry import register, to_2tuple
 
@@ -47,6 +48,7 @@ class ViTConfig:
     pos_embed: Literal["learned", "sincos2d"] = "learned"
     dynamic_img_size: bool = False  # accept any size divisible by the patch size
     drop_rate: float = 0.0  # head dropout
+    pos_drop_rate: float = 0.0  # dropout after adding the position embedding
     proj_drop_rate: float = 0.0  # dropout after attention projection and in the MLP
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -72,7 +74,7 @@ class ViTConfig:
             raise ValueError("pos_embed='sincos2d' covers patches only: set no_embed_class=True")
         if self.distilled and self.global_pool != "token":
             raise ValueError("distilled=True needs global_pool='token' (the heads read the tokens)")
-        for name in ("drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
+        for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
@@ -154,7 +156,7 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, dim))
         else:  # fixed: a buffer, not saved with the weights
             self.register_buffer("pos_embed", sincos_2d_pos_embed(config.grid_size, dim), persistent=False)
-        self.pos_drop = nn.Dropout(config.proj_drop_rate)
+        self.pos_drop = nn.Dropout(config.pos_drop_rate)
         rates = drop_path_rates(config.drop_path_rate, config.depth)
         self.blocks = nn.Sequential(*[Block(config, rates[i]) for i in range(config.depth)])
         # timm's layout: with average pooling the final norm is applied after pooling (fc_norm)
@@ -181,12 +183,12 @@ class VisionTransformer(nn.Module):
     def init_weights(self) -> None:
         """Truncated-normal init (std 0.02) for linear layers and the position embedding."""
         if isinstance(self.pos_embed, nn.Parameter):
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            trunc_normal_(self.pos_embed, 0.02)
         for token in self._prefix_tokens():
             nn.init.normal_(token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                trunc_normal_(m.weight, 0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
@@ -294,7 +296,7 @@ class VisionTransformer(nn.Module):
         device = self.patch_embed.proj.weight.device
         self.head = self._make_head(num_classes).to(device)
         if isinstance(self.head, nn.Linear):
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            trunc_normal_(self.head.weight, 0.02)
             nn.init.zeros_(self.head.bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -330,14 +332,14 @@ class DistilledVisionTransformer(VisionTransformer):
 
     def init_weights(self) -> None:
         super().init_weights()
-        nn.init.trunc_normal_(self.dist_token, std=0.02)
+        trunc_normal_(self.dist_token, 0.02)
 
     def reset_classifier(self, num_classes: int) -> None:
         super().reset_classifier(num_classes)
         device = self.patch_embed.proj.weight.device
         self.head_dist = self.head_dist.to(device)
         if isinstance(self.head_dist, nn.Linear):
-            nn.init.trunc_normal_(self.head_dist.weight, std=0.02)
+            trunc_normal_(self.head_dist.weight, 0.02)
             nn.init.zeros_(self.head_dist.bias)
 
     def set_distilled_training(self, enable: bool = True) -> None:
