@@ -9,6 +9,12 @@ import sys
 # command name -> module in vitkit.cli that defines add_parser(subparsers) and run(args) -> int
 COMMANDS = {
     "models": "models",
+    "flops": "flops",
+    "bench": "bench",
+    "train": "train",
+    "eval": "eval",
+    "predict": "predict",
+    "submit": "submit",
 }
 
 

@@ -1,4 +1,4 @@
-"""`vitkit models [PATTERN] [--json]`: the variant table."""
+"""`vitkit models [PATTERN] [--json]`: the variant table (MACs per image: 1 MAC = 2 FLOPs)."""
 
 from __future__ import annotations
 
@@ -10,37 +10,53 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list model variants", description="List the registered model variants.")
     p.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. 'deit*' (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.epilog = "MACs: multiply-accumulates per image at the native input size (1 MAC = 2 FLOPs), see `vitkit flops`."
     p.set_defaults(run=run)
 
 
-def rows(pattern: str) -> list[dict]:
-    from vitkit.registry import list_models, model_info
+def row(name: str) -> dict:
+    import torch
 
-    out = []
-    for name in list_models(pattern):
-        info = model_info(name)
-        out.append(
-            {
-                "name": name,
-                "family": info["family"],
-                "params": info["params"],
-                "img_size": list(info["img_size"]),
-                "num_classes": info["num_classes"],
-            }
-        )
-    return out
+    from vitkit.registry import count_parameters, get_variant
+    from vitkit.tools.flops import fast_macs
+
+    variant = get_variant(name)
+    # one build on the meta device gives both counts (no memory, no arithmetic)
+    with torch.device("meta"):
+        model = variant.build(variant.config).eval()
+    return {
+        "name": name,
+        "family": variant.family,
+        "params": count_parameters(model),
+        "macs": fast_macs(model),
+        "img_size": list(variant.config.img_size),
+        "num_classes": variant.config.num_classes,
+    }
+
+
+def rows(pattern: str) -> list[dict]:
+    from vitkit.registry import list_models
+
+    return [row(name) for name in list_models(pattern)]
 
 
 def run(args: argparse.Namespace) -> int:
-    table = rows(args.pattern)
-    if not table:
+    from vitkit.registry import list_models
+
+    names = list_models(args.pattern)
+    if not names:
         raise ValueError(f"no model matches {args.pattern!r}: try `vitkit models` for the full list")
     if args.json:
-        print(json.dumps(table, indent=2))
+        print(json.dumps([row(name) for name in names], indent=2))
         return 0
-    width = max(len(r["name"]) for r in table)
-    print(f"{'name':<{width}}  {'family':<7} {'params (M)':>10}  {'input':>9}  {'classes':>7}")
-    for r in table:
+    width = max(len(name) for name in names)
+    print(f"{'name':<{width}}  {'family':<7} {'params (M)':>10} {'MACs (G)':>9}  {'input':>9}  {'classes':>7}")
+    for name in names:  # a row as soon as it is counted
+        r = row(name)
         size = "x".join(str(s) for s in r["img_size"])
-        print(f"{r['name']:<{width}}  {r['family']:<7} {r['params'] / 1e6:>10.2f}  {size:>9}  {r['num_classes']:>7}")
+        print(
+            f"{r['name']:<{width}}  {r['family']:<7} {r['params'] / 1e6:>10.2f} {r['macs'] / 1e9:>9.2f}"
+            f"  {size:>9}  {r['num_classes']:>7}",
+            flush=True,
+        )
     return 0

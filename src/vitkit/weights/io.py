@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError, safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -42,7 +42,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
-    except (SafetensorsError, OSError) as err:
+    except (SafetensorError, OSError) as err:
         raise ValueError(f"cannot read {path}: not a valid safetensors file ({err})") from err
 
 

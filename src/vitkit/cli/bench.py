@@ -1,0 +1,99 @@
+"""`vitkit bench MODEL [...]`: throughput, latency and peak memory, alone or against timm."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="throughput (images/s), latency and peak memory; --vs timm compares with timm",
+        description=(
+            "Time a model with random weights: every step is timed on its own after a warm-up (CUDA events "
+            "on the GPU); images/s = batch size / median step time, with the 10th-90th percentile step "
+            "times as spread. Peak memory is measured on CUDA only (the CPU allocator gives no honest "
+            "per-model peak inside one process)."
+        ),
+    )
+    p.add_argument("model", help="registered model name (see `vitkit models`)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
+    p.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's own)")
+    p.add_argument("--mode", choices=("infer", "train"), default="infer",
+                   help="infer: forward under inference_mode; train: forward + cross-entropy + backward + AdamW step")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (compilation is in the warm-up)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format for input and weights")
+    p.add_argument("--amp", choices=("bf16",), default=None, help="autocast to bfloat16")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps (per round with --vs timm; default 30)")
+    p.add_argument("--vs", choices=("timm",), default=None,
+                   help="also time timm's model of the same name with the same weights, alternating rounds, "
+                   "and print the throughput ratio (ours / timm) with its spread")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds for --vs timm (default 5)")
+    p.add_argument("--preset", choices=("deit",), default=None,
+                   help="deit: the DeiT paper's throughput setting, 224x224 at the largest batch that fits "
+                   "in GPU memory (CUDA only)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from vitkit.registry import get_variant
+    from vitkit.tools.bench import BenchOptions, benchmark, compare_with_timm, largest_batch
+
+    get_variant(args.model)  # unknown names fail before anything is built
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    opts = BenchOptions(
+        batch_size=args.batch_size,
+        img_size=(args.img_size, args.img_size) if args.img_size else None,
+        mode=args.mode,
+        device=device,
+        amp=args.amp,
+        compile=args.compile,
+        channels_last=args.channels_last,
+        warmup=args.warmup,
+        steps=args.steps,
+    )
+    if args.preset == "deit":
+        opts = BenchOptions(**{**opts.__dict__, "img_size": (224, 224)})
+        batch = largest_batch(args.model, opts)
+        opts = BenchOptions(**{**opts.__dict__, "batch_size": batch})
+        if not args.json:
+            print(f"deit preset: largest batch that fits at 224x224 on {device}: {batch}")
+    if args.vs == "timm":
+        cmp = compare_with_timm(args.model, opts, rounds=args.rounds)
+        if args.json:
+            print(json.dumps(cmp.to_dict(), indent=2))
+            return 0
+        _table([cmp.ours, cmp.timm])
+        print(
+            f"throughput ratio vitkit/timm: {cmp.ratio:.3f} (spread {cmp.ratio_low:.3f}-{cmp.ratio_high:.3f} "
+            f"over {cmp.rounds} alternating rounds of {opts.steps} steps)"
+        )
+        return 0
+    result = benchmark(args.model, opts)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    _table([result])
+    return 0
+
+
+def _table(results: list) -> None:
+    width = max(len(r.model) for r in results)
+    print(
+        f"{'model':<{width}}  {'impl':<6} {'device':<6} {'mode':<5} {'batch':>5} {'input':>9}  "
+        f"{'step ms':>9} {'p10-p90 ms':>15}  {'images/s':>9}  {'peak MB':>8}"
+    )
+    for r in results:
+        size = "x".join(str(s) for s in r.img_size)
+        peak = f"{r.peak_memory_mb:.0f}" if r.peak_memory_mb is not None else "-"
+        spread = f"{r.step_ms_p10:.1f}-{r.step_ms_p90:.1f}"
+        print(
+            f"{r.model:<{width}}  {r.impl:<6} {r.device:<6} {r.mode:<5} {r.batch_size:>5} {size:>9}  "
+            f"{r.step_ms:>9.2f} {spread:>15}  {r.throughput:>9.1f}  {peak:>8}"
+        )

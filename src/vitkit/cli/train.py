@@ -1,0 +1,89 @@
+"""`vitkit train`: train a model from a recipe, flags and `--set key=value` overrides."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (default recipe: fmnist_demo)",
+        description="Train a model. Settings come from a recipe (YAML), then these flags, then --set items; "
+        "the resolved config is saved in the run folder.",
+    )
+    p.add_argument("--recipe", help="shipped recipe name or YAML file (default: fmnist_demo; --list-recipes)")
+    p.add_argument("--list-recipes", action="store_true", help="print the shipped recipes and exit")
+    p.add_argument("--model", help="vitkit model name or torchvision:NAME (default: the recipe's; another model drops the recipe's model_args)")
+    p.add_argument("--data", help="fashion-mnist, or an image folder with train/ val/ [test/] (default: the recipe's)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (after warm-up)")
+    p.add_argument("--img-size", type=int, help="input size (default: the data's native size or the model's)")
+    p.add_argument("--patch-size", type=int, help="patch size (ViT family), sets model_args.patch_size")
+    p.add_argument("--output", help="run folder (default: runs/<recipe>-<date>-<time>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last finished epoch")
+    p.add_argument("--seed", type=int, help="seed: makes the run deterministic")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--workers", type=int, help="data-loading processes (default: 0 for in-memory data, else up to 4)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    p.add_argument("--train-samples", type=int, help="train on a fixed random subset of N images")
+    p.add_argument("--val-samples", type=int, help="validate on a fixed random subset of N images")
+    p.add_argument("--test-samples", type=int, help="test on a fixed random subset of N images")
+    p.add_argument("--val-split", type=float, help="fraction of train held out for validation when there is no val/ (0.1)")
+    p.add_argument("--skip-corrupt", action="store_const", const=True, help="skip unreadable images (counted in the log)")
+    p.add_argument("--smoke", action="store_true", help="shrink the recipe to seconds: few samples, 1 epoch, tiny model")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set label_smoothing=0.0 --set model_args.depth=6")
+    p.set_defaults(run=run)
+
+
+def requested_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given explicitly on the command line (flags, then --set)."""
+    from vitkit.train.config import parse_set
+
+    names = ("model", "data", "epochs", "batch_size", "lr", "img_size", "output", "seed", "device", "workers",
+             "threads", "compile", "train_samples", "val_samples", "test_samples", "val_split", "skip_corrupt")
+    fields = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.patch_size is not None:
+        fields["model_args"] = {"patch_size": args.patch_size}
+    for key, value in parse_set(args.sets).items():
+        if key == "model_args":
+            fields.setdefault("model_args", {}).update(value)
+        else:
+            fields[key] = value
+    return fields
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitkit.train.config import build_config, list_recipes, load_recipe
+    from vitkit.train.runner import prepare_resume, train
+
+    if args.list_recipes:
+        for name in list_recipes():
+            print(name)
+        return 0
+    fields = requested_fields(args)
+    if args.resume:
+        if args.recipe:
+            fields["recipe"] = load_recipe(args.recipe)[0]
+        if args.output and args.output != args.resume:
+            raise ValueError("--resume DIR continues the run in DIR: drop --output or make it the same folder")
+        fields.pop("output", None)
+        config = prepare_resume(args.resume, fields)
+        if args.smoke and not config.smoke:
+            raise ValueError("--smoke contradicts the run being resumed (it was not a smoke run)")
+        resume = True
+    else:
+        config = build_config(args.recipe, fields, smoke=args.smoke)
+        resume = False
+    result = train(config, resume=resume)
+    print(f"best val top-1 {result.best_val_top1:.2f}% (epoch {result.best_epoch}, {result.best_source} weights)")
+    if result.test is not None:
+        t = result.test
+        print(f"test top-1 {t['top1']:.2f}%  top-5 {t['top5']:.2f}%  loss {t['loss']:.4f}")
+    print(f"run folder: {result.run_dir}")
+    print(f"curves: {result.run_dir / 'curves.png'}")
+    return 0

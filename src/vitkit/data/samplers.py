@@ -1,0 +1,120 @@
+"""Samplers and loaders, chosen in one place (`build_loader`), ready for several processes.
+
+Every sampler shards by (rank, world_size) and reshuffles per epoch from (seed, epoch) alone, so a
+resumed or re-sharded run draws the same order; workers are seeded from the same pair.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vitkit.data.datasets import TensorImageDataset, collate_batch
+
+
+class ShardedSampler(Sampler[int]):
+    """Indices of this rank's shard, reshuffled each epoch (`set_epoch`) from `seed`.
+
+    Training pads the index list so every rank gets the same count (DDP needs equal steps);
+    evaluation does not pad, so each image is counted exactly once across ranks.
+    """
+
+    def __init__(
+        self, size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, pad: bool = True
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        if self.pad and self.world_size > 1:
+            total = math.ceil(self.size / self.world_size) * self.world_size
+            order += order[: total - len(order)]
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order()[self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        if self.pad:
+            return math.ceil(self.size / self.world_size)
+        return len(range(self.rank, self.size, self.world_size))
+
+
+def build_sampler(
+    dataset: Dataset, *, train: bool, seed: int, rank: int = 0, world_size: int = 1
+) -> Sampler[int]:
+    """The sampler for a split: shuffled and padded for training, in order for evaluation."""
+    return ShardedSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=train)
+
+
+def default_workers(dataset: Dataset) -> int:
+    """0 for in-memory data (a batch is one indexing op), else up to 4 decoding processes."""
+    if isinstance(dataset, TensorImageDataset):
+        return 0
+    return min(4, os.cpu_count() or 1)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the loader's generator; Python's and NumPy's RNGs follow it
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_loader(
+    dataset: Dataset,
+    *,
+    train: bool,
+    batch_size: int,
+    seed: int = 0,
+    workers: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over `dataset` with `build_sampler`'s sampler; call `set_loader_epoch` per epoch.
+
+    Training drops a last partial batch unless it would be the only one.
+    """
+    sampler = build_sampler(dataset, train=train, seed=seed, rank=rank, world_size=world_size)
+    workers = default_workers(dataset) if workers is None else workers
+    batched = isinstance(dataset, TensorImageDataset)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_batch if batched else None,
+        drop_last=train and len(sampler) >= batch_size,
+        pin_memory=pin_memory,
+        worker_init_fn=_seed_worker if workers else None,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
+    """Reshuffle for `epoch` and reseed the workers, from (seed, epoch) alone."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed * 100_003 + epoch)

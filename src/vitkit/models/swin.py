@@ -1,0 +1,722 @@
+"""Swin Transformer V1 and V2 in one family.
+
+Parameter names and shapes are timm's, so timm state dicts load without conversion.
+Data flow: image (B, C, H, W) -> patch tokens + LayerNorm (B, H/4, W/4, C) -> four stages, each
+[patch merging: (B, H, W, C) -> (B, H/2, W/2, 2C)] then blocks of (shifted) window attention and MLP
+-> LayerNorm (B, h, w, 8C) -> average over h, w -> head.
+
+V2 is the same `SwinTransformer` given `SwinBlockV2` (residual post-norm, scaled cosine attention,
+log-spaced continuous position bias) and `PatchMergingV2` (reduction, then norm).
+Where the reference implementations disagree, this follows timm: a block shifts its map, then pads
+it to a multiple of the window; a map smaller than the window shrinks the window to it per dimension
+and drops the shift in that dimension.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vitkit.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
+from vitkit.layers.features import take_indices
+from vitkit.layers.rel_pos import relative_position_index, resize_rel_pos_bias_table
+from vitkit.registry import register, to_2tuple
+
+Window = tuple[int, int]
+WindowSpec = int | tuple[int | Window, ...]
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 96  # channels of stage 1; stage i has embed_dim * 2**i
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    # an int for square windows in every stage, or one int / (h, w) per stage
+    window_size: WindowSpec = 7
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    dynamic_img_size: bool = False  # accept any size divisible by the patch size
+    drop_rate: float = 0.0  # head dropout
+    proj_drop_rate: float = 0.0  # dropout after attention projection and in the MLP
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1  # timm's default for Swin
+    norm_eps: float = 1e-5
+    # Swin V2 only
+    pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)  # per stage; 0 = the window itself
+    extra_norm_every_n_blocks: int = 0  # SwinV2-H/G: LayerNorm on the main branch every n blocks
+
+    def __post_init__(self) -> None:
+        # JSON round trips turn nested tuples into lists
+        if isinstance(self.window_size, (list, tuple)):
+            spec = tuple(tuple(w) if isinstance(w, list) else w for w in self.window_size)
+            object.__setattr__(self, "window_size", spec)
+
+    def validate(self) -> None:
+        for name in ("patch_size", "in_chans", "embed_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 = no head), got {self.num_classes}")
+        stages = len(self.depths)
+        if stages == 0 or any(not isinstance(d, int) or d <= 0 for d in self.depths):
+            raise ValueError(f"depths must be a tuple of positive ints (blocks per stage), got {self.depths!r}")
+        for name in ("num_heads", "pretrained_window_sizes"):
+            if len(getattr(self, name)) != stages:
+                raise ValueError(
+                    f"{name} {getattr(self, name)!r} needs one entry per stage: depths {self.depths} has {stages}"
+                )
+        for i, heads in enumerate(self.num_heads):
+            dim = self.embed_dim * 2**i
+            if heads <= 0 or dim % heads:
+                raise ValueError(
+                    f"num_heads[{i}]={heads} must divide stage {i}'s width {dim}; "
+                    f"allowed: {[d for d in range(1, dim + 1) if dim % d == 0]}"
+                )
+        if any(p < 0 for p in self.pretrained_window_sizes):
+            raise ValueError(f"pretrained_window_sizes must be >= 0, got {self.pretrained_window_sizes}")
+        self.stage_window_sizes()  # raises on a malformed window_size
+        for side in self.img_size:
+            if side <= 0 or side % self.patch_size:
+                raise ValueError(
+                    f"img_size {self.img_size} must be a positive multiple of patch_size ({self.patch_size})"
+                )
+        if self.extra_norm_every_n_blocks < 0:
+            raise ValueError(f"extra_norm_every_n_blocks must be >= 0 (0 = none), got {self.extra_norm_every_n_blocks}")
+        for name in ("drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def stage_window_sizes(self) -> tuple[Window, ...]:
+        """The target (h, w) window of every stage (before clamping to the stage's map)."""
+        stages = len(self.depths)
+        spec = self.window_size
+        per_stage = (spec,) * stages if isinstance(spec, int) else spec
+        if len(per_stage) != stages:
+            raise ValueError(
+                f"window_size {spec!r} must be an int or have one int / (h, w) entry per stage ({stages})"
+            )
+        out = []
+        for w in per_stage:
+            pair = (w, w) if isinstance(w, int) else tuple(w)
+            if len(pair) != 2 or any(not isinstance(v, int) or v <= 0 for v in pair):
+                raise ValueError(f"window_size entries must be positive ints or (h, w) pairs, got {w!r}")
+            out.append(pair)
+        return tuple(out)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+
+
+# -- window helpers ---------------------------------------------------------------------------------
+def window_partition(x: torch.Tensor, window: Window) -> torch.Tensor:
+    """(B, H, W, C) -> (B * nW, Wh * Ww, C); H and W must be multiples of the window."""
+    B, H, W, C = x.shape
+    wh, ww = window
+    x = x.view(B, H // wh, wh, W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, C)
+
+
+def window_reverse(windows: torch.Tensor, window: Window, H: int, W: int) -> torch.Tensor:
+    """(B * nW, Wh * Ww, C) -> (B, H, W, C)."""
+    wh, ww = window
+    C = windows.shape[-1]
+    x = windows.view(-1, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, H, W, C)
+
+
+def fit_window(resolution: Window, window: Window, shifted: bool) -> tuple[Window, Window]:
+    """Per dimension: a map no larger than the window becomes the window, unshifted; else shift W // 2."""
+    sizes, shifts = [], []
+    for r, w in zip(resolution, window):
+        sizes.append(min(r, w))
+        shifts.append(w // 2 if shifted and r > w else 0)
+    return tuple(sizes), tuple(shifts)
+
+
+def shifted_window_mask(
+    padded: Window, window: Window, shift: Window, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """(nW, N, N) additive mask (0 / -100) keeping attention within the regions a cyclic shift joined.
+
+    The map is rolled by -shift and then padded to `padded`, so regions are counted from the padded
+    end, as timm does: [0, P - W), [P - W, P - s), [P - s, P) along each shifted dimension.
+    """
+    ids = []
+    for size, w, s in zip(padded, window, shift):
+        pos = torch.arange(size, device=device)
+        ids.append((pos >= size - w).long() + (pos >= size - s).long() if s else torch.zeros_like(pos))
+    region = (ids[0][:, None] * 3 + ids[1][None, :]).float()  # (Hp, Wp)
+    region = window_partition(region[None, :, :, None], window).squeeze(-1)  # (nW, N)
+    differs = region[:, :, None] != region[:, None, :]
+    return torch.zeros(differs.shape, device=device).masked_fill(differs, -100.0)
+
+
+def _window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None,
+    dropout_p: float, scale: float | None = None,
+) -> torch.Tensor:
+    """SDPA over windows: q, k, v (B * nW, heads, N, d); bias (heads, N, N); mask (nW, N, N)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale)
+    nw = mask.shape[0]
+    # windows are batch-major: (B, nW) -> attention mask (nW, heads, N, N) broadcasts over B
+    q, k, v = (t.unflatten(0, (-1, nw)) for t in (q, k, v))
+    attn_mask = (bias[None] + mask[:, None]).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    return out.flatten(0, 1)
+
+
+# -- attention --------------------------------------------------------------------------------------
+class _WindowAttentionBase(nn.Module):
+    """Multi-head attention within windows: (B * nW, N, C) -> (B * nW, N, C), plus a position bias.
+
+    Subclasses give the qkv projection, the attention logits' form and the bias (heads, N, N).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: Window, config: SwinConfig) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = window
+        self.attn_drop = config.attn_drop_rate
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(config.proj_drop_rate)
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qkv(x)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B_, N, C = x.shape
+        # (3, B * nW, heads, N, head_dim)
+        q, k, v = self._qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        x = self._attend(q, k, v, mask, self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B_, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class WindowAttention(_WindowAttentionBase):
+    """Swin V1: scaled dot-product attention plus a learned relative position bias table,
+    ((2*Wh - 1) * (2*Ww - 1), heads), gathered by a precomputed index."""
+
+    def __init__(self, dim: int, num_heads: int, window: Window, config: SwinConfig, stage: int) -> None:
+        super().__init__(dim, num_heads, window, config)
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1), num_heads)
+        )
+        self.qkv = nn.Linear(dim, dim * 3, bias=config.qkv_bias)
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        index = relative_position_index(self.window_size, self.relative_position_bias_table.device)
+        self.register_buffer("relative_position_index", index, persistent=False)
+
+    def init_weights(self) -> None:
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def set_window_size(self, window: Window) -> None:
+        """Resize the bias table (timm's interpolation) and the index for a new window."""
+        if window == self.window_size:
+            return
+        old = self.relative_position_bias_table
+        with torch.no_grad():
+            table = resize_rel_pos_bias_table(old, self.window_size, window)
+        self.relative_position_bias_table = nn.Parameter(table, requires_grad=old.requires_grad)
+        self.window_size = window
+        self.init_buffers()
+
+    def position_bias(self) -> torch.Tensor:
+        n = self.window_size[0] * self.window_size[1]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1)  # (heads, N, N)
+
+    def _attend(self, q, k, v, mask, dropout):
+        return _window_attention(q, k, v, self.position_bias(), mask, dropout)
+
+
+def log_spaced_coords(window: Window, pretrained_window: Window) -> torch.Tensor:
+    """Swin V2's CPB input (1, 2Wh - 1, 2Ww - 1, 2): relative offsets scaled to [-8, 8] by the
+    (pretrained) window, then sign(t) * log2(1 + |t|) / 3."""
+    axes = [torch.arange(-(w - 1), w, dtype=torch.float32) for w in window]
+    table = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)[None]
+    norm = pretrained_window if pretrained_window[0] > 0 else window
+    table[..., 0] /= max(norm[0] - 1, 1)  # a window of 1 has only the offset 0: avoid 0 / 0
+    table[..., 1] /= max(norm[1] - 1, 1)
+    table *= 8
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+class WindowAttentionV2(_WindowAttentionBase):
+    """Swin V2: cosine attention with a learned per-head temperature (clamped at 100), and a position
+    bias 16 * sigmoid(MLP(log-spaced offsets)) that transfers across window sizes."""
+
+    def __init__(self, dim: int, num_heads: int, window: Window, config: SwinConfig, stage: int) -> None:
+        super().__init__(dim, num_heads, window, config)
+        self.pretrained_window_size = to_2tuple(config.pretrained_window_sizes[stage])
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False))
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        # q and v get biases, k none (a key bias cancels in the softmax)
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if config.qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if config.qkv_bias else None
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        device = self.logit_scale.device
+        coords = log_spaced_coords(self.window_size, self.pretrained_window_size).to(device)
+        self.register_buffer("relative_coords_table", coords, persistent=False)
+        index = relative_position_index(self.window_size, device)
+        self.register_buffer("relative_position_index", index, persistent=False)
+
+    def init_weights(self) -> None:
+        nn.init.constant_(self.logit_scale, math.log(10.0))
+        if self.q_bias is not None:
+            nn.init.zeros_(self.q_bias)
+            nn.init.zeros_(self.v_bias)
+
+    def set_window_size(self, window: Window) -> None:
+        """Only the coordinates change: the CPB MLP is defined for any window."""
+        if window != self.window_size:
+            self.window_size = window
+            self.init_buffers()
+
+    def position_bias(self) -> torch.Tensor:
+        n = self.window_size[0] * self.window_size[1]
+        coords = self.relative_coords_table.to(self.logit_scale.dtype)
+        table = self.cpb_mlp(coords).view(-1, self.num_heads)  # ((2Wh - 1) * (2Ww - 1), heads)
+        bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        return 16 * torch.sigmoid(bias)  # (heads, N, N)
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_bias is None:
+            return self.qkv(x)
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        return F.linear(x, self.qkv.weight, bias)
+
+    def _attend(self, q, k, v, mask, dropout):
+        temperature = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()  # (heads, 1, 1)
+        q = F.normalize(q, dim=-1) * temperature
+        k = F.normalize(k, dim=-1)
+        return _window_attention(q, k, v, self.position_bias(), mask, dropout, scale=1.0)
+
+
+# -- blocks -----------------------------------------------------------------------------------------
+class SwinBlock(nn.Module):
+    """Swin V1 block (pre-norm): x + attn(norm1(x)), then x + mlp(norm2(x)); on (B, H, W, C) maps.
+
+    Odd blocks of a stage shift their windows by half a window. The window, shift and mask are set
+    for one map size (`resolution`) and rebuilt by `set_input_size`; with `dynamic_img_size` masks
+    for other sizes are built on first use and cached.
+    """
+
+    attention_cls: type[_WindowAttentionBase] = WindowAttention
+
+    def __init__(
+        self, config: SwinConfig, stage: int, index: int, dim: int, resolution: Window, window: Window, drop_path: float
+    ) -> None:
+        super().__init__()
+        # timm: a block whose first window has no half-window shift (window 1) never shifts
+        self.shifted = index % 2 == 1 and any(w // 2 for w in window)
+        self.dynamic = config.dynamic_img_size
+        self.resolution = resolution
+        self.window_size, self.shift_size = fit_window(resolution, window, self.shifted)
+        num_heads = config.num_heads[stage]
+        self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.attn = self.attention_cls(dim, num_heads, self.window_size, config, stage)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.mlp = Mlp(dim, int(dim * config.mlp_ratio), config.proj_drop_rate)
+        self.drop_path2 = DropPath(drop_path)
+        self._mask_cache: dict[tuple, torch.Tensor] = {}
+        self.init_buffers()
+
+    def _padded(self, resolution: Window) -> Window:
+        return tuple(math.ceil(r / w) * w for r, w in zip(resolution, self.window_size))
+
+    def init_buffers(self) -> None:
+        """(Re)compute the non-persistent buffers (mask, position index) on the parameters' device."""
+        self.attn.init_buffers()
+        self._mask_cache = {}
+        mask = None
+        if any(self.shift_size) and not self.dynamic:
+            padded = self._padded(self.resolution)
+            mask = shifted_window_mask(padded, self.window_size, self.shift_size, self.norm1.weight.device)
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def set_input_size(self, resolution: Window, window: Window) -> None:
+        self.resolution = resolution
+        self.window_size, self.shift_size = fit_window(resolution, window, self.shifted)
+        self.attn.set_window_size(self.window_size)
+        self.init_buffers()
+
+    def _mask_for(self, padded: Window, device: torch.device) -> torch.Tensor | None:
+        if not any(self.shift_size):
+            return None
+        if not self.dynamic:
+            return self.attn_mask
+        key = (padded, device)
+        if key not in self._mask_cache:
+            self._mask_cache[key] = shifted_window_mask(padded, self.window_size, self.shift_size, device)
+        return self._mask_cache[key]
+
+    def windowed_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C): roll, pad to whole windows, attend per window, undo."""
+        B, H, W, C = x.shape
+        (wh, ww), (sh, sw) = self.window_size, self.shift_size
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        pad_h, pad_w = (-H) % wh, (-W) % ww
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+        windows = self.attn(window_partition(x, self.window_size), self._mask_for((Hp, Wp), x.device))
+        x = window_reverse(windows, self.window_size, Hp, Wp)[:, :H, :W]
+        if sh or sw:
+            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.windowed_attention(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+    def init_weights(self) -> None:
+        self.attn.init_weights()
+
+
+class SwinBlockV2(SwinBlock):
+    """Swin V2 block (residual post-norm): x + norm1(attn(x)), then x + norm2(mlp(x)); in the
+    giant configuration every n-th block of a stage adds a LayerNorm on the main branch (`norm3`)."""
+
+    attention_cls = WindowAttentionV2
+
+    def __init__(
+        self, config: SwinConfig, stage: int, index: int, dim: int, resolution: Window, window: Window, drop_path: float
+    ) -> None:
+        super().__init__(config, stage, index, dim, resolution, window, drop_path)
+        n = config.extra_norm_every_n_blocks
+        self.norm3 = nn.LayerNorm(dim, eps=config.norm_eps) if n and (index + 1) % n == 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.norm1(self.windowed_attention(x)))
+        x = x + self.drop_path2(self.norm2(self.mlp(x)))
+        return self.norm3(x)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        # the residual branches start at zero (timm / official init)
+        for norm in (self.norm1, self.norm2):
+            nn.init.zeros_(norm.weight)
+            nn.init.zeros_(norm.bias)
+
+
+def merge_2x2(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 4C): each 2x2 neighbourhood's channels side by side.
+
+    Odd sides are zero-padded; the order is (row, col) offsets (0,0), (1,0), (0,1), (1,1), as the
+    reference weights expect.
+    """
+    B, H, W, C = x.shape
+    x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+    H, W = H + H % 2, W + W % 2
+    return x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+
+
+class PatchMerging(nn.Module):
+    """Swin V1 merging: 2x2 neighbours concatenated, LayerNorm(4C), linear 4C -> out."""
+
+    def __init__(self, dim: int, out_dim: int, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim, eps=eps)
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduction(self.norm(merge_2x2(x)))
+
+
+class PatchMergingV2(nn.Module):
+    """Swin V2 merging: 2x2 neighbours concatenated, linear 4C -> out, then LayerNorm(out)."""
+
+    def __init__(self, dim: int, out_dim: int, eps: float) -> None:
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+        self.norm = nn.LayerNorm(out_dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.reduction(merge_2x2(x)))
+
+
+class SwinStage(nn.Module):
+    """[patch merging (stages after the first)] then `depth` blocks, alternating plain and shifted windows."""
+
+    def __init__(
+        self,
+        config: SwinConfig,
+        stage: int,
+        in_dim: int,
+        resolution: Window,
+        window: Window,
+        drop_paths: list[float],
+        block: type[SwinBlock],
+        merge: type[nn.Module],
+    ) -> None:
+        super().__init__()
+        dim = config.embed_dim * 2**stage
+        self.downsample = merge(in_dim, dim, config.norm_eps) if stage > 0 else nn.Identity()
+        self.blocks = nn.ModuleList(
+            block(config, stage, j, dim, resolution, window, drop_paths[j]) for j in range(config.depths[stage])
+        )
+        self.grad_checkpointing = False
+
+    def set_input_size(self, resolution: Window, window: Window) -> None:
+        for block in self.blocks:
+            block.set_input_size(resolution, window)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+class ClassifierHead(nn.Module):
+    """Average over the map, dropout, linear (parameters `head.fc`, as timm)."""
+
+    def __init__(self, dim: int, num_classes: int, drop: float) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(drop)
+        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.drop(x.mean(dim=(1, 2)))  # (B, H, W, C) -> (B, C)
+        return x if pre_logits else self.fc(x)
+
+
+def _stage_resolutions(grid: Window, stages: int) -> list[Window]:
+    """Map size of every stage: the patch grid, then halved (rounding up) by each merging."""
+    out = [grid]
+    for _ in range(stages - 1):
+        out.append(tuple((r + 1) // 2 for r in out[-1]))
+    return out
+
+
+def _window_spec(windows: tuple[Window, ...]) -> WindowSpec:
+    """The compact config form: one int when every stage has the same square window."""
+    if len(set(windows)) == 1 and windows[0][0] == windows[0][1]:
+        return windows[0][0]
+    return windows
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer; pass `block=SwinBlockV2, merge=PatchMergingV2` for Swin V2."""
+
+    def __init__(
+        self, config: SwinConfig, block: type[SwinBlock] = SwinBlock, merge: type[nn.Module] = PatchMerging
+    ) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        stages = len(config.depths)
+        self.embed_dim = config.embed_dim
+        self.num_features = self.head_hidden_size = config.embed_dim * 2 ** (stages - 1)
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim, norm=True)
+        self.patch_embed.norm.eps = config.norm_eps
+        windows = config.stage_window_sizes()
+        # set_input_size scales these with the patch grid, as timm (keeps each stage's window / map ratio)
+        self._ref_window_sizes, self._ref_grid_size = windows, config.grid_size
+        rates = drop_path_rates(config.drop_path_rate, sum(config.depths))
+        starts = [sum(config.depths[:i]) for i in range(stages)]
+        resolutions = _stage_resolutions(config.grid_size, stages)
+        self.layers = nn.Sequential(
+            *[
+                SwinStage(
+                    config,
+                    i,
+                    config.embed_dim * 2 ** max(i - 1, 0),
+                    resolutions[i],
+                    windows[i],
+                    rates[starts[i] : starts[i] + config.depths[i]],
+                    block,
+                    merge,
+                )
+                for i in range(stages)
+            ]
+        )
+        self.norm = nn.LayerNorm(self.num_features, eps=config.norm_eps)
+        self.head = ClassifierHead(self.num_features, config.num_classes, config.drop_rate)
+        self.init_weights()
+
+    # -- construction -------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Truncated-normal init (std 0.02) for linear layers, then each block's own rules."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, SwinBlock):
+                m.init_weights()
+
+    def init_buffers(self) -> None:
+        """Recompute masks and position indices, e.g. after building on `meta` and loading with assign=True."""
+        for m in self.modules():
+            if isinstance(m, SwinBlock):
+                m.init_buffers()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that the optimiser should not decay (besides norms and biases)."""
+        keys = ("relative_position_bias_table", "cpb_mlp", "logit_scale")
+        return {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
+
+    # -- resolution ---------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        h, w = x.shape[-2:]
+        p = self.config.patch_size
+        if self.config.dynamic_img_size:
+            if h % p or w % p:
+                raise ValueError(
+                    f"input {h}x{w} is not divisible by the patch size {p}: resize or pad it to a multiple of {p}"
+                )
+        elif (h, w) != tuple(self.config.img_size):
+            raise ValueError(
+                f"input {h}x{w} does not match the model's img_size {self.config.img_size}: build it with "
+                f"img_size=({h}, {w}), call set_input_size(), or pass dynamic_img_size=True"
+            )
+
+    def set_input_size(
+        self, img_size: int | tuple[int, int], window_size: WindowSpec | None = None
+    ) -> None:
+        """Rebuild windows, masks and position indices for a new input size.
+
+        Without `window_size` each stage's window scales with the patch grid (timm's rule, from the
+        size the model was built for); V1 bias tables are resized by interpolation when a window
+        changes. Parameters may be replaced: create the optimiser afterwards.
+        """
+        config = dataclasses.replace(self.config, img_size=to_2tuple(img_size))
+        grid = config.grid_size
+        if window_size is None:
+            windows = tuple(
+                tuple(max(1, w * g // r) for w, g, r in zip(ws, grid, self._ref_grid_size))
+                for ws in self._ref_window_sizes
+            )
+        else:
+            windows = dataclasses.replace(config, window_size=window_size).stage_window_sizes()
+        config = dataclasses.replace(config, window_size=_window_spec(windows))
+        config.validate()
+        if window_size is not None:  # explicit windows become the reference for later resizes
+            self._ref_window_sizes, self._ref_grid_size = windows, grid
+        for stage, resolution, window in zip(self.layers, _stage_resolutions(grid, len(self.layers)), windows):
+            stage.set_input_size(resolution, window)
+        self.config = config
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> normalised last-stage map (B, H/32, W/32, num_features), channels last."""
+        self._check_input(x)
+        return self.norm(self.layers(self.patch_embed(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None) -> list[torch.Tensor]:
+        """Outputs of the chosen stages as (B, C_i, H_i, W_i) maps (the feature pyramid), without the final norm.
+
+        `indices`: an int n for the last n stages, or a list of stage indices (negative from the end).
+        """
+        take = take_indices(len(self.layers), indices)
+        self._check_input(x)
+        x = self.patch_embed(x)
+        out = []
+        for i, stage in enumerate(self.layers[: max(take) + 1]):
+            x = stage(x)
+            if i in take:
+                out.append(x.permute(0, 3, 1, 2).contiguous())
+        return out
+
+    # -- utilities ----------------------------------------------------------------------------
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head's linear layer (a fresh one, or none when num_classes is 0)."""
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+        device = self.norm.weight.device
+        fc = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        if isinstance(fc, nn.Linear):
+            nn.init.trunc_normal_(fc.weight, std=0.02)
+            nn.init.zeros_(fc.bias)
+        self.head.fc = fc
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass: same gradients, less memory."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+
+def build_swin(config: SwinConfig) -> SwinTransformer:
+    if any(config.pretrained_window_sizes) or config.extra_norm_every_n_blocks:
+        raise ValueError(
+            "pretrained_window_sizes and extra_norm_every_n_blocks are Swin V2 settings: use a swinv2_* model"
+        )
+    return SwinTransformer(config)
+
+
+def build_swinv2(config: SwinConfig) -> SwinTransformer:
+    return SwinTransformer(config, block=SwinBlockV2, merge=PatchMergingV2)
+
+
+# -- variants: defaults equal timm's for the same name ---------------------------------------------
+_SIZES = {  # embed_dim, depths, num_heads (Swin paper; SwinV2-G from the V2 paper)
+    "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
+    "small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
+    "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
+    "large": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
+    "giant": (512, (2, 2, 42, 4), (16, 32, 64, 128)),
+}
+
+
+def _cfg(size: str, window: int, img: int, **extra) -> SwinConfig:
+    dim, depths, heads = _SIZES[size]
+    return SwinConfig(
+        img_size=(img, img), embed_dim=dim, depths=depths, num_heads=heads, window_size=window, **extra
+    )
+
+
+def _variants() -> list[tuple[str, str, SwinConfig]]:
+    out = []
+    for size in ("tiny", "small", "base", "large"):
+        out.append((f"swin_{size}_patch4_window7_224", "swin", _cfg(size, 7, 224)))
+    for size in ("base", "large"):
+        out.append((f"swin_{size}_patch4_window12_384", "swin", _cfg(size, 12, 384)))
+    for size in ("tiny", "small", "base"):
+        for window in (8, 16):
+            out.append((f"swinv2_{size}_window{window}_256", "swinv2", _cfg(size, window, 256)))
+    # ImageNet-22k pre-training at 192 px (21841 classes), and its fine-tunes at larger windows, whose
+    # position-bias coordinates keep the pre-training scale (the last stage's map was 6 wide)
+    fine_tuned = dict(pretrained_window_sizes=(12, 12, 12, 6))
+    for size in ("base", "large"):
+        out.append((f"swinv2_{size}_window12_192", "swinv2", _cfg(size, 12, 192, num_classes=21841)))
+        out.append((f"swinv2_{size}_window12to16_192to256", "swinv2", _cfg(size, 16, 256, **fine_tuned)))
+        out.append((f"swinv2_{size}_window12to24_192to384", "swinv2", _cfg(size, 24, 384, **fine_tuned)))
+    # SwinV2-G (V2 paper; not in timm): an extra LayerNorm on the main branch every 6 blocks.
+    # With a 1000-class head it has 3.00 B parameters, the paper's figure.
+    giant = _cfg("giant", 12, 192, extra_norm_every_n_blocks=6)
+    out.append(("swinv2_giant_window12_192", "swinv2", giant))
+    return out
+
+
+_BUILDERS = {"swin": build_swin, "swinv2": build_swinv2}
+
+for _name, _family, _config in _variants():
+    register(_name, _family, _config, _BUILDERS[_family])

@@ -1,0 +1,401 @@
+"""SimMIM (Xie et al., 2022): pre-train an unchanged encoder by regressing the pixels of masked patches.
+
+Data flow: image (B, C, H, W) and mask (B, H/p, W/p) at the model's patch resolution ->
+encoder.patch_embed -> tokens of masked patches replaced by one learnable mask token -> the rest of
+the encoder (ViT blocks, or Swin stages) -> final feature map (B, D, H/s, W/s), s = encoder stride
+-> 1x1 conv to s*s*C channels -> pixel shuffle -> reconstruction (B, C, H, W) -> L1 on masked pixels.
+
+Masks are drawn per image: a fraction `mask_ratio` of the (mask_patch x mask_patch) cells, each cell
+covering (mask_patch / p)^2 model patches. The paper's setting: 60% of 32x32 cells at 192 px.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from vitkit.layers import trunc_normal_
+from vitkit.registry import create_model, to_2tuple
+
+HEAD_PREFIXES = ("head.", "head_dist.")  # classifier parameters: absent from a pre-trained encoder
+
+
+# -- masks --------------------------------------------------------------------------------------
+class MaskGenerator:
+    """Random masks of mask-patch cells, returned at the model's patch resolution.
+
+    Rules (ValueError otherwise): `mask_patch_size` is a multiple of `model_patch_size`, and divides
+    both image sides. Each image gets exactly ceil(mask_ratio * cells) masked cells (SimMIM's count;
+    a product within 1e-6 of an integer counts as that integer, so 0.7 x 10 masks 7), chosen
+    uniformly without replacement.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int],
+        mask_patch_size: int = 32,
+        model_patch_size: int = 4,
+        mask_ratio: float = 0.6,
+    ) -> None:
+        self.img_size = to_2tuple(img_size)
+        if mask_patch_size <= 0 or model_patch_size <= 0:
+            raise ValueError(
+                f"mask patch size ({mask_patch_size}) and model patch size ({model_patch_size}) must be positive"
+            )
+        if mask_patch_size % model_patch_size:
+            raise ValueError(
+                f"mask patch size {mask_patch_size} must be a multiple of the model's patch size "
+                f"{model_patch_size}: use e.g. {model_patch_size * max(1, round(mask_patch_size / model_patch_size))}"
+            )
+        for side in self.img_size:
+            if side % mask_patch_size:
+                raise ValueError(
+                    f"mask patch size {mask_patch_size} must divide the image size {self.img_size}: "
+                    f"choose a multiple of {model_patch_size} that divides {side}, or resize the images"
+                )
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask ratio must be in (0, 1), got {mask_ratio} (SimMIM uses 0.6)")
+        self.mask_patch_size = mask_patch_size
+        self.model_patch_size = model_patch_size
+        self.mask_ratio = mask_ratio
+        self.grid = (self.img_size[0] // mask_patch_size, self.img_size[1] // mask_patch_size)
+        self.scale = mask_patch_size // model_patch_size  # model patches per cell side
+        self.num_cells = self.grid[0] * self.grid[1]
+        self.num_masked = math.ceil(mask_ratio * self.num_cells - 1e-6)
+
+    def __call__(
+        self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """A boolean mask (B, H / model_patch, W / model_patch); True = masked."""
+        # a random permutation per image: the first num_masked cells are masked
+        order = torch.rand(batch_size, self.num_cells, generator=generator).argsort(dim=1)
+        cells = torch.zeros(batch_size, self.num_cells, dtype=torch.bool)
+        cells.scatter_(1, order[:, : self.num_masked], True)
+        cells = cells.view(batch_size, *self.grid)
+        mask = cells.repeat_interleave(self.scale, dim=1).repeat_interleave(self.scale, dim=2)
+        return mask.to(device) if device is not None else mask
+
+    def __repr__(self) -> str:
+        return (
+            f"MaskGenerator(img_size={self.img_size}, mask_patch_size={self.mask_patch_size}, "
+            f"model_patch_size={self.model_patch_size}, mask_ratio={self.mask_ratio}, "
+            f"masked={self.num_masked}/{self.num_cells} cells)"
+        )
+
+
+def upsample_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, h, w) patch mask -> (B, 1, h * p, w * p) pixel mask."""
+    return mask.repeat_interleave(patch_size, dim=1).repeat_interleave(patch_size, dim=2).unsqueeze(1)
+
+
+def masked_l1_loss(
+    reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch_size: int
+) -> torch.Tensor:
+    """Mean absolute error over the masked pixels only: sum |x - y| over masked pixels and channels,
+    divided by (masked pixels x channels), as the paper. Unmasked pixels do not reach the loss or
+    its gradient (not even as NaN)."""
+    if reconstruction.shape != target.shape:
+        raise ValueError(f"reconstruction {tuple(reconstruction.shape)} and target {tuple(target.shape)} differ")
+    pixels = upsample_mask(mask, patch_size).expand_as(target)  # (B, C, H, W)
+    error = torch.where(pixels, (reconstruction - target).abs(), reconstruction.new_zeros(()))
+    return error.sum() / pixels.sum().clamp_min(1)
+
+
+# -- the model ------------------------------------------------------------------------------------
+def encoder_geometry(encoder: nn.Module) -> tuple[int, int, int]:
+    """(patch size, output stride, output channels) of a vitkit ViT or Swin encoder."""
+    config = getattr(encoder, "config", None)
+    if config is None or not hasattr(encoder, "patch_embed") or not hasattr(encoder, "forward_features"):
+        raise ValueError(
+            f"SimMIM needs a vitkit ViT / DeiT / Swin / Swin V2 encoder; got {type(encoder).__name__}"
+        )
+    if hasattr(config, "depths"):  # Swin: each stage after the first halves the map
+        stride = config.patch_size * 2 ** (len(config.depths) - 1)
+        return config.patch_size, stride, encoder.num_features
+    return config.patch_size, config.patch_size, encoder.embed_dim
+
+
+class SimMIM(nn.Module):
+    """An unchanged encoder, a learnable mask token and a one-layer pixel decoder.
+
+    `forward(images, mask)` returns the reconstruction (B, C, H, W); `mask` is (B, H/p, W/p) bool
+    at the encoder's patch size p (`MaskGenerator` makes it). The mask token replaces the masked
+    tokens at the patch-embedding output (after Swin's patch norm), as the paper.
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.patch_size, self.stride, features = encoder_geometry(encoder)
+        self.in_chans = encoder.config.in_chans
+        self.encoder = encoder
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, encoder.embed_dim))  # NHWC, as patch_embed
+        trunc_normal_(self.mask_token, 0.02)
+        # (B, D, h, w) -> (B, s*s*C, h, w) -> (B, C, h*s, w*s)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(features, self.stride**2 * self.in_chans, kernel_size=1),
+            nn.PixelShuffle(self.stride),
+        )
+        for side in encoder.config.img_size:
+            if side % self.stride:
+                raise ValueError(
+                    f"image size {tuple(encoder.config.img_size)} must be a multiple of the encoder's output "
+                    f"stride {self.stride} for the reconstruction to cover the image (Swin: patch x 2^(stages-1))"
+                )
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names not to decay besides norms and biases (the encoder's and the mask token)."""
+        inner = getattr(self.encoder, "no_weight_decay", lambda: set())()
+        return {f"encoder.{n}" for n in inner} | {"mask_token"}
+
+    def encode(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W), (B, H/p, W/p) -> final feature map (B, D, H/s, W/s)."""
+        B, _, H, W = images.shape
+        grid = (H // self.patch_size, W // self.patch_size)
+        if tuple(mask.shape) != (B, *grid):
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not fit images {tuple(images.shape)}: "
+                f"expected (B, H/{self.patch_size}, W/{self.patch_size}) = {(B, *grid)}"
+            )
+        calls = []
+
+        def substitute(module: nn.Module, args: Any, tokens: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            # tokens (B, h, w, D); masked positions take the mask token
+            return torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
+
+        # the encoder runs its own forward_features; the hook lives for this call only
+        handle = self.encoder.patch_embed.register_forward_hook(substitute)
+        try:
+            features = self.encoder.forward_features(images)
+        finally:
+            handle.remove()
+        if len(calls) != 1:
+            raise RuntimeError(f"{type(self.encoder).__name__}.forward_features called patch_embed {len(calls)} times")
+        if features.dim() == 3:  # ViT tokens (B, prefix + N, D): drop class / distillation tokens
+            tokens = features[:, self.encoder.num_prefix_tokens :]
+            return tokens.transpose(1, 2).reshape(B, -1, H // self.stride, W // self.stride)
+        return features.permute(0, 3, 1, 2)  # Swin map (B, h, w, D) -> (B, D, h, w)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encode(images, mask))
+
+
+def build_simmim(name: str, **overrides: Any) -> SimMIM:
+    """SimMIM around `create_model(name, num_classes=0, **overrides)` (the encoder has no head)."""
+    overrides["num_classes"] = 0
+    return SimMIM(create_model(name, **overrides))
+
+
+# -- saving the encoder ----------------------------------------------------------------------------
+def save_encoder(model: SimMIM, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write the encoder alone in the vitkit format (name and config in metadata, no head)."""
+    from vitkit.weights.io import save_model
+
+    save_model(model.encoder, path, {"pretrained_with": "simmim", **(metadata or {})})
+
+
+def load_encoder(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load a pre-trained encoder into `model` (built with `create_model`); return the keys left as
+    initialised (the classifier head). Any other missing, unexpected or mis-shaped key is an error."""
+    from safetensors.torch import load_file
+
+    from vitkit.weights.io import read_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder checkpoint {path} does not exist")
+    meta = read_metadata(path)
+    state = load_file(str(path))
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(
+            f"{path} ({meta.get('model', 'unknown model')}) does not fit this model: {'; '.join(wrong[:3])}; "
+            "fine-tune with the pre-training model and img_size"
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if bad or unexpected:
+        raise ValueError(
+            f"{path} ({meta.get('model', 'unknown model')}) does not fit this model: missing "
+            f"{bad[:5] or 'none'}, unexpected {list(unexpected)[:5] or 'none'}"
+        )
+    return list(missing)
+
+
+# -- training and figures --------------------------------------------------------------------------
+def _images(batch: Any) -> torch.Tensor:
+    """Labelled (images, labels) or unlabelled (images) batches: the images."""
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    masks: MaskGenerator,
+    *,
+    device: torch.device | str = "cpu",
+    scheduler: LRScheduler | None = None,
+    generator: torch.Generator | None = None,
+    amp_dtype: torch.dtype | None = None,
+    clip_grad: float | None = None,
+    epoch: int = 0,
+    start_step: int = 0,
+    log_every: int = 50,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+    progress: Callable[..., None] | None = None,
+) -> dict[str, float]:
+    """One pass of masked image modelling over `loader` (labelled or unlabelled batches).
+
+    `model` is a `SimMIM` (or a DDP wrapper of one); masks are drawn on the CPU from `generator`.
+    The scheduler steps per batch. `on_log` gets a step line every `log_every` steps and
+    `progress(images=, loss=, lr=)` is called per batch, as in `vitkit.train.engine`. Returns
+    train_loss (mean over images, summed over ranks), lr, images_per_s, steps and images.
+    A non-finite loss raises RuntimeError before the weights change.
+    """
+    from vitkit.train.distributed import all_reduce_sum, unwrap
+
+    device = torch.device(device)
+    patch = unwrap(model).patch_size
+    model.train()
+    loss_sum = seen = window_loss = window_images = 0.0
+    steps = 0
+    start = window_start = time.perf_counter()
+    for batch in loader:
+        images = _images(batch).to(device, non_blocking=True)
+        mask = masks(images.shape[0], generator).to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            reconstruction = model(images, mask)
+        loss = masked_l1_loss(reconstruction.float(), images, mask, patch)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise RuntimeError(
+                f"the masked L1 loss became {value} at epoch {epoch}, step {start_step + steps + 1} "
+                f"(lr {optimizer.param_groups[0]['lr']:.3g}): lower the learning rate or set clip_grad"
+            )
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        steps += 1
+        n = images.shape[0]
+        loss_sum += value * n
+        seen += n
+        window_loss += value * n
+        window_images += n
+        if progress is not None:
+            progress(images=n, loss=value, lr=lr)
+        if on_log is not None and (start_step + steps) % log_every == 0:
+            now = time.perf_counter()
+            on_log({"step": start_step + steps, "epoch": epoch, "train_loss": window_loss / window_images,
+                    "lr": lr, "images_per_s": window_images / max(now - window_start, 1e-9)})
+            window_loss = window_images = 0.0
+            window_start = now
+    elapsed = time.perf_counter() - start
+    totals = all_reduce_sum(torch.tensor([loss_sum, seen], dtype=torch.float64, device=device))
+    if totals[1] == 0:
+        raise ValueError("the pre-training loader yielded no images: use more samples or a smaller batch size")
+    return {
+        "train_loss": float(totals[0] / totals[1]),
+        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_s": float(totals[1]) / max(elapsed, 1e-9),
+        "steps": steps,
+        "images": int(totals[1]),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    masks: MaskGenerator,
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Masked L1 loss over `loader`, with masks drawn from `seed`: the same masks every call."""
+    from vitkit.train.distributed import all_reduce_sum, unwrap
+
+    device = torch.device(device)
+    patch = unwrap(model).patch_size
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, images]
+    for batch in loader:
+        images = _images(batch).to(device)
+        mask = masks(images.shape[0], generator).to(device)
+        with _autocast(device, amp_dtype):
+            reconstruction = model(images, mask)
+        loss = masked_l1_loss(reconstruction.float(), images, mask, patch)
+        totals += torch.tensor([loss.item() * images.shape[0], images.shape[0]], dtype=torch.float64, device=device)
+    totals = all_reduce_sum(totals)
+    return {"val_loss": float(totals[0] / totals[1].clamp(min=1))}
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+
+def save_reconstructions(
+    path: str | os.PathLike,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    reconstruction: torch.Tensor,
+    patch_size: int,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> None:
+    """A PNG with one row per image: input, masked input, reconstruction, and the reconstruction
+    pasted into the masked patches only. `mean` / `std` undo the input normalisation for display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vitkit.io import atomic_path
+
+    images, reconstruction = images.detach().float().cpu(), reconstruction.detach().float().cpu()
+    pixels = upsample_mask(mask.cpu(), patch_size).expand_as(images)
+    C = images.shape[1]
+    m = torch.tensor(mean if mean is not None else (0.0,) * C).view(1, C, 1, 1)
+    s = torch.tensor(std if std is not None else (1.0,) * C).view(1, C, 1, 1)
+    shown, rebuilt = (images * s + m).clamp(0, 1), (reconstruction * s + m).clamp(0, 1)
+    columns = {
+        "input": shown,
+        "masked": shown.masked_fill(pixels, 0.5),  # masked patches drawn grey
+        "reconstruction": rebuilt,
+        "visible + reconstructed": torch.where(pixels, rebuilt, shown),
+    }
+    n = images.shape[0]
+    fig, axes = plt.subplots(n, len(columns), figsize=(2 * len(columns), 2 * n), squeeze=False)
+    for col, (title, batch) in enumerate(columns.items()):
+        for row in range(n):
+            ax = axes[row][col]
+            img = batch[row].permute(1, 2, 0).numpy()
+            if C == 1:
+                ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(img[..., :3])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

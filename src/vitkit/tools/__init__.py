@@ -1,0 +1,1 @@
+"""Tools around a backbone: FLOPs, benchmarks, export, attention maps (and evaluation, prediction)."""

@@ -1,0 +1,159 @@
+"""Evaluate a trained run, a checkpoint file or a pretrained model on a data split.
+
+With a run folder everything comes from the run: best weights, transforms, split seed and subsets,
+batch size and precision, so the numbers equal the ones the run logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitkit.data.datasets import build_dataset, load_data
+from vitkit.data.samplers import build_loader
+from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSpec
+from vitkit.train.config import TrainConfig, load_run_config
+from vitkit.train.engine import evaluate
+from vitkit.train.modeling import input_spec, load_weights
+from vitkit.train.run_folder import BEST
+from vitkit.train.runner import amp_dtype_for, runtime
+
+
+@dataclass
+class Inference:
+    """A model and how to feed it: input spec, class names, and (for data) the config it came with."""
+
+    model: nn.Module
+    spec: ImageSpec
+    classes: list[str] | None
+    config: TrainConfig
+    source: str  # what was loaded, for reports
+
+
+def _spec_from_model(model: nn.Module, crop_pct: float) -> ImageSpec:
+    config = getattr(model, "config", None)
+    size = getattr(config, "img_size", (224, 224))
+    in_chans = getattr(config, "in_chans", 3)
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ([0.5], [0.5])
+    return ImageSpec(int(size[0]), in_chans, tuple(mean), tuple(std), crop_pct)
+
+
+def load_inference(
+    *,
+    run: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    model: str | None = None,
+    pretrained: bool | str = False,
+    device: torch.device | str = "cpu",
+) -> Inference:
+    """Load exactly one of: a run folder (its best.safetensors), a checkpoint file, or a named model."""
+    if sum(x is not None for x in (run, checkpoint, model)) != 1:
+        raise ValueError("give exactly one of --run DIR, --checkpoint FILE or --model NAME --pretrained")
+    if run is not None:
+        config = load_run_config(run)
+        net, meta = load_weights(Path(run) / BEST, device=device)
+        recorded = input_spec(meta)
+        spec = ImageSpec(config.img_size, config.in_chans, tuple(config.mean), tuple(config.std), config.crop_pct)
+        return Inference(net, spec, recorded[1] if recorded else None, config, str(Path(run) / BEST))
+    if checkpoint is not None:
+        net, meta = load_weights(checkpoint, device=device)
+        recorded = input_spec(meta)
+        spec, classes = recorded if recorded else (_spec_from_model(net, 0.875), None)
+    else:
+        if not pretrained:
+            raise ValueError("--model NAME evaluates pretrained weights: add --pretrained (or give --run/--checkpoint)")
+        from vitkit.registry import create_model
+
+        net = create_model(model, pretrained=pretrained).to(device)
+        spec, classes = _spec_from_model(net, 0.875), None
+    config = TrainConfig(img_size=spec.img_size, in_chans=spec.in_chans, mean=list(spec.mean), std=list(spec.std),
+                         crop_pct=spec.crop_pct, seed=None)
+    return Inference(net, spec, classes, config, str(checkpoint or model))
+
+
+def evaluate_split(
+    inference: Inference,
+    *,
+    data: str | None = None,
+    split: str | None = None,
+    samples: int | None = None,
+    img_size: int | None = None,
+    crop_pct: float | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+    workers: int | None = None,
+    confusion: bool = False,
+) -> dict[str, Any]:
+    """top1, top5 (percent), loss, images_per_s, split, samples [, confusion, classes] on one split.
+
+    `split` defaults to test when the data has one, else val; `samples` takes that split's seeded
+    subset (the run's own subset when None and evaluating a run).
+    """
+    device = torch.device(device)
+    config = inference.config
+    changes: dict[str, Any] = {}
+    if data is not None:
+        changes["data"] = data
+    if img_size is not None:
+        changes["img_size"] = img_size
+    if crop_pct is not None:
+        changes["crop_pct"] = crop_pct
+    if batch_size is not None:
+        changes["eval_batch_size"] = batch_size
+    config = dataclasses.replace(config, **changes)
+    if split is None:
+        split = "test" if _has_test(config.data) else "val"
+    if split not in ("val", "test"):
+        raise ValueError(f"--split must be val or test, got {split!r}")
+    if samples is not None:
+        config = dataclasses.replace(config, **{f"{split}_samples": samples})
+    config.validate()
+    model = inference.model
+    if config.img_size != inference.spec.img_size:
+        if not hasattr(model, "set_input_size"):
+            raise ValueError(f"{type(model).__name__} cannot change its input size: drop --img-size")
+        model.set_input_size(config.img_size)
+
+    with runtime(config.threads, deterministic=config.seed is not None):
+        loaded = load_data(config, splits=(split,))
+        if inference.classes is not None and loaded.classes != inference.classes:
+            raise ValueError(
+                f"the classes of {loaded.source} ({len(loaded.classes)}) differ from the ones the model was trained "
+                f"on ({len(inference.classes)}): evaluate on data with the same class folders"
+            )
+        outputs = _num_outputs(model)
+        if outputs is not None and outputs < len(loaded.classes):
+            raise ValueError(f"the model predicts {outputs} classes but {loaded.source} has {len(loaded.classes)}")
+        dataset = build_dataset(loaded, split, config, train=False)
+        loader = build_loader(dataset, train=False, batch_size=config.resolved_eval_batch_size,
+                              seed=config.seed or 0, workers=workers)
+        result = evaluate(model, loader, device=device, amp_dtype=amp_dtype_for(config.amp, device),
+                          num_classes=(outputs or len(loaded.classes)) if confusion else None)
+    result.update(split=split, data=loaded.source, checkpoint=inference.source)
+    if confusion:
+        k = len(loaded.classes)
+        result["confusion"] = result["confusion"][:k, :k]
+        result["classes"] = loaded.classes
+    return result
+
+
+def _has_test(data: str) -> bool:
+    from vitkit.data import fashion_mnist
+
+    if data.lower() in (fashion_mnist.NAME, "fashion_mnist", "fmnist"):
+        return True
+    return (Path(data).expanduser() / "test").is_dir()
+
+
+def _num_outputs(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "num_classes", None):
+        return int(config.num_classes)
+    args = getattr(model, "torchvision_args", None)
+    return int(args["num_classes"]) if args else None
+

@@ -1,0 +1,387 @@
+"""The training config: one typed dataclass, filled from a recipe file, command-line flags and `--set`.
+
+Resolution order: dataclass defaults < recipe YAML < `--smoke` shrinking < explicit flags <
+`--set key=value` (left to right).
+The run folder's `config.yaml` holds the resolved config, data-derived fields included, so `eval`,
+`predict` and `--resume` rebuild exactly what was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CropMode = Literal["rrc", "pad", "resize"]
+AmpMode = Literal["auto", "off", "bf16", "fp16"]
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+
+DEFAULT_RECIPE = "fmnist_demo"
+
+# fields that may differ when resuming: they change where and how fast the run goes, not what it computes
+RUNTIME_FIELDS = frozenset({"device", "threads", "workers", "log_every", "output", "compile"})
+
+
+@dataclass
+class TrainConfig:
+    # -- model ---------------------------------------------------------------------------------
+    model: str = "vit_tiny_patch16_224"  # a vitkit name or torchvision:NAME
+    model_args: dict[str, Any] = field(default_factory=dict)  # model config overrides (depth, drop_path_rate, ...)
+    # -- data ----------------------------------------------------------------------------------
+    data: str = "fashion-mnist"  # "fashion-mnist" or an image folder with train/ val/ [test/]
+    val_split: float = 0.1  # fraction of train held out for validation when the data has no val split
+    split_seed: int = 0  # seed of the validation hold-out and of the sample subsets (not --seed)
+    train_samples: int | None = None
+    val_samples: int | None = None
+    test_samples: int | None = None
+    skip_corrupt: bool = False
+    img_size: int | None = None  # None: the data's native size, else the model's default
+    in_chans: int | None = None  # None: from the data
+    num_classes: int | None = None  # None: from the data
+    mean: list[float] | None = None  # None: the data set's statistics (ImageNet's for image folders)
+    std: list[float] | None = None
+    crop_pct: float = 0.875  # eval: resize the short side to img_size / crop_pct, centre-crop img_size
+    # -- augmentation --------------------------------------------------------------------------
+    crop: CropMode = "rrc"  # rrc: RandomResizedCrop; pad: resize, pad, random crop; resize: no crop jitter
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    crop_padding: int = 4
+    pad_mode: Literal["reflect", "constant"] = "reflect"
+    hflip: float = 0.5
+    # -- optimisation --------------------------------------------------------------------------
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int | None = None  # None: 2 x batch_size
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    label_smoothing: float = 0.1
+    clip_grad: float | None = None  # max global gradient norm
+    grad_accum: int = 1
+    amp: AmpMode = "auto"  # auto: bf16 on CUDA, off on CPU
+    ema: bool = False
+    ema_decay: float = 0.9998
+    # -- run -----------------------------------------------------------------------------------
+    seed: int | None = None  # set: deterministic mode; None: a random seed is drawn and recorded
+    device: DeviceChoice = "auto"
+    threads: int | None = None
+    workers: int | None = None  # None: 0 for in-memory data, else min(4, cores)
+    compile: bool = False
+    log_every: int = 50
+    output: str | None = None
+    recipe: str | None = None
+    smoke: bool = False
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "split_seed"):
+            value = getattr(self, name)
+            if value < (0 if name == "split_seed" else 1):
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        for name in ("train_samples", "val_samples", "test_samples", "eval_batch_size", "img_size",
+                     "in_chans", "num_classes", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer (or null), got {value}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if not 0.0 <= self.val_split < 1.0:
+            raise ValueError(f"val_split must be in [0, 1), got {self.val_split}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ValueError(f"hflip must be a probability in [0, 1], got {self.hflip}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.lr <= 0 or self.min_lr < 0 or self.warmup_lr <= 0 or self.weight_decay < 0:
+            raise ValueError("lr and warmup_lr must be > 0, min_lr and weight_decay >= 0")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"clip_grad must be > 0 (or null for no clipping), got {self.clip_grad}")
+        if self.crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must be [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
+        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop_ratio must be [min, max] with 0 < min <= max, got {self.crop_ratio}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and (not value or (name == "std" and min(value) <= 0)):
+                raise ValueError(f"{name} must be a non-empty list of numbers (std > 0), got {value}")
+        if "img_size" in self.model_args or "num_classes" in self.model_args or "in_chans" in self.model_args:
+            raise ValueError("set img_size, num_classes and in_chans as top-level fields, not in model_args")
+        for name, hint in _literal_fields().items():
+            if getattr(self, name) not in hint:
+                raise ValueError(f"{name} must be one of {', '.join(hint)}; got {getattr(self, name)!r}")
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def resolved_eval_batch_size(self) -> int:
+        return self.eval_batch_size or 2 * self.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# -- recipes -----------------------------------------------------------------------------------
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped in vitkit/recipes."""
+    folder = resources.files("vitkit") / "recipes"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """(recipe name, its fields) from a shipped recipe name or a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {path} does not exist")
+        text, name = path.read_text(), path.stem
+    else:
+        resource = resources.files("vitkit") / "recipes" / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            raise ValueError(
+                f"unknown recipe {name_or_path!r}: shipped recipes are {', '.join(list_recipes())}, "
+                "or give the path of a YAML file"
+            )
+        text, name = resource.read_text(), name_or_path
+    try:
+        fields = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {name_or_path} is not valid YAML: {err}") from err
+    if not isinstance(fields, dict):
+        raise ValueError(f"recipe {name_or_path} must be a YAML mapping of config fields")
+    return name, fields
+
+
+# -- building a config -------------------------------------------------------------------------
+
+
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _literal_fields() -> dict[str, tuple[str, ...]]:
+    out = {}
+    for name, hint in _hints().items():
+        if typing.get_origin(hint) is Literal:
+            out[name] = typing.get_args(hint)
+    return out
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _unknown(key: str) -> ValueError:
+    close = difflib.get_close_matches(key, _field_names(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown config field {key!r}{hint}")
+
+
+def coerce(name: str, value: Any) -> Any:
+    """`value` converted to the type of field `name` (strings from the command line included)."""
+    hint = _hints()[name]
+    return _coerce(name, hint, value)
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        for arg in (a for a in args if a is not type(None)):
+            return _coerce(name, arg, value)
+    if origin is Literal:
+        return value
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        try:
+            number = float(value) if hint is float else value
+            if hint is int:
+                number = int(value) if isinstance(value, (int, str)) else value
+                if isinstance(number, float):
+                    if not number.is_integer():
+                        raise ValueError
+                    number = int(number)
+            return number
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be {'an integer' if hint is int else 'a number'}, got {value!r}") from None
+    if hint is str:
+        return str(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, (int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        return [_coerce(name, args[0], v) for v in value]
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def apply_fields(config: TrainConfig, fields: dict[str, Any]) -> TrainConfig:
+    """A copy of `config` with `fields` replaced (values coerced to the fields' types)."""
+    names = set(_field_names())
+    changes = {}
+    for key, value in fields.items():
+        if key not in names:
+            raise _unknown(key)
+        changes[key] = coerce(key, value)
+    return dataclasses.replace(config, **changes)
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`--set key=value` items as fields; `model_args.depth=6` sets one model override."""
+    fields: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        head, dot, sub = key.partition(".")
+        if dot:
+            if head != "model_args":
+                raise ValueError(f"--set {key}: only model_args takes dotted keys (model_args.depth=6)")
+            fields.setdefault("model_args", {})[sub] = value
+        else:
+            if head == "model_args" and isinstance(value, dict):
+                fields.setdefault("model_args", {}).update(value)
+            else:
+                fields[head] = value
+    return fields
+
+
+def merge_fields(base: TrainConfig, fields: dict[str, Any]) -> TrainConfig:
+    """Like `apply_fields`, but `model_args` entries are merged into the existing ones."""
+    fields = dict(fields)
+    if "model_args" in fields:
+        fields["model_args"] = {**base.model_args, **coerce("model_args", fields["model_args"])}
+    return apply_fields(base, fields)
+
+
+def build_config(recipe: str | None = None, fields: dict[str, Any] | None = None, smoke: bool = False) -> TrainConfig:
+    """Defaults < recipe < `--smoke` shrinking < `fields` (flags and --set items, see `parse_set`)."""
+    name, recipe_fields = load_recipe(recipe or DEFAULT_RECIPE)
+    config = merge_fields(TrainConfig(), recipe_fields)
+    config = dataclasses.replace(config, recipe=name)
+    fields = dict(fields or {})
+    if fields.get("model") not in (None, config.model):
+        # the recipe's model_args describe the recipe's model: another model starts from its own config
+        config = dataclasses.replace(config, model=fields["model"], model_args={})
+    if smoke:
+        config = shrink_for_smoke(config)
+    config = merge_fields(config, {k: v for k, v in fields.items() if v is not None})
+    config.validate()
+    return config
+
+
+def shrink_for_smoke(config: TrainConfig) -> TrainConfig:
+    """A run of seconds with the same code path: few samples, one epoch, a tiny model."""
+
+    def cap(value: int | None, limit: int) -> int:
+        return limit if value is None else min(value, limit)
+
+    return dataclasses.replace(
+        config,
+        smoke=True,
+        epochs=1,
+        train_samples=cap(config.train_samples, 64),
+        val_samples=cap(config.val_samples, 32),
+        test_samples=cap(config.test_samples, 32),
+        batch_size=min(config.batch_size, 16),
+        eval_batch_size=min(config.resolved_eval_batch_size, 32),
+        warmup_epochs=0.0,
+        log_every=min(config.log_every, 2),
+        model_args={**config.model_args, **smoke_model_args(config.model)},
+    )
+
+
+def smoke_model_args(model: str) -> dict[str, Any]:
+    """Overrides that make the named model tiny (depth 1, narrow); none for torchvision models."""
+    if model.startswith("torchvision:"):
+        return {}
+    from vitkit.registry import get_variant
+
+    variant_config = get_variant(model).config
+    fields = {f.name: getattr(variant_config, f.name) for f in dataclasses.fields(variant_config)}
+    out: dict[str, Any] = {}
+    if isinstance(fields.get("depth"), int):
+        out.update(depth=1, embed_dim=32, num_heads=2)
+    elif isinstance(fields.get("depths"), (tuple, list)):  # hierarchical (Swin): one block per stage
+        stages = len(fields["depths"])
+        out.update(depths=(1,) * stages, embed_dim=16)
+        if isinstance(fields.get("num_heads"), (tuple, list)):
+            out["num_heads"] = (1,) * stages
+    if "representation_size" in fields and fields["representation_size"]:
+        out["representation_size"] = 32
+    return out
+
+
+def check_resume_compatible(saved: TrainConfig, requested: dict[str, Any]) -> None:
+    """`--resume` may repeat the original settings but not contradict them (runtime fields may change)."""
+    conflicts = []
+    for key, value in requested.items():
+        if key in RUNTIME_FIELDS:
+            continue
+        if key == "model_args":
+            for sub, v in coerce("model_args", value).items():
+                if saved.model_args.get(sub) != v:
+                    conflicts.append(f"model_args.{sub}={v!r} (run has {saved.model_args.get(sub)!r})")
+            continue
+        if key not in set(_field_names()):
+            raise _unknown(key)
+        v = coerce(key, value)
+        if getattr(saved, key) != v:
+            conflicts.append(f"{key}={v!r} (run has {getattr(saved, key)!r})")
+    if conflicts:
+        raise ValueError(
+            f"--resume: these settings contradict the run's config.yaml: {'; '.join(conflicts)}. "
+            "Drop them to continue the run as it was, or start a new run with another --output"
+        )
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The resolved config saved in a run folder."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a vitkit run folder (no config.yaml)")
+    fields = yaml.safe_load(path.read_text()) or {}
+    return apply_fields(TrainConfig(), fields)

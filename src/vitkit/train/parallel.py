@@ -1,0 +1,339 @@
+"""Several processes, one run: torchrun's environment, DDP, FSDP2, sharded samplers, full-state checkpoints.
+
+Everything here is PyTorch's own stack (torch.distributed, DistributedDataParallel,
+`torch.distributed.fsdp.fully_shard`, torch.distributed.checkpoint.state_dict); this module only
+chooses and wires. The rank basics (rank, world size, is_main, sums over ranks, barrier, unwrap)
+live in `vitkit.train.distributed`. In a single process every helper is the identity, so the
+engine calls them unconditionally.
+
+Launch: `torchrun --nproc_per_node N -m vitkit train ...` (torchrun's rendezvous flags for several
+machines), or `vitkit train --nproc N ...`, which starts the same through `torch.distributed.run`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, DistributedSampler
+
+from vitkit.train.distributed import get_rank, get_world_size, is_distributed, is_main, unwrap
+
+Strategy = Literal["ddp", "fsdp"]
+
+
+# -- process group ------------------------------------------------------------------------------
+def env_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
+    try:
+        rank = int(os.environ.get("RANK", 0))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+    except ValueError as err:
+        raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers (torchrun sets them): {err}") from err
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} must be in [0, WORLD_SIZE={world}) (torchrun sets them)")
+    return rank, world, local
+
+
+def launched() -> bool:
+    """True when started by torchrun with more than one process."""
+    return env_world()[1] > 1
+
+
+def init_distributed(device: Literal["auto", "cpu", "cuda"] = "auto") -> torch.device:
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) and return this rank's device.
+
+    Without a torchrun environment (WORLD_SIZE unset or 1) nothing is initialised and the device is
+    the one asked for ("auto": CUDA when available). Calling it twice is harmless.
+    """
+    rank, world, local = env_world()
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but CUDA is not available: use --device cpu")
+    if use_cuda:
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK {local} has no GPU: this node has {torch.cuda.device_count()}; "
+                "lower --nproc_per_node to the number of GPUs"
+            )
+        torch.cuda.set_device(local)
+        target = torch.device("cuda", local)
+    else:
+        target = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise RuntimeError(f"WORLD_SIZE={world} but {var} is not set: start the run with torchrun")
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=target if use_cuda else None)
+    return target
+
+
+def destroy() -> None:
+    """Leave the process group (at the end of a run); a no-op in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_local_rank() -> int:
+    return env_world()[2] if is_distributed() else 0
+
+
+def rank_seed(seed: int, rank: int | None = None) -> int:
+    """The seed of one rank: `seed + rank`, so rank 0 seeds like a single process."""
+    return seed + (get_rank() if rank is None else rank)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy (when installed) and torch on every device with `seed`."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """`obj` from rank `src` on every rank (e.g. the run folder, a seed drawn on rank 0)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# -- metrics and samplers -----------------------------------------------------------------------
+def all_reduce_sums(sums: dict[str, float | torch.Tensor], device: torch.device | None = None) -> dict[str, float]:
+    """Add each value over all ranks (in float64); in a single process, the values as floats.
+
+    Reduce sums and counts (correct predictions, summed loss, samples), then divide: the mean of
+    per-rank means would weight a rank with fewer samples too much.
+    """
+    keys = sorted(sums)
+    values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
+    if is_distributed():
+        if dist.get_backend() == "nccl":  # nccl reduces GPU tensors only
+            values = values.to(device or torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, values.cpu().tolist()))
+
+
+class ShardedEvalSampler(DistributedSampler):
+    """One rank's share of an evaluation set, in order: positions rank, rank + W, rank + 2W, ...
+
+    Like `DistributedSampler(shuffle=False)` the shares are padded with repeated samples so every rank
+    runs the same number of batches (FSDP's collectives need that). The padding always comes last:
+    the first `num_real` samples of a rank are its own, so an evaluation loop keeps the first
+    `num_real` rows it sees and the counts summed over ranks equal the data set's size.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
+        num_replicas = get_world_size() if num_replicas is None else num_replicas
+        rank = get_rank() if rank is None else rank
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_real = len(range(self.rank, len(dataset), self.num_replicas))
+
+
+def real_rows(loader_or_sampler: object, seen: int, batch: int) -> int:
+    """How many of the next `batch` rows are real samples, given `seen` rows already taken.
+
+    For loaders whose sampler is not a `ShardedEvalSampler`, every row is real.
+    """
+    sampler = getattr(loader_or_sampler, "sampler", loader_or_sampler)
+    limit = getattr(sampler, "num_real", None)
+    return batch if limit is None else max(0, min(batch, limit - seen))
+
+
+def train_sampler(dataset: Dataset, *, seed: int, shuffle: bool = True, drop_last: bool = False) -> DistributedSampler:
+    """The training sampler of every run, one process or many: a seeded `DistributedSampler`.
+
+    All ranks draw the same permutation (from `seed` and the epoch, set with `set_epoch`) and take
+    every W-th sample of it, so the shares are disjoint, and W processes x batch b see the same
+    samples per step as one process x batch W*b.
+    """
+    return DistributedSampler(
+        dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
+
+
+# -- wrapping -----------------------------------------------------------------------------------
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy `src`'s parameters and buffers to every rank (FSDP shards what each rank holds)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=src)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around `model` (already on `device`); the model itself in one process."""
+    if get_world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules `fully_shard` wraps one by one: the transformer blocks of a ViT or Swin model."""
+    from vitkit.models.swin import SwinBlock
+    from vitkit.models.vit import Block
+
+    return [m for m in model.modules() if isinstance(m, (Block, SwinBlock))]
+
+
+def wrap_fsdp(model: nn.Module, device: torch.device, *, offload: bool = False, checkpointing: bool = True) -> nn.Module:
+    """Shard `model` with FSDP2: `fully_shard` on every block, then on the whole model.
+
+    Activation checkpointing recomputes each block in the backward pass. On CUDA the parameters are
+    computed in bf16 with fp32 gradient reduction; `offload` keeps parameters, gradients and optimizer
+    state on the CPU between uses (FSDP2 needs CUDA for it). Rank 0's weights are broadcast first, so
+    every rank shards the same model. Needs a process group (one process is fine).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if offload and device.type != "cuda":
+        raise ValueError(
+            "--fsdp-offload needs CUDA (FSDP2 copies parameters to the GPU for each block): "
+            "drop --fsdp-offload on a CPU-only machine"
+        )
+    if not dist.is_initialized():
+        raise RuntimeError("--fsdp needs a process group: start the run with torchrun or `vitkit train --nproc N`")
+    units = shard_units(model)
+    if not units:
+        raise ValueError(
+            f"--fsdp shards the blocks of vitkit ViT and Swin models; {type(model).__name__} has none: "
+            "use DDP (drop --fsdp) for this model"
+        )
+    broadcast_module(model)
+    if checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    kwargs: dict = {
+        "mesh": init_device_mesh(device.type, (dist.get_world_size(),)),
+        "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
+    }
+    if device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for unit in units:
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def wrap(model: nn.Module, device: torch.device, strategy: Strategy = "ddp", *, offload: bool = False) -> nn.Module:
+    """Wrap for training: DDP (default) or FSDP2; unchanged in a single process without FSDP."""
+    if strategy == "fsdp":
+        return wrap_fsdp(model, device, offload=offload)
+    if offload:
+        raise ValueError("--fsdp-offload needs --fsdp")
+    return wrap_ddp(model, device)
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(unwrap(model), FSDPModule)
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+def _full_options(**extra):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **extra)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded weights under their plain names, on the CPU, on rank 0 (empty elsewhere).
+
+    A collective under FSDP: every rank must call it.
+    """
+    model = unwrap(model)
+    if not is_fsdp(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if is_main() else {}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state keyed by parameter names, unsharded, on rank 0 (empty elsewhere).
+
+    Keyed by names rather than positions, it loads into a run with another process count or strategy.
+    A collective under FSDP: every rank must call it.
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(unwrap(model), optimizer, options=_full_options())
+    return state if is_main() else {}
+
+
+def load_full_state(
+    model: nn.Module,
+    model_state: dict[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    optimizer_state: dict | None = None,
+) -> None:
+    """Load full (unsharded) states into a plain, DDP or FSDP model and its optimizer.
+
+    Under FSDP the states need only be present on rank 0 (others may pass empty dicts): rank 0
+    broadcasts and every rank keeps its shard.
+    """
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    model = unwrap(model)
+    options = _full_options(broadcast_from_rank0=is_fsdp(model) and is_distributed())
+    # the setters replace entries of the dicts they get (with shards): give them copies
+    if model_state is not None:
+        set_model_state_dict(model, _copy_containers(model_state), options=options)
+    if optimizer is not None and optimizer_state is not None:
+        set_optimizer_state_dict(model, optimizer, _copy_containers(optimizer_state), options=options)
+
+
+def _copy_containers(tree):
+    if isinstance(tree, dict):
+        return {k: _copy_containers(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_copy_containers(v) for v in tree]
+    return tree
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (over all shards under FSDP) and return it as a plain tensor."""
+    norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    # under FSDP2 the norm is a DTensor whose value is already reduced over the shards
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+# -- launching ----------------------------------------------------------------------------------
+def launch(nproc: int, argv: Sequence[str], module: str = "vitkit") -> int:
+    """Start `nproc` processes on this machine running `python -m vitkit ARGV` through torchrun.
+
+    Returns 0 when every process succeeded; the processes print their own errors, and a failure
+    raises a one-line RuntimeError naming the first failed rank.
+    """
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    if launched():
+        raise RuntimeError("--nproc given inside a torchrun launch: use one or the other")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(
+        ["--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc), "--module", module, *argv]
+    )
+    try:
+        run(args)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        raise RuntimeError(f"process {rank} of {nproc} failed with exit code {failure.exitcode}") from None
+    return 0

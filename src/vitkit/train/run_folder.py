@@ -1,0 +1,103 @@
+"""The run folder: config, provenance, metrics, weights and plots, every file written atomically.
+
+Only the main rank writes; on other ranks every method is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from vitkit.io import write_text
+from vitkit.train.config import TrainConfig
+
+CONFIG, RUN_INFO, METRICS = "config.yaml", "run.json", "metrics.jsonl"
+LAST, BEST, STATE, CURVES = "last.safetensors", "best.safetensors", "state.pt", "curves.png"
+
+
+class RunFolder:
+    def __init__(self, path: str | os.PathLike, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        self.records: list[dict[str, Any]] = []
+        self._tensorboard = None
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # -- config and provenance --------------------------------------------------------------
+    def write_config(self, config: TrainConfig) -> None:
+        if self.enabled:
+            write_text(self.file(CONFIG), config.to_yaml())
+
+    def write_run_info(self, info: dict[str, Any]) -> None:
+        if self.enabled:
+            write_text(self.file(RUN_INFO), json.dumps(info, indent=2) + "\n")
+
+    def read_run_info(self) -> dict[str, Any]:
+        path = self.file(RUN_INFO)
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    # -- metrics ----------------------------------------------------------------------------
+    def load_metrics(self, *, upto_epoch: int, upto_step: int) -> None:
+        """Read metrics.jsonl, dropping what a killed run logged after the checkpoint it resumes."""
+        path = self.file(METRICS)
+        lines = path.read_text().splitlines() if path.is_file() else []
+        kept = []
+        for line in lines:
+            record = json.loads(line)
+            if "best_val_top1" in record:  # the closing line: written again at the end
+                continue
+            if "step" in record and record["step"] > upto_step:
+                continue
+            if "step" not in record and record.get("epoch", 0) > upto_epoch:
+                continue
+            kept.append(record)
+        self.records = kept
+        self._flush()
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one line to metrics.jsonl (rewritten atomically) and to TensorBoard."""
+        if not self.enabled:
+            return
+        self.records.append(record)
+        self._flush()
+        board = self._board()
+        if board is not None:
+            x = record.get("step", record.get("epoch", 0))
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    board.add_scalar(("step/" if "step" in record else "epoch/") + key, value, x)
+            board.flush()
+
+    def _flush(self) -> None:
+        if self.enabled:
+            write_text(self.file(METRICS), "".join(json.dumps(r) + "\n" for r in self.records))
+
+    def _board(self):
+        """A TensorBoard writer when tensorboard is installed (it is optional)."""
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tensorboard = False
+            else:
+                self._tensorboard = SummaryWriter(str(self.path / "tensorboard"))
+        return self._tensorboard or None
+
+    def epoch_records(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if "step" not in r and "epoch" in r]
+
+    def close(self) -> None:
+        if self._tensorboard:
+            self._tensorboard.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,332 @@
+"""A training run from a resolved config: data -> model -> epochs of the engine -> run folder.
+
+This is the thin `main` over the engine: it builds everything from the config, owns the run
+folder (config.yaml, run.json, metrics.jsonl, weights, state.pt, curves.png) and resumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import os
+import random
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from vitkit.data.datasets import build_dataset, image_spec, load_data, resolve_data_fields
+from vitkit.data.samplers import build_loader, set_loader_epoch
+from vitkit.train import distributed as dist
+from vitkit.train.checkpoint import capture_rng, load_state, restore_rng, save_state
+from vitkit.train.config import RUNTIME_FIELDS, TrainConfig, check_resume_compatible, load_run_config
+from vitkit.train.engine import NonFiniteLossError, evaluate, train_one_epoch
+from vitkit.train.losses import build_criterion
+from vitkit.train.modeling import build_model, default_img_size, load_weights, save_weights
+from vitkit.train.optim import build_optimizer, build_scheduler
+from vitkit.train.plots import plot_curves
+from vitkit.train.progress import Progress
+from vitkit.train.run_folder import BEST, CURVES, LAST, STATE, RunFolder
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_val_top1: float
+    best_epoch: int
+    best_source: str  # "model" or "ema"
+    test: dict[str, float] | None  # top1, top5, loss of best.safetensors on the test split
+
+
+# -- runtime settings ------------------------------------------------------------------------------
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+    return torch.device(choice)
+
+
+def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 on CUDA, none on CPU; fp16 only on CUDA (it needs a gradient scaler)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp=fp16 needs a CUDA device: use amp=bf16 on the CPU, or amp=off")
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def runtime(threads: int | None, deterministic: bool) -> Iterator[None]:
+    """Thread count and deterministic algorithms for the run, restored afterwards."""
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+    if threads:
+        torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS reductions
+        # warn_only: a CUDA op without a deterministic kernel warns instead of ending a long run
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        torch.backends.cudnn.benchmark = saved[3]
+
+
+def _now() -> str:
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def provenance(device: torch.device) -> dict[str, Any]:
+    import torchvision
+
+    import vitkit
+
+    return {
+        "vitkit": vitkit.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": sys.version.split()[0],
+        "git_commit": _git_commit(),
+        "command": " ".join(sys.argv),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "world_size": dist.get_world_size(),
+    }
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def default_output(config: TrainConfig) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.recipe or config.model.replace(':', '_')}-{stamp}"
+
+
+def prepare_resume(run_dir: str | os.PathLike, requested: dict[str, Any]) -> TrainConfig:
+    """The saved config of `run_dir`, with runtime fields from `requested`; contradictions are errors."""
+    saved = load_run_config(run_dir)
+    check_resume_compatible(saved, requested)
+    runtime_changes = {k: v for k, v in requested.items() if k in RUNTIME_FIELDS and k != "output"}
+    from vitkit.train.config import apply_fields
+
+    return dataclasses.replace(apply_fields(saved, runtime_changes), output=str(run_dir))
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> RunResult:
+    """Train as `config` says, in the run folder `config.output` (continuing it with `resume`)."""
+    main = dist.is_main()
+    run_dir = Path(config.output) if config.output else default_output(config)
+    if not resume and (run_dir / "config.yaml").exists():
+        raise ValueError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --output")
+    if resume and not (run_dir / STATE).is_file():
+        raise FileNotFoundError(f"{run_dir / STATE} does not exist: the run has no finished epoch to resume from")
+    device = resolve_device(config.device)
+    config = dataclasses.replace(config, output=str(run_dir))
+    if config.seed is None:  # an unseeded run still records the seed it drew
+        config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
+        deterministic = False
+    else:
+        deterministic = True
+    with runtime(config.threads, deterministic):
+        return _train(config, run_dir, device, resume, main)
+
+
+def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: bool, main: bool) -> RunResult:
+    seed_everything(config.seed)
+    say = print if main else (lambda *a, **k: None)
+
+    # -- data ---------------------------------------------------------------------------------
+    data = load_data(config)
+    config = resolve_data_fields(config, data, default_img_size(config.model, config.model_args))
+    spec = image_spec(config)
+    loaders = {}
+    for split in ("train", "val", "test"):
+        if split in data.splits:
+            dataset = build_dataset(data, split, config)
+            loaders[split] = build_loader(
+                dataset,
+                train=split == "train",
+                batch_size=config.batch_size if split == "train" else config.resolved_eval_batch_size,
+                seed=config.seed,
+                workers=config.workers,
+                rank=dist.get_rank(),
+                world_size=dist.get_world_size(),
+                pin_memory=device.type == "cuda",
+            )
+    if "train" not in loaders or "val" not in loaders:
+        raise ValueError(f"{data.source} needs a train and a val split to train")
+    if data.skipped:
+        say(f"skipped {len(data.skipped)} corrupt image(s), e.g. {data.skipped[0]}")
+
+    # -- model, optimisation --------------------------------------------------------------------
+    model = build_model(config.model, num_classes=config.num_classes, in_chans=config.in_chans,
+                        img_size=config.img_size, model_args=config.model_args).to(device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True) if config.ema else None
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
+    steps_per_epoch = math.ceil(len(loaders["train"]) / config.grad_accum)
+    scheduler = build_scheduler(
+        optimizer,
+        total_steps=config.epochs * steps_per_epoch,
+        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+        warmup_lr=config.warmup_lr,
+        min_lr=config.min_lr,
+    )
+    amp_dtype = amp_dtype_for(config.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    criterion = build_criterion(config)
+    train_model: nn.Module = torch.compile(model) if config.compile else model
+
+    # -- run folder -----------------------------------------------------------------------------
+    folder = RunFolder(run_dir, enabled=main)
+    info = folder.read_run_info() if resume else {}
+    info.update(provenance(device))
+    info.setdefault("start_time", _now())
+    if resume:
+        info.setdefault("resumed", []).append(_now())
+    info.update(
+        status="running",
+        model={"name": config.model, "params": sum(p.numel() for p in model.parameters())},
+        data={
+            "source": data.source,
+            "classes": data.classes,
+            **{split: len(loader.dataset) for split, loader in loaders.items()},
+            "skipped_corrupt": len(data.skipped),
+            "skipped_files": [str(p) for p in data.skipped[:20]],
+        },
+    )
+    folder.write_config(config)
+    folder.write_run_info(info)
+
+    start_epoch, global_step = 1, 0
+    best = {"top1": -1.0, "epoch": 0, "source": "model"}
+    if resume:
+        state = load_state(run_dir / STATE)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+        best = dict(state["best"])
+        folder.load_metrics(upto_epoch=state["epoch"], upto_step=global_step)
+        restore_rng(state["rng"])  # last: nothing above may draw random numbers afterwards
+        say(f"resuming {run_dir} after epoch {state['epoch']}")
+
+    sizes = ", ".join(f"{len(loader.dataset)} {split}" for split, loader in loaders.items())
+    say(
+        f"model {config.model} ({info['model']['params'] / 1e6:.2f} M parameters), data {data.source}: {sizes} images, "
+        f"{config.num_classes} classes, {config.img_size}x{config.img_size}x{config.in_chans}; "
+        f"device {device}, {torch.get_num_threads()} threads; run folder {run_dir}"
+    )
+
+    # -- epochs ---------------------------------------------------------------------------------
+    classes = data.classes
+    for epoch in range(start_epoch, config.epochs + 1):
+        set_loader_epoch(loaders["train"], epoch, config.seed)
+        progress = Progress(len(loaders["train"]), f"epoch {epoch}/{config.epochs}", enabled=main,
+                            every=config.log_every)
+        try:
+            stats = train_one_epoch(
+                train_model, criterion, loaders["train"], optimizer,
+                device=device, scheduler=scheduler, ema=ema, amp_dtype=amp_dtype, scaler=scaler,
+                grad_accum=config.grad_accum, clip_grad=config.clip_grad, epoch=epoch, start_step=global_step,
+                log_every=config.log_every, on_log=folder.log, progress=progress,
+            )
+        except NonFiniteLossError as err:
+            info.update(status=f"stopped: {err}", end_time=_now())
+            folder.write_run_info(info)
+            last = f"the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if epoch > 1 else "no checkpoint was written"
+            raise RuntimeError(
+                f"{err}; training stopped ({last}): lower the learning rate or set clip_grad, e.g. --set clip_grad=1.0"
+            ) from None
+        finally:
+            progress.close()
+        global_step += stats["steps"]
+        val = evaluate(model, loaders["val"], device=device, amp_dtype=amp_dtype)
+        record = {"epoch": epoch, "train_loss": stats["train_loss"], "lr": stats["lr"],
+                  "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]}
+        candidates = [("model", val["top1"], model)]
+        if ema is not None:
+            ema_val = evaluate(ema.module, loaders["val"], device=device, amp_dtype=amp_dtype)
+            record.update(ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"], ema_val_loss=ema_val["loss"])
+            candidates.append(("ema", ema_val["top1"], ema.module))
+        record["images_per_s"] = stats["images_per_s"]
+        source, top1, weights = max(candidates, key=lambda c: c[1])  # ties go to the model
+        if main:
+            if top1 > best["top1"]:
+                best = {"top1": top1, "epoch": epoch, "source": source}
+                save_weights(weights, run_dir / BEST, spec=spec, classes=classes,
+                             extra={"source": source, "epoch": str(epoch), "val_top1": repr(top1)})
+            save_weights(model, run_dir / LAST, spec=spec, classes=classes, extra={"source": "model", "epoch": str(epoch)})
+            folder.log(record)
+            save_state(run_dir / STATE, {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch,
+                "global_step": global_step,
+                "best": best,
+                "rng": capture_rng(),
+            })
+        else:
+            best = max(best, {"top1": top1, "epoch": epoch, "source": source}, key=lambda b: b["top1"])
+        ema_note = f" | EMA val top-1 {record['ema_val_top1']:.2f}%" if ema is not None else ""
+        say(
+            f"epoch {epoch}/{config.epochs}: train loss {stats['train_loss']:.4f}, lr {stats['lr']:.2e} | "
+            f"val top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}% loss {val['loss']:.4f}{ema_note} | "
+            f"{stats['images_per_s']:.0f} img/s",
+            flush=True,
+        )
+    dist.barrier()
+
+    # -- the test split, once, with the best weights ------------------------------------------
+    final: dict[str, Any] = {"best_val_top1": best["top1"], "best_epoch": best["epoch"], "best_source": best["source"]}
+    test = None
+    if "test" in loaders:
+        best_model, _ = load_weights(run_dir / BEST, device=device)
+        result = evaluate(best_model, loaders["test"], device=device, amp_dtype=amp_dtype)
+        test = {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"]}
+        final.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"])
+    folder.log(final)
+    if main:
+        plot_curves(folder.records, run_dir / CURVES, title=f"{config.model} on {data.source}")
+    info.update(status="finished", end_time=_now())
+    folder.write_run_info(info)
+    folder.close()
+    return RunResult(run_dir, best["top1"], best["epoch"], best["source"], test)

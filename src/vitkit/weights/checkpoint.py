@@ -1,0 +1,457 @@
+"""Load a checkpoint of any supported format into a vitkit model, and save one in vitkit, timm or
+HuggingFace format.
+
+Loading runs three steps: read (file, HF directory or in-memory dict; never executes pickled code),
+convert (the format's pure key mapping, `vitkit.weights.convert`), fit (adapt shapes to the model:
+position embeddings, Swin window tables, patch kernels, input channels, classifier). Every change
+is recorded in the returned `LoadReport`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vitkit.io import atomic_path
+from vitkit.layers import resample_abs_pos_embed
+from vitkit.layers.rel_pos import resize_rel_pos_bias_table
+from vitkit.weights import convert as converters
+from vitkit.weights.io import read_metadata, save_model
+from vitkit.weights.resample import adapt_input_conv, resample_patch_embed
+
+StateDict = dict[str, torch.Tensor]
+Format = Literal["auto", "vitkit", "timm", "deit", "swin", "hf", "torchvision", "mmpretrain", "jax"]
+Source = str | os.PathLike | Mapping[str, Any]
+
+# buffers that models compute from their configuration; old checkpoints saved them
+_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask", "k_bias")
+_CLASSIFIER = re.compile(r"^(head|head_dist)\.(fc\.)?(weight|bias)$")
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class LoadReport:
+    """What `load_checkpoint` did. Keys are the model's parameter names unless said otherwise."""
+
+    source: str
+    format: str
+    loaded: int = 0  # tensors copied into the model
+    renamed: dict[str, str] = field(default_factory=dict)  # model key -> source key
+    merged: list[str] = field(default_factory=list)  # built from several source tensors (q, k, v -> qkv)
+    resampled: dict[str, str] = field(default_factory=dict)  # key -> old -> new shape and how
+    adapted: dict[str, str] = field(default_factory=dict)  # key -> what changed (input channels)
+    reinitialised: dict[str, str] = field(default_factory=dict)  # key -> why the model's init was kept
+    dropped: dict[str, str] = field(default_factory=dict)  # checkpoint key -> why it was not needed
+    missing: list[str] = field(default_factory=list)  # model keys the checkpoint lacks
+    unexpected: list[str] = field(default_factory=list)  # checkpoint keys (after conversion) the model lacks
+    mismatched: dict[str, str] = field(default_factory=dict)  # key -> checkpoint vs model shape
+
+    @property
+    def ok(self) -> bool:
+        """True when everything the model needs came from the checkpoint or was adapted to fit."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def problems(self, limit: int = 8) -> str:
+        """The missing / unexpected / mismatched keys in one line."""
+        parts = []
+        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if keys:
+                parts.append(f"{len(keys)} {label} ({_clip(keys, limit)})")
+        if self.mismatched:
+            items = [f"{k} {v}" for k, v in self.mismatched.items()]
+            parts.append(f"{len(items)} with other shapes ({_clip(items, limit)})")
+        return "; ".join(parts)
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: format {self.format}, {self.loaded} tensors loaded"]
+        if self.renamed:
+            lines.append(f"  renamed: {len(self.renamed)} (e.g. {_clip([f'{v} -> {k}' for k, v in self.renamed.items()], 3)})")
+        if self.merged:
+            lines.append(f"  merged from several source tensors: {len(self.merged)} (e.g. {_clip(self.merged, 3)})")
+        for label, items in (
+            ("resampled", self.resampled),
+            ("adapted", self.adapted),
+            ("re-initialised", self.reinitialised),
+            ("dropped", self.dropped),
+            ("mismatched", self.mismatched),
+        ):
+            for k, v in items.items():
+                lines.append(f"  {label}: {k}: {v}")
+        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if keys:
+                lines.append(f"  {label}: {_clip(keys, 10)}")
+        return "\n".join(lines)
+
+
+def _clip(items: list[str], limit: int) -> str:
+    items = list(items)
+    more = f", ... {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+# -- reading --------------------------------------------------------------------------------------
+def _refuse_pickle(path: Path, err: Exception) -> ValueError:
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if found:
+        reason = f"it refers to {found.group(1)}"
+    elif "allow_pickle" in str(err):
+        reason = "a numpy object array"
+    else:
+        reason = str(err).strip().splitlines()[-1][:200]
+    return ValueError(
+        f"{path} holds pickled Python objects besides tensors and plain containers ({reason}); vitkit reads "
+        "pickles with torch.load(weights_only=True) and refuses them because unpickling can run arbitrary "
+        "code. If you trust its author, load it yourself and pass the state dict: "
+        "vitkit.load_checkpoint(model, state_dict)"
+    )
+
+
+def _corrupt(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"{path} is truncated or corrupt ({type(err).__name__}: {str(err).strip()[:200]}); download or copy it again")
+
+
+def _read_torch(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" in str(err).lower() or "unsupported" in str(err).lower():
+            raise _refuse_pickle(path, err) from None
+        raise _corrupt(path, err) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise _corrupt(path, err) from None
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+    try:
+        return load_file(str(path)), read_metadata(path)
+    except (SafetensorsError, OSError, ValueError) as err:
+        raise _corrupt(path, err) from None
+
+
+def _read_npz(path: Path) -> StateDict:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise _refuse_pickle(path, err) from None
+        raise _corrupt(path, err) from None
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        raise _corrupt(path, err) from None
+
+
+def _read_hf_dir(path: Path) -> tuple[Any, dict[str, str]]:
+    for name in _HF_WEIGHTS:
+        file = path / name
+        if not file.is_file():
+            continue
+        if name.endswith(".index.json"):  # sharded: {"weight_map": {key: shard file}}
+            shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+            state: dict = {}
+            for shard in shards:
+                state.update(_read_file(path / shard)[0])
+            return state, {}
+        return _read_file(file)
+    raise FileNotFoundError(
+        f"{path} is a directory without model weights: expected one of {', '.join(_HF_WEIGHTS)} "
+        "(a HuggingFace model directory) or pass the weights file itself"
+    )
+
+
+def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):
+        return _read_safetensors(path)  # 8-byte little-endian header size, then a JSON header
+    if path.suffix == ".npz":
+        return _read_npz(path), {}
+    if head.startswith(b"PK") and path.suffix not in (".pth", ".pt", ".bin", ".ckpt", ".tar"):
+        # a zip without a torch suffix: try numpy's archive first
+        with zipfile.ZipFile(path) as z:
+            if all(n.endswith(".npy") for n in z.namelist()):
+                return _read_npz(path), {}
+    return _read_torch(path), {}
+
+
+def _unwrap(obj: Any, where: str) -> StateDict:
+    """The state dict inside a training checkpoint ({"model": ...}, {"state_dict": ...})."""
+    while isinstance(obj, Mapping) and not any(isinstance(v, (torch.Tensor, np.ndarray)) for v in obj.values()):
+        inner = next((obj[k] for k in ("state_dict", "model", "module") if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
+    state = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in obj.items()}
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        keys = ", ".join(list(map(str, obj))[:8])
+        raise ValueError(f"{where} holds no tensors (top-level keys: {keys or 'none'}): is it a model checkpoint?")
+    # DDP and torch.compile wrap the model: drop their prefix when every key has it
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def read_state_dict(source: Source) -> tuple[StateDict, dict[str, str], str]:
+    """(tensors, safetensors metadata, description) of a checkpoint file, HF directory or dict."""
+    if isinstance(source, Mapping):
+        return _unwrap(source, "the state dict"), {}, "state dict"
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    obj, meta = _read_hf_dir(path) if path.is_dir() else _read_file(path)
+    return _unwrap(obj, str(path)), meta, str(path)
+
+
+# -- fitting to the model -------------------------------------------------------------------------
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return ptr or None
+
+
+def _trace(source: StateDict, converted: StateDict, report: LoadReport) -> None:
+    """Renamed keys (the converted tensor is, or is a view of, one source tensor) and merged ones."""
+    origin: dict[int, str] = {}
+    for k, v in source.items():
+        if (s := _storage(v)) is not None:
+            origin.setdefault(s, k)
+    for k, v in converted.items():
+        src = origin.get(_storage(v)) if _storage(v) is not None else None
+        if src is None:
+            if k not in source:
+                report.merged.append(k)
+        elif src != k:
+            report.renamed[k] = src
+
+
+def _num_classes(state: Mapping[str, torch.Tensor], keys: set[str]) -> int | None:
+    weights = [state[k] for k in keys if k.endswith("weight")]
+    return int(weights[0].shape[0]) if weights else None
+
+
+def _fit_classifier(model_state: StateDict, state: StateDict, report: LoadReport) -> set[str]:
+    """Decide the classifier (head, head_dist) as a whole; returns the checkpoint keys it handled."""
+    ckpt = {k for k in state if _CLASSIFIER.match(k)}
+    model = {k for k in model_state if _CLASSIFIER.match(k)}
+    if not model:
+        for k in sorted(ckpt):
+            report.dropped[k] = "the model has no classifier (num_classes=0)"
+        return ckpt
+    if not ckpt:
+        for k in sorted(model):
+            report.reinitialised[k] = "the checkpoint has no classifier"
+        return ckpt
+    if ckpt != model:
+        return set()  # different heads (e.g. distilled vs not): reported as missing / unexpected
+    if all(state[k].shape == model_state[k].shape for k in ckpt):
+        return set()  # loads as is
+    same_width = all(state[k].shape[1:] == model_state[k].shape[1:] for k in ckpt)
+    if not same_width:
+        return set()  # another feature width: reported as a shape mismatch
+    n_ckpt, n_model = _num_classes(state, ckpt), _num_classes(model_state, model)
+    for k in sorted(model):
+        report.reinitialised[k] = f"the checkpoint has {n_ckpt} classes, the model {n_model}"
+    return ckpt
+
+
+def _window_of_table(rows: int) -> tuple[int, int] | None:
+    side = int(round(rows**0.5))
+    return ((side + 1) // 2,) * 2 if side * side == rows and side % 2 else None
+
+
+def _fit_tensor(model: nn.Module, key: str, v: torch.Tensor, target: torch.Tensor, resample: dict, report: LoadReport):
+    """`v` reshaped to `target`'s shape by a known adaptation, or None (a mismatch)."""
+    config = model.config
+    shape = f"{tuple(v.shape)} -> {tuple(target.shape)}"
+    if key == "pos_embed" and v.ndim == 3 and v.shape[-1] == target.shape[-1]:
+        prefix = 0 if getattr(config, "no_embed_class", False) else model.num_prefix_tokens
+        side = int(round((v.shape[1] - prefix) ** 0.5))
+        if prefix > v.shape[1] or side * side != v.shape[1] - prefix:
+            return None
+        out = resample_abs_pos_embed(v, config.grid_size, (side, side), prefix, **resample)
+        how = "bicubic, antialiased" if resample["antialias"] else resample["interpolation"]
+        report.resampled[key] = f"{shape} (grid {side}x{side} -> {config.grid_size[0]}x{config.grid_size[1]}, {how})"
+        return out
+    if key.endswith("relative_position_bias_table") and v.shape[1] == target.shape[1]:
+        old = _window_of_table(v.shape[0])
+        new = tuple(model.get_submodule(key.rsplit(".", 1)[0]).window_size)
+        if old is None:
+            return None
+        out = resize_rel_pos_bias_table(v, old, new)
+        report.resampled[key] = f"{shape} (window {old[0]}x{old[1]} -> {new[0]}x{new[1]})"
+        return out
+    if key == "patch_embed.proj.weight" and v.ndim == 4 and v.shape[0] == target.shape[0]:
+        if v.shape[1] != target.shape[1]:
+            how = "summed" if target.shape[1] == 1 else "repeated and rescaled"
+            report.adapted[key] = f"{v.shape[1]} -> {target.shape[1]} input channels ({how}, as timm's adapt_input_conv)"
+            v = adapt_input_conv(v, target.shape[1])
+        if v.shape[-2:] != target.shape[-2:]:
+            report.resampled[key] = f"{shape} (patch kernel, pseudo-inverse resize)"
+            v = resample_patch_embed(v, tuple(target.shape[-2:]), **resample)
+        return v
+    return None
+
+
+def _fit(model: nn.Module, state: StateDict, fmt: str, report: LoadReport) -> StateDict:
+    """The tensors to load, each of the model's shape; the rest is reported."""
+    model_state = model.state_dict()
+    resample = converters.resample_options(fmt)
+    handled = _fit_classifier(model_state, state, report)
+    new_head = any(_CLASSIFIER.match(k) for k in report.reinitialised) or any(_CLASSIFIER.match(k) for k in report.dropped)
+    out: StateDict = {}
+    for k, v in state.items():
+        if k in handled:
+            continue
+        if k not in model_state:
+            if k.rsplit(".", 1)[-1] in _BUFFERS:
+                report.dropped[k] = "a buffer the model computes itself"
+            elif k.startswith("pre_logits.") and new_head:
+                report.dropped[k] = "pre-logits layer: the model has none (representation_size=None) and a new classifier"
+            else:
+                report.unexpected.append(k)
+            continue
+        target = model_state[k]
+        if v.shape == target.shape:
+            out[k] = v
+            continue
+        fitted = _fit_tensor(model, k, v, target, resample, report)
+        if fitted is None or fitted.shape != target.shape:
+            report.mismatched[k] = f"checkpoint {tuple(v.shape)} vs model {tuple(target.shape)}"
+        else:
+            out[k] = fitted
+    report.missing = [k for k in model_state if k not in out and k not in report.reinitialised and k not in report.mismatched]
+    return out
+
+
+def _hint(report: LoadReport) -> str:
+    keys = report.missing + report.unexpected + list(report.mismatched)
+    if any("dist_token" in k or "head_dist" in k for k in keys):
+        return " (distilled and plain DeiT checkpoints differ: use the matching *_distilled_* model or not)"
+    if any(".ls1." in k or ".ls2." in k for k in keys):
+        return " (LayerScale weights: DeiT III models have them, others do not)"
+    if any(k.startswith("pre_logits.") for k in keys):
+        return " (the tanh pre-logits layer: use a *_in21k model, or a new head via num_classes)"
+    return " (is it the right model? `vitkit models` lists the variants)"
+
+
+def load_checkpoint(model: nn.Module, source: Source, *, format: Format = "auto", strict: bool = True) -> LoadReport:
+    """Load weights from a file, a HuggingFace model directory or a state dict into `model`.
+
+    Files: .safetensors, .pth/.pt/.bin (read with `torch.load(weights_only=True)`), Google's .npz.
+    `format="auto"` tells the source library from the key names: vitkit / timm, official DeiT III,
+    official Swin, hf, torchvision, mmpretrain, jax. Position embeddings, Swin V1 window tables and
+    patch kernels are resampled to the model, input channels adapted, and the classifier kept
+    fresh when the class counts differ. With `strict=True` anything else that does not fit raises
+    one ValueError and nothing is loaded; with `strict=False` the fitting tensors are loaded.
+    """
+    if format != "auto" and format not in converters.FORMATS:
+        raise ValueError(f"unknown checkpoint format {format!r}; choose auto, {', '.join(converters.FORMATS)}")
+    if not hasattr(model, "config"):
+        raise ValueError(f"{type(model).__name__} is not a vitkit model: build it with vitkit.create_model(NAME)")
+    state, meta, where = read_state_dict(source)
+    fmt = format
+    if fmt == "auto":
+        fmt = "vitkit" if meta.get("format") == "vitkit" else converters.detect_format(state)
+        if fmt is None:
+            raise ValueError(
+                f"cannot tell the format of {where} from its keys (e.g. {_clip(list(state), 4)}): pass "
+                f"format= one of {', '.join(converters.FORMATS)}"
+            )
+    converted = converters.convert(state, fmt)
+    report = LoadReport(source=where, format=fmt)
+    _trace(state, converted, report)
+    fitted = _fit(model, converted, fmt, report)
+    if strict and not report.ok:
+        name = getattr(model, "variant_name", type(model).__name__)
+        raise ValueError(
+            f"{where} (format {fmt}) does not fit {name}: {report.problems()}{_hint(report)}; "
+            "pass strict=False to load the rest"
+        )
+    with torch.no_grad():
+        model.load_state_dict(fitted, strict=False)
+    report.loaded = len(fitted)
+    return report
+
+
+# -- saving ---------------------------------------------------------------------------------------
+def _plain_state(state: Mapping[str, torch.Tensor]) -> StateDict:
+    # independent contiguous CPU copies: safetensors refuses shared storage, pickles stay small
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def _write_dir(path: Path, files: dict[str, Any]) -> None:
+    """Write a directory of files so no file is ever half-written: built beside `path`, then moved in."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        if not path.is_dir():
+            raise ValueError(f"{path} exists and is not a directory: the hf format writes a directory")
+        for name in files:
+            os.replace(tmp / name, path / name)  # one atomic rename per file
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, format: Literal["vitkit", "timm", "hf"] = "vitkit") -> None:
+    """Save `model`'s weights atomically.
+
+    vitkit: safetensors with the model name, config and format version in its metadata
+    (`vitkit.weights.load_model` rebuilds the model). timm: a plain state dict, `torch.save`d, or
+    safetensors when `path` ends in .safetensors. hf: a directory (config.json + model.safetensors)
+    that `transformers.AutoModelForImageClassification.from_pretrained` loads.
+    """
+    path = Path(path)
+    if format == "vitkit":
+        save_model(model, path)
+    elif format == "timm":
+        state = _plain_state(model.state_dict())
+        with atomic_path(path) as tmp:
+            if path.suffix == ".safetensors":
+                save_file(state, str(tmp), metadata={"format": "pt"})
+            else:
+                torch.save(state, tmp)
+    elif format == "hf":
+        missing = converters.hf.unsupported(model)
+        if missing:
+            name = getattr(model, "variant_name", type(model).__name__)
+            raise ValueError(
+                f"HuggingFace transformers has no equivalent for {'; '.join(missing)} in {name}: "
+                "save it with format='vitkit' or format='timm'"
+            )
+        config, state = converters.hf.export(model)
+        state = _plain_state(state)
+        _write_dir(
+            path,
+            {
+                "model.safetensors": lambda p: save_file(state, str(p), metadata={"format": "pt"}),
+                "config.json": lambda p: p.write_text(json.dumps(config, indent=2) + "\n"),
+            },
+        )
+    else:
+        raise ValueError(f"unknown save format {format!r}; choose vitkit, timm or hf")

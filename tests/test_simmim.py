@@ -1,0 +1,263 @@
+"""SimMIM: mask geometry and count, loss on masked pixels only, mask-token substitution, the saved
+encoder, optimisation (schedule, layer decay) and a short pre-training that lowers the loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vitkit
+from vitkit.pretrain import MaskGenerator, SimMIM, build_simmim, load_encoder, masked_l1_loss, save_encoder
+from vitkit.pretrain.optim import build_adamw, layer_id, param_groups, warmup_schedule
+from vitkit.pretrain.simmim import evaluate, save_reconstructions, train_one_epoch, upsample_mask
+from vitkit.weights.io import load_model, read_metadata
+
+# tiny encoders at 32x32: model patch 4, so an 8x8 mask patch covers 2x2 model patches
+TINY = {
+    "vit_tiny_patch16_224": dict(img_size=32, patch_size=4, depth=2, embed_dim=32, num_heads=2),
+    "deit_tiny_distilled_patch16_224": dict(img_size=32, patch_size=4, depth=1, embed_dim=32, num_heads=2),
+    "swin_tiny_patch4_window7_224": dict(
+        img_size=32, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4
+    ),
+    "swinv2_tiny_window8_256": dict(
+        img_size=32, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4
+    ),
+}
+HEAD_KEYS = {
+    "vit_tiny_patch16_224": {"head.weight", "head.bias"},
+    "deit_tiny_distilled_patch16_224": {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"},
+    "swin_tiny_patch4_window7_224": {"head.fc.weight", "head.fc.bias"},
+    "swinv2_tiny_window8_256": {"head.fc.weight", "head.fc.bias"},
+}
+
+
+# -- masks ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "img, mask_patch, model_patch, ratio, cells, masked",
+    [
+        (192, 32, 4, 0.6, 36, 22),  # the paper's Swin setting: ceil(21.6)
+        (224, 32, 16, 0.6, 49, 30),  # the paper's ViT setting: ceil(29.4)
+        (32, 8, 4, 0.6, 16, 10),  # ceil(9.6)
+        ((64, 160), 32, 4, 0.7, 10, 7),  # 0.7 x 10 is 7.000000000000001 in floats: still 7
+        (32, 4, 4, 0.5, 64, 32),  # mask patch = model patch
+    ],
+)
+def test_mask_count_and_geometry_exact(img, mask_patch, model_patch, ratio, cells, masked):
+    gen = MaskGenerator(img, mask_patch, model_patch, ratio)
+    assert (gen.num_cells, gen.num_masked) == (cells, masked)
+    H, W = (img, img) if isinstance(img, int) else img
+    mask = gen(16, torch.Generator().manual_seed(1))
+    assert mask.dtype == torch.bool and mask.shape == (16, H // model_patch, W // model_patch)
+    s = mask_patch // model_patch
+    # each mask-patch cell is all masked or all visible
+    blocks = mask.view(16, H // mask_patch, s, W // mask_patch, s)
+    assert torch.equal(blocks.all(dim=(2, 4)), blocks.any(dim=(2, 4)))
+    # exactly `masked` cells per image, and exactly masked / cells of the patches
+    assert torch.equal(blocks.any(dim=(2, 4)).sum(dim=(1, 2)), torch.full((16,), masked))
+    assert torch.equal(mask.sum(dim=(1, 2)), torch.full((16,), masked * s * s))
+    # random per image, reproducible with a seeded generator
+    assert len({tuple(m.flatten().tolist()) for m in mask}) > 1
+    assert torch.equal(mask, gen(16, torch.Generator().manual_seed(1)))
+
+
+def test_mask_positions_uniform():
+    gen = MaskGenerator(32, 8, 4, 0.25)  # 4 of 16 cells
+    freq = gen(4000, torch.Generator().manual_seed(0))[:, ::2, ::2].float().mean(0)
+    assert (freq - 0.25).abs().max() < 0.04
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((32, 6, 4, 0.6), "multiple of the model's patch size 4"),
+        ((40, 16, 4, 0.6), "must divide the image size"),
+        (((32, 48), 32, 4, 0.6), "must divide the image size"),
+        ((32, 8, 4, 0.0), "mask ratio must be in"),
+        ((32, 8, 4, 1.0), "mask ratio must be in"),
+    ],
+)
+def test_mask_generator_rules(args, message):
+    with pytest.raises(ValueError, match=message):
+        MaskGenerator(*args)
+
+
+# -- loss -------------------------------------------------------------------------------------------
+def test_loss_ignores_unmasked_pixels():
+    gen = MaskGenerator(32, 8, 4, 0.6)
+    mask = gen(3, torch.Generator().manual_seed(0))
+    target, pred = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    pixels = upsample_mask(mask, 4).expand_as(target)
+    loss = masked_l1_loss(pred, target, mask, 4)
+    # the paper's normalisation: sum over masked pixels and channels / (masked pixels x channels)
+    expected = (pred - target).abs()[pixels].sum() / (mask.sum() * 16 * 3)
+    torch.testing.assert_close(loss, expected)
+
+    changed = pred.clone()
+    changed[~pixels] = torch.randn(int((~pixels).sum())) * 100
+    changed[0, 0, ~pixels[0, 0]] = float("inf")
+    changed[1, 1, ~pixels[1, 1]] = float("nan")
+    changed.requires_grad_(True)
+    again = masked_l1_loss(changed, target, mask, 4)
+    assert again.item() == loss.item()
+    again.backward()
+    assert torch.all(changed.grad[~pixels] == 0) and torch.all(changed.grad[pixels] != 0)
+
+    # a change at a single masked pixel does change it
+    i = pixels.nonzero()[0].tolist()
+    pred[tuple(i)] += 1.0
+    assert masked_l1_loss(pred, target, mask, 4).item() != loss.item()
+
+
+# -- the model -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(TINY))
+def test_mask_token_replaces_masked_patches(name):
+    model = build_simmim(name, in_chans=3, **TINY[name]).eval()
+    gen = MaskGenerator(32, 8, 4, 0.6)
+    x = torch.randn(2, 3, 32, 32)
+    mask = gen(2, torch.Generator().manual_seed(0))
+    pixels = upsample_mask(mask, 4).expand_as(x)
+    with torch.no_grad():
+        out = model(x, mask)
+        assert out.shape == x.shape
+        # masked pixels never reach the encoder; visible ones do
+        noise = torch.randn_like(x) * 5
+        assert torch.equal(model.encode(x, mask), model.encode(torch.where(pixels, noise, x), mask))
+        assert not torch.allclose(model.encode(x, mask), model.encode(torch.where(pixels, x, noise), mask))
+        # nothing masked: the encoder's own forward_features, untouched
+        none = torch.zeros_like(mask)
+        features = model.encoder.forward_features(x)
+        if features.dim() == 3:  # ViT tokens: drop the prefix tokens, back to a (B, D, h, w) map
+            grid = 32 // model.stride
+            features = features[:, model.encoder.num_prefix_tokens :].transpose(1, 2).reshape(2, -1, grid, grid)
+        else:
+            features = features.permute(0, 3, 1, 2)
+        assert torch.equal(model.encode(x, none), features)
+    # the patch-embed hook does not outlive the call
+    assert not model.encoder.patch_embed._forward_hooks
+    # the mask token is learned
+    masked_l1_loss(model.train()(x, mask), x, mask, 4).backward()
+    assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
+
+
+def test_geometry_and_errors():
+    swin = build_simmim("swin_tiny_patch4_window7_224", **TINY["swin_tiny_patch4_window7_224"])
+    vit = build_simmim("vit_tiny_patch16_224", **TINY["vit_tiny_patch16_224"])
+    assert (swin.patch_size, swin.stride, vit.patch_size, vit.stride) == (4, 32, 4, 4)
+    assert swin.decoder[0].out_channels == 32 * 32 * 3 and vit.decoder[0].out_channels == 4 * 4 * 3
+    assert "mask_token" in swin.no_weight_decay()
+    with pytest.raises(ValueError, match="multiple of the encoder's output stride 32"):
+        build_simmim("swin_tiny_patch4_window7_224", **(TINY["swin_tiny_patch4_window7_224"] | {"img_size": 48}))
+    with pytest.raises(ValueError, match="does not fit images"):
+        vit(torch.randn(2, 3, 32, 32), torch.zeros(2, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs a vitkit ViT"):
+        SimMIM(torch.nn.Linear(2, 2))
+
+
+# -- the saved encoder -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(TINY))
+def test_saved_encoder_loads_with_only_the_head_missing(name, tmp_path):
+    model = build_simmim(name, in_chans=1, **TINY[name])
+    path = tmp_path / "encoder.safetensors"
+    save_encoder(model, path)
+    saved = load_file(str(path))
+    assert not any(k.startswith(("mask_token", "decoder", "encoder.")) for k in saved)
+    assert read_metadata(path)["model"] == name and read_metadata(path)["pretrained_with"] == "simmim"
+
+    fresh = vitkit.create_model(name, num_classes=10, in_chans=1, **TINY[name])
+    missing = load_encoder(fresh, path)
+    assert set(missing) == HEAD_KEYS[name]
+    for key, value in fresh.state_dict().items():
+        if key in saved:
+            assert torch.equal(value, saved[key]), key
+    # the vitkit format alone rebuilds the headless encoder
+    rebuilt = load_model(path)
+    assert rebuilt.config == model.encoder.config
+
+    other = vitkit.create_model(name, num_classes=10, in_chans=3, **TINY[name])
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_encoder(other, path)
+
+
+# -- optimisation ----------------------------------------------------------------------------------
+def test_schedule_warmup_cosine_and_multistep():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = warmup_schedule(opt, total_steps=20, warmup_steps=10, warmup_lr_ratio=0.1, min_lr_ratio=0.01)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[5] == pytest.approx(0.55) and lrs[10] == pytest.approx(1.0)
+    assert lrs[15] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = warmup_schedule(opt, 10, 2, kind="multistep", milestones=(6, 8), gamma=0.1)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.0, 0.5, 1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_layer_decay_groups():
+    vit = vitkit.create_model("vit_tiny_patch16_224", **TINY["vit_tiny_patch16_224"], num_classes=10)
+    cfg = vit.config  # depth 2: ids 0 (embedding), 1, 2 (blocks), 3 (norm, head)
+    assert [layer_id(n, cfg) for n in ("cls_token", "pos_embed", "patch_embed.proj.weight")] == [0, 0, 0]
+    assert [layer_id(n, cfg) for n in ("blocks.0.attn.qkv.weight", "blocks.1.norm1.weight")] == [1, 2]
+    assert [layer_id(n, cfg) for n in ("norm.weight", "head.weight")] == [3, 3]
+    swin = vitkit.create_model("swin_tiny_patch4_window7_224", **(TINY["swin_tiny_patch4_window7_224"] | {"depths": (2, 2, 1, 1)}))
+    cfg = swin.config  # 6 blocks: ids 1..6; a merging shares the id of the block before it
+    names = ("layers.0.blocks.1.mlp.fc1.weight", "layers.1.downsample.reduction.weight", "layers.1.blocks.0.norm1.weight")
+    assert [layer_id(n, cfg) for n in names] == [2, 2, 3]
+    assert layer_id("layers.3.blocks.0.attn.qkv.weight", cfg) == 6 and layer_id("head.fc.weight", cfg) == 7
+
+    opt = build_adamw(vit, lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    params = dict(vit.named_parameters())
+    assert lr_of[id(params["head.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(params["blocks.1.mlp.fc1.weight"])] == pytest.approx(5e-4)
+    assert lr_of[id(params["blocks.0.mlp.fc1.weight"])] == pytest.approx(2.5e-4)
+    assert lr_of[id(params["pos_embed"])] == pytest.approx(1.25e-4)
+    assert decay_of[id(params["blocks.0.mlp.fc1.weight"])] == 0.05
+    assert all(decay_of[id(params[n])] == 0.0 for n in ("pos_embed", "cls_token", "norm.weight", "head.bias"))
+    # every parameter in exactly one group
+    assert sum(len(g["params"]) for g in param_groups(vit, 0.05, 0.5)) == len(params)
+
+
+# -- pre-training ----------------------------------------------------------------------------------
+def _smooth_images(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Random bilinear greyscale images (B, 1, 32, 32): predictable from their visible parts."""
+    corners = torch.randn(n, 1, 2, 2, generator=generator)
+    return torch.nn.functional.interpolate(corners, size=(32, 32), mode="bilinear", align_corners=True)
+
+
+def test_pretraining_lowers_the_masked_loss(tmp_path):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    train = [_smooth_images(16, g) for _ in range(6)]
+    val = [(_smooth_images(16, g), torch.zeros(16))]  # labelled batches work too: labels are ignored
+    model = build_simmim("vit_tiny_patch16_224", in_chans=1, **TINY["vit_tiny_patch16_224"])
+    masks = MaskGenerator(32, 8, 4, 0.6)
+    epochs = 4
+    opt = build_adamw(model, lr=2e-3, weight_decay=0.05)
+    sched = warmup_schedule(opt, total_steps=epochs * len(train), warmup_steps=len(train), warmup_lr_ratio=0.01)
+    before = evaluate(model, val, masks)["val_loss"]
+    history = [train_one_epoch(model, train, opt, masks, scheduler=sched, generator=g)["train_loss"] for _ in range(epochs)]
+    after = evaluate(model, val, masks)["val_loss"]
+    assert history[-1] < history[0] and after < 0.75 * before, (before, history, after)
+
+    images, _ = val[0]
+    mask = masks(4, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rebuilt = model.eval()(images[:4], mask)
+    out = tmp_path / "reconstructions.png"
+    save_reconstructions(out, images[:4], mask, rebuilt, model.patch_size, mean=(0.5,), std=(0.5,))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["reconstructions.png"]  # no temporary left over
