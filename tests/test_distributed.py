@@ -1,6 +1,7 @@
-"""Multi-process helpers on 2 CPU processes (gloo, 127.0.0.1): metrics reduced over the whole
-validation set, DDP and FSDP2 equal to one process with the doubled batch, full state dicts that
-load into the unsharded model and back into a sharded one, and the launch / option errors.
+"""Multi-process training pieces on 2 CPU processes (gloo, 127.0.0.1): the engine's metrics cover the
+whole validation set, DDP and FSDP2 (per block, activation checkpointing) end equal to one process
+with the doubled batch, the EMA follows under FSDP, full state dicts load into the unsharded model and
+back into a sharded one; plus the single-process identities and the option errors.
 
 One `torch.multiprocessing.spawn` runs every multi-process check (torch starts in ~5 s per process).
 """
@@ -13,16 +14,20 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import vitkit
-from vitkit.train import parallel as D
-from vitkit.train.distributed import get_rank, get_world_size, is_distributed, is_main, unwrap
+from vitkit.data.datasets import TensorImageDataset
+from vitkit.data.samplers import build_loader
+from vitkit.train import parallel as P
+from vitkit.train.distributed import get_rank, get_world_size, is_distributed, is_main
+from vitkit.train.engine import evaluate
 
 WORLD = 2
 BATCH = 2  # per process; the single-process reference uses WORLD * BATCH
 STEPS = 3
-EVAL_SAMPLES = 7  # odd: the second rank's share is padded by one repeated sample
+TRAIN_SAMPLES = 16
+EVAL_SAMPLES = 7  # odd: the ranks' shares differ by one image
 CASES = {  # name -> (model, overrides): a depth-reduced ViT-H and Swin V2-G with tiny widths
     "vit_h": ("vit_huge_patch14_224", dict(depth=2, embed_dim=64, num_heads=4, img_size=28)),
     "swinv2_g": (
@@ -35,47 +40,45 @@ CASES = {  # name -> (model, overrides): a depth-reduced ViT-H and Swin V2-G wit
 }
 
 
-def _model(case: str) -> torch.nn.Module:
-    torch.manual_seed(0)
+def _model(case: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
     name, overrides = CASES[case]
     return vitkit.create_model(name, num_classes=5, in_chans=1, **overrides)
 
 
-def _data(case: str, n: int, seed: int) -> TensorDataset:
+def _data(case: str, n: int, seed: int) -> TensorImageDataset:
     size = CASES[case][1]["img_size"]
     gen = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 1, size, size, generator=gen), torch.randint(0, 5, (n,), generator=gen))
+    images = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=gen)
+    return TensorImageDataset(images, torch.randint(0, 5, (n,), generator=gen), transform=lambda x: x.float() / 255)
 
 
-def _train(model: torch.nn.Module, case: str, batch: int) -> torch.optim.Optimizer:
-    """STEPS AdamW steps with gradient clipping, on the shares `train_sampler` gives this process."""
-    data = _data(case, 16, seed=1)
-    sampler = D.train_sampler(data, seed=3)
-    sampler.set_epoch(1)
+def _loader(case: str, *, train: bool, batch: int):
+    data = _data(case, TRAIN_SAMPLES, seed=1) if train else _data(case, EVAL_SAMPLES, seed=2)
+    loader = build_loader(data, train=train, batch_size=batch, seed=3, workers=0, rank=get_rank(),
+                          world_size=get_world_size())
+    if train:
+        loader.sampler.set_epoch(1)
+    return loader
+
+
+def _train(model: torch.nn.Module, case: str, batch: int, ema: AveragedModel | None = None) -> torch.optim.Optimizer:
+    """STEPS AdamW steps with gradient clipping on this process's share; the EMA follows each step."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    for step, (x, y) in enumerate(DataLoader(data, batch_size=batch, sampler=sampler)):
+    for step, (x, y) in enumerate(_loader(case, train=True, batch=batch)):
         if step == STEPS:
             break
         F.cross_entropy(model(x), y).backward()
-        D.clip_grad_norm(model, 0.5)
+        P.clip_grad_norm(model, 0.5)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update_parameters(model)
     return opt
 
 
-def _evaluate(model: torch.nn.Module, data: TensorDataset) -> dict[str, float]:
-    """Correct top-1 and count over the whole set: each rank keeps only its real rows."""
-    loader = DataLoader(data, batch_size=2, sampler=D.ShardedEvalSampler(data))
-    correct = count = seen = 0
-    model.eval()
-    with torch.no_grad():
-        for x, y in loader:
-            keep = D.real_rows(loader, seen, len(y))
-            seen += len(y)
-            pred = model(x).argmax(dim=1)
-            correct += int((pred[:keep] == y[:keep]).sum())
-            count += keep
-    return D.all_reduce_sums({"correct": correct, "count": count})
+def _ema(model: torch.nn.Module) -> AveragedModel:
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
 
 
 def _worker(rank: int, out: str, port: int) -> None:
@@ -83,48 +86,52 @@ def _worker(rank: int, out: str, port: int) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
-    device = D.init_distributed("cpu")
+    device = P.init_distributed("cpu")
+    cpu = torch.device("cpu")
     results: dict[str, object] = {"rank": get_rank(), "world": get_world_size()}
     try:
-        # the sampler's shares: disjoint, covering the set
-        data = _data("vit_h", 16, seed=1)
-        sampler = D.train_sampler(data, seed=3)
-        sampler.set_epoch(1)
+        # the training shares: disjoint, covering the set
         shares = [None] * WORLD
-        torch.distributed.all_gather_object(shares, list(sampler))
+        torch.distributed.all_gather_object(shares, list(_loader("vit_h", train=True, batch=BATCH).sampler))
         results["shares"] = shares
-        # metrics over the whole validation set (the plain model: identical on every rank)
-        results["eval"] = _evaluate(_model("vit_h"), _data("vit_h", EVAL_SAMPLES, seed=2))
+        # the engine's metrics over the whole validation set (plain model, the same on every rank)
+        results["eval"] = evaluate(_model("vit_h"), _loader("vit_h", train=False, batch=2), device=cpu)
         # DDP (the default strategy)
-        ddp = D.wrap(_model("vit_h"), device)
+        ddp = P.wrap(_model("vit_h"), device)
         _train(ddp, "vit_h", BATCH)
-        results["ddp"] = D.full_model_state(ddp)
-        # FSDP2 per block with activation checkpointing, for both families
+        results["ddp"] = P.full_model_state(ddp)
+        # FSDP2 per block with activation checkpointing, for both families, with an EMA beside
         for case in CASES:
             model = _model(case)
-            if rank == 1:  # different local weights: wrap must broadcast rank 0's
+            ema = _ema(model)
+            if rank == 1:  # other local weights: wrapping must broadcast rank 0's
                 with torch.no_grad():
                     for p in model.parameters():
                         p.add_(1.0)
-            model = D.wrap(model, device, "fsdp")
-            opt = _train(model, case, BATCH)
-            state = D.full_model_state(model)
-            optim_state = D.full_optimizer_state(model, opt)
+            model = P.wrap(model, device, "fsdp")
+            P.wrap_ema(ema, device, "fsdp")
+            results["checkpointing"] = all(getattr(m, "grad_checkpointing", True) for m in model.modules())
+            opt = _train(model, case, BATCH, ema)
+            state = P.full_model_state(model)
+            optim_state = P.full_optimizer_state(model, opt)
             results[f"fsdp_{case}"] = state
             results[f"fsdp_{case}_optim"] = optim_state
+            results[f"fsdp_{case}_ema"] = P.full_model_state(ema.module)
+            # evaluation under FSDP: 7 images, batch 3: shares of 4 and 3 images both run 2 batches
+            results[f"fsdp_{case}_eval"] = evaluate(
+                model, P.even_batches(_loader(case, train=False, batch=3)), device=cpu
+            )
             # resume: the full states load into a fresh sharded model (only rank 0 holds them)
-            fresh = D.wrap(vitkit.create_model(CASES[case][0], num_classes=5, in_chans=1, **CASES[case][1]), device, "fsdp")
+            fresh = P.wrap(_model(case, seed=5), device, "fsdp")
             fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3, weight_decay=0.05)
-            D.load_full_state(fresh, state, fresh_opt, optim_state)
-            results[f"fsdp_{case}_reloaded"] = D.full_model_state(fresh)
-        results["checkpointing"] = model.layers[0].grad_checkpointing
-        if is_main():
-            torch.save(results, os.path.join(out, "rank0.pt"))
-        else:
-            torch.save({"rank": get_rank(), "state": results["ddp"]}, os.path.join(out, "rank1.pt"))
+            P.load_full_state(fresh, state, fresh_opt, optim_state)
+            results[f"fsdp_{case}_reloaded"] = P.full_model_state(fresh)
+            results[f"fsdp_{case}_reloaded_optim"] = P.full_optimizer_state(fresh, fresh_opt)
+        name = "rank0.pt" if is_main() else "rank1.pt"
+        torch.save(results if is_main() else {"rank": get_rank(), "state": results["ddp"]}, os.path.join(out, name))
         torch.distributed.barrier()
     finally:
-        D.destroy()
+        P.destroy()
 
 
 def _free_port() -> int:
@@ -142,11 +149,12 @@ def two_ranks(tmp_path_factory) -> dict:
     return results
 
 
-def _reference(case: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def _reference(case: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, AveragedModel]:
     """One process, batch WORLD * BATCH (the same samples per step as WORLD processes x BATCH)."""
     model = _model(case)
-    opt = _train(model, case, WORLD * BATCH)
-    return model, opt
+    ema = _ema(model)
+    opt = _train(model, case, WORLD * BATCH, ema)
+    return model, opt, ema
 
 
 def _assert_same(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], tol: float = 1e-5) -> None:
@@ -156,87 +164,112 @@ def _assert_same(state: dict[str, torch.Tensor], reference: dict[str, torch.Tens
         assert diff <= tol, f"{key}: max abs diff {diff:.3g}"
 
 
+def _eval_reference(model: torch.nn.Module, case: str) -> dict:
+    loader = build_loader(_data(case, EVAL_SAMPLES, seed=2), train=False, batch_size=EVAL_SAMPLES, workers=0)
+    return evaluate(model, loader, device=torch.device("cpu"))
+
+
 def test_ranks_and_disjoint_shares(two_ranks):
     assert two_ranks["rank"] == 0 and two_ranks["world"] == WORLD
     assert two_ranks["rank1"]["rank"] == 1
     shares = two_ranks["shares"]
     assert set(shares[0]).isdisjoint(shares[1])
-    assert sorted(shares[0] + shares[1]) == list(range(16))
+    assert sorted(shares[0] + shares[1]) == list(range(TRAIN_SAMPLES))
     assert two_ranks["rank1"]["state"] == {}  # full states live on rank 0 only
 
 
 def test_metrics_cover_the_whole_validation_set(two_ranks):
-    model = _model("vit_h").eval()
-    x, y = _data("vit_h", EVAL_SAMPLES, seed=2).tensors
-    with torch.no_grad():
-        correct = int((model(x).argmax(dim=1) == y).sum())
-    assert two_ranks["eval"] == {"correct": correct, "count": EVAL_SAMPLES}
+    got, want = two_ranks["eval"], _eval_reference(_model("vit_h"), "vit_h")
+    assert got["samples"] == want["samples"] == EVAL_SAMPLES
+    assert got["top1"] == want["top1"] and got["top5"] == want["top5"]
+    assert abs(got["loss"] - want["loss"]) < 1e-6
 
 
 def test_ddp_equals_one_process_with_the_doubled_batch(two_ranks):
-    reference, _ = _reference("vit_h")
+    reference, _, _ = _reference("vit_h")
     _assert_same(two_ranks["ddp"], reference.state_dict())
+    assert (two_ranks["ddp"]["head.weight"] - _model("vit_h").head.weight).abs().max() > 1e-4  # it trained
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_fsdp_full_state_loads_unsharded_and_matches(two_ranks, case):
+def test_fsdp_matches_one_process_and_loads_unsharded(two_ranks, case):
     assert two_ranks["checkpointing"] is True
     state = two_ranks[f"fsdp_{case}"]
     name, overrides = CASES[case]
     unsharded = vitkit.create_model(name, num_classes=5, in_chans=1, **overrides)
     unsharded.load_state_dict(state, strict=True)
-    reference, opt = _reference(case)
+    reference, opt, ema = _reference(case)
     _assert_same(state, reference.state_dict())
+    _assert_same(two_ranks[f"fsdp_{case}_ema"], ema.module.state_dict())
+    # evaluation of the sharded model with even batches: every image once
+    got, want = two_ranks[f"fsdp_{case}_eval"], _eval_reference(unsharded, case)
+    assert got["samples"] == EVAL_SAMPLES and got["top1"] == want["top1"]
+    assert abs(got["loss"] - want["loss"]) < 1e-5
     # the optimizer state is keyed by parameter names: it fits any process count
     optim = two_ranks[f"fsdp_{case}_optim"]
-    names = [n for n, _ in reference.named_parameters()]
-    for i, (n, p) in enumerate(reference.named_parameters()):
+    assert set(optim["state"]) == {n for n, _ in reference.named_parameters()}
+    for n, p in reference.named_parameters():
         assert optim["state"][n]["step"].item() == STEPS
-        _assert_same({"m": optim["state"][n]["exp_avg"]}, {"m": opt.state[p]["exp_avg"]})
-    assert len(optim["state"]) == len(names)
-    # and sharded again: the reloaded model gathers to the same weights, bit for bit
-    reloaded = two_ranks[f"fsdp_{case}_reloaded"]
-    _assert_same(reloaded, state, tol=0.0)
+        _assert_same({n: optim["state"][n]["exp_avg"]}, {n: opt.state[p]["exp_avg"]})
+    # and sharded again: the reloaded model and optimizer gather to the same states, bit for bit
+    _assert_same(two_ranks[f"fsdp_{case}_reloaded"], state, tol=0.0)
+    reloaded = two_ranks[f"fsdp_{case}_reloaded_optim"]["state"]
+    for n in optim["state"]:
+        _assert_same(reloaded[n], optim["state"][n], tol=0.0)
 
 
 def test_single_process_helpers_are_identities():
     assert not is_distributed() and is_main() and get_world_size() == 1
-    assert D.all_reduce_sums({"a": 2, "b": 1.5}) == {"a": 2.0, "b": 1.5}
     model = torch.nn.Linear(2, 2)
-    assert D.wrap(model, torch.device("cpu")) is model and unwrap(model) is model
-    assert D.full_model_state(model).keys() == model.state_dict().keys()
-    assert D.rank_seed(7) == 7 and D.rank_seed(7, rank=3) == 10
-    sampler = D.ShardedEvalSampler(range(5), num_replicas=2, rank=1)
-    assert list(sampler) == [1, 3, 0] and sampler.num_real == 2
-    assert [D.real_rows(sampler, seen, 2) for seen in (0, 2)] == [2, 0]
+    assert P.wrap(model, torch.device("cpu")) is model
+    assert P.full_model_state(model).keys() == model.state_dict().keys()
+    assert P.rank_seed(7) == 7 and P.rank_seed(7, rank=3) == 10
+    loader = build_loader(_data("vit_h", 5, seed=0), train=False, batch_size=2, workers=0)
+    assert P.even_batches(loader) is loader
+    assert P.init_distributed("cpu") == torch.device("cpu") and not torch.distributed.is_initialized()
+
+
+def test_even_batches_split_each_share_into_the_same_count():
+    for total, world, batch in [(7, 2, 3), (9, 4, 2), (10, 3, 4), (64, 2, 32)]:
+        counts = set()
+        seen = []
+        for rank in range(world):
+            sampler = range(rank, total, world)
+            batches = list(P.EvenBatchSampler(sampler, batch, total, world))
+            counts.add(len(batches))
+            assert all(0 < len(b) <= batch for b in batches)
+            seen += [i for b in batches for i in b]
+        assert len(counts) == 1 and sorted(seen) == list(range(total))
+    with pytest.raises(ValueError, match="cannot give each of 4 processes"):
+        P.EvenBatchSampler(range(3, 3, 4), 2, 3, 4)
 
 
 def test_option_errors(monkeypatch):
     model = vitkit.create_model("vit_tiny_patch16_224", depth=1, img_size=32)
     with pytest.raises(ValueError, match="--fsdp-offload needs CUDA"):
-        D.wrap(model, torch.device("cpu"), "fsdp", offload=True)
+        P.wrap(model, torch.device("cpu"), "fsdp", offload=True)
     with pytest.raises(ValueError, match="--fsdp-offload needs --fsdp"):
-        D.wrap(model, torch.device("cpu"), "ddp", offload=True)
+        P.wrap(model, torch.device("cpu"), "ddp", offload=True)
     with pytest.raises(RuntimeError, match="needs a process group"):
-        D.wrap(model, torch.device("cpu"), "fsdp")
+        P.wrap(model, torch.device("cpu"), "fsdp")
     with pytest.raises(ValueError, match="--nproc must be >= 1"):
-        D.launch(0, ["train"])
+        P.launch(0, ["train"])
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ValueError, match="RANK=2 must be in"):
-        D.env_world()
+        P.env_world()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP2's CPU offload needs CUDA; this machine has none")
-def test_fsdp_offload_on_cuda():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+def test_fsdp_offload_on_cuda(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     torch.distributed.init_process_group("nccl", rank=0, world_size=1)
     try:
         model = vitkit.create_model("vit_tiny_patch16_224", depth=2, img_size=32, num_classes=3).cuda()
-        model = D.wrap(model, torch.device("cuda"), "fsdp", offload=True)
+        model = P.wrap(model, torch.device("cuda"), "fsdp", offload=True)
         assert all(p.device.type == "cpu" for p in model.parameters())  # kept on the CPU between uses
-        loss = model(torch.randn(2, 3, 32, 32, device="cuda")).float().sum()
-        loss.backward()
+        model(torch.randn(2, 3, 32, 32, device="cuda")).float().sum().backward()
         assert all(p.grad.device.type == "cpu" for p in model.parameters())
     finally:
-        D.destroy()
+        P.destroy()

@@ -24,7 +24,6 @@ from vitkit.data.augment import (
 from vitkit.data.repeated_aug import RepeatedAugSampler
 from vitkit.data.transforms import Augment, BatchTrainTransform, ImageSpec, train_transform
 from vitkit.train.distill import BinaryCrossEntropy, DistillationLoss, build_distillation, soft_distillation
-from vitkit.train.layer_decay import layer_decay_param_groups, layer_ids
 from vitkit.train.losses import CrossEntropy
 from vitkit.train.teacher import FrozenTeacher, TeacherInputs, load_teacher
 from vitkit.weights.io import save_model
@@ -295,24 +294,28 @@ def test_frozen_teacher_converts_normalisation_and_size():
     torch.testing.assert_close(seen["x"], expected, atol=1e-5, rtol=0)
 
 
-# -- layer-wise lr decay -----------------------------------------------------------------------------
+# -- LAMB (DeiT III's optimiser) -------------------------------------------------------------------
 
 
-def test_layer_decay_groups_scale_from_head_to_input():
-    model = vitkit.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, depth=3, embed_dim=16,
-                                num_heads=2, num_classes=4)
-    ids, n = layer_ids(model)
-    assert n == 5 and ids["patch_embed.proj.weight"] == 0 and ids["cls_token"] == 0
-    assert ids["blocks.2.mlp.fc1.weight"] == 3 and ids["head.weight"] == 4
-    groups = layer_decay_param_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5)
-    scale = {id(p): g["lr"] for g in groups for p in g["params"]}
-    named = dict(model.named_parameters())
-    assert scale[id(named["head.weight"])] == 1.0
-    assert scale[id(named["blocks.2.attn.qkv.weight"])] == 0.5
-    assert scale[id(named["pos_embed"])] == 0.5**4
-    assert sum(len(g["params"]) for g in groups) == len(named)
-    assert {g["weight_decay"] for g in groups if any(p is named["pos_embed"] for p in g["params"])} == {0.0}
-    swin = vitkit.create_model("swin_tiny_patch4_window7_224", img_size=32, depths=(1, 2), num_heads=(1, 2),
-                               embed_dim=8, window_size=2, num_classes=3, pretrained_window_sizes=(0, 0))
-    ids, n = layer_ids(swin)
-    assert n == 5 and ids["layers.1.blocks.1.norm1.weight"] == 3 and ids["layers.1.downsample.norm.weight"] == 2
+def test_lamb_matches_timm():
+    timm_optim = pytest.importorskip("timm.optim")
+    from vitkit.train.lamb import Lamb
+
+    torch.manual_seed(0)
+    ours, ref = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3)), nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    ref.load_state_dict(ours.state_dict())
+
+    def groups(m):  # one group with weight decay, one without (trust ratio off there)
+        return [{"params": [m[0].weight, m[1].weight], "weight_decay": 0.05},
+                {"params": [m[0].bias, m[1].bias], "weight_decay": 0.0}]
+
+    opt_ours = Lamb(groups(ours), lr=4e-3, max_grad_norm=1.0)
+    opt_ref = timm_optim.Lamb(groups(ref), lr=4e-3, max_grad_norm=1.0, foreach=False)
+    for _ in range(5):
+        x = torch.randn(8, 6) * 5  # large gradients: the global-norm clip acts
+        for m, opt in ((ours, opt_ours), (ref, opt_ref)):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -227,6 +227,7 @@ def test_layer_decay_groups():
     assert lr_of[id(params["pos_embed"])] == pytest.approx(1.25e-4)
     assert decay_of[id(params["blocks.0.mlp.fc1.weight"])] == 0.05
     assert all(decay_of[id(params[n])] == 0.0 for n in ("pos_embed", "cls_token", "norm.weight", "head.bias"))
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)  # the first group carries the peak lr
     # every parameter in exactly one group
     assert sum(len(g["params"]) for g in param_groups(vit, 0.05, 0.5)) == len(params)
 
@@ -241,11 +242,11 @@ def _smooth_images(n: int, generator: torch.Generator) -> torch.Tensor:
 def test_pretraining_lowers_the_masked_loss(tmp_path):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    train = [_smooth_images(16, g) for _ in range(6)]
+    train = [_smooth_images(16, g) for _ in range(4)]
     val = [(_smooth_images(16, g), torch.zeros(16))]  # labelled batches work too: labels are ignored
     model = build_simmim("vit_tiny_patch16_224", in_chans=1, **TINY["vit_tiny_patch16_224"])
     masks = MaskGenerator(32, 8, 4, 0.6)
-    epochs = 4
+    epochs = 3
     opt = build_adamw(model, lr=2e-3, weight_decay=0.05)
     sched = warmup_schedule(opt, total_steps=epochs * len(train), warmup_steps=len(train), warmup_lr_ratio=0.01)
     before = evaluate(model, val, masks)["val_loss"]
@@ -261,3 +262,102 @@ def test_pretraining_lowers_the_masked_loss(tmp_path):
     save_reconstructions(out, images[:4], mask, rebuilt, model.patch_size, mean=(0.5,), std=(0.5,))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["reconstructions.png"]  # no temporary left over
+
+
+# -- `vitkit pretrain` end to end ----------------------------------------------------------------------
+def _write_unlabelled_folder(root, n: int = 40) -> None:
+    """Greyscale PNGs of random sizes in nested folders, no class layout."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        size = 28 + 4 * (i % 3)
+        img = _smooth_images(1, g)[0, 0]
+        img = torch.nn.functional.interpolate(img[None, None], size=(size, size), mode="bilinear")[0, 0]
+        pixels = ((img - img.min()) / (img.max() - img.min() + 1e-6) * 255).to(torch.uint8).numpy()
+        path = root / f"part{i % 2}" / f"img{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels, mode="L").save(path)
+
+
+TINY_VIT_ARGS = [
+    "--model", "vit_tiny_patch16_224", "--img-size", "32", "--mask-patch-size", "8",
+    "--set", "model_args={patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2}",
+    "--batch-size", "8", "--seed", "0", "--threads", "1", "--workers", "0",
+    "--set", "warmup_epochs=0.5", "--set", "crop_pct=1.0",
+]
+
+
+def test_pretrain_cli_runs_resumes_and_saves_the_encoder(tmp_path, capsys, monkeypatch):
+    from vitkit.cli import main
+    from vitkit.pretrain import runner
+    from vitkit.train.run_folder import read_metrics
+
+    data = tmp_path / "unlabelled"
+    _write_unlabelled_folder(data)
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["pretrain", "--data", str(data), "--epochs", "2", *TINY_VIT_ARGS]
+    assert main([*args, "--output", str(full)]) == 0
+    out = capsys.readouterr().out
+    assert "encoder:" in out and "reconstructions:" in out
+    for name in ("config.yaml", "pretrain.yaml", "run.json", "metrics.jsonl", "state.pt", "curves.png",
+                 "encoder.safetensors", "reconstructions.png"):
+        assert (full / name).is_file(), name
+    epochs = [r for r in read_metrics(full) if "step" not in r]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert all(k in epochs[0] for k in ("train_loss", "val_loss", "lr", "images_per_s"))
+
+    # a run killed in epoch 2 (after its training steps), then resumed: the same encoder
+    calls = []
+
+    def killed(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return runner_evaluate(*a, **k)
+
+    runner_evaluate = runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--output", str(part)])
+    monkeypatch.setattr(runner, "evaluate", runner_evaluate)
+    assert [r["epoch"] for r in read_metrics(part) if "step" not in r] == [1]
+    assert main(["pretrain", "--resume", str(part), "--threads", "1"]) == 0
+    a, b = load_file(str(full / "encoder.safetensors")), load_file(str(part / "encoder.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[(r["epoch"], r["train_loss"], r["val_loss"]) for r in read_metrics(d) if "step" not in r] for d in (full, part)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+
+    # the encoder fine-tunes: only the head is missing
+    model = vitkit.create_model("vit_tiny_patch16_224", num_classes=3, in_chans=1, img_size=32,
+                                patch_size=4, depth=1, embed_dim=32, num_heads=2)
+    assert set(load_encoder(model, full / "encoder.safetensors")) == {"head.weight", "head.bias"}
+
+    # a contradicting resume and a bad mask patch are one-line errors
+    assert main(["pretrain", "--resume", str(full), "--mask-ratio", "0.4"]) == 2
+    assert main(["pretrain", "--data", str(data), "--output", str(tmp_path / "bad"), *TINY_VIT_ARGS,
+                 "--mask-patch-size", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "contradict" in err and "multiple of the model's patch size 4" in err
+    assert not (tmp_path / "bad" / "state.pt").exists()
+
+
+def test_finetune_fields_rebuild_the_pretrained_architecture(tmp_path):
+    from vitkit.pretrain.finetune import encoder_file, finetune_fields, load_pretrained_encoder
+
+    name = "swin_tiny_patch4_window7_224"
+    model = build_simmim(name, in_chans=1, drop_path_rate=0.0, **TINY[name])
+    save_encoder(model, tmp_path / "encoder.safetensors")
+    fields = finetune_fields(tmp_path)
+    assert fields == {
+        "model": name,
+        "model_args": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4], "window_size": 4},
+        "img_size": 32,
+        "in_chans": 1,
+    }
+    fresh = vitkit.create_model(fields["model"], num_classes=5, img_size=fields["img_size"],
+                                in_chans=fields["in_chans"], **fields["model_args"])
+    assert set(load_pretrained_encoder(fresh, tmp_path)) == HEAD_KEYS[name]
+    assert fresh.config.drop_path_rate == 0.1  # the variant's default: regularisation is not inherited
+    with pytest.raises(FileNotFoundError, match="vitkit pretrain. run folder"):
+        encoder_file(tmp_path / "missing")

@@ -116,3 +116,182 @@ def test_timm_parity(name):
 @pytest.mark.parametrize("name", [n for n in TIMM_NAMED if not _is_full_size(n)])
 def test_timm_parity_full_size(name):
     _check_parity(name, slow=True)
+
+
+# -- registry ---------------------------------------------------------------------------------------
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", TIMM_NAMED)
+def test_defaults_and_parameter_count_match_timm(name):
+    with torch.device("meta"):
+        ref = timm.create_model(name)
+    config = get_variant(name).config
+    assert config.num_classes == ref.num_classes
+    assert config.img_size == tuple(ref.patch_embed.img_size)
+    assert config.stage_window_sizes() == tuple(ref._ref_window_sizes)
+    if get_variant(name).family == "swinv2":
+        windows = [tuple(layer.blocks[0].attn.pretrained_window_size) for layer in ref.layers]
+        assert windows == [(p, p) for p in config.pretrained_window_sizes]
+    info = vitkit.model_info(name)
+    assert info["params"] == _count(ref)
+    assert info["family"] == ("swinv2" if name.startswith("swinv2") else "swin")
+
+
+def test_swinv2_giant_on_meta():
+    info = vitkit.model_info("swinv2_giant_window12_192")
+    assert 2.95e9 < info["params"] < 3.05e9  # the V2 paper's 3.0 B
+    with torch.device("meta"):
+        model = vitkit.create_model("swinv2_giant_window12_192")
+    assert model.num_features == 4096
+    # extra main-branch LayerNorm after every 6th block of a stage: 7 in the 42-block stage
+    extra = [n for n, m in model.named_modules() if n.endswith("norm3") and isinstance(m, torch.nn.LayerNorm)]
+    assert extra == [f"layers.2.blocks.{i}.norm3" for i in range(5, 42, 6)]
+
+
+def test_no_weight_decay_matches_timm():
+    for name in ("swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"):
+        with torch.device("meta"):
+            ref, ours = timm.create_model(name), vitkit.create_model(name)
+        assert ours.no_weight_decay() == ref.no_weight_decay()
+        assert ours.no_weight_decay()
+
+
+# -- behaviour on small models -----------------------------------------------------------------------
+SMALL = dict(embed_dim=32, depths=(2, 2, 2, 1), num_heads=(1, 2, 4, 8))
+
+
+def test_dynamic_img_size_matches_timm():
+    for name in ("swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"):
+        ref = _timm_model(name, dynamic_img_size=True, **SMALL)
+        ours = _ours_from(name, ref, dynamic_img_size=True, **SMALL)
+        for size in ((160, 96), (100, 64), (160, 96)):
+            x = torch.randn(1, 3, *size)
+            with torch.no_grad():
+                _assert_close(ref(x), ours(x))
+        # one mask per padded map size, built on first use
+        block = ours.layers[0].blocks[1]
+        assert len(block._mask_cache) == 2 and block.attn_mask is None
+
+
+def test_masks_built_once():
+    model = vitkit.create_model("swin_tiny_patch4_window7_224", **SMALL).eval()
+    shifted, plain = model.layers[0].blocks[1], model.layers[0].blocks[0]
+    assert plain.attn_mask is None
+    mask = shifted.attn_mask
+    assert mask.shape == (64, 49, 49)  # (56 / 7)^2 windows
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    assert shifted.attn_mask is mask
+    assert "attn_mask" not in model.state_dict() and not any("index" in k for k in model.state_dict())
+    # the last stage's map (7x7) is no larger than the window: no shift, no mask
+    assert model.layers[3].blocks[1].attn_mask is None if len(model.layers[3].blocks) > 1 else True
+    # shift then pad: on a 14 x 14 map, the last window row and column hold three regions each
+    m = shifted_window_mask((14, 14), (7, 7), (3, 3))
+    assert (m[0] == 0).all() and (m[1] != 0).any() and (m[3] != 0).any()
+
+
+def test_window_clamped_per_dimension():
+    model = vitkit.create_model("swin_tiny_patch4_window7_224", img_size=(96, 160), **SMALL)
+    block = model.layers[2].blocks[1]  # map (6, 10): height fits in one window, width does not
+    assert block.window_size == (6, 7) and block.shift_size == (0, 3)
+    assert block.attn.relative_position_bias_table.shape == (11 * 13, 4)
+
+
+def test_wrong_input_size():
+    model = vitkit.create_model("swin_tiny_patch4_window7_224", **SMALL)
+    with pytest.raises(ValueError, match="set_input_size"):
+        model(torch.randn(1, 3, 256, 256))
+    model = vitkit.create_model("swin_tiny_patch4_window7_224", dynamic_img_size=True, **SMALL)
+    with pytest.raises(ValueError, match="patch size"):
+        model(torch.randn(1, 3, 98, 98))
+
+
+def test_set_input_size():
+    model = vitkit.create_model("swin_tiny_patch4_window7_224", **SMALL).eval()
+    model.set_input_size(256)
+    assert model.config.img_size == (256, 256) and model.config.window_size == 8
+    attn = model.layers[0].blocks[0].attn
+    assert attn.relative_position_bias_table.shape == (15 * 15, 1)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 256, 256)).shape == (2, 1000)
+    with pytest.raises(ValueError, match="set_input_size"):
+        model(torch.randn(1, 3, 224, 224))
+    model.set_input_size(224)  # windows scale from the size the model was built for
+    assert model.config.window_size == 7
+    model.set_input_size((192, 128), window_size=((6, 4), (6, 4), 3, 2))
+    assert model.config.window_size == ((6, 4), (6, 4), (3, 3), (2, 2))
+    assert model.layers[3].blocks[0].window_size == (2, 2)
+    with pytest.raises(ValueError, match="window_size"):
+        model.set_input_size(224, window_size=(7, 7))  # two entries for four stages
+    assert model.config.img_size == (192, 128)  # unchanged by the failed call
+
+
+def test_grad_checkpointing_same_gradients():
+    for name in ("swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"):
+        model = vitkit.create_model(name, img_size=96, drop_path_rate=0.2, **SMALL).train()
+        _randomize(model)
+        x = torch.randn(2, 3, 96, 96)
+        grads = []
+        for enable in (False, True):
+            model.set_grad_checkpointing(enable)
+            model.zero_grad()
+            torch.manual_seed(1)  # the same stochastic-depth draws
+            model(x).square().mean().backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        for n, g in grads[0].items():
+            torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_features_head_and_intermediates():
+    model = vitkit.create_model("swinv2_tiny_window8_256", img_size=128, **SMALL).eval()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (2, 4, 4, 256)  # NHWC, normalised
+        assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
+        maps = model.forward_intermediates(x)
+        assert [m.shape for m in maps] == [(2, 32, 32, 32), (2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4)]
+        assert [m.shape[1] for m in model.forward_intermediates(x, indices=2)] == [128, 256]
+        assert model.forward_intermediates(x, indices=[-4])[0].shape == (2, 32, 32, 32)
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward_intermediates(x, indices=[4])
+    model.reset_classifier(10)
+    assert model.config.num_classes == 10 and model(x).shape == (2, 10)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 256)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(num_heads=(3, 6, 12)), "num_heads"),
+        (dict(num_heads=(5, 6, 12, 24)), "num_heads"),
+        (dict(depths=(2, 0, 6, 2)), "depths"),
+        (dict(window_size=(7, 7)), "window_size"),
+        (dict(window_size=0), "window_size"),
+        (dict(img_size=(226, 224)), "patch_size"),
+        (dict(drop_path_rate=1.0), "drop_path_rate"),
+        (dict(pretrained_window_sizes=(12, 12, 12, 6)), "Swin V2"),
+        (dict(extra_norm_every_n_blocks=6), "Swin V2"),
+    ],
+)
+def test_bad_config(fields, match):
+    with pytest.raises(ValueError, match=match):
+        with torch.device("meta"):
+            vitkit.create_model("swin_tiny_patch4_window7_224", **fields)
+
+
+def test_save_load_round_trip(tmp_path):
+    from vitkit.weights.io import load_model, save_model
+
+    model = vitkit.create_model("swin_tiny_patch4_window7_224", **SMALL).eval()
+    model.set_input_size((160, 96))  # per-stage (h, w) windows in the config
+    path = tmp_path / "swin.safetensors"
+    save_model(model, path)
+    loaded = load_model(path).eval()
+    assert loaded.config == model.config
+    x = torch.randn(1, 3, 160, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))

@@ -12,9 +12,11 @@ COMMANDS = {
     "flops": "flops",
     "bench": "bench",
     "train": "train",
+    "pretrain": "pretrain",
     "eval": "eval",
     "predict": "predict",
     "submit": "submit",
+    "convert": "convert",
 }
 
 

@@ -10,6 +10,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list model variants", description="List the registered model variants.")
     p.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. 'deit*' (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--pretrained", action="store_true", help="only variants with pretrained weights, with their default record"
+    )
     p.epilog = "MACs: multiply-accumulates per image at the native input size (1 MAC = 2 FLOPs), see `vitkit flops`."
     p.set_defaults(run=run)
 
@@ -40,12 +43,43 @@ def rows(pattern: str) -> list[dict]:
     return [row(name) for name in list_models(pattern)]
 
 
+def pretrained_rows(names: list[str]) -> list[dict]:
+    from dataclasses import asdict
+
+    from vitkit.weights.pretrained import get_record, list_pretrained
+
+    have = set(list_pretrained())
+    return [asdict(get_record(name)) for name in names if name in have]
+
+
+def run_pretrained(names: list[str], as_json: bool) -> int:
+    table = pretrained_rows(names)
+    if not table:
+        raise ValueError("no variant matching the pattern has pretrained weights: try `vitkit models --pretrained`")
+    if as_json:
+        print(json.dumps(table, indent=2))
+        return 0
+    width = max(len(r["model"]) for r in table)
+    tag_width = max(len(r["tag"]) for r in table)
+    print(f"{'name':<{width}}  {'weights':<{tag_width}}  {'top-1':>5}  {'input':>7}  {'crop':>4}  {'classes':>7}  licence")
+    for r in table:
+        top1 = f"{r['top1']:.1f}" if r["top1"] is not None else "-"
+        size = "x".join(str(s) for s in r["input_size"])
+        print(
+            f"{r['model']:<{width}}  {r['tag']:<{tag_width}}  {top1:>5}  {size:>7}  {r['crop_pct']:>4.2f}"
+            f"  {r['num_classes']:>7}  {r['license']}"
+        )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from vitkit.registry import list_models
 
     names = list_models(args.pattern)
     if not names:
         raise ValueError(f"no model matches {args.pattern!r}: try `vitkit models` for the full list")
+    if getattr(args, "pretrained", False):
+        return run_pretrained(names, args.json)
     if args.json:
         print(json.dumps([row(name) for name in names], indent=2))
         return 0

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+
+def same_size(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Sizes known to be equal without a guard: under torch.export with dynamic H/W, a plain `==`
+    would pin the exported graph to the example's size (the shortcut then stays untaken there)."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def resample_abs_pos_embed(
@@ -29,7 +36,7 @@ def resample_abs_pos_embed(
             )
         old_size = (side, side)
     new_size = tuple(new_size)
-    if tuple(old_size) == new_size:
+    if same_size(tuple(old_size), new_size):  # resampling to the same size is exact anyway
         return pos_embed
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     dim = grid.shape[-1]

@@ -26,6 +26,7 @@ from vitkit.layers import (
     sincos_2d_pos_embed,
     trunc_normal_,
 )
+from vitkit.layers.pos_embed import same_size
 from vitkit.registry import register, to_2tuple
 
 
@@ -214,7 +215,7 @@ class VisionTransformer(nn.Module):
 
     def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         if self.config.pos_embed == "sincos2d":
-            if grid == self.config.grid_size:
+            if same_size(grid, self.config.grid_size):
                 return self.pos_embed
             return sincos_2d_pos_embed(grid, self.embed_dim).to(self.pos_embed)
         prefix = 0 if self.config.no_embed_class else self.num_prefix_tokens

@@ -59,7 +59,8 @@ def param_groups(
             scale = layer_decay ** (depth + 1 - lid) if layer_decay is not None else 1.0
             groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
         groups[key]["params"].append(param)
-    return [groups[k] for k in sorted(groups)]
+    # the top layer first: schedulers and logs read param_groups[0] as "the" lr
+    return [groups[k] for k in sorted(groups, reverse=True)]
 
 
 def _config(model: nn.Module):

@@ -213,23 +213,26 @@ def load_encoder(model: nn.Module, path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder checkpoint {path} does not exist")
-    meta = read_metadata(path)
+    source = f"{path} ({read_metadata(path).get('model', 'unknown model')})"
     state = load_file(str(path))
     own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if wrong:
-        raise ValueError(
-            f"{path} ({meta.get('model', 'unknown model')}) does not fit this model: {'; '.join(wrong[:3])}; "
-            "fine-tune with the pre-training model and img_size"
-        )
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # check everything before loading anything: a mismatch leaves the model untouched
+    missing = [k for k in own if k not in state]
     bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    unexpected = [k for k in state if k not in own]
     if bad or unexpected:
         raise ValueError(
-            f"{path} ({meta.get('model', 'unknown model')}) does not fit this model: missing "
-            f"{bad[:5] or 'none'}, unexpected {list(unexpected)[:5] or 'none'}"
+            f"{source} does not fit this model: missing {bad[:5] or 'none'}, unexpected {unexpected[:5] or 'none'}; "
+            "fine-tune the model that was pre-trained, with its model_args"
         )
-    return list(missing)
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(
+            f"{source} does not fit this model: {'; '.join(wrong[:3])}; "
+            "fine-tune with the pre-training model_args, img_size and in_chans"
+        )
+    model.load_state_dict(state, strict=False)
+    return missing
 
 
 # -- training and figures --------------------------------------------------------------------------
@@ -375,9 +378,13 @@ def save_reconstructions(
     m = torch.tensor(mean if mean is not None else (0.0,) * C).view(1, C, 1, 1)
     s = torch.tensor(std if std is not None else (1.0,) * C).view(1, C, 1, 1)
     shown, rebuilt = (images * s + m).clamp(0, 1), (reconstruction * s + m).clamp(0, 1)
+    # shown as RGB (greyscale repeated; extra channels dropped), so masked patches can take a colour
+    keep = (lambda t: t[:, :3]) if C >= 3 else (lambda t: t[:, :1].expand(-1, 3, -1, -1))
+    shown, rebuilt, pixels = keep(shown), keep(rebuilt), keep(pixels)
+    tint = torch.tensor([0.25, 0.45, 0.85]).view(1, 3, 1, 1).expand_as(shown)
     columns = {
         "input": shown,
-        "masked": shown.masked_fill(pixels, 0.5),  # masked patches drawn grey
+        "masked": torch.where(pixels, tint, shown),
         "reconstruction": rebuilt,
         "visible + reconstructed": torch.where(pixels, rebuilt, shown),
     }
@@ -386,11 +393,7 @@ def save_reconstructions(
     for col, (title, batch) in enumerate(columns.items()):
         for row in range(n):
             ax = axes[row][col]
-            img = batch[row].permute(1, 2, 0).numpy()
-            if C == 1:
-                ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1)
-            else:
-                ax.imshow(img[..., :3])
+            ax.imshow(batch[row].permute(1, 2, 0).numpy())
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:

@@ -308,7 +308,7 @@ def build_config(recipe: str | None = None, fields: dict[str, Any] | None = None
         config = dataclasses.replace(config, model=fields["model"], model_args={})
     if smoke:
         config = shrink_for_smoke(config)
-    config = merge_fields(config, {k: v for k, v in fields.items() if v is not None})
+    config = merge_fields(config, fields)
     config.validate()
     return config
 

@@ -1,10 +1,10 @@
-"""Several processes, one run: torchrun's environment, DDP, FSDP2, sharded samplers, full-state checkpoints.
+"""Several processes, one run: torchrun's environment, DDP, FSDP2, even evaluation batches, full-state checkpoints.
 
 Everything here is PyTorch's own stack (torch.distributed, DistributedDataParallel,
 `torch.distributed.fsdp.fully_shard`, torch.distributed.checkpoint.state_dict); this module only
 chooses and wires. The rank basics (rank, world size, is_main, sums over ranks, barrier, unwrap)
 live in `vitkit.train.distributed`. In a single process every helper is the identity, so the
-engine calls them unconditionally.
+engine calls them unconditionally. The samplers that shard the data are in `vitkit.data.samplers`.
 
 Launch: `torchrun --nproc_per_node N -m vitkit train ...` (torchrun's rendezvous flags for several
 machines), or `vitkit train --nproc N ...`, which starts the same through `torch.distributed.run`.
@@ -12,15 +12,16 @@ machines), or `vitkit train --nproc N ...`, which starts the same through `torch
 
 from __future__ import annotations
 
+import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Sampler
 
 from vitkit.train.distributed import get_rank, get_world_size, is_distributed, is_main, unwrap
 
@@ -110,57 +111,48 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
-# -- metrics and samplers -----------------------------------------------------------------------
-def all_reduce_sums(sums: dict[str, float | torch.Tensor], device: torch.device | None = None) -> dict[str, float]:
-    """Add each value over all ranks (in float64); in a single process, the values as floats.
+# -- evaluation batches -----------------------------------------------------------------------
+class EvenBatchSampler(Sampler[list[int]]):
+    """One rank's evaluation share in exactly as many batches as the largest share needs.
 
-    Reduce sums and counts (correct predictions, summed loss, samples), then divide: the mean of
-    per-rank means would weight a rank with fewer samples too much.
-    """
-    keys = sorted(sums)
-    values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
-    if is_distributed():
-        if dist.get_backend() == "nccl":  # nccl reduces GPU tensors only
-            values = values.to(device or torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, values.cpu().tolist()))
-
-
-class ShardedEvalSampler(DistributedSampler):
-    """One rank's share of an evaluation set, in order: positions rank, rank + W, rank + 2W, ...
-
-    Like `DistributedSampler(shuffle=False)` the shares are padded with repeated samples so every rank
-    runs the same number of batches (FSDP's collectives need that). The padding always comes last:
-    the first `num_real` samples of a rank are its own, so an evaluation loop keeps the first
-    `num_real` rows it sees and the counts summed over ranks equal the data set's size.
+    FSDP runs collectives in every forward pass, so every rank must run the same number of batches;
+    a rank with one image fewer may otherwise run one batch fewer and the run hangs. The share is
+    split into `num_batches` nearly equal batches (no image repeated, none dropped), where
+    num_batches = ceil(ceil(total / world) / batch_size) is the same on every rank.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
-        num_replicas = get_world_size() if num_replicas is None else num_replicas
-        rank = get_rank() if rank is None else rank
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.num_real = len(range(self.rank, len(dataset), self.num_replicas))
+    def __init__(self, sampler: Sampler[int], batch_size: int, total: int, world_size: int) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+        self.num_batches = math.ceil(math.ceil(total / world_size) / batch_size)
+        if len(sampler) < self.num_batches:  # type: ignore[arg-type]
+            raise ValueError(
+                f"an evaluation set of {total} images cannot give each of {world_size} processes "
+                f"{self.num_batches} batch(es): use more images or fewer processes"
+            )
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = list(self.sampler)
+        n, m = len(indices), self.num_batches
+        bounds = [i * n // m for i in range(m + 1)]  # sizes floor(n/m) or ceil(n/m) <= batch_size
+        return iter([indices[a:b] for a, b in zip(bounds, bounds[1:])])
+
+    def __len__(self) -> int:
+        return self.num_batches
 
 
-def real_rows(loader_or_sampler: object, seen: int, batch: int) -> int:
-    """How many of the next `batch` rows are real samples, given `seen` rows already taken.
-
-    For loaders whose sampler is not a `ShardedEvalSampler`, every row is real.
-    """
-    sampler = getattr(loader_or_sampler, "sampler", loader_or_sampler)
-    limit = getattr(sampler, "num_real", None)
-    return batch if limit is None else max(0, min(batch, limit - seen))
-
-
-def train_sampler(dataset: Dataset, *, seed: int, shuffle: bool = True, drop_last: bool = False) -> DistributedSampler:
-    """The training sampler of every run, one process or many: a seeded `DistributedSampler`.
-
-    All ranks draw the same permutation (from `seed` and the epoch, set with `set_epoch`) and take
-    every W-th sample of it, so the shares are disjoint, and W processes x batch b see the same
-    samples per step as one process x batch W*b.
-    """
-    return DistributedSampler(
-        dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=shuffle, seed=seed, drop_last=drop_last
+def even_batches(loader: DataLoader) -> DataLoader:
+    """`loader` (over this rank's unpadded share) re-batched so all ranks run the same number of batches."""
+    if get_world_size() == 1:
+        return loader
+    batches = EvenBatchSampler(loader.sampler, loader.batch_size, len(loader.dataset), get_world_size())
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=batches,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator,
     )
 
 
@@ -239,10 +231,36 @@ def wrap(model: nn.Module, device: torch.device, strategy: Strategy = "ddp", *, 
     return wrap_ddp(model, device)
 
 
+def wrap_ema(ema: nn.Module | None, device: torch.device, strategy: Strategy = "ddp", *, offload: bool = False) -> None:
+    """Under FSDP, shard an EMA copy (`AveragedModel`, made from the unsharded model) like the model.
+
+    Its shards then sit beside the model's, so `ema.update_parameters(model)` is a shard-local lerp and
+    evaluating the EMA runs the same collectives as the model. Under DDP the EMA stays a plain copy.
+    """
+    if ema is None or strategy != "fsdp":
+        return
+    from torch.distributed.tensor import DTensor
+
+    wrap_fsdp(ema.module, device, offload=offload, checkpointing=False)
+    average = ema.multi_avg_fn
+    if average is None:
+        return
+
+    def split_average(ema_tensors: list, model_tensors: list, num_averaged) -> None:
+        # foreach ops refuse lists mixing sharded parameters (DTensor) and plain buffers
+        for sharded in (True, False):
+            pairs = [(e, m) for e, m in zip(ema_tensors, model_tensors) if isinstance(e, DTensor) == sharded]
+            if pairs:
+                average([e for e, _ in pairs], [m for _, m in pairs], num_averaged)
+
+    ema.multi_avg_fn = split_average
+
+
 def is_fsdp(model: nn.Module) -> bool:
+    """True when `model` or a submodule is sharded by FSDP2 (e.g. the model inside an EMA wrapper)."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(unwrap(model), FSDPModule)
+    return any(isinstance(m, FSDPModule) for m in unwrap(model).modules())
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -275,6 +293,23 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
     state = get_optimizer_state_dict(unwrap(model), optimizer, options=_full_options())
     return state if is_main() else {}
+
+
+def full_weights(model: nn.Module, plain: nn.Module | None) -> nn.Module | None:
+    """A plain module holding `model`'s full weights on rank 0 (None elsewhere), to save or evaluate.
+
+    Under FSDP `plain` is a CPU copy made before sharding (`copy.deepcopy` on rank 0), filled from the
+    gathered state: a collective, every rank calls it. Otherwise the unwrapped model itself.
+    """
+    if not is_fsdp(model):
+        return unwrap(model) if is_main() else None
+    state = full_model_state(model)
+    if not is_main():
+        return None
+    if plain is None:
+        raise RuntimeError("full_weights needs rank 0's unsharded copy of an FSDP model")
+    plain.load_state_dict(state)
+    return plain
 
 
 def load_full_state(

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -139,7 +139,7 @@ def _read_torch(path: Path) -> Any:
 def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
     try:
         return load_file(str(path)), read_metadata(path)
-    except (SafetensorsError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         raise _corrupt(path, err) from None
 
 

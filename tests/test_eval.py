@@ -1,0 +1,121 @@
+"""`vitkit eval` reproduces what a run logged (val with the best weights, model or EMA; test), and
+`vitkit predict` classifies image files with the run's transform and class names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from test_data import fake_images, write_folder, write_idx
+
+from vitkit.cli import main
+from vitkit.data import fashion_mnist
+from vitkit.data.transforms import eval_transform
+from vitkit.tools.evaluate import load_inference
+from vitkit.weights.io import read_metadata
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 3-epoch run with EMA on tiny IDX files, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("eval")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp / "cache"))
+        mp.setenv("VITKIT_OFFLINE", "1")
+        mp.setenv("VITKIT_DATA", str(write_idx(tmp / "idx", n_train=400, n_test=60)))
+        mp.setattr(fashion_mnist, "DEBIAN_DIR", tmp / "no-debian")
+        out = tmp / "run"
+        code = main(["train", "--output", str(out), "--seed", "3", "--epochs", "3", "--patch-size", "7",
+                     "--batch-size", "32", "--threads", "1", "--val-samples", "30", "--set", "ema=true",
+                     "--set", "ema_decay=0.8", "--set", "model_args.depth=1", "--set", "model_args.embed_dim=32",
+                     "--set", "model_args.num_heads=2", "--set", "lr=3e-3"])
+        assert code == 0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        yield out, records, mp
+
+
+def eval_json(tmp_path, *args: str) -> dict:
+    out = tmp_path / "result.json"
+    assert main(["eval", *args, "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_eval_reproduces_the_best_val_top1_it_logged(run, tmp_path):
+    out, records, _ = run
+    final = records[-1]
+    best = next(r for r in records if r.get("epoch") == final["best_epoch"] and "val_top1" in r)
+    logged = best["ema_val_top1" if final["best_source"] == "ema" else "val_top1"]
+    assert read_metadata(out / "best.safetensors")["source"] == final["best_source"]
+    assert final["best_val_top1"] == logged
+    result = eval_json(tmp_path, "--run", str(out), "--split", "val")
+    assert result["top1"] == logged and result["samples"] == 30 and result["split"] == "val"
+    assert set(result) >= {"top1", "top5", "loss", "images_per_s", "split", "samples"}
+
+
+def test_eval_reproduces_the_logged_test_metrics(run, tmp_path):
+    out, records, _ = run
+    result = eval_json(tmp_path, "--run", str(out), "--confusion", str(tmp_path / "confusion.png"))
+    assert result["split"] == "test" and result["samples"] == 60  # test is the default where there is one
+    assert (result["top1"], result["top5"], result["loss"]) == (
+        records[-1]["test_top1"], records[-1]["test_top5"], records[-1]["test_loss"])
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
+    # the weight file alone carries its transform and classes
+    alone = eval_json(tmp_path, "--checkpoint", str(out / "best.safetensors"), "--data", "fashion-mnist")
+    assert alone["top1"] == result["top1"]
+    subset = eval_json(tmp_path, "--run", str(out), "--test-samples", "25")
+    assert subset["samples"] == 25 and subset["split"] == "test"
+
+
+def test_predict_uses_the_run_transform_and_class_names(run, tmp_path, capsys):
+    out, _, _ = run
+    images, _ = fake_images(3, seed=2)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image.numpy(), mode="L").save(paths[-1])
+    Image.fromarray(images[0].numpy(), mode="L").convert("RGBA").save(tmp_path / "rgba.png")  # any mode works
+    capsys.readouterr()
+    assert main(["predict", *map(str, paths), str(tmp_path / "rgba.png"), "--run", str(out), "--top-k", "3",
+                 "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    inference = load_inference(run=out)
+    with torch.no_grad():
+        probs = inference.model.eval()(eval_transform(inference.spec)(images[:, None])).softmax(-1)
+    for entry, p in zip(results, probs):
+        assert len(entry["top"]) == 3 and entry["top"][0]["index"] == int(p.argmax())
+        assert entry["top"][0]["class"] == fashion_mnist.CLASSES[int(p.argmax())]
+        assert entry["top"][0]["prob"] == pytest.approx(float(p.max()), abs=1e-6)
+    assert results[3]["top"] == results[0]["top"]  # RGBA of the same pixels: same answer
+    assert main(["predict", str(paths[0]), "--run", str(out), "--top-k", "2"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{paths[0]}: ") and line.count("%") == 2
+
+
+def test_eval_and_predict_errors_are_one_line(run, tmp_path, capsys):
+    out, _, _ = run
+    assert main(["eval", "--checkpoint", str(out / "best.safetensors")]) == 2
+    assert "need --data" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "missing.png"), "--run", str(out)]) == 2
+    assert "missing.png does not exist" in capsys.readouterr().err
+    assert main(["eval", "--run", str(tmp_path)]) == 2
+    assert "is not a vitkit run folder" in capsys.readouterr().err
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"garbage")
+    assert main(["predict", str(broken), "--run", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and err.count("\n") == 1
+
+
+def test_folder_without_test_split_defaults_to_val_and_other_classes_are_refused(run, tmp_path, capsys):
+    out, _, _ = run
+    root = write_folder(tmp_path / "folder", {"train": {"a": [("L", (20, 20))] * 4, "b": [("RGB", (28, 20))] * 4},
+                                              "val": {"a": [("L", (28, 28))] * 3, "b": [("L", (28, 28))] * 2}})
+    assert main(["eval", "--run", str(out), "--data", str(root)]) == 2
+    assert "differ from the ones the model was trained on" in capsys.readouterr().err
+    folder_run = tmp_path / "folder_run"
+    assert main(["train", "--data", str(root), "--output", str(folder_run), "--smoke", "--patch-size", "7",
+                 "--threads", "1"]) == 0
+    result = eval_json(tmp_path, "--run", str(folder_run))
+    assert result["split"] == "val" and result["samples"] == 5
