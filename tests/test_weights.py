@@ -6,6 +6,7 @@ refusal of pickled code and of truncated files, the timm round trip."""
 
 from __future__ import annotations
 
+import marshal
 import re
 from pathlib import Path
 
@@ -48,6 +49,7 @@ VIT = dict(depth=2, embed_dim=64, num_heads=2, img_size=64)
 SWIN = dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, img_size=32)
 TIMM_CASES = {
     "vit_small_patch16_224": VIT,
+    "deit_tiny_patch16_224": VIT,
     "deit_tiny_distilled_patch16_224": VIT,
     "deit3_small_patch16_224": VIT,
     "swin_tiny_patch4_window7_224": SWIN,
@@ -143,6 +145,9 @@ def test_official_swin(name, tmp_path):
 
 
 # -- torchvision ---------------------------------------------------------------------------------
+TV_VIT = dict(depth=2, embed_dim=32, num_heads=2, img_size=32, num_classes=5)  # the torchvision reference below
+
+
 def _tv_vit(representation_size: int | None):
     ref = torchvision.models.VisionTransformer(
         image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=128,
@@ -151,15 +156,17 @@ def _tv_vit(representation_size: int | None):
     return _randomise(ref)
 
 
-def test_torchvision_vit_in21k_pre_logits(tmp_path):
+@pytest.mark.parametrize("representation_size", [None, 24])
+def test_torchvision_vit(representation_size, tmp_path):
     # the in21k variants' tanh pre-logits layer is torchvision's heads.pre_logits (representation_size)
-    ref = _tv_vit(representation_size=24)
+    ref = _tv_vit(representation_size)
     torch.save(ref.state_dict(), tmp_path / "vit.pth")
-    ours = vitkit.create_model(
-        "vit_base_patch16_224_in21k", depth=2, embed_dim=32, num_heads=2, img_size=32, representation_size=24, num_classes=5
-    )
+    name = "vit_base_patch16_224_in21k" if representation_size else "vit_base_patch16_224"
+    ours = vitkit.create_model(name, **TV_VIT, representation_size=representation_size)
     report = vitkit.load_checkpoint(ours, tmp_path / "vit.pth")
-    assert report.format == "torchvision" and report.renamed["pre_logits.fc.weight"] == "heads.pre_logits.weight"
+    assert report.format == "torchvision" and report.ok
+    if representation_size:
+        assert report.renamed["pre_logits.fc.weight"] == "heads.pre_logits.weight"
     x = torch.randn(2, 3, 32, 32)
     _close(_logits(ref, x), _logits(ours, x))
 
@@ -228,7 +235,7 @@ def _mm_swin(state: dict, stages: int) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["vit_small_patch16_224", "deit_tiny_distilled_patch16_224", "swin_tiny_patch4_window7_224"])
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "deit_tiny_distilled_patch16_224", "swin_tiny_patch4_window7_224"])  # fmt: skip
 def test_mmpretrain(name, tmp_path):
     ref, ours, x = _timm_pair(name)
     state = _mm_swin(ref.state_dict(), 2) if name.startswith("swin") else _mm_vit(ref.state_dict())
@@ -241,9 +248,7 @@ def test_mmpretrain(name, tmp_path):
 def test_mmpretrain_pre_logits_head():
     ref = _tv_vit(representation_size=24)
     timm_names = tv_convert.convert(ref.state_dict())  # verified by the torchvision test above
-    ours = vitkit.create_model(
-        "vit_base_patch16_224_in21k", depth=2, embed_dim=32, num_heads=2, img_size=32, representation_size=24, num_classes=5
-    )
+    ours = vitkit.create_model("vit_base_patch16_224_in21k", **TV_VIT, representation_size=24)
     assert vitkit.load_checkpoint(ours, _mm_vit(timm_names)).ok
     x = torch.randn(2, 3, 32, 32)
     _close(_logits(ref, x), _logits(ours, x))
@@ -271,7 +276,8 @@ def _to_npz(state: dict, heads: int, path: Path) -> Path:
         att = b + "MultiHeadDotProductAttention_1/"
         for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
             w[f"{b}{ln}/scale"], w[f"{b}{ln}/bias"] = state[f"{s}{norm}.weight"], state[f"{s}{norm}.bias"]
-        for n, wt, bs in zip(("query", "key", "value"), state[s + "attn.qkv.weight"].chunk(3), state[s + "attn.qkv.bias"].chunk(3)):
+        qkv_w, qkv_b = state[s + "attn.qkv.weight"].chunk(3), state[s + "attn.qkv.bias"].chunk(3)
+        for n, wt, bs in zip(("query", "key", "value"), qkv_w, qkv_b):
             w[f"{att}{n}/kernel"], w[f"{att}{n}/bias"] = wt.T.reshape(d, heads, -1), bs.reshape(heads, -1)
         w[att + "out/kernel"] = state[s + "attn.proj.weight"].T.reshape(heads, -1, d)
         w[att + "out/bias"] = state[s + "attn.proj.bias"]
@@ -306,19 +312,18 @@ def test_jax_npz_in21k_pre_logits(tmp_path):
     # an original ImageNet-21k release: pre_logits (Dense + tanh) and head; reference: torchvision
     ref = _tv_vit(representation_size=24)
     npz = _to_npz(tv_convert.convert(ref.state_dict()), heads=2, path=tmp_path / "ViT-B_16.npz")
-    ours = vitkit.create_model(
-        "vit_base_patch16_224_in21k", depth=2, embed_dim=32, num_heads=2, img_size=32, representation_size=24, num_classes=5
-    )
+    ours = vitkit.create_model("vit_base_patch16_224_in21k", **TV_VIT, representation_size=24)
     assert vitkit.load_checkpoint(ours, npz).ok
     x = torch.randn(2, 3, 32, 32)
     _close(_logits(ref, x), _logits(ours, x))
 
 
 # -- resampling to another model shape, with timm's numbers ---------------------------------------------
+@pytest.mark.filterwarnings("ignore::UserWarning")  # timm's own table interpolation warns
 @pytest.mark.parametrize(
     "name,kwargs,new",
     [
-        ("vit_tiny_patch16_224", dict(depth=2), dict(img_size=384)),
+        ("vit_small_patch16_224", dict(depth=2, embed_dim=64, num_heads=2), dict(img_size=384)),
         ("deit3_small_patch16_224", dict(VIT), dict(img_size=96)),  # no class token in the position table
         ("swin_tiny_patch4_window7_224", dict(SWIN), dict(img_size=64, window_size=8)),  # bias tables 7x7 -> 15x15
     ],
@@ -405,21 +410,27 @@ def test_bad_sources(tmp_path):
 
 
 class _Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
+    """Unpickles by running code: `exec` of a source string, or `marshal.loads` of a code object."""
+
+    def __init__(self, marker: Path, how: str) -> None:
+        self.marker, self.how = marker, how
 
     def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+        source = f"open({str(self.marker)!r}, 'w').write('ran')"
+        if self.how == "exec":
+            return (exec, (source,))
+        return (marshal.loads, (marshal.dumps(compile(source, "payload", "exec")),))
 
 
-def test_pickled_code_is_refused(tmp_path):
+@pytest.mark.parametrize("how,global_name", [("exec", "exec"), ("code", "marshal.loads")])
+def test_pickled_code_is_refused(how, global_name, tmp_path):
     marker = tmp_path / "code_ran"
     ref, ours, _ = _timm_pair("vit_small_patch16_224")
-    torch.save({"model": ref.state_dict(), "payload": _Exploit(marker)}, tmp_path / "evil.pth")
+    torch.save({"model": ref.state_dict(), "payload": _Exploit(marker, how)}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match=r"refuses them because unpickling can run arbitrary code") as err:
         vitkit.load_checkpoint(ours, tmp_path / "evil.pth")
-    assert "exec" in str(err.value) and not marker.exists()
-    np.savez(tmp_path / "evil.npz", a=np.array([_Exploit(marker)], dtype=object))
+    assert f"it refers to {global_name}" in str(err.value) and not marker.exists()
+    np.savez(tmp_path / "evil.npz", a=np.array([_Exploit(marker, how)], dtype=object))
     with pytest.raises(ValueError, match="numpy object array"):
         vitkit.load_checkpoint(ours, tmp_path / "evil.npz")
     assert not marker.exists()

@@ -56,8 +56,8 @@ def _file_record(tmp_path: Path, **changes):
     src.parent.mkdir()
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, src)
     sha = hashlib.sha256(src.read_bytes()).hexdigest()
-    record = dataclasses.replace(pretrained.get_record("deit_tiny_patch16_224"), url=src.as_uri(), sha256=sha[:16], format="timm")
-    return ref, src, dataclasses.replace(record, **changes)
+    record = pretrained.get_record("deit_tiny_patch16_224")
+    return ref, src, dataclasses.replace(record, **dict(url=src.as_uri(), sha256=sha[:16], format="timm") | changes)
 
 
 def test_download_cache_and_hash(tmp_path, monkeypatch):
@@ -87,7 +87,9 @@ def test_download_cache_and_hash(tmp_path, monkeypatch):
 
 
 def test_offline_fails_fast_and_says_what_to_fetch(tmp_path, monkeypatch):
-    record = dataclasses.replace(pretrained.get_record("deit_tiny_patch16_224"), url="https://weights.vitkit.invalid/deit.pth")
+    # a host that cannot resolve (RFC 2606 .invalid): the offline path, whatever the test machine's network
+    record = pretrained.get_record("deit_tiny_patch16_224")
+    record = dataclasses.replace(record, url="https://weights.vitkit.invalid/deit.pth")
     monkeypatch.setitem(pretrained._BY_MODEL, record.model, record)
     monkeypatch.setenv("VITKIT_CACHE", str(tmp_path / "cache"))
     start = time.monotonic()
@@ -126,7 +128,8 @@ def test_torch_hub_local():
     model = torch.hub.load(str(REPO), "deit_tiny_patch16_224", source="local", **TINY, num_classes=4)
     assert model.variant_name == "deit_tiny_patch16_224"
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4)
-    swin = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4, img_size=32, pretrained_window_sizes=(0, 0))
+    swin = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4, img_size=32,
+                pretrained_window_sizes=(0, 0))  # fmt: skip
     model = torch.hub.load(str(REPO), "swinv2_tiny_window8_256", source="local", **swin)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
     # one entry point per variant (torch.hub.list reads GitHub repositories only)
@@ -140,7 +143,7 @@ def test_cli_convert_and_pretrained_listing(tmp_path, capsys):
     ref = timm.create_model("deit_tiny_patch16_224", **TINY).eval()
     torch.save({"model": ref.state_dict()}, tmp_path / "deit.pth")
     tiny = [item for k, v in TINY.items() for item in ("--set", f"{k}={v}")]
-    cmd = ["convert", str(tmp_path / "deit.pth"), str(tmp_path / "hf"), "--model", "deit_tiny_patch16_224", "--to", "hf"]
+    cmd = ["convert", str(tmp_path / "deit.pth"), str(tmp_path / "hf"), "--model", "deit_tiny_patch16_224", "--to", "hf"]  # fmt: skip
     assert main(cmd + tiny) == 0
     out = capsys.readouterr().out
     assert "format timm" in out and (tmp_path / "hf" / "config.json").is_file()
@@ -149,10 +152,11 @@ def test_cli_convert_and_pretrained_listing(tmp_path, capsys):
     assert "format hf" in capsys.readouterr().out
     assert torch.equal(torch.load(tmp_path / "t.pth", weights_only=True)["pos_embed"], ref.pos_embed)
     # a checkpoint that does not fit: one line on stderr, exit status 2
-    cmd = ["convert", str(tmp_path / "deit.pth"), str(tmp_path / "x"), "--model", "deit_small_patch16_224"]
+    cmd = ["convert", str(tmp_path / "deit.pth"), str(tmp_path / "x"), "--model", "deit_tiny_distilled_patch16_224"]
     assert main(cmd + tiny) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "does not fit deit_small_patch16_224" in err
+    assert err.count("\n") == 1 and "does not fit deit_tiny_distilled_patch16_224" in err
+    assert not (tmp_path / "x").exists()
     assert main(["models", "--pretrained", "deit_tiny*"]) == 0
     out = capsys.readouterr().out
     assert "deit_tiny_patch16_224" in out and "72.2" in out and "apache-2.0" in out

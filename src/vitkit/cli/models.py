@@ -1,4 +1,5 @@
-"""`vitkit models [PATTERN] [--json]`: the variant table (MACs per image: 1 MAC = 2 FLOPs)."""
+"""`vitkit models [PATTERN] [--json] [--pretrained]`: the variant table (MACs per image: 1 MAC = 2 FLOPs),
+or with --pretrained the variants that have weight records and their default record."""
 
 from __future__ import annotations
 

@@ -80,7 +80,8 @@ class LoadReport:
     def __str__(self) -> str:
         lines = [f"{self.source}: format {self.format}, {self.loaded} tensors loaded"]
         if self.renamed:
-            lines.append(f"  renamed: {len(self.renamed)} (e.g. {_clip([f'{v} -> {k}' for k, v in self.renamed.items()], 3)})")
+            pairs = [f"{v} -> {k}" for k, v in self.renamed.items()]
+            lines.append(f"  renamed: {len(pairs)} (e.g. {_clip(pairs, 3)})")
         if self.merged:
             lines.append(f"  merged from several source tensors: {len(self.merged)} (e.g. {_clip(self.merged, 3)})")
         for label, items in (
@@ -122,7 +123,8 @@ def _refuse_pickle(path: Path, err: Exception) -> ValueError:
 
 
 def _corrupt(path: Path, err: Exception) -> ValueError:
-    return ValueError(f"{path} is truncated or corrupt ({type(err).__name__}: {str(err).strip()[:200]}); download or copy it again")
+    detail = (str(err).strip().splitlines() or [""])[0][:200]
+    return ValueError(f"{path} is truncated or corrupt ({type(err).__name__}: {detail}); download or copy it again")
 
 
 def _read_torch(path: Path) -> Any:
@@ -181,10 +183,13 @@ def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
     if path.suffix == ".npz":
         return _read_npz(path), {}
     if head.startswith(b"PK") and path.suffix not in (".pth", ".pt", ".bin", ".ckpt", ".tar"):
-        # a zip without a torch suffix: try numpy's archive first
-        with zipfile.ZipFile(path) as z:
-            if all(n.endswith(".npy") for n in z.namelist()):
-                return _read_npz(path), {}
+        # a zip without a torch suffix: numpy's archive holds .npy members, torch's a data.pkl
+        try:
+            with zipfile.ZipFile(path) as z:
+                if all(n.endswith(".npy") for n in z.namelist()):
+                    return _read_npz(path), {}
+        except zipfile.BadZipFile as err:
+            raise _corrupt(path, err) from None
     return _read_torch(path), {}
 
 
@@ -325,6 +330,8 @@ def _fit(model: nn.Module, state: StateDict, fmt: str, report: LoadReport) -> St
         if k not in model_state:
             if k.rsplit(".", 1)[-1] in _BUFFERS:
                 report.dropped[k] = "a buffer the model computes itself"
+            elif k == "pos_embed" and getattr(model.config, "pos_embed", "learned") != "learned":
+                report.dropped[k] = f"the model computes its position embedding (pos_embed={model.config.pos_embed!r})"
             elif k.startswith("pre_logits.") and new_head:
                 report.dropped[k] = "pre-logits layer: the model has none (representation_size=None) and a new classifier"
             else:
@@ -339,7 +346,8 @@ def _fit(model: nn.Module, state: StateDict, fmt: str, report: LoadReport) -> St
             report.mismatched[k] = f"checkpoint {tuple(v.shape)} vs model {tuple(target.shape)}"
         else:
             out[k] = fitted
-    report.missing = [k for k in model_state if k not in out and k not in report.reinitialised and k not in report.mismatched]
+    accounted = out.keys() | report.reinitialised.keys() | report.mismatched.keys()
+    report.missing = [k for k in model_state if k not in accounted]
     return out
 
 
@@ -368,6 +376,10 @@ def load_checkpoint(model: nn.Module, source: Source, *, format: Format = "auto"
         raise ValueError(f"unknown checkpoint format {format!r}; choose auto, {', '.join(converters.FORMATS)}")
     if not hasattr(model, "config"):
         raise ValueError(f"{type(model).__name__} is not a vitkit model: build it with vitkit.create_model(NAME)")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "the model is on the meta device: build it on a real device, or call model.to_empty(device=...) first"
+        )
     state, meta, where = read_state_dict(source)
     fmt = format
     if fmt == "auto":
@@ -418,7 +430,9 @@ def _write_dir(path: Path, files: dict[str, Any]) -> None:
             shutil.rmtree(tmp)
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, format: Literal["vitkit", "timm", "hf"] = "vitkit") -> None:
+def save_checkpoint(
+    model: nn.Module, path: str | os.PathLike, *, format: Literal["vitkit", "timm", "hf"] = "vitkit"
+) -> None:
     """Save `model`'s weights atomically.
 
     vitkit: safetensors with the model name, config and format version in its metadata

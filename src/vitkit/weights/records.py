@@ -48,10 +48,12 @@ def _hub(model: str, tag: str) -> str:
     return f"https://huggingface.co/timm/{model}.{tag}/resolve/main/model.safetensors"
 
 
-_AUGREG = "https://storage.googleapis.com/vit_models/augreg/"
+_GOOGLE = "https://storage.googleapis.com/vit_models/"
+_AUGREG = _GOOGLE + "augreg/"
 _JX = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vitjx/"
 _DEIT = "https://dl.fbaipublicfiles.com/deit/"
 _SWIN = "https://github.com/SwinTransformer/storage/releases/download/"
+_V1, _V2 = _SWIN + "v1.0.0/", _SWIN + "v2.0.0/"
 
 
 def _vit(model, tag, size, crop, top1=None, origin=None, url=None, fmt="timm", sha=None, classes=1000) -> WeightRecord:
@@ -100,12 +102,12 @@ RECORDS: tuple[WeightRecord, ...] = (
     _vit("vit_base_patch16_224", "augreg2_in21k_ft_in1k", 224, 0.9),
     # original ImageNet-21k releases without their classifier (timm: num_classes=0)
     _vit("vit_large_patch32_224", "orig_in21k", 224, 0.9, classes=0,
-         origin="https://storage.googleapis.com/vit_models/imagenet21k/ViT-L_32.npz"),  # fmt: skip
+         origin=_GOOGLE + "imagenet21k/ViT-L_32.npz"),  # fmt: skip
     _vit("vit_huge_patch14_224", "orig_in21k", 224, 0.9, classes=0,
-         origin="https://storage.googleapis.com/vit_models/imagenet21k/ViT-H_14.npz"),  # fmt: skip
+         origin=_GOOGLE + "imagenet21k/ViT-H_14.npz"),  # fmt: skip
     # the original fine-tune, ported by timm (file name carries its sha256 prefix)
     _vit("vit_large_patch32_384", "orig_in21k_ft_in1k", 384, 1.0, url=_JX + "jx_vit_large_p32_384-9b920ba8.pth",
-         sha="9b920ba8", origin="https://storage.googleapis.com/vit_models/imagenet21k+imagenet2012/ViT-L_32.npz"),  # fmt: skip
+         sha="9b920ba8", origin=_GOOGLE + "imagenet21k+imagenet2012/ViT-L_32.npz"),  # fmt: skip
     # ImageNet-21k pre-training with the tanh pre-logits layer and the 21843-way head (timm <= 0.6 ports)
     _vit("vit_base_patch16_224_in21k", "orig_in21k", 224, 0.9, classes=21843, sha="e5005f0a",
          url=_JX + "jx_vit_base_patch16_224_in21k-e5005f0a.pth"),  # fmt: skip
@@ -117,7 +119,7 @@ RECORDS: tuple[WeightRecord, ...] = (
          url=_JX + "jx_vit_large_patch32_224_in21k-9046d2e7.pth"),  # fmt: skip
     # too large for a GitHub release: Google's own npz
     _vit("vit_huge_patch14_224_in21k", "orig_in21k", 224, 0.9, classes=21843, fmt="jax",
-         url="https://storage.googleapis.com/vit_models/imagenet21k/ViT-H_14.npz"),  # fmt: skip
+         url=_GOOGLE + "imagenet21k/ViT-H_14.npz"),  # fmt: skip
     # -- DeiT: top-1 from facebookresearch/deit README_deit.md (the paper's Table 7 rounds differently)
     _fb("deit_tiny_patch16_224", "fb_in1k", 224, 72.2, url=_DEIT + "deit_tiny_patch16_224-a1311bcf.pth", sha="a1311bcf"),
     _fb("deit_small_patch16_224", "fb_in1k", 224, 79.9, url=_DEIT + "deit_small_patch16_224-cd65a155.pth", sha="cd65a155"),
@@ -142,28 +144,28 @@ RECORDS: tuple[WeightRecord, ...] = (
     _fb("deit3_large_patch16_384", "fb_in1k", 384, 85.8, origin=_DEIT + "deit_3_large_384_1k.pth"),
     _fb("deit3_huge_patch14_224", "fb_in1k", 224, 85.2, origin=_DEIT + "deit_3_huge_224_1k.pth"),
     # -- Swin: top-1 from microsoft/Swin-Transformer MODELHUB.md --------------------------------
-    _ms("swin_tiny_patch4_window7_224", "ms_in1k", 224, 81.2, _SWIN + "v1.0.0/swin_tiny_patch4_window7_224.pth"),
+    _ms("swin_tiny_patch4_window7_224", "ms_in1k", 224, 81.2, _V1 + "swin_tiny_patch4_window7_224.pth"),
     _ms("swin_small_patch4_window7_224", "ms_in22k_ft_in1k", 224, 83.2,
         _SWIN + "v1.0.8/swin_small_patch4_window7_224_22kto1k_finetune.pth"),  # fmt: skip
-    _ms("swin_base_patch4_window7_224", "ms_in22k_ft_in1k", 224, 85.2, _SWIN + "v1.0.0/swin_base_patch4_window7_224_22kto1k.pth"),
-    _ms("swin_base_patch4_window12_384", "ms_in22k_ft_in1k", 384, 86.4, _SWIN + "v1.0.0/swin_base_patch4_window12_384_22kto1k.pth"),
-    _ms("swin_large_patch4_window7_224", "ms_in22k_ft_in1k", 224, 86.3, _SWIN + "v1.0.0/swin_large_patch4_window7_224_22kto1k.pth"),
-    _ms("swin_large_patch4_window12_384", "ms_in22k_ft_in1k", 384, 87.3, _SWIN + "v1.0.0/swin_large_patch4_window12_384_22kto1k.pth"),
+    _ms("swin_base_patch4_window7_224", "ms_in22k_ft_in1k", 224, 85.2, _V1 + "swin_base_patch4_window7_224_22kto1k.pth"),
+    _ms("swin_base_patch4_window12_384", "ms_in22k_ft_in1k", 384, 86.4, _V1 + "swin_base_patch4_window12_384_22kto1k.pth"),
+    _ms("swin_large_patch4_window7_224", "ms_in22k_ft_in1k", 224, 86.3, _V1 + "swin_large_patch4_window7_224_22kto1k.pth"),
+    _ms("swin_large_patch4_window12_384", "ms_in22k_ft_in1k", 384, 87.3, _V1 + "swin_large_patch4_window12_384_22kto1k.pth"),
     # -- Swin V2: same source -------------------------------------------------------------------
-    _ms("swinv2_tiny_window8_256", "ms_in1k", 256, 81.8, _SWIN + "v2.0.0/swinv2_tiny_patch4_window8_256.pth"),
-    _ms("swinv2_tiny_window16_256", "ms_in1k", 256, 82.8, _SWIN + "v2.0.0/swinv2_tiny_patch4_window16_256.pth"),
-    _ms("swinv2_small_window8_256", "ms_in1k", 256, 83.7, _SWIN + "v2.0.0/swinv2_small_patch4_window8_256.pth"),
-    _ms("swinv2_small_window16_256", "ms_in1k", 256, 84.1, _SWIN + "v2.0.0/swinv2_small_patch4_window16_256.pth"),
-    _ms("swinv2_base_window8_256", "ms_in1k", 256, 84.2, _SWIN + "v2.0.0/swinv2_base_patch4_window8_256.pth"),
-    _ms("swinv2_base_window16_256", "ms_in1k", 256, 84.6, _SWIN + "v2.0.0/swinv2_base_patch4_window16_256.pth"),
-    _ms("swinv2_base_window12_192", "ms_in22k", 192, None, _SWIN + "v2.0.0/swinv2_base_patch4_window12_192_22k.pth", classes=21841),
+    _ms("swinv2_tiny_window8_256", "ms_in1k", 256, 81.8, _V2 + "swinv2_tiny_patch4_window8_256.pth"),
+    _ms("swinv2_tiny_window16_256", "ms_in1k", 256, 82.8, _V2 + "swinv2_tiny_patch4_window16_256.pth"),
+    _ms("swinv2_small_window8_256", "ms_in1k", 256, 83.7, _V2 + "swinv2_small_patch4_window8_256.pth"),
+    _ms("swinv2_small_window16_256", "ms_in1k", 256, 84.1, _V2 + "swinv2_small_patch4_window16_256.pth"),
+    _ms("swinv2_base_window8_256", "ms_in1k", 256, 84.2, _V2 + "swinv2_base_patch4_window8_256.pth"),
+    _ms("swinv2_base_window16_256", "ms_in1k", 256, 84.6, _V2 + "swinv2_base_patch4_window16_256.pth"),
+    _ms("swinv2_base_window12_192", "ms_in22k", 192, None, _V2 + "swinv2_base_patch4_window12_192_22k.pth", 21841),
     _ms("swinv2_base_window12to16_192to256", "ms_in22k_ft_in1k", 256, 86.2,
-        _SWIN + "v2.0.0/swinv2_base_patch4_window12to16_192to256_22kto1k_ft.pth"),  # fmt: skip
+        _V2 + "swinv2_base_patch4_window12to16_192to256_22kto1k_ft.pth"),  # fmt: skip
     _ms("swinv2_base_window12to24_192to384", "ms_in22k_ft_in1k", 384, 87.1,
-        _SWIN + "v2.0.0/swinv2_base_patch4_window12to24_192to384_22kto1k_ft.pth"),  # fmt: skip
-    _ms("swinv2_large_window12_192", "ms_in22k", 192, None, _SWIN + "v2.0.0/swinv2_large_patch4_window12_192_22k.pth", classes=21841),
+        _V2 + "swinv2_base_patch4_window12to24_192to384_22kto1k_ft.pth"),  # fmt: skip
+    _ms("swinv2_large_window12_192", "ms_in22k", 192, None, _V2 + "swinv2_large_patch4_window12_192_22k.pth", 21841),
     _ms("swinv2_large_window12to16_192to256", "ms_in22k_ft_in1k", 256, 86.9,
-        _SWIN + "v2.0.0/swinv2_large_patch4_window12to16_192to256_22kto1k_ft.pth"),  # fmt: skip
+        _V2 + "swinv2_large_patch4_window12to16_192to256_22kto1k_ft.pth"),  # fmt: skip
     _ms("swinv2_large_window12to24_192to384", "ms_in22k_ft_in1k", 384, 87.6,
-        _SWIN + "v2.0.0/swinv2_large_patch4_window12to24_192to384_22kto1k_ft.pth"),  # fmt: skip
+        _V2 + "swinv2_large_patch4_window12to24_192to384_22kto1k_ft.pth"),  # fmt: skip
 )

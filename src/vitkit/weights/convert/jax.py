@@ -51,8 +51,9 @@ def convert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[f"{dst}{norm}.weight"] = w.pop(f"{src}{ln}/scale")
             out[f"{dst}{norm}.bias"] = w.pop(f"{src}{ln}/bias")
         # (D, heads, head_dim) -> (heads * head_dim, D), stacked q, k, v as timm's fused qkv
-        out[dst + "attn.qkv.weight"] = torch.cat([w.pop(f"{attn}{n}/kernel").flatten(1).T for n in ("query", "key", "value")])
-        out[dst + "attn.qkv.bias"] = torch.cat([w.pop(f"{attn}{n}/bias").reshape(-1) for n in ("query", "key", "value")])
+        qkv = ("query", "key", "value")
+        out[dst + "attn.qkv.weight"] = torch.cat([w.pop(f"{attn}{n}/kernel").flatten(1).T for n in qkv])
+        out[dst + "attn.qkv.bias"] = torch.cat([w.pop(f"{attn}{n}/bias").reshape(-1) for n in qkv])
         out[dst + "attn.proj.weight"] = w.pop(attn + "out/kernel").flatten(0, 1).T  # (heads, hd, D) -> (D, D)
         out[dst + "attn.proj.bias"] = w.pop(attn + "out/bias")
         for j, fc in enumerate(("fc1", "fc2")):
