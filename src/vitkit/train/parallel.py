@@ -111,6 +111,15 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def gather_objects(obj: object) -> list:
+    """`obj` of every rank, in rank order, on every rank (`[obj]` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # -- evaluation batches -----------------------------------------------------------------------
 class EvenBatchSampler(Sampler[list[int]]):
     """One rank's evaluation share in exactly as many batches as the largest share needs.
