@@ -122,3 +122,30 @@ def test_folder_without_test_split_defaults_to_val_and_other_classes_are_refused
                  "--threads", "1"]) == 0
     result = eval_json(tmp_path, "--run", str(folder_run))
     assert result["split"] == "val" and result["samples"] == 5
+
+
+def test_eval_of_a_named_model_with_local_pretrained_weights(tmp_path):
+    import torch.nn.functional as F
+    from torchvision.transforms.v2 import functional as TF
+
+    import vitkit
+    from vitkit.data.folder import load_image
+    from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSpec
+    from vitkit.weights.io import save_model
+
+    torch.manual_seed(0)
+    full = vitkit.create_model("vit_tiny_patch16_224")
+    weights = tmp_path / "tiny.safetensors"
+    save_model(full, weights)
+    root = write_folder(tmp_path / "imgs", {"val": {"a": [("RGB", (300, 240))] * 2, "b": [("L", (200, 260))] * 2},
+                                            "train": {"a": [("RGB", (8, 8))], "b": [("RGB", (8, 8))]}})
+    result = eval_json(tmp_path, "--model", "vit_tiny_patch16_224", "--pretrained", str(weights), "--data", str(root))
+    assert result["split"] == "val" and result["samples"] == 4
+    spec = ImageSpec(224, 3, tuple(IMAGENET_MEAN), tuple(IMAGENET_STD), 0.875)
+    transform = eval_transform(spec)
+    files = sorted((root / "val").rglob("*.png"))
+    x = torch.stack([transform(TF.pil_to_tensor(load_image(f, "RGB"))) for f in files])
+    labels = torch.tensor([0 if f.parent.name == "a" else 1 for f in files])
+    with torch.no_grad():
+        loss = F.cross_entropy(full.eval()(x), labels).item()
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)

@@ -225,7 +225,8 @@ def resolve_data_fields(config: TrainConfig, data: LoadedData, default_img_size:
 
 def image_spec(config: TrainConfig) -> ImageSpec:
     """The input spec of a resolved config (img_size, in_chans, mean and std set)."""
-    return ImageSpec(config.img_size, config.in_chans, tuple(config.mean), tuple(config.std), config.crop_pct)
+    return ImageSpec(config.img_size, config.in_chans, tuple(config.mean), tuple(config.std), config.crop_pct,
+                     config.interpolation)
 
 
 def augment(config: TrainConfig) -> Augment:

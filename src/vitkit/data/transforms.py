@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -66,6 +66,7 @@ class ImageSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_pct: float = 1.0
+    interpolation: str = "bilinear"  # "bilinear" | "bicubic" (resizing)
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,16 @@ class Augment:
     hflip: float = 0.5
 
 
+def _mode(spec: ImageSpec) -> InterpolationMode:
+    return InterpolationMode(spec.interpolation)
+
+
 def eval_transform(spec: ImageSpec) -> v2.Compose:
     """Resize the short side to img_size / crop_pct, centre-crop img_size, scale to [0, 1], normalise."""
     return v2.Compose(
         [
             ToChannels(spec.in_chans),
-            v2.Resize(math.floor(spec.img_size / spec.crop_pct), antialias=True),
+            v2.Resize(math.floor(spec.img_size / spec.crop_pct), interpolation=_mode(spec), antialias=True),
             v2.CenterCrop(spec.img_size),
             v2.ToDtype(torch.float32, scale=True),
             _normalise(spec.mean, spec.std, spec.in_chans),
@@ -98,14 +103,15 @@ def train_transform(spec: ImageSpec, aug: Augment) -> v2.Compose:
     size = spec.img_size
     steps: list = [ToChannels(spec.in_chans)]
     if aug.crop == "rrc":
-        steps.append(v2.RandomResizedCrop(size, scale=aug.crop_scale, ratio=aug.crop_ratio, antialias=True))
+        steps.append(v2.RandomResizedCrop(size, scale=aug.crop_scale, ratio=aug.crop_ratio,
+                                          interpolation=_mode(spec), antialias=True))
     elif aug.crop == "pad":
         steps += [
-            v2.Resize(size, antialias=True),
+            v2.Resize(size, interpolation=_mode(spec), antialias=True),
             v2.RandomCrop(size, padding=aug.crop_padding, padding_mode=aug.pad_mode, pad_if_needed=True),
         ]
     else:
-        steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+        steps += [v2.Resize(size, interpolation=_mode(spec), antialias=True), v2.CenterCrop(size)]
     if aug.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(aug.hflip))
     steps += [v2.ToDtype(torch.float32, scale=True), _normalise(spec.mean, spec.std, spec.in_chans)]
@@ -127,7 +133,7 @@ class BatchTrainTransform:
         if aug.crop == "rrc":
             x = random_resized_crop(x, size, aug.crop_scale, aug.crop_ratio)
         else:
-            x = TF.resize(x, size, antialias=True) if min(x.shape[-2:]) != size else x
+            x = TF.resize(x, size, interpolation=_mode(self.spec), antialias=True) if min(x.shape[-2:]) != size else x
             if aug.crop == "pad":
                 x = random_pad_crop(x, size, aug.crop_padding, aug.pad_mode)
             else:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import checkpoint
 
 from vitkit.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
@@ -123,16 +124,19 @@ def window_partition(x: torch.Tensor, window: Window) -> torch.Tensor:
     """(B, H, W, C) -> (B * nW, Wh * Ww, C); H and W must be multiples of the window."""
     B, H, W, C = x.shape
     wh, ww = window
-    x = x.view(B, H // wh, wh, W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, wh * ww, C)
+    nh, nw = H // wh, W // ww
+    x = x.view(B, nh, wh, nw, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B * nh * nw, wh * ww, C)  # explicit sizes, no -1: torch.export solves them
 
 
 def window_reverse(windows: torch.Tensor, window: Window, H: int, W: int) -> torch.Tensor:
     """(B * nW, Wh * Ww, C) -> (B, H, W, C)."""
     wh, ww = window
     C = windows.shape[-1]
-    x = windows.view(-1, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, H, W, C)
+    nh, nw = H // wh, W // ww
+    B = windows.shape[0] // (nh * nw)
+    x = windows.view(B, nh, nw, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, H, W, C)
 
 
 def fit_window(resolution: Window, window: Window, shifted: bool) -> tuple[Window, Window]:
@@ -170,11 +174,10 @@ def _window_attention(
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale)
     nw = mask.shape[0]
-    # windows are batch-major: (B, nW) -> attention mask (nW, heads, N, N) broadcasts over B
-    q, k, v = (t.unflatten(0, (-1, nw)) for t in (q, k, v))
-    attn_mask = (bias[None] + mask[:, None]).to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-    return out.flatten(0, 1)
+    # windows are batch-major: (B, nW); the mask (nW, heads, N, N) is repeated over B rather than
+    # broadcast in 5-D, as timm does: ONNX's attention takes 4-D inputs only
+    attn_mask = (bias[None] + mask[:, None]).to(q.dtype).repeat(q.shape[0] // nw, 1, 1, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
 # -- attention --------------------------------------------------------------------------------------
@@ -363,6 +366,8 @@ class SwinBlock(nn.Module):
             return None
         if not self.dynamic:
             return self.attn_mask
+        if not all(isinstance(s, int) for s in padded):  # symbolic sizes (torch.export): no cache
+            return shifted_window_mask(padded, self.window_size, self.shift_size, device)
         key = (padded, device)
         if key not in self._mask_cache:
             self._mask_cache[key] = shifted_window_mask(padded, self.window_size, self.shift_size, device)
@@ -374,11 +379,16 @@ class SwinBlock(nn.Module):
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        pad_h, pad_w = (-H) % wh, (-W) % ww
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        Hp, Wp = H + pad_h, W + pad_w
+        # padded sizes as whole windows (ceil division) and the crop as a negative pad (a copy, not a
+        # strided view): both keep torch.export from pinning the graph to the example's size
+        Hp, Wp = (H + wh - 1) // wh * wh, (W + ww - 1) // ww * ww
+        padded = not (statically_known_true(Hp == H) and statically_known_true(Wp == W))
+        if padded:
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         windows = self.attn(window_partition(x, self.window_size), self._mask_for((Hp, Wp), x.device))
-        x = window_reverse(windows, self.window_size, Hp, Wp)[:, :H, :W]
+        x = window_reverse(windows, self.window_size, Hp, Wp)
+        if padded:
+            x = F.pad(x, (0, 0, 0, W - Wp, 0, H - Hp))
         if sh or sw:
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
         return x
@@ -424,9 +434,9 @@ def merge_2x2(x: torch.Tensor) -> torch.Tensor:
     reference weights expect.
     """
     B, H, W, C = x.shape
-    x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-    H, W = H + H % 2, W + W % 2
-    return x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+    h, w = (H + 1) // 2, (W + 1) // 2  # ceil division: simple symbolic sizes for torch.export
+    x = F.pad(x, (0, 0, 0, 2 * w - W, 0, 2 * h - H))
+    return x.reshape(B, h, 2, w, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
 
 
 class PatchMerging(nn.Module):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitkit.data.datasets import build_dataset, load_data
+from vitkit.data.datasets import build_dataset, image_spec, load_data
 from vitkit.data.samplers import build_loader
 from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSpec
 from vitkit.train.config import TrainConfig, load_run_config
@@ -35,12 +35,17 @@ class Inference:
     source: str  # what was loaded, for reports
 
 
-def _spec_from_model(model: nn.Module, crop_pct: float) -> ImageSpec:
+def _spec_from_model(model: nn.Module) -> ImageSpec:
+    """The input spec of a model without a vitkit run: its pretrained record's, else ImageNet defaults."""
     config = getattr(model, "config", None)
     size = getattr(config, "img_size", (224, 224))
     in_chans = getattr(config, "in_chans", 3)
+    record = getattr(model, "pretrained_record", None)  # set by vitkit.weights.pretrained.load_pretrained
+    if record is not None:
+        return ImageSpec(int(size[0]), in_chans, tuple(record.mean), tuple(record.std), record.crop_pct,
+                         record.interpolation)
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ([0.5], [0.5])
-    return ImageSpec(int(size[0]), in_chans, tuple(mean), tuple(std), crop_pct)
+    return ImageSpec(int(size[0]), in_chans, tuple(mean), tuple(std), 0.875)
 
 
 def load_inference(
@@ -58,21 +63,21 @@ def load_inference(
         config = load_run_config(run)
         net, meta = load_weights(Path(run) / BEST, device=device)
         recorded = input_spec(meta)
-        spec = ImageSpec(config.img_size, config.in_chans, tuple(config.mean), tuple(config.std), config.crop_pct)
+        spec = image_spec(config)
         return Inference(net, spec, recorded[1] if recorded else None, config, str(Path(run) / BEST))
     if checkpoint is not None:
         net, meta = load_weights(checkpoint, device=device)
         recorded = input_spec(meta)
-        spec, classes = recorded if recorded else (_spec_from_model(net, 0.875), None)
+        spec, classes = recorded if recorded else (_spec_from_model(net), None)
     else:
         if not pretrained:
             raise ValueError("--model NAME evaluates pretrained weights: add --pretrained (or give --run/--checkpoint)")
         from vitkit.registry import create_model
 
         net = create_model(model, pretrained=pretrained).to(device)
-        spec, classes = _spec_from_model(net, 0.875), None
+        spec, classes = _spec_from_model(net), None
     config = TrainConfig(img_size=spec.img_size, in_chans=spec.in_chans, mean=list(spec.mean), std=list(spec.std),
-                         crop_pct=spec.crop_pct, seed=None)
+                         crop_pct=spec.crop_pct, interpolation=spec.interpolation, seed=None)
     return Inference(net, spec, classes, config, str(checkpoint or model))
 
 

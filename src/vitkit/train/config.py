@@ -48,6 +48,7 @@ class TrainConfig:
     mean: list[float] | None = None  # None: the data set's statistics (ImageNet's for image folders)
     std: list[float] | None = None
     crop_pct: float = 0.875  # eval: resize the short side to img_size / crop_pct, centre-crop img_size
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # for every resize
     # -- augmentation --------------------------------------------------------------------------
     crop: CropMode = "rrc"  # rrc: RandomResizedCrop; pad: resize, pad, random crop; resize: no crop jitter
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])

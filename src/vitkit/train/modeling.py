@@ -95,7 +95,7 @@ def save_weights(
     meta = {
         "inputs": json.dumps(
             {"img_size": spec.img_size, "in_chans": spec.in_chans, "mean": list(spec.mean), "std": list(spec.std),
-             "crop_pct": spec.crop_pct, "classes": classes}
+             "crop_pct": spec.crop_pct, "interpolation": spec.interpolation, "classes": classes}
         ),
         **(extra or {}),
     }
@@ -130,5 +130,6 @@ def input_spec(meta: dict[str, str]) -> tuple[ImageSpec, list[str]] | None:
     if "inputs" not in meta:
         return None
     info = json.loads(meta["inputs"])
-    spec = ImageSpec(info["img_size"], info["in_chans"], tuple(info["mean"]), tuple(info["std"]), info["crop_pct"])
+    spec = ImageSpec(info["img_size"], info["in_chans"], tuple(info["mean"]), tuple(info["std"]), info["crop_pct"],
+                     info.get("interpolation", "bilinear"))
     return spec, list(info["classes"])
