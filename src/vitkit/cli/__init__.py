@@ -11,6 +11,7 @@ COMMANDS = {
     "models": "models",
     "flops": "flops",
     "bench": "bench",
+    "export": "export",
     "train": "train",
     "pretrain": "pretrain",
     "eval": "eval",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -88,18 +87,6 @@ def get_local_rank() -> int:
 def rank_seed(seed: int, rank: int | None = None) -> int:
     """The seed of one rank: `seed + rank`, so rank 0 seeds like a single process."""
     return seed + (get_rank() if rank is None else rank)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy (when installed) and torch on every device with `seed`."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -23,13 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
 
-from vitkit.data.datasets import build_dataset, image_spec, load_data, resolve_data_fields
+from vitkit.data.datasets import LoadedData, build_dataset, image_spec, load_data, resolve_data_fields
 from vitkit.data.samplers import build_loader, set_loader_epoch
 from vitkit.train import distributed as dist
 from vitkit.train.checkpoint import capture_rng, load_state, restore_rng, save_state
-from vitkit.train.config import RUNTIME_FIELDS, TrainConfig, check_resume_compatible, load_run_config
+from vitkit.train.config import RUNTIME_FIELDS, TrainConfig, apply_fields, check_resume_compatible, load_run_config
 from vitkit.train.engine import NonFiniteLossError, evaluate, train_one_epoch
 from vitkit.train.losses import build_criterion
 from vitkit.train.modeling import build_model, default_img_size, load_weights, save_weights
@@ -139,8 +141,6 @@ def prepare_resume(run_dir: str | os.PathLike, requested: dict[str, Any]) -> Tra
     saved = load_run_config(run_dir)
     check_resume_compatible(saved, requested)
     runtime_changes = {k: v for k, v in requested.items() if k in RUNTIME_FIELDS and k != "output"}
-    from vitkit.train.config import apply_fields
-
     return dataclasses.replace(apply_fields(saved, runtime_changes), output=str(run_dir))
 
 
@@ -163,22 +163,45 @@ def train(config: TrainConfig, *, resume: bool = False) -> RunResult:
         return _train(config, run_dir, device, resume, main)
 
 
-def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: bool, main: bool) -> RunResult:
-    seed_everything(config.seed)
-    say = print if main else (lambda *a, **k: None)
+@dataclass
+class TrainingState:
+    """Everything `state.pt` holds besides counters: what `--resume` restores."""
 
-    # -- data ---------------------------------------------------------------------------------
-    data = load_data(config)
-    config = resolve_data_fields(config, data, default_img_size(config.model, config.model_args))
-    spec = image_spec(config)
+    model: nn.Module
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler | None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def build_loaders(config: TrainConfig, data: LoadedData, device: torch.device) -> dict[str, DataLoader]:
+    """A loader per split the data has: shuffled and augmented for train, in order for val and test."""
     loaders = {}
     for split in ("train", "val", "test"):
         if split in data.splits:
-            dataset = build_dataset(data, split, config)
+            train = split == "train"
             loaders[split] = build_loader(
-                dataset,
-                train=split == "train",
-                batch_size=config.batch_size if split == "train" else config.resolved_eval_batch_size,
+                build_dataset(data, split, config),
+                train=train,
+                batch_size=config.batch_size if train else config.resolved_eval_batch_size,
                 seed=config.seed,
                 workers=config.workers,
                 rank=dist.get_rank(),
@@ -187,15 +210,17 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
             )
     if "train" not in loaders or "val" not in loaders:
         raise ValueError(f"{data.source} needs a train and a val split to train")
-    if data.skipped:
-        say(f"skipped {len(data.skipped)} corrupt image(s), e.g. {data.skipped[0]}")
+    return loaders
 
-    # -- model, optimisation --------------------------------------------------------------------
+
+def build_training_state(config: TrainConfig, steps_per_epoch: int, device: torch.device) -> TrainingState:
+    """Model (and EMA), AdamW, warm-up + cosine schedule, and a gradient scaler for fp16."""
     model = build_model(config.model, num_classes=config.num_classes, in_chans=config.in_chans,
                         img_size=config.img_size, model_args=config.model_args).to(device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True) if config.ema else None
+    ema = None
+    if config.ema:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
     optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
-    steps_per_epoch = math.ceil(len(loaders["train"]) / config.grad_accum)
     scheduler = build_scheduler(
         optimizer,
         total_steps=config.epochs * steps_per_epoch,
@@ -203,13 +228,13 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
         warmup_lr=config.warmup_lr,
         min_lr=config.min_lr,
     )
-    amp_dtype = amp_dtype_for(config.amp, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    criterion = build_criterion(config)
-    train_model: nn.Module = torch.compile(model) if config.compile else model
+    fp16 = amp_dtype_for(config.amp, device) == torch.float16
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None
+    return TrainingState(model, ema, optimizer, scheduler, scaler)
 
-    # -- run folder -----------------------------------------------------------------------------
-    folder = RunFolder(run_dir, enabled=main)
+
+def _run_info(folder: RunFolder, resume: bool, device: torch.device, config: TrainConfig, model: nn.Module,
+              data: LoadedData, loaders: dict[str, DataLoader]) -> dict[str, Any]:
     info = folder.read_run_info() if resume else {}
     info.update(provenance(device))
     info.setdefault("start_time", _now())
@@ -226,26 +251,39 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
             "skipped_files": [str(p) for p in data.skipped[:20]],
         },
     )
+    return info
+
+
+def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: bool, main: bool) -> RunResult:
+    seed_everything(config.seed)
+    say = print if main else (lambda *a, **k: None)
+
+    data = load_data(config)
+    config = resolve_data_fields(config, data, default_img_size(config.model, config.model_args))
+    spec = image_spec(config)
+    loaders = build_loaders(config, data, device)
+    if data.skipped:
+        say(f"skipped {len(data.skipped)} corrupt image(s), e.g. {data.skipped[0]}")
+    state = build_training_state(config, math.ceil(len(loaders["train"]) / config.grad_accum), device)
+    model, ema = state.model, state.ema
+    amp_dtype = amp_dtype_for(config.amp, device)
+    criterion = build_criterion(config)
+    train_model: nn.Module = torch.compile(model) if config.compile else model
+
+    folder = RunFolder(run_dir, enabled=main)
+    info = _run_info(folder, resume, device, config, model, data, loaders)
     folder.write_config(config)
     folder.write_run_info(info)
 
     start_epoch, global_step = 1, 0
     best = {"top1": -1.0, "epoch": 0, "source": "model"}
     if resume:
-        state = load_state(run_dir / STATE)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-        best = dict(state["best"])
-        folder.load_metrics(upto_epoch=state["epoch"], upto_step=global_step)
-        restore_rng(state["rng"])  # last: nothing above may draw random numbers afterwards
-        say(f"resuming {run_dir} after epoch {state['epoch']}")
-
+        saved = load_state(run_dir / STATE)
+        state.load_state_dict(saved)
+        start_epoch, global_step, best = saved["epoch"] + 1, saved["global_step"], dict(saved["best"])
+        folder.load_metrics(upto_epoch=saved["epoch"], upto_step=global_step)
+        restore_rng(saved["rng"])  # last: nothing above may draw random numbers afterwards
+        say(f"resuming {run_dir} after epoch {saved['epoch']}")
     sizes = ", ".join(f"{len(loader.dataset)} {split}" for split, loader in loaders.items())
     say(
         f"model {config.model} ({info['model']['params'] / 1e6:.2f} M parameters), data {data.source}: {sizes} images, "
@@ -253,29 +291,29 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
         f"device {device}, {torch.get_num_threads()} threads; run folder {run_dir}"
     )
 
-    # -- epochs ---------------------------------------------------------------------------------
-    classes = data.classes
     for epoch in range(start_epoch, config.epochs + 1):
         set_loader_epoch(loaders["train"], epoch, config.seed)
         progress = Progress(len(loaders["train"]), f"epoch {epoch}/{config.epochs}", enabled=main,
                             every=config.log_every)
         try:
             stats = train_one_epoch(
-                train_model, criterion, loaders["train"], optimizer,
-                device=device, scheduler=scheduler, ema=ema, amp_dtype=amp_dtype, scaler=scaler,
+                train_model, criterion, loaders["train"], state.optimizer,
+                device=device, scheduler=state.scheduler, ema=ema, amp_dtype=amp_dtype, scaler=state.scaler,
                 grad_accum=config.grad_accum, clip_grad=config.clip_grad, epoch=epoch, start_step=global_step,
                 log_every=config.log_every, on_log=folder.log, progress=progress,
             )
         except NonFiniteLossError as err:
             info.update(status=f"stopped: {err}", end_time=_now())
             folder.write_run_info(info)
-            last = f"the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if epoch > 1 else "no checkpoint was written"
+            kept = f"the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if epoch > 1 else "no checkpoint yet"
             raise RuntimeError(
-                f"{err}; training stopped ({last}): lower the learning rate or set clip_grad, e.g. --set clip_grad=1.0"
+                f"{err}; training stopped ({kept}): lower the learning rate or set clip_grad, e.g. --set clip_grad=1.0"
             ) from None
         finally:
             progress.close()
         global_step += stats["steps"]
+
+        # validation: the model, and the EMA beside it; the better one competes for best.safetensors
         val = evaluate(model, loaders["val"], device=device, amp_dtype=amp_dtype)
         record = {"epoch": epoch, "train_loss": stats["train_loss"], "lr": stats["lr"],
                   "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]}
@@ -286,26 +324,18 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
             candidates.append(("ema", ema_val["top1"], ema.module))
         record["images_per_s"] = stats["images_per_s"]
         source, top1, weights = max(candidates, key=lambda c: c[1])  # ties go to the model
-        if main:
-            if top1 > best["top1"]:
-                best = {"top1": top1, "epoch": epoch, "source": source}
-                save_weights(weights, run_dir / BEST, spec=spec, classes=classes,
+        improved = top1 > best["top1"]
+        if improved:
+            best = {"top1": top1, "epoch": epoch, "source": source}
+        if main:  # order matters: state.pt last, so everything it claims exists
+            if improved:
+                save_weights(weights, run_dir / BEST, spec=spec, classes=data.classes,
                              extra={"source": source, "epoch": str(epoch), "val_top1": repr(top1)})
-            save_weights(model, run_dir / LAST, spec=spec, classes=classes, extra={"source": "model", "epoch": str(epoch)})
+            save_weights(model, run_dir / LAST, spec=spec, classes=data.classes,
+                         extra={"source": "model", "epoch": str(epoch)})
             folder.log(record)
-            save_state(run_dir / STATE, {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch,
-                "global_step": global_step,
-                "best": best,
-                "rng": capture_rng(),
-            })
-        else:
-            best = max(best, {"top1": top1, "epoch": epoch, "source": source}, key=lambda b: b["top1"])
+            save_state(run_dir / STATE, {**state.state_dict(), "epoch": epoch, "global_step": global_step,
+                                         "best": best, "rng": capture_rng()})
         ema_note = f" | EMA val top-1 {record['ema_val_top1']:.2f}%" if ema is not None else ""
         say(
             f"epoch {epoch}/{config.epochs}: train loss {stats['train_loss']:.4f}, lr {stats['lr']:.2e} | "
@@ -315,7 +345,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
         )
     dist.barrier()
 
-    # -- the test split, once, with the best weights ------------------------------------------
+    # the test split, once, with the weights in best.safetensors
     final: dict[str, Any] = {"best_val_top1": best["top1"], "best_epoch": best["epoch"], "best_source": best["source"]}
     test = None
     if "test" in loaders:
