@@ -31,6 +31,8 @@ test-all: venv-dev
 # Fashion-MNIST end to end: data (the Debian package when root), training of the fmnist_demo recipe
 # (a ViT, about 6 minutes on 2 CPU cores), test evaluation, predictions for a few test images
 DEMO_RUN ?= runs/fmnist_demo
+# idle OpenMP threads sleep instead of spinning: on a busy 2-core machine, spinning slows training several-fold
+demo: export OMP_WAIT_POLICY ?= PASSIVE
 demo: venv
 	$(PY) scripts/demo.py data
 	rm -rf $(DEMO_RUN)

@@ -21,7 +21,14 @@ from test_data import offline, write_folder, write_idx  # noqa: F401  (offline i
 import vitkit
 from vitkit.cli import main
 from vitkit.train import runner
-from vitkit.train.config import TrainConfig, build_config, check_resume_compatible, list_recipes, parse_set
+from vitkit.train.config import (
+    TrainConfig,
+    build_config,
+    check_resume_compatible,
+    list_recipes,
+    load_recipe,
+    parse_set,
+)
 from vitkit.train.engine import NonFiniteLossError, evaluate, train_one_epoch
 from vitkit.train.losses import CrossEntropy
 from vitkit.train.optim import build_optimizer, build_scheduler, param_groups
@@ -56,7 +63,8 @@ def test_recipe_then_flags_then_set():
     config = build_config(None, {"epochs": 3, **parse_set(["lr=1e-3", "model_args.depth=2", "clip_grad=null"])})
     assert config.recipe == "fmnist_demo" and config.model == "vit_tiny_patch16_224" and config.data == "fashion-mnist"
     assert config.epochs == 3 and config.lr == 1e-3 and isinstance(config.lr, float) and config.clip_grad is None
-    assert config.model_args["depth"] == 2 and config.model_args["patch_size"] == 4  # merged with the recipe's
+    recipe_args = load_recipe("fmnist_demo")[1]["model_args"]
+    assert config.model_args == {**recipe_args, "depth": 2}  # merged with the recipe's
     # another model starts from its own config, not the recipe's overrides
     assert build_config(None, {"model": "torchvision:resnet18"}).model_args == {}
     with pytest.raises(ValueError, match="unknown config field 'epoch'; did you mean epochs"):
