@@ -108,7 +108,8 @@ def test_missing_export_extra_names_the_install(tmp_path, monkeypatch, capsys):
 def test_bad_arguments(tmp_path, capsys):
     assert main(["export", "--output", str(tmp_path / "m.onnx")]) == 2
     assert "exactly one" in capsys.readouterr().err
-    assert main(["export", "--checkpoint", str(tmp_path / "none.safetensors"), "--output", str(tmp_path / "m.onnx")]) == 2
+    missing = str(tmp_path / "none.safetensors")
+    assert main(["export", "--checkpoint", missing, "--output", str(tmp_path / "m.onnx")]) == 2
     assert "does not exist" in capsys.readouterr().err
     model = vitkit.create_model("deit_tiny_patch16_224", depth=1)
     with pytest.raises(ValueError, match="dynamic_img_size=True"):

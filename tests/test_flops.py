@@ -42,14 +42,14 @@ def test_cpu_and_meta_counts_agree(name):
     with torch.device("meta"):
         meta = vitkit.create_model(name, **small).eval()
     x = torch.randn(1, 3, 224, 224)
-    cpu_total, cpu_parts = count_macs(cpu, x, depth=4)
-    meta_total, meta_parts = count_macs(meta, x.to("meta"), depth=4)
+    cpu_total, cpu_parts = count_macs(cpu, x, levels=4)
+    meta_total, meta_parts = count_macs(meta, x.to("meta"), levels=4)
     assert cpu_total == meta_total
     assert cpu_parts == meta_parts
 
 
 def test_attention_products_are_counted():
-    report = macs_report("deit_tiny_patch16_224", depth=4)
+    report = macs_report("deit_tiny_patch16_224", levels=4)
     n, d = 197, 192  # tokens (196 patches + class token), width
     assert report.breakdown["blocks.0.attn (self)"] == 2 * n * n * d  # q @ k^T and attn @ v
     assert report.breakdown["blocks.0.attn.qkv"] == n * d * 3 * d
@@ -57,16 +57,19 @@ def test_attention_products_are_counted():
     assert report.breakdown["patch_embed.proj"] == 196 * d * 3 * 16 * 16
 
 
-@pytest.mark.parametrize("depth", [1, 2, 4])
-def test_breakdown_partitions_the_total(depth):
-    report = macs_report("swin_tiny_patch4_window7_224", depth=depth)
+@pytest.mark.parametrize("levels", [1, 2, 4])
+def test_breakdown_partitions_the_total(levels):
+    report = macs_report("swin_tiny_patch4_window7_224", levels=levels)
     assert sum(report.breakdown.values()) == report.macs
-    assert all(k.count(".") < depth or k.endswith("(self)") for k in report.breakdown)
+    assert all(k.count(".") < levels or k.endswith("(self)") for k in report.breakdown)
 
 
-def test_depth_must_be_positive():
-    with pytest.raises(ValueError, match="depth must be >= 1"):
-        macs_report("deit_tiny_patch16_224", depth=0)
+def test_levels_must_be_positive_and_overrides_reach_the_model():
+    with pytest.raises(ValueError, match="levels must be >= 1"):
+        macs_report("deit_tiny_patch16_224", levels=0)
+    full, half = macs_report("deit_tiny_patch16_224"), macs_report("deit_tiny_patch16_224", depth=6)
+    per_block = full.breakdown["blocks.0"]
+    assert full.macs - half.macs == 6 * per_block
 
 
 @pytest.mark.parametrize(
@@ -88,7 +91,7 @@ def test_cli_json(capsys):
 
 
 def test_cli_table_and_bad_size(capsys):
-    assert main(["flops", "swinv2_tiny_window8_256", "--depth", "1"]) == 0
+    assert main(["flops", "swinv2_tiny_window8_256", "--levels", "1"]) == 0
     out = capsys.readouterr().out
     assert "5.940 G MACs" in out and "1 MAC = 2 FLOPs" in out and "layers" in out
     assert main(["flops", "deit_tiny_patch16_224", "--img-size", "100"]) == 2

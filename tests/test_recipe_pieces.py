@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import yaml
 import torch
 import torch.nn.functional as F
+from test_data import offline, write_idx  # noqa: F401  (offline is a fixture)
 from torch import nn
 
 import vitkit
+from vitkit.cli import main
 from vitkit.data.augment import (
     RA_OPS,
     BatchAugment,
@@ -24,6 +30,7 @@ from vitkit.data.augment import (
 from vitkit.data.repeated_aug import RepeatedAugSampler
 from vitkit.data.transforms import Augment, BatchTrainTransform, ImageSpec, train_transform
 from vitkit.train.distill import BinaryCrossEntropy, DistillationLoss, build_distillation, soft_distillation
+from vitkit.train.config import build_config
 from vitkit.train.losses import CrossEntropy
 from vitkit.train.teacher import FrozenTeacher, TeacherInputs, load_teacher
 from vitkit.weights.io import save_model
@@ -319,3 +326,71 @@ def test_lamb_matches_timm():
             opt.step()
     for a, b in zip(ours.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# -- the recipes end to end, on tiny Fashion-MNIST IDX files the test writes ----------------------
+
+
+@pytest.fixture
+def idx_data(offline, monkeypatch):  # noqa: F811
+    folder = write_idx(offline / "idx", n_train=120, n_test=40)
+    monkeypatch.setenv("VITKIT_DATA", str(folder))
+    return folder
+
+
+SMOKE = ["--data", "fashion-mnist", "--smoke", "--seed", "0", "--threads", "1"]
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("recipe", ["deit", "deit3"])
+def test_recipe_smoke_run(recipe, idx_data, tmp_path):
+    out = tmp_path / recipe
+    assert main(["train", "--recipe", recipe, "--output", str(out), *SMOKE]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["recipe"] == recipe and config["repeated_aug"] == 3 and config["mixup"] == 0.8
+    if recipe == "deit":
+        assert config["auto_augment"].startswith("rand-m9") and config["reprob"] == 0.25 and config["ema"]
+    else:
+        assert config["three_augment"] and config["loss"] == "bce" and config["optimizer"] == "lamb"
+        assert config["crop"] == "pad"
+    assert "test_top1" in _records(out)[-1]
+
+
+def test_distillation_smoke_run(idx_data, tmp_path):
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--output", str(teacher), *SMOKE]) == 0
+    student = tmp_path / "student"
+    assert main(["train", "--model", "deit_tiny_distilled_patch16_224", "--patch-size", "7", "--output", str(student),
+                 *SMOKE, "--teacher", str(teacher), "--distillation", "hard", "--distill-alpha", "0.5"]) == 0
+    config = yaml.safe_load((student / "config.yaml").read_text())
+    assert (config["distillation"], config["teacher"]) == ("hard", str(teacher))
+    assert "test_top1" in _records(student)[-1]
+    with pytest.raises(ValueError, match="needs a teacher"):
+        build_config("deit", {"distillation": "soft"})
+
+
+def test_paper_recipes_resolve():
+    for name in ("deit", "deit3", "swin"):
+        config = build_config(name)
+        assert config.recipe == name and config.lr_batch and config.data == "imagenet"
+    assert build_config("swin").repeated_aug == 1 and build_config("swin").clip_grad == 5.0
+
+
+def test_recipe_fields_reach_transforms_sampler_and_criterion():
+    from vitkit.data.datasets import TensorImageDataset, augment
+    from vitkit.data.samplers import build_loader
+    from vitkit.train.losses import build_criterion
+
+    config = build_config("deit3")
+    aug = augment(config)
+    assert aug.three_augment and aug.color_jitter == 0.3 and aug.crop == "pad"
+    assert BatchTrainTransform(ImageSpec(28, 1, (0.5,), (0.5,)), aug).extra.active
+    data = TensorImageDataset(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
+    loader = build_loader(data, train=True, batch_size=4, repeats=config.repeated_aug,
+                          repeat_epoch=config.repeated_aug_epoch)
+    assert isinstance(loader.sampler, RepeatedAugSampler) and len(loader.sampler) == 10
+    assert isinstance(build_criterion(config), BinaryCrossEntropy)
+    assert augment(build_config("deit")).auto_augment == "rand-m9-mstd0.5-inc1"

@@ -361,3 +361,49 @@ def test_finetune_fields_rebuild_the_pretrained_architecture(tmp_path):
     assert fresh.config.drop_path_rate == 0.1  # the variant's default: regularisation is not inherited
     with pytest.raises(FileNotFoundError, match="vitkit pretrain. run folder"):
         encoder_file(tmp_path / "missing")
+
+
+def _write_labelled_folder(root, per_class: int = 8) -> None:
+    """train/ and val/ with two classes of greyscale PNGs (dark and bright bilinear images)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(1)
+    for split in ("train", "val"):
+        for label, name in enumerate(("dark", "bright")):
+            for i in range(per_class):
+                img = _smooth_images(1, g)[0, 0]
+                img = (img - img.min()) / (img.max() - img.min() + 1e-6) * 0.5 + 0.5 * label
+                path = root / split / name / f"{i:02d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray((img * 255).to(torch.uint8).numpy(), mode="L").save(path)
+
+
+def test_train_finetunes_a_pretrained_encoder_with_layer_decay(tmp_path, capsys):
+    from safetensors.torch import load_file as load
+
+    from vitkit.cli import main
+    from vitkit.train.config import load_run_config
+
+    data = tmp_path / "labelled"
+    _write_labelled_folder(data)
+    pre = tmp_path / "pre"
+    # the train split of a labelled folder pre-trains too (labels unused)
+    assert main(["pretrain", "--data", str(data), "--epochs", "1", "--output", str(pre), *TINY_VIT_ARGS]) == 0
+    fine = tmp_path / "fine"
+    # a vanishing lr: after one epoch the weights are still the encoder's, plus a head
+    assert main(["train", "--finetune", str(pre), "--data", str(data), "--epochs", "1", "--output", str(fine),
+                 "--batch-size", "8", "--seed", "0", "--threads", "1", "--workers", "0", "--layer-decay", "0.75",
+                 "--lr", "1e-12", "--set", "warmup_lr=1e-12", "--set", "min_lr=0"]) == 0
+    config = load_run_config(fine)
+    assert (config.model, config.img_size, config.in_chans, config.layer_decay) == ("vit_tiny_patch16_224", 32, 1, 0.75)
+    assert config.model_args == {"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    encoder, tuned = load(str(pre / "encoder.safetensors")), load(str(fine / "last.safetensors"))
+    assert set(tuned) - set(encoder) == {"head.weight", "head.bias"}
+    for key, value in encoder.items():
+        torch.testing.assert_close(tuned[key], value, atol=1e-6, rtol=0)
+    assert "fine-tuning" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit):  # argparse: --layer-decay needs a number
+        main(["train", "--finetune", str(pre), "--layer-decay", "x"])
+    assert main(["train", "--finetune", str(tmp_path / "nowhere"), "--data", str(data)]) == 2
+    assert "does not exist" in capsys.readouterr().err

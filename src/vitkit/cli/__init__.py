@@ -12,6 +12,7 @@ COMMANDS = {
     "flops": "flops",
     "bench": "bench",
     "export": "export",
+    "attention": "attention",
     "train": "train",
     "pretrain": "pretrain",
     "eval": "eval",

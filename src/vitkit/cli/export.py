@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("model", nargs="?", default=None, help="registered model name (random weights)")
-    p.add_argument("--checkpoint", default=None, help="a vitkit .safetensors checkpoint (e.g. a run's best.safetensors)")
+    p.add_argument("--checkpoint", default=None, help="a vitkit .safetensors file (e.g. a run's best.safetensors)")
     p.add_argument("--output", required=True, help="file to write (.onnx or .pt2)")
     p.add_argument("--format", choices=("onnx", "torch-export"), default="onnx", help="default onnx")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (else the batch is fixed at 1)")

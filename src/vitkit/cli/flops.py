@@ -1,4 +1,4 @@
-"""`vitkit flops MODEL [--img-size N] [--depth D] [--json]`: parameters and MACs per image."""
+"""`vitkit flops MODEL [--img-size N] [--levels L] [--json]`: parameters and MACs per image."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="registered model name (see `vitkit models`)")
     p.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's own)")
     p.add_argument(
-        "--depth", type=int, default=2,
-        help="module levels in the breakdown (2: blocks.0 / layers.0; default 2)",
+        "--levels", type=int, default=2,
+        help="module levels in the breakdown (2: blocks.0 / layers.0; 4 also shows each block's attention "
+        "products; default 2)",
     )
     p.add_argument("--json", action="store_true", help='print {"model", "img_size", "params", "macs", "breakdown"}')
     p.set_defaults(run=run)
@@ -32,12 +33,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitkit.tools.flops import macs_report
 
-    report = macs_report(args.model, img_size=args.img_size, depth=args.depth)
+    report = macs_report(args.model, img_size=args.img_size, levels=args.levels)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
     h, w = report.img_size
-    print(f"{report.model} at {h}x{w}: {report.params / 1e6:.2f} M parameters, {report.macs / 1e9:.3f} G MACs per image")
+    print(
+        f"{report.model} at {h}x{w}: {report.params / 1e6:.2f} M parameters, "
+        f"{report.macs / 1e9:.3f} G MACs per image"
+    )
     width = max(len(k) for k in report.breakdown)
     print(f"{'module':<{width}}  {'MACs (M)':>10}  {'share':>6}")
     for name, macs in report.breakdown.items():

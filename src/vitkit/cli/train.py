@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 
@@ -34,7 +35,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-samples", type=int, help="test on a fixed random subset of N images")
     p.add_argument("--val-split", type=float, help="fraction of train held out for validation when there is no val/ (0.1)")
     p.add_argument("--skip-corrupt", action="store_const", const=True, help="skip unreadable images (counted in the log)")
+    p.add_argument("--teacher", help="distillation teacher: vitkit NAME, torchvision:NAME, a run folder or a .safetensors file")
+    p.add_argument("--distillation", choices=("none", "soft", "hard"), help="knowledge distillation (DeiT): none, soft or hard")
+    p.add_argument("--distill-alpha", type=float, help="weight of the distillation term (0.5)")
+    p.add_argument("--distill-tau", type=float, help="soft distillation temperature (1.0)")
     p.add_argument("--smoke", action="store_true", help="shrink the recipe to seconds: few samples, 1 epoch, tiny model")
+    p.add_argument("--finetune", metavar="RUN", help="start from the encoder of a `vitkit pretrain` run (its model, "
+                   "model_args, img_size and in_chans unless given); only the head starts fresh")
+    p.add_argument("--layer-decay", type=float, help="layer-wise lr decay in (0, 1]: block i of L trains at "
+                   "lr x decay^(L + 1 - i) (SimMIM fine-tuning: 0.9 for Swin, 0.65 for ViT)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set label_smoothing=0.0 --set model_args.depth=6")
     p.set_defaults(run=run)
@@ -45,7 +54,8 @@ def requested_fields(args: argparse.Namespace) -> dict[str, Any]:
     from vitkit.train.config import parse_set
 
     names = ("model", "data", "epochs", "batch_size", "lr", "img_size", "output", "seed", "device", "workers",
-             "threads", "compile", "train_samples", "val_samples", "test_samples", "val_split", "skip_corrupt")
+             "threads", "compile", "train_samples", "val_samples", "test_samples", "val_split", "skip_corrupt",
+             "finetune", "layer_decay", "teacher", "distillation", "distill_alpha", "distill_tau")
     fields = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.patch_size is not None:
         fields["model_args"] = {"patch_size": args.patch_size}
@@ -77,7 +87,20 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--smoke contradicts the run being resumed (it was not a smoke run)")
         resume = True
     else:
+        pretrained = None
+        if args.finetune:  # the pre-trained architecture, unless the command line says otherwise
+            from vitkit.pretrain.finetune import finetune_fields
+
+            pretrained = finetune_fields(args.finetune)
+            for key in ("model", "img_size", "in_chans"):
+                fields.setdefault(key, pretrained[key])
         config = build_config(args.recipe, fields, smoke=args.smoke)
+        if pretrained is not None and config.model == pretrained["model"]:
+            # the recipe's architecture overrides give way to the encoder's; its regularisation stays
+            kept = {k: v for k, v in config.model_args.items() if "drop" in k}
+            model_args = {**kept, **pretrained["model_args"], **fields.get("model_args", {})}
+            config = dataclasses.replace(config, model_args=model_args)
+            config.validate()
         resume = False
     result = train(config, resume=resume)
     print(f"best val top-1 {result.best_val_top1:.2f}% (epoch {result.best_epoch}, {result.best_source} weights)")

@@ -237,6 +237,10 @@ def augment(config: TrainConfig) -> Augment:
         crop_padding=config.crop_padding,
         pad_mode=config.pad_mode,
         hflip=config.hflip,
+        auto_augment=config.auto_augment,
+        three_augment=config.three_augment,
+        color_jitter=config.color_jitter,
+        reprob=config.reprob,
     )
 
 

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vitkit.data.datasets import TensorImageDataset, collate_batch
+from vitkit.data.repeated_aug import RepeatedAugSampler
 
 
 class ShardedSampler(Sampler[int]):
@@ -56,9 +57,14 @@ class ShardedSampler(Sampler[int]):
 
 
 def build_sampler(
-    dataset: Dataset, *, train: bool, seed: int, rank: int = 0, world_size: int = 1
+    dataset: Dataset, *, train: bool, seed: int, rank: int = 0, world_size: int = 1, repeats: int = 1,
+    repeat_epoch: str = "repeated",
 ) -> Sampler[int]:
-    """The sampler for a split: shuffled and padded for training, in order for evaluation."""
+    """The sampler for a split: shuffled and padded for training (each image `repeats` times with
+    repeated augmentation), in order for evaluation."""
+    if train and repeats > 1:
+        return RepeatedAugSampler(len(dataset), repeats=repeats, seed=seed, rank=rank, world_size=world_size,
+                                  epoch_size=repeat_epoch)
     return ShardedSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=train)
 
 
@@ -90,12 +96,15 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    repeats: int = 1,
+    repeat_epoch: str = "repeated",
 ) -> DataLoader:
     """A DataLoader over `dataset` with `build_sampler`'s sampler; call `set_loader_epoch` per epoch.
 
     Training drops a last partial batch unless it would be the only one.
     """
-    sampler = build_sampler(dataset, train=train, seed=seed, rank=rank, world_size=world_size)
+    sampler = build_sampler(dataset, train=train, seed=seed, rank=rank, world_size=world_size, repeats=repeats,
+                            repeat_epoch=repeat_epoch)
     workers = default_workers(dataset) if workers is None else workers
     batched = isinstance(dataset, TensorImageDataset)
     return DataLoader(

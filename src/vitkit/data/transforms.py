@@ -19,6 +19,8 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
+from vitkit.data.augment import BatchAugment, batch_random_erasing, image_augment, image_random_erasing
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -79,6 +81,10 @@ class Augment:
     crop_padding: int = 4
     pad_mode: str = "reflect"
     hflip: float = 0.5
+    auto_augment: str | None = None  # RandAugment spec (vitkit.data.augment)
+    three_augment: bool = False
+    color_jitter: float = 0.0
+    reprob: float = 0.0  # random erasing, after normalisation
 
 
 def _mode(spec: ImageSpec) -> InterpolationMode:
@@ -114,7 +120,11 @@ def train_transform(spec: ImageSpec, aug: Augment) -> v2.Compose:
         steps += [v2.Resize(size, interpolation=_mode(spec), antialias=True), v2.CenterCrop(size)]
     if aug.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(aug.hflip))
+    steps += image_augment(size, spec.in_chans, auto_augment=aug.auto_augment, three_aug=aug.three_augment,
+                           color_jitter=aug.color_jitter)
     steps += [v2.ToDtype(torch.float32, scale=True), _normalise(spec.mean, spec.std, spec.in_chans)]
+    if aug.reprob > 0:
+        steps.append(image_random_erasing(aug.reprob))
     return v2.Compose(steps)
 
 
@@ -126,6 +136,8 @@ class BatchTrainTransform:
         self.spec, self.aug = spec, aug
         self.channels = ToChannels(spec.in_chans)
         self.normalise = _normalise(spec.mean, spec.std, spec.in_chans)
+        self.extra = BatchAugment(auto_augment=aug.auto_augment, three_aug=aug.three_augment,
+                                  color_jitter=aug.color_jitter)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         size, aug = self.spec.img_size, self.aug
@@ -141,7 +153,10 @@ class BatchTrainTransform:
         if aug.hflip > 0:
             flip = torch.rand(x.shape[0]) < aug.hflip
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return self.normalise(x)
+        if self.extra.active:
+            x = self.extra(x)
+        x = self.normalise(x)
+        return batch_random_erasing(x, aug.reprob) if aug.reprob > 0 else x
 
     def __repr__(self) -> str:
         return f"BatchTrainTransform({self.spec}, {self.aug})"

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vitkit.io import write_text
 from vitkit.pretrain.optim import build_adamw, warmup_schedule
-from vitkit.pretrain.simmim import MaskGenerator, SimMIM, build_simmim, evaluate, save_encoder, save_reconstructions
+from vitkit.pretrain.simmim import MaskGenerator, build_simmim, evaluate, save_encoder, save_reconstructions
 from vitkit.pretrain.simmim import train_one_epoch
 
 ENCODER, RECONSTRUCTIONS, PRETRAIN_CONFIG = "encoder.safetensors", "reconstructions.png", "pretrain.yaml"
@@ -274,13 +274,17 @@ def _pretrain(config, pre: PretrainConfig, run_dir: Path, device: torch.device, 
     model = model.to(device)
     masks = MaskGenerator(config.img_size, pre.mask_patch_size, model.patch_size, pre.mask_ratio)
     steps_per_epoch = len(loaders["train"])
-    optimizer = build_adamw(model, config.lr, config.weight_decay, tuple(config.betas))
+    if config.optimizer != "adamw":
+        raise ValueError(f"SimMIM pre-trains with AdamW: drop optimizer={config.optimizer!r}")
+    # lr_batch: lr is given for that total batch (SimMIM: 512) and scaled linearly, as in training
+    lr = config.lr * config.batch_size * dist.get_world_size() / config.lr_batch if config.lr_batch else config.lr
+    optimizer = build_adamw(model, lr, config.weight_decay, tuple(config.betas))
     scheduler = warmup_schedule(
         optimizer,
         total_steps=config.epochs * steps_per_epoch,
         warmup_steps=min(round(config.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch),
-        warmup_lr_ratio=min(config.warmup_lr / config.lr, 1.0),
-        min_lr_ratio=min(config.min_lr / config.lr, 1.0),
+        warmup_lr_ratio=min(config.warmup_lr / lr, 1.0),
+        min_lr_ratio=min(config.min_lr / lr, 1.0),
         kind=pre.lr_schedule,
         milestones=tuple(m * steps_per_epoch for m in pre.milestones),
         gamma=pre.gamma,

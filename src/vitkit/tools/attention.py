@@ -103,21 +103,28 @@ def vit_attention_map(
 
 
 # -- Swin: class activation map --------------------------------------------------------------------
-def class_activation_map(model: nn.Module, x: torch.Tensor, class_index: int | None = None) -> list[AttentionMap]:
-    """CAM through the linear head on the last stage's features (see the module docstring)."""
+def class_activation_maps(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, K) and every class's activation map (B, K, h, w) on the last stage; the maps'
+    means plus the head's bias are the logits."""
     fc = model.head.fc
     if not isinstance(fc, nn.Linear):
         raise ValueError("cam needs a classification head (the model was built with num_classes=0)")
     with torch.no_grad():
         feats = model.forward_features(x)  # (B, h, w, C) after the final norm
         logits = model.forward_head(feats)
-        cam = torch.einsum("bhwc,kc->bkhw", feats, fc.weight)  # (B, classes, h, w)
+        cams = torch.einsum("bhwc,kc->bkhw", feats, fc.weight)
+    return logits, cams
+
+
+def class_activation_map(model: nn.Module, x: torch.Tensor, class_index: int | None = None) -> list[AttentionMap]:
+    """One CAM per image, for `class_index` or else the predicted class, clipped at zero."""
+    logits, cams = class_activation_maps(model, x)
     out = []
     for b in range(x.shape[0]):
         k = int(logits[b].argmax()) if class_index is None else class_index
-        if not 0 <= k < cam.shape[1]:
-            raise ValueError(f"class index {k} is out of range: the model has {cam.shape[1]} classes")
-        out.append(_make(cam[b, k].clamp(min=0), "cam", logits[b], k))
+        if not 0 <= k < cams.shape[1]:
+            raise ValueError(f"class index {k} is out of range: the model has {cams.shape[1]} classes")
+        out.append(_make(cams[b, k], "cam", logits[b], k))
     return out
 
 

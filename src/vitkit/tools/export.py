@@ -182,7 +182,9 @@ def _require_onnx() -> None:
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as err:
-        raise RuntimeError(f"ONNX export needs onnx, onnxscript and onnxruntime ({err.name} is missing): {EXPORT_EXTRA}") from err
+        raise RuntimeError(
+            f"ONNX export needs onnx, onnxscript and onnxruntime ({err.name} is missing): {EXPORT_EXTRA}"
+        ) from err
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, dynamic_shapes, target: Path, opset: int | None) -> None:

@@ -69,32 +69,31 @@ class MacsReport:
         }
 
 
-def count_macs(model: nn.Module, x: torch.Tensor, depth: int = 2) -> tuple[int, dict[str, int]]:
+def count_macs(model: nn.Module, x: torch.Tensor, levels: int = 2) -> tuple[int, dict[str, int]]:
     """MACs of one forward pass of `model` on `x` (the whole batch), in total and per module.
 
-    The breakdown partitions the total: modules `depth` levels below the model (dotted path
-    `blocks.0` is level 2), shallower modules with no counted children, and `PATH (self)` for
-    products a module computes itself beside its children (e.g. `blocks.0.attn (self)`: the
-    attention products inside `scaled_dot_product_attention`). Works on any device.
+    The breakdown partitions the total: modules `levels` below the model (dotted path `blocks.0`
+    is level 2), shallower modules with no counted children, and `PATH (self)` for products a
+    module computes itself beside its children (e.g. `blocks.0.attn (self)`: the attention
+    products inside `scaled_dot_product_attention`). Works on any device.
     """
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1 (module levels in the breakdown), got {depth}")
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1 (module levels in the breakdown), got {levels}")
     with torch.no_grad(), flop_counter() as counter:
         model(x)
     counts = counter.get_flop_counts()
     total = sum(counts.get("Global", {}).values()) // 2
-    return total, _partition(counts, total, depth)
+    return total, _partition(counts, total, levels)
 
 
-def _partition(counts: dict[str, dict[Any, int]], total: int, depth: int) -> dict[str, int]:
+def _partition(counts: dict[str, dict[Any, int]], total: int, levels: int) -> dict[str, int]:
     # keys are "<RootClass>.path.to.module" (and "Global"): drop the root's name
     macs: dict[str, int] = {}
     for key, ops in counts.items():
         if key != "Global" and "." in key:
             macs[key.split(".", 1)[1]] = sum(ops.values()) // 2
-    # containers that are iterated, never called (`for block in self.blocks`), have no entry:
-    # add every ancestor path so the tree is complete
-    # ... and keep the order of the forward pass
+    # containers that are iterated, never called (`for block in self.blocks`), have no entry: add
+    # every ancestor path so the tree is complete, in the order of the forward pass
     order: dict[str, int] = {}
     for key in macs:
         parts = key.split(".")
@@ -115,7 +114,7 @@ def _partition(counts: dict[str, dict[Any, int]], total: int, depth: int) -> dic
     def visit(path: str, own: int) -> None:
         kids = children(path)
         level = path.count(".") + 1 if path else 0
-        if path and (level >= depth or not kids):
+        if path and (level >= levels or not kids):
             if own:
                 out[path] = own
             return
@@ -138,14 +137,15 @@ def _image_input(model: nn.Module, img_size: tuple[int, int], device: str | torc
 
 
 def macs_report(
-    name: str, img_size: int | tuple[int, int] | None = None, depth: int = 2, **overrides: Any
+    name: str, img_size: int | tuple[int, int] | None = None, levels: int = 2, **overrides: Any
 ) -> MacsReport:
     """Parameters and MACs per image of a registered model at `img_size` (default: its own),
-    counted on the meta device. `overrides` are config fields, as for `create_model`."""
+    counted on the meta device, with a breakdown `levels` deep. `overrides` are config fields,
+    as for `create_model` (`depth=6`)."""
     with torch.device("meta"):
         model = create_model(name, img_size=img_size, **overrides).eval()
     size = to_2tuple(tuple(model.config.img_size))
-    total, breakdown = count_macs(model, _image_input(model, size, "meta"), depth)
+    total, breakdown = count_macs(model, _image_input(model, size, "meta"), levels)
     return MacsReport(name, size, count_parameters(model), total, breakdown)
 
 
@@ -183,7 +183,8 @@ def _signature(module: nn.Module) -> tuple:
                 isinstance(value, tuple) and _hashable(value)
             ):
                 plain.append((key, value))
-        tensors = [(k, tuple(t.shape), t.dtype) for k, t in list(m._parameters.items()) + list(m._buffers.items()) if t is not None]
+        own = list(m._parameters.items()) + list(m._buffers.items())
+        tensors = [(k, tuple(t.shape), t.dtype) for k, t in own if t is not None]
         parts.append((path, type(m).__qualname__, tuple(plain), tuple(tensors)))
     return tuple(parts)
 
@@ -226,6 +227,8 @@ def _run_repeats_once(model: nn.Module, counter: FlopCounterMode) -> Iterator[li
     patched: list[nn.Module] = []
 
     def memo(block: nn.Module) -> None:
+        if "forward" in vars(block):  # already patched (a block in two stacks)
+            return
         signature, forward = _signature(block), block.forward
 
         def run(*args: Any, **kwargs: Any) -> Any:

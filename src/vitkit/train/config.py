@@ -56,11 +56,29 @@ class TrainConfig:
     crop_padding: int = 4
     pad_mode: Literal["reflect", "constant"] = "reflect"
     hflip: float = 0.5
+    auto_augment: str | None = None  # RandAugment, e.g. "rand-m9-mstd0.5-inc1" (DeiT); see vitkit.data.augment
+    three_augment: bool = False  # DeiT III: one of greyscale, solarisation, Gaussian blur per image
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength; off while auto_augment is on
+    reprob: float = 0.0  # random erasing probability (N(0, 1) noise boxes)
+    mixup: float = 0.0  # Mixup alpha (0: off)
+    cutmix: float = 0.0  # CutMix alpha (0: off)
+    mixup_switch_prob: float = 0.5  # chance of CutMix for a batch when both are on
+    repeated_aug: int = 1  # each training image this many times per epoch, augmented independently
+    repeated_aug_epoch: Literal["repeated", "dataset"] = "repeated"  # dataset: epoch as long as the data (DeiT)
+    # -- loss and distillation -----------------------------------------------------------------
+    loss: Literal["ce", "bce"] = "ce"  # bce: per-class sigmoid on (mixed) targets (DeiT III)
+    bce_threshold: float | None = None  # bce targets above it become 1 (DeiT III: 0.0)
+    distillation: Literal["none", "soft", "hard"] = "none"
+    teacher: str | None = None  # NAME | torchvision:NAME | RUN_DIR | FILE
+    distill_alpha: float = 0.5  # weight of the distillation term
+    distill_tau: float = 1.0  # soft distillation temperature
     # -- optimisation --------------------------------------------------------------------------
     epochs: int = 10
     batch_size: int = 128
     eval_batch_size: int | None = None  # None: 2 x batch_size
     lr: float = 1e-3
+    lr_batch: int | None = None  # lr is given for this total batch and scaled linearly (DeiT: 512)
+    optimizer: Literal["adamw", "lamb"] = "adamw"  # lamb: DeiT III's (apex FusedLAMB's rule)
     min_lr: float = 1e-5
     warmup_epochs: float = 1.0
     warmup_lr: float = 1e-6
@@ -72,6 +90,8 @@ class TrainConfig:
     amp: AmpMode = "auto"  # auto: bf16 on CUDA, off on CPU
     ema: bool = False
     ema_decay: float = 0.9998
+    finetune: str | None = None  # a `vitkit pretrain` run folder (or its encoder.safetensors) to start from
+    layer_decay: float | None = None  # layer-wise lr decay (SimMIM / BEiT fine-tuning: 0.9 Swin, 0.65 ViT)
     # -- run -----------------------------------------------------------------------------------
     seed: int | None = None  # set: deterministic mode; None: a random seed is drawn and recorded
     device: DeviceChoice = "auto"
@@ -109,8 +129,32 @@ class TrainConfig:
             raise ValueError("lr and warmup_lr must be > 0, min_lr and weight_decay >= 0")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1] (or null for none), got {self.layer_decay}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"clip_grad must be > 0 (or null for no clipping), got {self.clip_grad}")
+        for name in ("color_jitter", "mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        for name in ("reprob", "mixup_switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if self.auto_augment:
+            from vitkit.data.augment import RandAugmentSpec
+
+            RandAugmentSpec.parse(self.auto_augment)
+            if self.three_augment:
+                raise ValueError("choose auto_augment (DeiT) or three_augment (DeiT III), not both")
+        if self.repeated_aug < 1:
+            raise ValueError(f"repeated_aug must be >= 1 (1 = off), got {self.repeated_aug}")
+        if self.lr_batch is not None and self.lr_batch < 1:
+            raise ValueError(f"lr_batch must be a positive integer (or null: lr as given), got {self.lr_batch}")
+        if self.distillation != "none" and not self.teacher:
+            raise ValueError(f"distillation={self.distillation} needs a teacher: --teacher NAME|torchvision:NAME|RUN_DIR|FILE")
+        if self.teacher and self.distillation == "none":
+            raise ValueError("a teacher is set but distillation is none: add --distillation hard|soft or drop --teacher")
+        if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_tau <= 0:
+            raise ValueError("distill_alpha must be in [0, 1] and distill_tau > 0")
         if self.crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:

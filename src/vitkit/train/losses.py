@@ -31,5 +31,9 @@ class CrossEntropy(nn.Module):
 
 
 def build_criterion(config: TrainConfig) -> nn.Module:
-    """The training criterion the config asks for."""
+    """The training criterion the config asks for: cross-entropy, or BCE on (mixed) targets (DeiT III)."""
+    if config.loss == "bce":
+        from vitkit.train.distill import BinaryCrossEntropy
+
+        return BinaryCrossEntropy(config.label_smoothing, config.bce_threshold)
     return CrossEntropy(config.label_smoothing)

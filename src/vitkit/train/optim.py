@@ -26,8 +26,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: Sequence[float] = (0.9, 0.999)
-) -> torch.optim.AdamW:
+    model: nn.Module, lr: float, weight_decay: float, betas: Sequence[float] = (0.9, 0.999), name: str = "adamw"
+) -> torch.optim.Optimizer:
+    """AdamW, or LAMB (DeiT III; `vitkit.train.lamb`), over `param_groups`."""
+    if name == "lamb":
+        from vitkit.train.lamb import Lamb
+
+        return Lamb(param_groups(model, weight_decay), lr=lr, betas=tuple(betas))
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas))
 
 

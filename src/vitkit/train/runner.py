@@ -12,6 +12,7 @@ import math
 import os
 import random
 import secrets
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,11 +28,13 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
+from vitkit.data.augment import MixupCutmix
 from vitkit.data.datasets import LoadedData, build_dataset, image_spec, load_data, resolve_data_fields
 from vitkit.data.samplers import build_loader, set_loader_epoch
 from vitkit.train import distributed as dist
 from vitkit.train.checkpoint import capture_rng, load_state, restore_rng, save_state
 from vitkit.train.config import RUNTIME_FIELDS, TrainConfig, apply_fields, check_resume_compatible, load_run_config
+from vitkit.train.distill import build_distillation
 from vitkit.train.engine import NonFiniteLossError, evaluate, train_one_epoch
 from vitkit.train.losses import build_criterion
 from vitkit.train.modeling import build_model, default_img_size, load_weights, save_weights
@@ -39,6 +42,7 @@ from vitkit.train.optim import build_optimizer, build_scheduler
 from vitkit.train.plots import plot_curves
 from vitkit.train.progress import Progress
 from vitkit.train.run_folder import BEST, CURVES, LAST, STATE, RunFolder
+from vitkit.train.teacher import load_teacher
 
 
 @dataclass
@@ -109,6 +113,13 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _command_line() -> str:
+    argv = sys.argv
+    if argv and (Path(argv[0]).name in ("vitkit", "__main__.py")):
+        return shlex.join(["vitkit", *argv[1:]])
+    return shlex.join(argv)
+
+
 def provenance(device: torch.device) -> dict[str, Any]:
     import torchvision
 
@@ -120,7 +131,7 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "python": sys.version.split()[0],
         "git_commit": _git_commit(),
-        "command": " ".join(sys.argv),
+        "command": _command_line(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
@@ -207,6 +218,8 @@ def build_loaders(config: TrainConfig, data: LoadedData, device: torch.device) -
                 rank=dist.get_rank(),
                 world_size=dist.get_world_size(),
                 pin_memory=device.type == "cuda",
+                repeats=config.repeated_aug if split == "train" else 1,
+                repeat_epoch=config.repeated_aug_epoch,
             )
     if "train" not in loaders or "val" not in loaders:
         raise ValueError(f"{data.source} needs a train and a val split to train")
@@ -217,10 +230,23 @@ def build_training_state(config: TrainConfig, steps_per_epoch: int, device: torc
     """Model (and EMA), AdamW, warm-up + cosine schedule, and a gradient scaler for fp16."""
     model = build_model(config.model, num_classes=config.num_classes, in_chans=config.in_chans,
                         img_size=config.img_size, model_args=config.model_args).to(device)
+    if config.finetune:  # a pre-trained encoder (vitkit pretrain); the head starts fresh
+        from vitkit.pretrain.finetune import load_pretrained_encoder
+
+        fresh = load_pretrained_encoder(model, config.finetune)
+        if dist.is_main():
+            print(f"fine-tuning the encoder of {config.finetune} (new: {', '.join(fresh) or 'nothing'})")
     ema = None
     if config.ema:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
+    # lr_batch: the recipe's lr is for that total batch (DeiT: 5e-4 per 512 images)
+    lr = config.lr * config.batch_size * dist.get_world_size() / config.lr_batch if config.lr_batch else config.lr
+    if config.layer_decay is not None:
+        from vitkit.pretrain.optim import build_adamw
+
+        optimizer = build_adamw(model, lr, config.weight_decay, tuple(config.betas), config.layer_decay)
+    else:
+        optimizer = build_optimizer(model, lr, config.weight_decay, config.betas, config.optimizer)
     scheduler = build_scheduler(
         optimizer,
         total_steps=config.epochs * steps_per_epoch,
@@ -268,6 +294,15 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
     model, ema = state.model, state.ema
     amp_dtype = amp_dtype_for(config.amp, device)
     criterion = build_criterion(config)
+    if config.distillation != "none":  # DeiT: the teacher sees the same (mixed) images
+        teacher = load_teacher(config.teacher, num_classes=config.num_classes, in_chans=config.in_chans,
+                               device=device, student_mean=tuple(config.mean), student_std=tuple(config.std))
+        criterion = build_distillation(criterion, teacher, config.distillation, config.distill_alpha, config.distill_tau)
+        if hasattr(model, "set_distilled_training"):  # (class, distillation) outputs in training
+            model.set_distilled_training(True)
+    mix = None
+    if config.mixup > 0 or config.cutmix > 0:
+        mix = MixupCutmix(config.num_classes, config.mixup, config.cutmix, config.mixup_switch_prob)
     train_model: nn.Module = torch.compile(model) if config.compile else model
 
     folder = RunFolder(run_dir, enabled=main)
@@ -301,6 +336,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
                 device=device, scheduler=state.scheduler, ema=ema, amp_dtype=amp_dtype, scaler=state.scaler,
                 grad_accum=config.grad_accum, clip_grad=config.clip_grad, epoch=epoch, start_step=global_step,
                 log_every=config.log_every, on_log=folder.log, progress=progress,
+                batch_transform=mix,
             )
         except NonFiniteLossError as err:
             info.update(status=f"stopped: {err}", end_time=_now())
