@@ -225,7 +225,8 @@ def test_batched_pad_crop_takes_a_window_of_the_padded_image_per_image():
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     offsets = set()
     for i in range(len(x)):
-        found = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[i, :, dy : dy + 8, dx : dx + 8])]
+        windows = {(dy, dx): padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)}
+        found = [offset for offset, window in windows.items() if torch.equal(out[i], window)]
         assert found, f"image {i} is not a window of its padded input"
         offsets.add(found[0])
     assert len(offsets) > 5  # each image draws its own offset
@@ -298,3 +299,19 @@ def test_real_fashion_mnist(monkeypatch):
     assert abs(train.mean().item() - fashion_mnist.MEAN[0]) < 2e-3
     assert abs(train.std().item() - fashion_mnist.STD[0]) < 2e-3
     assert torch.bincount(data.splits["test"].targets).tolist() == [1000] * 10
+
+
+def test_truncated_image_fails_at_load_time_with_its_name_even_in_a_worker(tmp_path):
+    root = write_folder(tmp_path / "d", {"train": {"a": [("RGB", (8, 8))], "b": [("RGB", (8, 8))]},
+                                         "val": {"a": [("RGB", (8, 8))]}})
+    jpeg = root / "val" / "a" / "cut.jpg"
+    Image.effect_noise((64, 64), 60).convert("RGB").save(jpeg, quality=95)
+    blob = jpeg.read_bytes()
+    jpeg.write_bytes(blob[: len(blob) * 2 // 3])  # the header is intact: the scan lets it through
+    config = TrainConfig(data=str(root), img_size=16)
+    data = load_data(config)
+    config = resolve_data_fields(config, data, default_img_size=16)
+    loader = build_loader(build_dataset(data, "val", config), train=False, batch_size=2, workers=1)
+    with pytest.raises(ImageReadError) as err:
+        list(loader)
+    assert str(err.value).startswith(f"cannot read image {jpeg}") and "\n" not in str(err.value)

@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, model=args.model,
                                pretrained=args.pretrained, device=device)
     split = args.split or ("val" if args.val_samples is not None else "test" if args.test_samples is not None else None)
+    if (split == "test" and args.val_samples is not None) or (split == "val" and args.test_samples is not None):
+        raise ValueError(f"--split {split} takes --{split}-samples, not the other split's")
     samples = args.val_samples if args.val_samples is not None else args.test_samples
     result = evaluate_split(
         inference, data=args.data, split=split, samples=samples, img_size=args.img_size, crop_pct=args.crop_pct,

@@ -13,11 +13,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             "Export a model (random weights by name, or a vitkit checkpoint) through torch.export: ONNX by the "
             "dynamo exporter, checked with onnxruntime, or a .pt2 program, checked by loading it. The check runs "
-            "two batch sizes (and, with --dynamic-size, a second image size) and fails when the largest difference "
-            "from the eager model exceeds 1e-4 of the output's largest magnitude; the output file is written only "
-            "when it passes. ONNX needs the export extra: pip install 'vitkit[export]'. A Swin .pt2 with "
-            "--dynamic-size is specialised on which stages fit in one window (as at the model's own size); "
-            "ONNX has no such limit."
+            "two batch sizes with --dynamic-batch and a second image size with --dynamic-size, and fails when the "
+            "largest difference from the eager model exceeds 1e-4 of the output's largest magnitude; the output "
+            "file is written only when it passes. ONNX needs the export extra: pip install 'vitkit[export]'. "
+            "A Swin .pt2 with --dynamic-size is specialised on which stages fit in one window (as at the model's "
+            "own size); ONNX has no such limit."
         ),
     )
     p.add_argument("model", nargs="?", default=None, help="registered model name (random weights)")

@@ -6,8 +6,8 @@ import argparse
 import json
 
 CONVENTION = (
-    "MACs are multiply-accumulates per image (1 MAC = 2 FLOPs), counted by "
-    "torch.utils.flop_counter.FlopCounterMode on the meta device: linear layers, matrix products, "
+    "1 MAC = 2 FLOPs. Counted by torch.utils.flop_counter.FlopCounterMode on the meta device: linear layers, "
+    "matrix products, "
     "convolutions (the patch embedding) and the attention products inside "
     "scaled_dot_product_attention; element-wise ops, norms, softmax and activations are not counted."
 )
@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "flops",
         help="parameters and multiply-accumulates (MACs) per image, with a per-module breakdown",
-        description="Count a model's parameters and multiply-accumulates per image. " + CONVENTION,
+        description="Count a model's parameters and multiply-accumulates (MACs) per image, with a per-module "
+        "breakdown. " + CONVENTION,
     )
     p.add_argument("model", help="registered model name (see `vitkit models`)")
     p.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's own)")

@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", metavar="IMAGE")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", dest="run_dir", metavar="DIR", help="a run folder written by `vitkit train` (its best weights)")
+    src.add_argument("--run", dest="run_dir", metavar="DIR",
+                     help="a run folder written by `vitkit train` (its best weights)")
     src.add_argument("--checkpoint", metavar="FILE", help="a .safetensors file written by vitkit")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--recipe", help="shipped recipe name or YAML file (default: fmnist_demo; --list-recipes)")
     p.add_argument("--list-recipes", action="store_true", help="print the shipped recipes and exit")
-    p.add_argument("--model", help="vitkit model name or torchvision:NAME (default: the recipe's; another model drops the recipe's model_args)")
+    p.add_argument("--model", help="vitkit model name or torchvision:NAME (default: the recipe's; "
+                   "another model drops the recipe's model_args)")
     p.add_argument("--data", help="fashion-mnist, or an image folder with train/ val/ [test/] (default: the recipe's)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)

@@ -8,6 +8,7 @@ optimizer step (AdamW).
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from contextlib import nullcontext
@@ -311,6 +312,7 @@ def largest_batch(
         except torch.cuda.OutOfMemoryError:
             return False
         finally:
+            gc.collect()  # the failed step's tensors, then the cached blocks
             torch.cuda.empty_cache()
 
     try:

@@ -113,7 +113,7 @@ def export_model(
     model: nn.Module,
     output: str | os.PathLike,
     format: Format = "onnx",
-    dynamic_batch: bool = True,
+    dynamic_batch: bool = False,
     dynamic_size: bool = False,
     rtol: float = 1e-4,
     opset: int | None = None,

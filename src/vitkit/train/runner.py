@@ -160,7 +160,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> RunResult:
     main = dist.is_main()
     run_dir = Path(config.output) if config.output else default_output(config)
     if not resume and (run_dir / "config.yaml").exists():
-        raise ValueError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --output")
+        raise ValueError(
+            f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --output"
+        )
     if resume and not (run_dir / STATE).is_file():
         raise FileNotFoundError(f"{run_dir / STATE} does not exist: the run has no finished epoch to resume from")
     device = resolve_device(config.device)
