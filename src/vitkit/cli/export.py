@@ -34,8 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.tools.export import describe, export_model, load_for_export
+    from vitkit.tools.export import describe, export_model, load_for_export, require_onnx
 
+    if args.format == "onnx":
+        require_onnx()  # before building anything
     model = load_for_export(args.model, args.checkpoint, dynamic_size=args.dynamic_size)
     report = export_model(
         model,

@@ -128,7 +128,7 @@ def export_model(
     if dynamic_size and not getattr(config, "dynamic_img_size", False):
         raise ValueError("dynamic image size needs a model built with dynamic_img_size=True (see load_for_export)")
     if format == "onnx":
-        _require_onnx()
+        require_onnx()
     model = model.eval()
     output = Path(output)
     size = tuple(config.img_size)
@@ -176,7 +176,8 @@ def export_model(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _require_onnx() -> None:
+def require_onnx() -> None:
+    """Raise a one-line RuntimeError naming the install command when the export extra is missing."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
