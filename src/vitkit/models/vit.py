@@ -27,6 +27,7 @@ from vitkit.layers import (
     trunc_normal_,
 )
 from vitkit.layers.pos_embed import same_size
+from vitkit.layers.features import take_indices
 from vitkit.registry import register, to_2tuple
 
 
@@ -354,23 +355,6 @@ class DistilledVisionTransformer(VisionTransformer):
         if self.distilled_training and self.training:
             return cls, dist
         return (cls + dist) / 2
-
-
-def take_indices(num: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
-    """timm's rule for `forward_intermediates`: an int n takes the last n, a list takes those."""
-    if indices is None:
-        indices = num
-    if isinstance(indices, int):
-        if not 0 < indices <= num:
-            raise ValueError(f"indices={indices} is out of range: choose 1 to {num} (the last n)")
-        return list(range(num - indices, num))
-    out = []
-    for i in indices:
-        j = num + i if i < 0 else i
-        if not 0 <= j < num:
-            raise ValueError(f"index {i} is out of range: choose -{num} to {num - 1}")
-        out.append(j)
-    return out
 
 
 def build_vit(config: ViTConfig) -> VisionTransformer:
