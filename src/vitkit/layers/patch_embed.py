@@ -17,3 +17,23 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H', W', D)
+
+
+def check_input_size(x: torch.Tensor, img_size: tuple[int, int], patch_size: int, dynamic: bool) -> tuple[int, int]:
+    """The (H, W) of `x` if the model accepts it, else a ValueError naming the fixes.
+
+    A model built for one size takes that size only; with `dynamic` it takes any multiple of the patch.
+    """
+    h, w = x.shape[-2:]
+    if dynamic:
+        if h % patch_size or w % patch_size:
+            raise ValueError(
+                f"input {h}x{w} is not divisible by the patch size {patch_size}: "
+                f"resize or pad it to a multiple of {patch_size}"
+            )
+    elif (h, w) != tuple(img_size):
+        raise ValueError(
+            f"input {h}x{w} does not match the model's img_size {img_size}: build it with "
+            f"img_size=({h}, {w}), call set_input_size(), or pass dynamic_img_size=True"
+        )
+    return h, w

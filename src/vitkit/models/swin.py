@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vitkit.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
 from vitkit.layers.features import take_indices
+from vitkit.layers.patch_embed import check_input_size
 from vitkit.layers.rel_pos import relative_position_index, resize_rel_pos_bias_table
 from vitkit.registry import register, to_2tuple
 
@@ -592,18 +593,8 @@ class SwinTransformer(nn.Module):
 
     # -- resolution ---------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
-        h, w = x.shape[-2:]
-        p = self.config.patch_size
-        if self.config.dynamic_img_size:
-            if h % p or w % p:
-                raise ValueError(
-                    f"input {h}x{w} is not divisible by the patch size {p}: resize or pad it to a multiple of {p}"
-                )
-        elif (h, w) != tuple(self.config.img_size):
-            raise ValueError(
-                f"input {h}x{w} does not match the model's img_size {self.config.img_size}: build it with "
-                f"img_size=({h}, {w}), call set_input_size(), or pass dynamic_img_size=True"
-            )
+        c = self.config
+        check_input_size(x, c.img_size, c.patch_size, c.dynamic_img_size)
 
     def set_input_size(
         self, img_size: int | tuple[int, int], window_size: WindowSpec | None = None

@@ -28,6 +28,7 @@ from vitkit.layers import (
 )
 from vitkit.layers.pos_embed import same_size
 from vitkit.layers.features import take_indices
+from vitkit.layers.patch_embed import check_input_size
 from vitkit.registry import register, to_2tuple
 
 
@@ -200,18 +201,9 @@ class VisionTransformer(nn.Module):
 
     # -- resolution ---------------------------------------------------------------------------
     def _grid_for(self, x: torch.Tensor) -> tuple[int, int]:
-        h, w = x.shape[-2:]
-        p = self.config.patch_size
-        if self.config.dynamic_img_size:
-            if h % p or w % p:
-                raise ValueError(
-                    f"input {h}x{w} is not divisible by the patch size {p}: resize or pad it to a multiple of {p}"
-                )
-        elif (h, w) != tuple(self.config.img_size):
-            raise ValueError(
-                f"input {h}x{w} does not match the model's img_size {self.config.img_size}: build it with "
-                f"img_size=({h}, {w}), call set_input_size(), or pass dynamic_img_size=True"
-            )
+        c = self.config
+        h, w = check_input_size(x, c.img_size, c.patch_size, c.dynamic_img_size)
+        p = c.patch_size
         return h // p, w // p
 
     def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
