@@ -343,7 +343,7 @@ def test_pretrain_cli_runs_resumes_and_saves_the_encoder(tmp_path, capsys, monke
 
 
 def test_finetune_fields_rebuild_the_pretrained_architecture(tmp_path):
-    from vitkit.pretrain.finetune import encoder_file, finetune_fields, load_pretrained_encoder
+    from vitkit.train.finetune import finetune_fields, finetune_file, load_finetune_weights
 
     name = "swin_tiny_patch4_window7_224"
     model = build_simmim(name, in_chans=1, drop_path_rate=0.0, **TINY[name])
@@ -357,10 +357,12 @@ def test_finetune_fields_rebuild_the_pretrained_architecture(tmp_path):
     }
     fresh = vitkit.create_model(fields["model"], num_classes=5, img_size=fields["img_size"],
                                 in_chans=fields["in_chans"], **fields["model_args"])
-    assert set(load_pretrained_encoder(fresh, tmp_path)) == HEAD_KEYS[name]
+    said = load_finetune_weights(fresh, tmp_path)
+    assert all(k in said for k in HEAD_KEYS[name]) and "pre-trained encoder" in said
+    assert finetune_file(tmp_path) == tmp_path / "encoder.safetensors"
     assert fresh.config.drop_path_rate == 0.1  # the variant's default: regularisation is not inherited
-    with pytest.raises(FileNotFoundError, match="vitkit pretrain. run folder"):
-        encoder_file(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        finetune_file(tmp_path / "missing")
 
 
 def _write_labelled_folder(root, per_class: int = 8) -> None:

@@ -280,3 +280,35 @@ def test_list_models_pattern():
     assert vitkit.list_models("deit3_*_384") == [
         "deit3_base_patch16_384", "deit3_large_patch16_384", "deit3_small_patch16_384",
     ]
+
+
+def test_patch_dropout_keeps_prefix_and_a_random_ordered_subset():
+    from vitkit.layers import PatchDropout
+
+    torch.manual_seed(0)
+    drop = PatchDropout(0.5, prefix=2).train()
+    x = torch.randn(4, 2 + 49, 8)
+    y = drop(x)
+    assert y.shape == (4, 2 + 24, 8)
+    assert torch.equal(y[:, :2], x[:, :2])
+    picked = []
+    for b in range(4):  # every kept token is an input patch token, in grid order
+        rows = [int((x[b, 2:] == t).all(dim=1).nonzero()) for t in y[b, 2:]]
+        assert rows == sorted(rows) and len(set(rows)) == 24
+        picked.append(tuple(rows))
+    assert len(set(picked)) > 1  # each sample draws its own subset
+    assert drop.eval()(x) is x
+    with pytest.raises(ValueError, match="patch_drop_rate"):
+        vitkit.create_model("vit_tiny_patch16_224", patch_drop_rate=1.0)
+
+
+def test_patch_dropout_in_the_model_trains_on_fewer_tokens_and_evaluates_on_all():
+    model = vitkit.create_model("vit_tiny_patch16_224", img_size=28, in_chans=1, num_classes=10, patch_size=4,
+                         embed_dim=32, num_heads=2, depth=1, patch_drop_rate=0.75)
+    x = torch.randn(2, 1, 28, 28)
+    assert model.train().forward_features(x).shape == (2, 1 + 12, 32)
+    assert model.eval().forward_features(x).shape == (2, 1 + 49, 32)
+    plain = vitkit.create_model("vit_tiny_patch16_224", img_size=28, in_chans=1, num_classes=10, patch_size=4,
+                         embed_dim=32, num_heads=2, depth=1)
+    plain.load_state_dict(model.state_dict())  # no parameters of its own: same keys as timm's
+    torch.testing.assert_close(plain.eval()(x), model(x), rtol=0, atol=0)

@@ -41,8 +41,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distill-alpha", type=float, help="weight of the distillation term (0.5)")
     p.add_argument("--distill-tau", type=float, help="soft distillation temperature (1.0)")
     p.add_argument("--smoke", action="store_true", help="shrink the recipe to seconds: few samples, 1 epoch, tiny model")
-    p.add_argument("--finetune", metavar="RUN", help="start from the encoder of a `vitkit pretrain` run (its model, "
-                   "model_args, img_size and in_chans unless given); only the head starts fresh")
+    p.add_argument("--finetune", metavar="RUN|FILE",
+                   help="start from a `vitkit pretrain` run (its encoder), a `vitkit train` run (best weights) or a "
+                   "checkpoint file (any format `vitkit convert` reads); takes its model, model_args, img_size and "
+                   "in_chans unless given. A new --img-size resamples position embeddings / Swin position tables; "
+                   "a new class count re-initialises the head")
     p.add_argument("--layer-decay", type=float, help="layer-wise lr decay in (0, 1]: block i of L trains at "
                    "lr x decay^(L + 1 - i) (SimMIM fine-tuning: 0.9 for Swin, 0.65 for ViT)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -89,13 +92,18 @@ def run(args: argparse.Namespace) -> int:
         resume = True
     else:
         pretrained = None
-        if args.finetune:  # the pre-trained architecture, unless the command line says otherwise
-            from vitkit.pretrain.finetune import finetune_fields
+        if args.finetune:  # the source's architecture, unless the command line says otherwise
+            from vitkit.train.finetune import finetune_fields
 
-            pretrained = finetune_fields(args.finetune)
+            pretrained = finetune_fields(args.finetune) or None
+            if pretrained is None and "model" not in fields:
+                raise ValueError(f"{args.finetune} does not name its model (not written by vitkit): add --model NAME")
             for key in ("model", "img_size", "in_chans"):
-                fields.setdefault(key, pretrained[key])
+                if pretrained is not None:
+                    fields.setdefault(key, pretrained[key])
         config = build_config(args.recipe, fields, smoke=args.smoke)
+        if config.recipe == "finetune" and not config.finetune:
+            raise ValueError("the finetune recipe starts from trained weights: add --finetune RUN|FILE")
         if pretrained is not None and config.model == pretrained["model"]:
             # the recipe's architecture overrides give way to the encoder's; its regularisation stays
             kept = {k: v for k, v in config.model_args.items() if "drop" in k}

@@ -5,6 +5,7 @@ from vitkit.layers.drop_path import DropPath, drop_path_rates
 from vitkit.layers.init import trunc_normal_
 from vitkit.layers.layer_scale import LayerScale
 from vitkit.layers.mlp import Mlp
+from vitkit.layers.patch_dropout import PatchDropout
 from vitkit.layers.patch_embed import PatchEmbed
 from vitkit.layers.pos_embed import resample_abs_pos_embed, sincos_2d_pos_embed
 
@@ -13,6 +14,7 @@ __all__ = [
     "DropPath",
     "LayerScale",
     "Mlp",
+    "PatchDropout",
     "PatchEmbed",
     "drop_path_rates",
     "resample_abs_pos_embed",

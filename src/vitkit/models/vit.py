@@ -28,6 +28,7 @@ from vitkit.layers import (
 )
 from vitkit.layers.pos_embed import same_size
 from vitkit.layers.features import take_indices
+from vitkit.layers.patch_dropout import PatchDropout
 from vitkit.layers.patch_embed import check_input_size
 from vitkit.registry import register, to_2tuple
 
@@ -55,6 +56,7 @@ class ViTConfig:
     proj_drop_rate: float = 0.0  # dropout after attention projection and in the MLP
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    patch_drop_rate: float = 0.0  # PatchDropout: share of patch tokens dropped per training sample
     norm_eps: float = 1e-6
 
     def validate(self) -> None:
@@ -77,7 +79,8 @@ class ViTConfig:
             raise ValueError("pos_embed='sincos2d' covers patches only: set no_embed_class=True")
         if self.distilled and self.global_pool != "token":
             raise ValueError("distilled=True needs global_pool='token' (the heads read the tokens)")
-        for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
+        for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate",
+                     "patch_drop_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
@@ -160,6 +163,7 @@ class VisionTransformer(nn.Module):
         else:  # fixed: a buffer, not saved with the weights
             self.register_buffer("pos_embed", sincos_2d_pos_embed(config.grid_size, dim), persistent=False)
         self.pos_drop = nn.Dropout(config.pos_drop_rate)
+        self.patch_drop = PatchDropout(config.patch_drop_rate, self.num_prefix_tokens)
         rates = drop_path_rates(config.drop_path_rate, config.depth)
         self.blocks = nn.Sequential(*[Block(config, rates[i]) for i in range(config.depth)])
         # timm's layout: with average pooling the final norm is applied after pooling (fc_norm)
@@ -238,7 +242,7 @@ class VisionTransformer(nn.Module):
             x = torch.cat(prefix + [x + pos], dim=1)
         else:
             x = torch.cat(prefix + [x], dim=1) + pos
-        return self.pos_drop(x)
+        return self.patch_drop(self.pos_drop(x))
 
     def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -232,12 +232,12 @@ def build_training_state(config: TrainConfig, steps_per_epoch: int, device: torc
     """Model (and EMA), AdamW, warm-up + cosine schedule, and a gradient scaler for fp16."""
     model = build_model(config.model, num_classes=config.num_classes, in_chans=config.in_chans,
                         img_size=config.img_size, model_args=config.model_args).to(device)
-    if config.finetune:  # a pre-trained encoder (vitkit pretrain); the head starts fresh
-        from vitkit.pretrain.finetune import load_pretrained_encoder
+    if config.finetune:  # pre-trained or trained weights, resampled to this size; a new head if classes differ
+        from vitkit.train.finetune import load_finetune_weights
 
-        fresh = load_pretrained_encoder(model, config.finetune)
+        said = load_finetune_weights(model, config.finetune)
         if dist.is_main():
-            print(f"fine-tuning the encoder of {config.finetune} (new: {', '.join(fresh) or 'nothing'})")
+            print(said)
     ema = None
     if config.ema:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
