@@ -409,3 +409,22 @@ def test_train_finetunes_a_pretrained_encoder_with_layer_decay(tmp_path, capsys)
         main(["train", "--finetune", str(pre), "--layer-decay", "x"])
     assert main(["train", "--finetune", str(tmp_path / "nowhere"), "--data", str(data)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_training_and_pretraining_recipes_are_kept_apart(tmp_path, capsys):
+    from vitkit.cli import main
+    from vitkit.pretrain.runner import PRETRAIN_FIELDS
+    from vitkit.train.config import PRETRAIN_ONLY_FIELDS, list_recipes
+
+    assert set(PRETRAIN_ONLY_FIELDS) == set(PRETRAIN_FIELDS)
+    assert "simmim_fmnist" in list_recipes("pretrain") and "simmim_fmnist" not in list_recipes()
+    assert main(["train", "--list-recipes"]) == 0
+    assert "simmim_fmnist" not in capsys.readouterr().out
+    assert main(["train", "--recipe", "simmim_fmnist", "--smoke"]) == 2
+    assert "run it with `vitkit pretrain --recipe simmim_fmnist`" in capsys.readouterr().err
+    assert main(["pretrain", "--recipe", "fmnist_demo", "--smoke"]) == 2
+    assert "run it with `vitkit train --recipe fmnist_demo`" in capsys.readouterr().err
+    own = tmp_path / "mine.yaml"
+    own.write_text("model: vit_tiny_patch16_224\nmask_ratio: 0.5\n")
+    assert main(["train", "--recipe", str(own), "--smoke"]) == 2
+    assert "pre-training fields (mask_ratio)" in capsys.readouterr().err

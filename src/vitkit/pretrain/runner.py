@@ -96,7 +96,7 @@ def build_configs(recipe: str | None, fields: dict[str, Any], smoke: bool = Fals
     """(TrainConfig, PretrainConfig): defaults < recipe < --smoke < flags and --set items."""
     from vitkit.train.config import TrainConfig, load_recipe, merge_fields, shrink_for_smoke
 
-    name, recipe_fields = load_recipe(recipe or DEFAULT_RECIPE)
+    name, recipe_fields = load_recipe(recipe or DEFAULT_RECIPE, kind="pretrain")
     recipe_train, recipe_pre = split_fields(recipe_fields)
     given_train, given_pre = split_fields({k: v for k, v in fields.items() if v is not None})
     config = dataclasses.replace(merge_fields(TrainConfig(), recipe_train), recipe=name)

@@ -188,24 +188,42 @@ class TrainConfig:
 # -- recipes -----------------------------------------------------------------------------------
 
 
-def list_recipes() -> list[str]:
-    """Names of the recipes shipped in vitkit/recipes."""
-    folder = resources.files("vitkit") / "recipes"
+RecipeKind = Literal["train", "pretrain"]
+# shipped recipes: training ones in vitkit/recipes, pre-training ones (vitkit pretrain) in recipes/pretrain
+_RECIPE_FOLDERS = {"train": ("recipes",), "pretrain": ("recipes", "pretrain")}
+# fields only a pre-training recipe sets (vitkit.pretrain.runner.PretrainConfig)
+PRETRAIN_ONLY_FIELDS = ("method", "mask_ratio", "mask_patch_size", "lr_schedule", "milestones", "gamma")
+
+
+def _recipe_folder(kind: RecipeKind):
+    folder = resources.files("vitkit")
+    for part in _RECIPE_FOLDERS[kind]:
+        folder = folder / part
+    return folder
+
+
+def list_recipes(kind: RecipeKind = "train") -> list[str]:
+    """Names of the shipped training (or pre-training) recipes."""
+    folder = _recipe_folder(kind)
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_recipe(name_or_path: str) -> tuple[str, dict[str, Any]]:
-    """(recipe name, its fields) from a shipped recipe name or a YAML file path."""
+def load_recipe(name_or_path: str, kind: RecipeKind = "train") -> tuple[str, dict[str, Any]]:
+    """(recipe name, its fields) from a shipped recipe name or a YAML file path; a recipe of the
+    other kind (training vs `vitkit pretrain`) is an error that names the right command."""
+    other: RecipeKind = "pretrain" if kind == "train" else "train"
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {path} does not exist")
         text, name = path.read_text(), path.stem
     else:
-        resource = resources.files("vitkit") / "recipes" / f"{name_or_path}.yaml"
+        resource = _recipe_folder(kind) / f"{name_or_path}.yaml"
         if not resource.is_file():
+            if (_recipe_folder(other) / f"{name_or_path}.yaml").is_file():
+                raise ValueError(f"{name_or_path} is a {other} recipe: run it with `vitkit {other} --recipe {name_or_path}`")
             raise ValueError(
-                f"unknown recipe {name_or_path!r}: shipped recipes are {', '.join(list_recipes())}, "
+                f"unknown recipe {name_or_path!r}: shipped {kind} recipes are {', '.join(list_recipes(kind))}, "
                 "or give the path of a YAML file"
             )
         text, name = resource.read_text(), name_or_path
@@ -215,6 +233,12 @@ def load_recipe(name_or_path: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"recipe {name_or_path} is not valid YAML: {err}") from err
     if not isinstance(fields, dict):
         raise ValueError(f"recipe {name_or_path} must be a YAML mapping of config fields")
+    pretrain_fields = [k for k in fields if k in PRETRAIN_ONLY_FIELDS]
+    if kind == "train" and pretrain_fields:
+        raise ValueError(
+            f"recipe {name_or_path} sets pre-training fields ({', '.join(pretrain_fields)}): "
+            f"run it with `vitkit pretrain --recipe {name_or_path}`"
+        )
     return name, fields
 
 
