@@ -20,7 +20,7 @@ import vitkit
 from vitkit.data.datasets import TensorImageDataset
 from vitkit.data.samplers import build_loader
 from vitkit.train import parallel as P
-from vitkit.train.distributed import get_rank, get_world_size, is_distributed, is_main
+from vitkit.train.parallel import get_rank, get_world_size, is_distributed, is_main
 from vitkit.train.engine import evaluate
 
 WORLD = 2

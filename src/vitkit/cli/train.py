@@ -31,6 +31,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="data-loading processes (default: 0 for in-memory data, else up to 4)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine: starts torchrun (one process per GPU; gloo on CPU)")
+    p.add_argument("--fsdp", action="store_const", const=True,
+                   help="with several processes: shard parameters, gradients and optimizer state (FSDP2) "
+                   "instead of replicating them (DDP)")
+    p.add_argument("--fsdp-offload", action="store_const", const=True,
+                   help="with --fsdp: keep parameters and optimizer state in CPU memory between uses (needs CUDA)")
     p.add_argument("--train-samples", type=int, help="train on a fixed random subset of N images")
     p.add_argument("--val-samples", type=int, help="validate on a fixed random subset of N images")
     p.add_argument("--test-samples", type=int, help="test on a fixed random subset of N images")
@@ -58,7 +65,7 @@ def requested_fields(args: argparse.Namespace) -> dict[str, Any]:
     from vitkit.train.config import parse_set
 
     names = ("model", "data", "epochs", "batch_size", "lr", "img_size", "output", "seed", "device", "workers",
-             "threads", "compile", "train_samples", "val_samples", "test_samples", "val_split", "skip_corrupt",
+             "threads", "compile", "fsdp", "fsdp_offload", "train_samples", "val_samples", "test_samples", "val_split", "skip_corrupt",
              "finetune", "layer_decay", "teacher", "distillation", "distill_alpha", "distill_tau")
     fields = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.patch_size is not None:
@@ -75,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.train.config import build_config, list_recipes, load_recipe
     from vitkit.train.runner import prepare_resume, train
 
+    if args.nproc is not None:  # the same command in N processes, through torchrun
+        from vitkit.train.parallel import launch
+
+        return launch(args.nproc, without_nproc(args.argv))
     if args.list_recipes:
         for name in list_recipes():
             print(name)
@@ -111,7 +122,16 @@ def run(args: argparse.Namespace) -> int:
             config = dataclasses.replace(config, model_args=model_args)
             config.validate()
         resume = False
-    result = train(config, resume=resume)
+    from vitkit.train import parallel
+
+    try:
+        result = train(config, resume=resume)
+        parallel.barrier()  # leave together: gloo aborts a rank whose peer left while it still talks
+        main = parallel.is_main()
+    finally:
+        parallel.destroy()
+    if not main:  # rank 0 reports
+        return 0
     print(f"best val top-1 {result.best_val_top1:.2f}% (epoch {result.best_epoch}, {result.best_source} weights)")
     if result.test is not None:
         t = result.test
@@ -119,3 +139,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"run folder: {result.run_dir}")
     print(f"curves: {result.run_dir / 'curves.png'}")
     return 0
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """`argv` without `--nproc N` / `--nproc=N` (the processes it starts must not start more)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out

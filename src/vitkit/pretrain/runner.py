@@ -243,7 +243,7 @@ def pretrain(config, pre: PretrainConfig, *, resume: bool = False) -> PretrainRe
 def _pretrain(config, pre: PretrainConfig, run_dir: Path, device: torch.device, resume: bool) -> PretrainResult:
     from vitkit.data.datasets import build_dataset, image_spec, resolve_data_fields
     from vitkit.data.samplers import build_loader, set_loader_epoch
-    from vitkit.train import distributed as dist
+    from vitkit.train import parallel as dist
     from vitkit.train.checkpoint import capture_rng, load_state, restore_rng, save_state
     from vitkit.train.modeling import default_img_size
     from vitkit.train.progress import Progress

@@ -266,7 +266,7 @@ def train_one_epoch(
     train_loss (mean over images, summed over ranks), lr, images_per_s, steps and images.
     A non-finite loss raises RuntimeError before the weights change.
     """
-    from vitkit.train.distributed import all_reduce_sum, unwrap
+    from vitkit.train.parallel import all_reduce_sum, unwrap
 
     device = torch.device(device)
     patch = unwrap(model).patch_size
@@ -332,7 +332,7 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Masked L1 loss over `loader`, with masks drawn from `seed`: the same masks every call."""
-    from vitkit.train.distributed import all_reduce_sum, unwrap
+    from vitkit.train.parallel import all_reduce_sum, unwrap
 
     device = torch.device(device)
     patch = unwrap(model).patch_size

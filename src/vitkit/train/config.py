@@ -26,7 +26,9 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 DEFAULT_RECIPE = "fmnist_demo"
 
 # fields that may differ when resuming: they change where and how fast the run goes, not what it computes
-RUNTIME_FIELDS = frozenset({"device", "threads", "workers", "log_every", "output", "compile"})
+RUNTIME_FIELDS = frozenset(
+    {"device", "threads", "workers", "log_every", "output", "compile", "fsdp", "fsdp_offload"}
+)
 
 
 @dataclass
@@ -98,6 +100,8 @@ class TrainConfig:
     threads: int | None = None
     workers: int | None = None  # None: 0 for in-memory data, else min(4, cores)
     compile: bool = False
+    fsdp: bool = False  # several processes: shard with FSDP2 (per block) instead of DDP
+    fsdp_offload: bool = False  # with fsdp: parameters and optimizer state in CPU memory (needs CUDA)
     log_every: int = 50
     output: str | None = None
     recipe: str | None = None
@@ -113,6 +117,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer (or null), got {value}")
+        if self.fsdp_offload and not self.fsdp:
+            raise ValueError("fsdp_offload needs fsdp: add --fsdp")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if not 0.0 <= self.val_split < 1.0:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
-from vitkit.train.distributed import all_reduce_sum, unwrap
+from vitkit.train.parallel import all_reduce_sum, clip_grad_norm, unwrap
 
 Criterion = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets, images) -> loss
 
@@ -95,7 +95,7 @@ def train_one_epoch(
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                clip_grad_norm(model, clip_grad)  # the global norm, over all shards under FSDP
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()

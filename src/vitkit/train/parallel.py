@@ -2,9 +2,10 @@
 
 Everything here is PyTorch's own stack (torch.distributed, DistributedDataParallel,
 `torch.distributed.fsdp.fully_shard`, torch.distributed.checkpoint.state_dict); this module only
-chooses and wires. The rank basics (rank, world size, is_main, sums over ranks, barrier, unwrap)
-live in `vitkit.train.distributed`. In a single process every helper is the identity, so the
-engine calls them unconditionally. The samplers that shard the data are in `vitkit.data.samplers`.
+chooses and wires. In a single process every helper is the identity (rank 0 of 1, sums are the
+values, unwrap returns the model), so the runner and the engine call them unconditionally. The
+run folder, logs and progress bars belong to rank 0. The samplers that shard the data are in
+`vitkit.data.samplers`.
 
 Launch: `torchrun --nproc_per_node N -m vitkit train ...` (torchrun's rendezvous flags for several
 machines), or `vitkit train --nproc N ...`, which starts the same through `torch.distributed.run`.
@@ -22,9 +23,47 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from vitkit.train.distributed import get_rank, get_world_size, is_distributed, is_main, unwrap
-
 Strategy = Literal["ddp", "fsdp"]
+
+
+# -- rank basics --------------------------------------------------------------------------------
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum `values` over all ranks, in place; returns `values`."""
+    if is_distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 # -- process group ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ folder (config.yaml, run.json, metrics.jsonl, weights, state.pt, curves.png) and
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 import math
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader
 from vitkit.data.augment import MixupCutmix
 from vitkit.data.datasets import LoadedData, build_dataset, image_spec, load_data, resolve_data_fields
 from vitkit.data.samplers import build_loader, set_loader_epoch
-from vitkit.train import distributed as dist
+from vitkit.train import parallel
 from vitkit.train.checkpoint import capture_rng, load_state, restore_rng, save_state
 from vitkit.train.config import RUNTIME_FIELDS, TrainConfig, apply_fields, check_resume_compatible, load_run_config
 from vitkit.train.distill import build_distillation
@@ -135,7 +136,7 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
-        "world_size": dist.get_world_size(),
+        "world_size": parallel.get_world_size(),
     }
 
 
@@ -156,19 +157,27 @@ def prepare_resume(run_dir: str | os.PathLike, requested: dict[str, Any]) -> Tra
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> RunResult:
-    """Train as `config` says, in the run folder `config.output` (continuing it with `resume`)."""
-    main = dist.is_main()
-    run_dir = Path(config.output) if config.output else default_output(config)
-    if not resume and (run_dir / "config.yaml").exists():
-        raise ValueError(
+    """Train as `config` says, in the run folder `config.output` (continuing it with `resume`).
+
+    Started by torchrun (or `vitkit train --nproc N`), every process runs this: it joins the
+    process group, rank 0 decides the run folder and the seed, and only rank 0 writes.
+    """
+    device = parallel.init_distributed(config.device)  # torchrun's process group, when launched by it
+    main = parallel.is_main()
+    run_dir = Path(parallel.broadcast_object(str(config.output or default_output(config))))
+    problem = None
+    if main and not resume and (run_dir / "config.yaml").exists():
+        problem = ValueError(
             f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --output"
         )
-    if resume and not (run_dir / STATE).is_file():
-        raise FileNotFoundError(f"{run_dir / STATE} does not exist: the run has no finished epoch to resume from")
-    device = resolve_device(config.device)
+    if main and resume and not (run_dir / STATE).is_file():
+        problem = FileNotFoundError(f"{run_dir / STATE} does not exist: the run has no finished epoch to resume from")
+    problem = parallel.broadcast_object(problem)  # every rank stops, not only rank 0
+    if problem is not None:
+        raise problem
     config = dataclasses.replace(config, output=str(run_dir))
-    if config.seed is None:  # an unseeded run still records the seed it drew
-        config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
+    if config.seed is None:  # an unseeded run still records the seed it drew (rank 0's)
+        config = dataclasses.replace(config, seed=parallel.broadcast_object(secrets.randbelow(2**31)))
         deterministic = False
     else:
         deterministic = True
@@ -178,29 +187,37 @@ def train(config: TrainConfig, *, resume: bool = False) -> RunResult:
 
 @dataclass
 class TrainingState:
-    """Everything `state.pt` holds besides counters: what `--resume` restores."""
+    """Everything `state.pt` holds besides counters: what `--resume` restores.
+
+    `model` is the module itself (sharded in place under FSDP), `wrapped` what trains (DDP around
+    it, or the model), `plain` rank 0's unsharded CPU copy under FSDP, which checkpoints are written
+    from. States are full (unsharded) and keyed by parameter names, so a run resumes under another
+    process count or strategy.
+    """
 
     model: nn.Module
+    wrapped: nn.Module
+    plain: nn.Module | None
     ema: AveragedModel | None
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
     scaler: torch.amp.GradScaler | None
 
     def state_dict(self) -> dict[str, Any]:
+        """Full states on rank 0 (empty elsewhere); a collective under FSDP: every rank calls it."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": parallel.full_model_state(self.model),
+            "optimizer": parallel.full_optimizer_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema": parallel.full_model_state(self.ema) if self.ema is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        parallel.load_full_state(self.model, state["model"], self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+            parallel.load_full_state(self.ema, state["ema"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
@@ -217,8 +234,8 @@ def build_loaders(config: TrainConfig, data: LoadedData, device: torch.device) -
                 batch_size=config.batch_size if train else config.resolved_eval_batch_size,
                 seed=config.seed,
                 workers=config.workers,
-                rank=dist.get_rank(),
-                world_size=dist.get_world_size(),
+                rank=parallel.get_rank(),
+                world_size=parallel.get_world_size(),
                 pin_memory=device.type == "cuda",
                 repeats=config.repeated_aug if split == "train" else 1,
                 repeat_epoch=config.repeated_aug_epoch,
@@ -229,20 +246,32 @@ def build_loaders(config: TrainConfig, data: LoadedData, device: torch.device) -
 
 
 def build_training_state(config: TrainConfig, steps_per_epoch: int, device: torch.device) -> TrainingState:
-    """Model (and EMA), AdamW, warm-up + cosine schedule, and a gradient scaler for fp16."""
+    """Model (and EMA) wrapped for several processes (DDP, or FSDP2 with `config.fsdp`), the optimiser,
+    warm-up + cosine schedule, and a gradient scaler for fp16."""
     model = build_model(config.model, num_classes=config.num_classes, in_chans=config.in_chans,
                         img_size=config.img_size, model_args=config.model_args).to(device)
     if config.finetune:  # pre-trained or trained weights, resampled to this size; a new head if classes differ
         from vitkit.train.finetune import load_finetune_weights
 
         said = load_finetune_weights(model, config.finetune)
-        if dist.is_main():
+        if parallel.is_main():
             print(said)
+    parallel.broadcast_module(model)  # every rank starts from rank 0's weights
     ema = None
-    if config.ema:
+    if config.ema:  # from the unsharded model; under FSDP it is sharded beside it
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    if config.fsdp_offload and device.type != "cuda":
+        raise ValueError(
+            "--fsdp-offload needs CUDA (FSDP2 moves each block to the GPU to compute): drop it on a CPU-only machine"
+        )
+    if config.fsdp and parallel.get_world_size() == 1:
+        raise ValueError("--fsdp shards the model over several processes: add --nproc N or start with torchrun")
+    strategy = "fsdp" if config.fsdp else "ddp"
+    plain = copy.deepcopy(model).cpu() if config.fsdp and parallel.is_main() else None
+    wrapped = parallel.wrap(model, device, strategy, offload=config.fsdp_offload)  # FSDP shards `model` in place
+    parallel.wrap_ema(ema, device, strategy, offload=config.fsdp_offload)
     # lr_batch: the recipe's lr is for that total batch (DeiT: 5e-4 per 512 images)
-    lr = config.lr * config.batch_size * dist.get_world_size() / config.lr_batch if config.lr_batch else config.lr
+    lr = config.lr * config.batch_size * parallel.get_world_size() / config.lr_batch if config.lr_batch else config.lr
     if config.layer_decay is not None:
         from vitkit.pretrain.optim import build_adamw
 
@@ -258,7 +287,7 @@ def build_training_state(config: TrainConfig, steps_per_epoch: int, device: torc
     )
     fp16 = amp_dtype_for(config.amp, device) == torch.float16
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
-    return TrainingState(model, ema, optimizer, scheduler, scaler)
+    return TrainingState(model, wrapped, plain, ema, optimizer, scheduler, scaler)
 
 
 def _run_info(folder: RunFolder, resume: bool, device: torch.device, config: TrainConfig, model: nn.Module,
@@ -294,6 +323,8 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
         say(f"skipped {len(data.skipped)} corrupt image(s), e.g. {data.skipped[0]}")
     state = build_training_state(config, math.ceil(len(loaders["train"]) / config.grad_accum), device)
     model, ema = state.model, state.ema
+    if parallel.get_world_size() > 1:  # augmentation differs per rank, reproducibly: seed + rank
+        seed_everything(parallel.rank_seed(config.seed))
     amp_dtype = amp_dtype_for(config.amp, device)
     criterion = build_criterion(config)
     if config.distillation != "none":  # DeiT: the teacher sees the same (mixed) images
@@ -305,7 +336,9 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
     mix = None
     if config.mixup > 0 or config.cutmix > 0:
         mix = MixupCutmix(config.num_classes, config.mixup, config.cutmix, config.mixup_switch_prob)
-    train_model: nn.Module = torch.compile(model) if config.compile else model
+    train_model: nn.Module = torch.compile(state.wrapped) if config.compile else state.wrapped
+    # FSDP runs collectives in every forward: all ranks must run as many evaluation batches
+    val_loader = parallel.even_batches(loaders["val"]) if config.fsdp else loaders["val"]
 
     folder = RunFolder(run_dir, enabled=main)
     info = _run_info(folder, resume, device, config, model, data, loaders)
@@ -319,7 +352,13 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
         state.load_state_dict(saved)
         start_epoch, global_step, best = saved["epoch"] + 1, saved["global_step"], dict(saved["best"])
         folder.load_metrics(upto_epoch=saved["epoch"], upto_step=global_step)
-        restore_rng(saved["rng"])  # last: nothing above may draw random numbers afterwards
+        # last: nothing above may draw random numbers afterwards. Each rank continues its own
+        # generators; a rank the saved run did not have starts from seed + rank and the epoch
+        rngs = saved.get("rng_ranks") or [saved["rng"]]
+        if parallel.get_rank() < len(rngs):
+            restore_rng(rngs[parallel.get_rank()])
+        else:
+            seed_everything(parallel.rank_seed(config.seed) * 100_003 + saved["epoch"])
         say(f"resuming {run_dir} after epoch {saved['epoch']}")
     sizes = ", ".join(f"{len(loader.dataset)} {split}" for split, loader in loaders.items())
     say(
@@ -329,7 +368,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
     )
 
     for epoch in range(start_epoch, config.epochs + 1):
-        set_loader_epoch(loaders["train"], epoch, config.seed)
+        set_loader_epoch(loaders["train"], epoch, parallel.rank_seed(config.seed))
         progress = Progress(len(loaders["train"]), f"epoch {epoch}/{config.epochs}", enabled=main,
                             every=config.log_every)
         try:
@@ -352,12 +391,12 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
         global_step += stats["steps"]
 
         # validation: the model, and the EMA beside it; the better one competes for best.safetensors
-        val = evaluate(model, loaders["val"], device=device, amp_dtype=amp_dtype)
+        val = evaluate(model, val_loader, device=device, amp_dtype=amp_dtype)
         record = {"epoch": epoch, "train_loss": stats["train_loss"], "lr": stats["lr"],
                   "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]}
         candidates = [("model", val["top1"], model)]
         if ema is not None:
-            ema_val = evaluate(ema.module, loaders["val"], device=device, amp_dtype=amp_dtype)
+            ema_val = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype)
             record.update(ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"], ema_val_loss=ema_val["loss"])
             candidates.append(("ema", ema_val["top1"], ema.module))
         record["images_per_s"] = stats["images_per_s"]
@@ -365,15 +404,24 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
         improved = top1 > best["top1"]
         if improved:
             best = {"top1": top1, "epoch": epoch, "source": source}
-        if main:  # order matters: state.pt last, so everything it claims exists
-            if improved:
-                save_weights(weights, run_dir / BEST, spec=spec, classes=data.classes,
+        # metrics are reduced over ranks, so every rank decides alike; under FSDP the gathers below
+        # are collectives (every rank calls them) and only rank 0 writes. Order matters: state.pt
+        # last, so everything it claims exists
+        if improved:
+            full = parallel.full_weights(weights, state.plain)
+            if main:
+                save_weights(full, run_dir / BEST, spec=spec, classes=data.classes,
                              extra={"source": source, "epoch": str(epoch), "val_top1": repr(top1)})
-            save_weights(model, run_dir / LAST, spec=spec, classes=data.classes,
+        full = parallel.full_weights(model, state.plain)
+        if main:
+            save_weights(full, run_dir / LAST, spec=spec, classes=data.classes,
                          extra={"source": "model", "epoch": str(epoch)})
+        saved_state = state.state_dict()
+        rngs = parallel.gather_objects(capture_rng())
+        if main:
             folder.log(record)
-            save_state(run_dir / STATE, {**state.state_dict(), "epoch": epoch, "global_step": global_step,
-                                         "best": best, "rng": capture_rng()})
+            save_state(run_dir / STATE, {**saved_state, "epoch": epoch, "global_step": global_step,
+                                         "best": best, "rng": rngs[0], "rng_ranks": rngs})
         ema_note = f" | EMA val top-1 {record['ema_val_top1']:.2f}%" if ema is not None else ""
         say(
             f"epoch {epoch}/{config.epochs}: train loss {stats['train_loss']:.4f}, lr {stats['lr']:.2e} | "
@@ -381,7 +429,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
             f"{stats['images_per_s']:.0f} img/s",
             flush=True,
         )
-    dist.barrier()
+    parallel.barrier()
 
     # the test split, once, with the weights in best.safetensors
     final: dict[str, Any] = {"best_val_top1": best["top1"], "best_epoch": best["epoch"], "best_source": best["source"]}
