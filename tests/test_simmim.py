@@ -3,6 +3,7 @@ encoder, optimisation (schedule, layer decay) and a short pre-training that lowe
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -428,3 +429,26 @@ def test_training_and_pretraining_recipes_are_kept_apart(tmp_path, capsys):
     own.write_text("model: vit_tiny_patch16_224\nmask_ratio: 0.5\n")
     assert main(["train", "--recipe", str(own), "--smoke"]) == 2
     assert "pre-training fields (mask_ratio)" in capsys.readouterr().err
+
+
+def test_pretrain_with_two_processes_writes_one_run_and_an_encoder(tmp_path):
+    import subprocess
+    import sys
+
+    from vitkit.train.run_folder import read_metrics
+
+    data = tmp_path / "unlabelled"
+    _write_unlabelled_folder(data)
+    done = subprocess.run(
+        [sys.executable, "-m", "vitkit", "pretrain", "--nproc", "2", "--data", str(data), "--epochs", "1",
+         "--output", "two", *TINY_VIT_ARGS],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("encoder:") == 1  # rank 0 reports
+    run = tmp_path / "two"
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    assert [r["epoch"] for r in read_metrics(run) if "step" not in r] == [1]
+    encoder = vitkit.create_model("vit_tiny_patch16_224", img_size=32, in_chans=1, num_classes=10, patch_size=4,
+                                  depth=1, embed_dim=32, num_heads=2)
+    assert set(load_encoder(encoder, run / "encoder.safetensors")) == {"head.weight", "head.bias"}

@@ -36,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="data-loading processes")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="pre-train with N processes on this machine (DDP through torchrun; gloo on CPU)")
     p.add_argument("--train-samples", type=int, help="pre-train on a fixed random subset of N images")
     p.add_argument("--val-samples", type=int, help="measure the val loss on a fixed random subset of N images")
     p.add_argument("--val-split", type=float, help="fraction held out for validation when there is no val/ (0.1)")
@@ -65,6 +67,11 @@ def requested_fields(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from vitkit.pretrain.runner import build_configs, prepare_resume, pretrain
 
+    if args.nproc is not None:  # the same command in N processes, through torchrun
+        from vitkit.cli.train import without_nproc
+        from vitkit.train.parallel import launch
+
+        return launch(args.nproc, without_nproc(args.argv))
     fields = requested_fields(args)
     if args.resume:
         if args.output and args.output != args.resume:
@@ -75,7 +82,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         config, pre = build_configs(args.recipe, fields, smoke=args.smoke)
         resume = False
-    result = pretrain(config, pre, resume=resume)
+    from vitkit.train import parallel
+
+    try:
+        result = pretrain(config, pre, resume=resume)
+        parallel.barrier()  # leave together
+        main = parallel.is_main()
+    finally:
+        parallel.destroy()
+    if not main:
+        return 0
     print(f"masked L1 loss: train {result.final_train_loss:.4f}, val {result.final_val_loss:.4f}")
     print(f"encoder: {result.encoder} (fine-tune with `vitkit train --finetune {result.run_dir}`)")
     print(f"reconstructions: {result.run_dir / 'reconstructions.png'}")

@@ -219,23 +219,31 @@ def pretrain(config, pre: PretrainConfig, *, resume: bool = False) -> PretrainRe
     """Pre-train `config.model` with SimMIM in the run folder `config.output` (continued with `resume`)."""
     import secrets
 
-    from vitkit.train.runner import default_output, resolve_device, runtime
+    from vitkit.train import parallel
     from vitkit.train.run_folder import CONFIG, STATE
+    from vitkit.train.runner import default_output, runtime
 
-    run_dir = Path(config.output) if config.output else default_output(config)
-    if not resume and (run_dir / CONFIG).exists():
-        raise ValueError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --output")
-    if resume and not (run_dir / STATE).is_file():
-        raise FileNotFoundError(f"{run_dir / STATE} does not exist: the run has no finished epoch to resume from")
+    # several processes (torchrun / --nproc): rank 0 decides the folder and seed, DDP keeps ranks in step
+    device = parallel.init_distributed(config.device)
+    run_dir = Path(parallel.broadcast_object(str(config.output or default_output(config))))
+    problem = None
+    if parallel.is_main() and not resume and (run_dir / CONFIG).exists():
+        problem = ValueError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --output")
+    if parallel.is_main() and resume and not (run_dir / STATE).is_file():
+        problem = FileNotFoundError(f"{run_dir / STATE} does not exist: the run has no finished epoch to resume from")
+    problem = parallel.broadcast_object(problem)
+    if problem is not None:
+        raise problem
+    if config.fsdp:
+        raise ValueError("vitkit pretrain runs on DDP: drop --fsdp")
     if config.grad_accum != 1:
         raise ValueError("pre-training steps every batch: grad_accum must be 1 (raise batch_size instead)")
     if config.model.startswith("torchvision:"):
         raise ValueError("SimMIM pre-trains vitkit ViT / DeiT / Swin / Swin V2 models, not torchvision ones")
-    device = resolve_device(config.device)
     config = dataclasses.replace(config, output=str(run_dir))
     deterministic = config.seed is not None
     if config.seed is None:
-        config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
+        config = dataclasses.replace(config, seed=parallel.broadcast_object(secrets.randbelow(2**31)))
     with runtime(config.threads, deterministic):
         return _pretrain(config, pre, run_dir, device, resume)
 
@@ -272,6 +280,10 @@ def _pretrain(config, pre: PretrainConfig, run_dir: Path, device: torch.device, 
     # -- model, masks, optimisation --------------------------------------------------------------------
     model = build_simmim(config.model, in_chans=config.in_chans, img_size=config.img_size, **config.model_args)
     model = model.to(device)
+    dist.broadcast_module(model)  # every rank starts from rank 0's weights
+    wrapped = dist.wrap(model, device, "ddp")
+    if dist.get_world_size() > 1:  # augmentation and masks differ per rank: seed + rank
+        seed_everything(dist.rank_seed(config.seed))
     masks = MaskGenerator(config.img_size, pre.mask_patch_size, model.patch_size, pre.mask_ratio)
     steps_per_epoch = len(loaders["train"])
     if config.optimizer != "adamw":
@@ -292,7 +304,7 @@ def _pretrain(config, pre: PretrainConfig, run_dir: Path, device: torch.device, 
     amp_dtype = amp_dtype_for(config.amp, device)
     if amp_dtype == torch.float16:
         raise ValueError("pre-training supports amp=bf16 or off (fp16 needs a gradient scaler): use --set amp=bf16")
-    train_model = torch.compile(model) if config.compile else model
+    train_model = torch.compile(wrapped) if config.compile else wrapped
 
     # -- run folder ------------------------------------------------------------------------------------
     folder = RunFolder(run_dir, enabled=main)
@@ -322,7 +334,10 @@ def _pretrain(config, pre: PretrainConfig, run_dir: Path, device: torch.device, 
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
         folder.load_metrics(upto_epoch=state["epoch"], upto_step=global_step)
-        restore_rng(state["rng"])
+        if dist.get_rank() == 0:  # the other ranks start from seed + rank and the epoch
+            restore_rng(state["rng"])
+        else:
+            seed_everything(dist.rank_seed(config.seed) * 100_003 + state["epoch"])
         say(f"resuming {run_dir} after epoch {state['epoch']}")
     say(
         f"SimMIM pre-training {config.model} ({info['model']['params'] / 1e6:.2f} M encoder parameters) on "
@@ -338,9 +353,9 @@ def _pretrain(config, pre: PretrainConfig, run_dir: Path, device: torch.device, 
     stats: dict[str, Any] = {}
     val: dict[str, float] = {}
     for epoch in range(start_epoch, config.epochs + 1):
-        set_loader_epoch(loaders["train"], epoch, config.seed)
-        # masks of an epoch depend on (seed, epoch) alone, so a resumed run draws the same ones
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch + 7)
+        set_loader_epoch(loaders["train"], epoch, dist.rank_seed(config.seed))
+        # masks of an epoch depend on (seed, rank, epoch) alone, so a resumed run draws the same ones
+        generator = torch.Generator().manual_seed(dist.rank_seed(config.seed) * 100_003 + epoch + 7)
         progress = Progress(steps_per_epoch, f"epoch {epoch}/{config.epochs}", enabled=main, every=config.log_every)
         try:
             stats = train_one_epoch(
