@@ -452,3 +452,19 @@ def test_pretrain_with_two_processes_writes_one_run_and_an_encoder(tmp_path):
     encoder = vitkit.create_model("vit_tiny_patch16_224", img_size=32, in_chans=1, num_classes=10, patch_size=4,
                                   depth=1, embed_dim=32, num_heads=2)
     assert set(load_encoder(encoder, run / "encoder.safetensors")) == {"head.weight", "head.bias"}
+
+
+@pytest.mark.slow  # torch.compile takes about a minute on 2 cores
+def test_compiled_pretraining_matches_eager(tmp_path):
+    """The mask token enters through a forward hook on patch_embed: torch.compile must keep it."""
+    from vitkit.cli import main
+    from vitkit.train.run_folder import read_metrics
+
+    data = tmp_path / "unlabelled"
+    _write_unlabelled_folder(data)
+    args = ["pretrain", "--data", str(data), "--epochs", "1", *TINY_VIT_ARGS]
+    assert main([*args, "--output", str(tmp_path / "eager")]) == 0
+    assert main([*args, "--output", str(tmp_path / "compiled"), "--compile"]) == 0
+    eager, compiled = ([r for r in read_metrics(tmp_path / d) if "step" not in r][-1] for d in ("eager", "compiled"))
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)

@@ -254,9 +254,10 @@ def _pretrain(config, pre: PretrainConfig, run_dir: Path, device: torch.device, 
     from vitkit.train import parallel as dist
     from vitkit.train.checkpoint import capture_rng, load_state, restore_rng, save_state
     from vitkit.train.modeling import default_img_size
+    from vitkit.train.plots import plot_curves
     from vitkit.train.progress import Progress
     from vitkit.train.run_folder import CURVES, STATE, RunFolder
-    from vitkit.train.runner import amp_dtype_for, provenance, seed_everything
+    from vitkit.train.runner import amp_dtype_for, run_info, seed_everything
 
     main = dist.is_main()
     say = print if main else (lambda *a, **k: None)
@@ -308,19 +309,8 @@ def _pretrain(config, pre: PretrainConfig, run_dir: Path, device: torch.device, 
 
     # -- run folder ------------------------------------------------------------------------------------
     folder = RunFolder(run_dir, enabled=main)
-    info = folder.read_run_info() if resume else {}
-    info.update(provenance(device))
-    info.setdefault("start_time", _now())
-    if resume:
-        info.setdefault("resumed", []).append(_now())
-    info.update(
-        status="running",
-        task="pretrain",
-        model={"name": config.model, "params": sum(p.numel() for p in model.encoder.parameters())},
-        pretrain={"method": pre.method, "masks": repr(masks)},
-        data={"source": data.source, **{s: len(l.dataset) for s, l in loaders.items()},
-              "skipped_corrupt": len(data.skipped)},
-    )
+    info = run_info(folder, resume, device, config, model.encoder, data, loaders)
+    info.update(task="pretrain", pretrain={"method": pre.method, "masks": repr(masks)})
     folder.write_config(config)
     if main:
         write_text(run_dir / PRETRAIN_CONFIG, pre.to_yaml())
@@ -397,36 +387,10 @@ def _pretrain(config, pre: PretrainConfig, run_dir: Path, device: torch.device, 
         )
     dist.barrier()
     if main:
-        plot_pretrain_curves(folder.epoch_records(), run_dir / CURVES, f"SimMIM {config.model} on {data.source}")
+        plot_curves(folder.records, run_dir / CURVES, f"SimMIM {config.model} on {data.source}",
+                    loss_label="masked L1 loss")
     info.update(status="finished", end_time=_now())
     folder.write_run_info(info)
     folder.close()
     last = folder.epoch_records()[-1] if folder.epoch_records() else {}
     return PretrainResult(run_dir, run_dir / ENCODER, last.get("train_loss", math.nan), last.get("val_loss", math.nan))
-
-
-def plot_pretrain_curves(records: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
-    """Masked L1 loss (train, val) and learning rate against epochs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from vitkit.io import atomic_path
-
-    x = [r["epoch"] for r in records]
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(x, [r["train_loss"] for r in records], "o-", label="train")
-    ax_loss.plot(x, [r["val_loss"] for r in records], "o-", label="val")
-    ax_loss.set(xlabel="epoch", ylabel="masked L1 loss", title="reconstruction loss")
-    ax_loss.legend()
-    ax_lr.plot(x, [r["lr"] for r in records], "o-")
-    ax_lr.set(xlabel="epoch", ylabel="learning rate", title="learning rate (end of epoch)")
-    for ax in (ax_loss, ax_lr):
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)

@@ -290,8 +290,9 @@ def build_training_state(config: TrainConfig, steps_per_epoch: int, device: torc
     return TrainingState(model, wrapped, plain, ema, optimizer, scheduler, scaler)
 
 
-def _run_info(folder: RunFolder, resume: bool, device: torch.device, config: TrainConfig, model: nn.Module,
+def run_info(folder: RunFolder, resume: bool, device: torch.device, config: TrainConfig, model: nn.Module,
               data: LoadedData, loaders: dict[str, DataLoader]) -> dict[str, Any]:
+    """run.json's contents at the start (or resumption) of a run: provenance, model, data."""
     info = folder.read_run_info() if resume else {}
     info.update(provenance(device))
     info.setdefault("start_time", _now())
@@ -341,7 +342,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
     val_loader = parallel.even_batches(loaders["val"]) if config.fsdp else loaders["val"]
 
     folder = RunFolder(run_dir, enabled=main)
-    info = _run_info(folder, resume, device, config, model, data, loaders)
+    info = run_info(folder, resume, device, config, model, data, loaders)
     folder.write_config(config)
     folder.write_run_info(info)
 
