@@ -49,19 +49,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def requested_fields(args: argparse.Namespace) -> dict:
-    from vitkit.train.config import parse_set
+PRETRAIN_FLAGS = ("model", "data", "epochs", "batch_size", "lr", "img_size", "output", "seed", "device", "workers",
+                  "threads", "compile", "train_samples", "val_samples", "val_split", "skip_corrupt",
+                  "method", "mask_ratio", "mask_patch_size")
 
-    names = ("model", "data", "epochs", "batch_size", "lr", "img_size", "output", "seed", "device", "workers",
-             "threads", "compile", "train_samples", "val_samples", "val_split", "skip_corrupt",
-             "method", "mask_ratio", "mask_patch_size")
-    fields = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    for key, value in parse_set(args.sets).items():
-        if key == "model_args":
-            fields.setdefault("model_args", {}).update(value)
-        else:
-            fields[key] = value
-    return fields
+
+def requested_fields(args: argparse.Namespace) -> dict:
+    """The pre-training fields given on the command line (flags, then --set), as `vitkit train` reads them."""
+    from vitkit.cli import train
+
+    return train.requested_fields(args, PRETRAIN_FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:

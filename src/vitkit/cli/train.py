@@ -60,15 +60,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def requested_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields given explicitly on the command line (flags, then --set)."""
+TRAIN_FLAGS = ("model", "data", "epochs", "batch_size", "lr", "img_size", "output", "seed", "device", "workers",
+               "threads", "compile", "fsdp", "fsdp_offload", "train_samples", "val_samples", "test_samples",
+               "val_split", "skip_corrupt", "finetune", "layer_decay", "teacher", "distillation", "distill_alpha",
+               "distill_tau")
+
+
+def requested_fields(args: argparse.Namespace, names: tuple[str, ...] = TRAIN_FLAGS) -> dict[str, Any]:
+    """The config fields given explicitly on the command line: the flags `names` that were set,
+    `--patch-size`, then the `--set` items (model_args entries merged)."""
     from vitkit.train.config import parse_set
 
-    names = ("model", "data", "epochs", "batch_size", "lr", "img_size", "output", "seed", "device", "workers",
-             "threads", "compile", "fsdp", "fsdp_offload", "train_samples", "val_samples", "test_samples", "val_split", "skip_corrupt",
-             "finetune", "layer_decay", "teacher", "distillation", "distill_alpha", "distill_tau")
-    fields = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.patch_size is not None:
+    fields = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if getattr(args, "patch_size", None) is not None:
         fields["model_args"] = {"patch_size": args.patch_size}
     for key, value in parse_set(args.sets).items():
         if key == "model_args":

@@ -16,8 +16,8 @@ from torch import nn
 
 FORMAT = "hf"
 
-# sub-keys of one ViT / DeiT layer -> vitkit block sub-keys (legacy name, transformers-5 name)
-_VIT_LAYER = {
+# sub-keys of one transformer layer -> vitkit block sub-keys (legacy name, transformers-5 name)
+_COMMON_LAYER = {
     "layernorm_before": "norm1",
     "layernorm_after": "norm2",
     "attention.output.dense": "attn.proj",
@@ -27,19 +27,11 @@ _VIT_LAYER = {
     "mlp.fc1": "mlp.fc1",
     "mlp.fc2": "mlp.fc2",
 }
-_VIT_QKV = {
-    "attention.attention.query": 0, "attention.attention.key": 1, "attention.attention.value": 2,
-    "attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2,
-}  # fmt: skip
+_QKV_T5 = {"attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2}  # transformers 5
+_VIT_LAYER = _COMMON_LAYER
+_VIT_QKV = {"attention.attention.query": 0, "attention.attention.key": 1, "attention.attention.value": 2, **_QKV_T5}
 _SWIN_BLOCK = {
-    "layernorm_before": "norm1",
-    "layernorm_after": "norm2",
-    "attention.output.dense": "attn.proj",
-    "attention.o_proj": "attn.proj",
-    "intermediate.dense": "mlp.fc1",
-    "output.dense": "mlp.fc2",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
+    **_COMMON_LAYER,
     "attention.self.relative_position_bias_table": "attn.relative_position_bias_table",
     "attention.relative_position_bias.relative_position_bias_table": "attn.relative_position_bias_table",
     "attention.self.logit_scale": "attn.logit_scale",
@@ -49,10 +41,7 @@ _SWIN_BLOCK = {
     "attention.self.relative_position_index": "attn.relative_position_index",
     "attention.self.relative_coords_table": "attn.relative_coords_table",
 }
-_SWIN_QKV = {
-    "attention.self.query": 0, "attention.self.key": 1, "attention.self.value": 2,
-    "attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2,
-}  # fmt: skip
+_SWIN_QKV = {"attention.self.query": 0, "attention.self.key": 1, "attention.self.value": 2, **_QKV_T5}
 _PREFIXES = ("vit.", "deit.", "swin.", "swinv2.")
 
 
