@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="SOURCE",
                    help="with --model: its default pretrained weights, or a local file")
     p.add_argument("--method", choices=("rollout", "last", "cam"), default=None,
-                   help="default: rollout for ViT / DeiT, cam for Swin")
+                   help="default: last for ViT / DeiT (the sharper map on trained models), cam for Swin")
     p.add_argument("--class-index", type=int, default=None, help="cam only: the class to map (default: predicted)")
     p.add_argument("--out", default=None, metavar="PNG", help="output file (default: IMAGE's name + _METHOD.png here)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
