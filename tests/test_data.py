@@ -20,6 +20,7 @@ from vitkit.data.transforms import (
     BatchTrainTransform,
     ImageSpec,
     eval_transform,
+    train_transform,
     random_pad_crop,
     random_resized_crop,
 )
@@ -315,3 +316,24 @@ def test_truncated_image_fails_at_load_time_with_its_name_even_in_a_worker(tmp_p
     with pytest.raises(ImageReadError) as err:
         list(loader)
     assert str(err.value).startswith(f"cannot read image {jpeg}") and "\n" not in str(err.value)
+
+
+def test_random_crop_takes_a_window_of_the_eval_resize_and_eval_takes_its_centre():
+    # 28x28 images, img_size 24, crop_pct 0.857: eval resizes to 28 and takes the centre 24x24;
+    # crop "random" takes a random 24x24 window of the same 28x28 image (a +-2 pixel shift)
+    spec = ImageSpec(24, 1, (0.0,), (1.0,), crop_pct=0.857)
+    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    aug = Augment(crop="random", crop_padding=0, hflip=0.0)
+    torch.manual_seed(0)
+    out = BatchTrainTransform(spec, aug)(images)
+    assert out.shape == (64, 1, 24, 24)
+    full = images.float() / 255
+    offsets = set()
+    for i in range(64):
+        found = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], full[i, :, dy : dy + 24, dx : dx + 24])]
+        assert found, f"image {i} is not a window of its image"
+        offsets.add(found[0])
+    assert len(offsets) > 10  # each image draws its own shift
+    assert torch.allclose(eval_transform(spec)(images), full[:, :, 2:26, 2:26], atol=1e-6)
+    per_image = train_transform(spec, aug)(images[0])
+    assert any(torch.allclose(per_image, full[0, :, dy : dy + 24, dx : dx + 24], atol=1e-6) for dy in range(5) for dx in range(5))

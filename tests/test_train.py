@@ -71,7 +71,7 @@ def test_recipe_then_flags_then_set():
         build_config(None, parse_set(["epoch=3"]))
     with pytest.raises(ValueError, match="batch_size must be an integer"):
         build_config(None, parse_set(["batch_size=abc"]))
-    with pytest.raises(ValueError, match="crop must be one of rrc, pad, resize"):
+    with pytest.raises(ValueError, match="crop must be one of rrc, pad, random, resize"):
         build_config(None, parse_set(["crop=zoom"]))
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         build_config("nope")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -312,3 +314,29 @@ def test_patch_dropout_in_the_model_trains_on_fewer_tokens_and_evaluates_on_all(
                          embed_dim=32, num_heads=2, depth=1)
     plain.load_state_dict(model.state_dict())  # no parameters of its own: same keys as timm's
     torch.testing.assert_close(plain.eval()(x), model(x), rtol=0, atol=0)
+
+
+def test_short_sequences_on_the_cpu_take_the_explicit_attention_path_with_the_same_result(monkeypatch):
+    from vitkit.layers import attention
+
+    torch.manual_seed(0)
+    model = vitkit.create_model("deit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, depth=2)
+    x = torch.randn(4, 1, 28, 28)
+    assert 17 <= attention.CPU_EXPLICIT_MAX_TOKENS
+
+    def run(m: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        m.zero_grad()
+        out = m(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in m.parameters()]
+
+    reference, reference_grads = run(copy.deepcopy(model).double(), x.double())  # float64: the truth
+    explicit, explicit_grads = run(model, x)
+    monkeypatch.setattr(attention, "CPU_EXPLICIT_MAX_TOKENS", 0)  # every length through the fused kernel
+    fused, fused_grads = run(model, x)
+    # both float32 paths sit within float32 rounding of the float64 result (measured: ~1e-6 of each
+    # gradient's largest entry for either path); they differ from each other by about that much too
+    for out, grads in ((explicit, explicit_grads), (fused, fused_grads)):
+        torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
+        for g, ref in zip(grads, reference_grads):
+            torch.testing.assert_close(g.double(), ref, rtol=0, atol=5e-6 * ref.abs().max().item())

@@ -69,7 +69,9 @@ def test_download_cache_and_hash(tmp_path, monkeypatch):
     assert cached.is_file() and model.pretrained_record == record
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(ref(x), model(x))
+        # the weights are timm's bit for bit; the outputs agree to float32 rounding (timm's fused
+        # attention kernel against our explicit one for short sequences on the CPU)
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
     # the cache serves the next call (the source may be gone)
     src.unlink()
     vitkit.create_model("deit_tiny_patch16_224", **TINY, pretrained=True)

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.data.folder import load_image
     from vitkit.data.transforms import eval_transform
     from vitkit.tools.attention import attention_map, default_method, save_overlay
-    from vitkit.train.runner import resolve_device
+    from vitkit.train.parallel import resolve_device
 
     if args.pretrained and args.model is None:
         raise ValueError("--pretrained goes with --model NAME")

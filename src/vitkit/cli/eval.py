@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from vitkit.io import write_text
     from vitkit.tools.evaluate import evaluate_split, load_inference
     from vitkit.train.plots import plot_confusion
-    from vitkit.train.runner import resolve_device
+    from vitkit.train.parallel import resolve_device
 
     if args.pretrained and not args.model:
         raise ValueError("--pretrained goes with --model NAME")

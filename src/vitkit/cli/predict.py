@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitkit.tools.evaluate import load_inference
     from vitkit.tools.predict import predict
-    from vitkit.train.runner import resolve_device
+    from vitkit.train.parallel import resolve_device
 
     device = resolve_device(args.device)
     inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, device=device)

@@ -75,7 +75,7 @@ class ImageSpec:
 class Augment:
     """Training augmentation options (see TrainConfig for their meaning)."""
 
-    crop: str = "rrc"  # "rrc" | "pad" | "resize"
+    crop: str = "rrc"  # "rrc" | "pad" | "random" | "resize"
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     crop_padding: int = 4
@@ -111,9 +111,9 @@ def train_transform(spec: ImageSpec, aug: Augment) -> v2.Compose:
     if aug.crop == "rrc":
         steps.append(v2.RandomResizedCrop(size, scale=aug.crop_scale, ratio=aug.crop_ratio,
                                           interpolation=_mode(spec), antialias=True))
-    elif aug.crop == "pad":
+    elif aug.crop in ("pad", "random"):
         steps += [
-            v2.Resize(size, interpolation=_mode(spec), antialias=True),
+            v2.Resize(_jitter_resize(spec, aug), interpolation=_mode(spec), antialias=True),
             v2.RandomCrop(size, padding=aug.crop_padding, padding_mode=aug.pad_mode, pad_if_needed=True),
         ]
     else:
@@ -145,8 +145,9 @@ class BatchTrainTransform:
         if aug.crop == "rrc":
             x = random_resized_crop(x, size, aug.crop_scale, aug.crop_ratio)
         else:
-            x = TF.resize(x, size, interpolation=_mode(self.spec), antialias=True) if min(x.shape[-2:]) != size else x
-            if aug.crop == "pad":
+            short = _jitter_resize(self.spec, aug) if aug.crop in ("pad", "random") else size
+            x = TF.resize(x, short, interpolation=_mode(self.spec), antialias=True) if min(x.shape[-2:]) != short else x
+            if aug.crop in ("pad", "random"):
                 x = random_pad_crop(x, size, aug.crop_padding, aug.pad_mode)
             else:
                 x = TF.center_crop(x, [size, size])
@@ -160,6 +161,11 @@ class BatchTrainTransform:
 
     def __repr__(self) -> str:
         return f"BatchTrainTransform({self.spec}, {self.aug})"
+
+
+def _jitter_resize(spec: ImageSpec, aug: Augment) -> int:
+    """Short side before a random crop: img_size for `pad`, the eval resize for `random`."""
+    return math.floor(spec.img_size / spec.crop_pct) if aug.crop == "random" else spec.img_size
 
 
 def random_pad_crop(x: torch.Tensor, size: int, padding: int, mode: str = "reflect") -> torch.Tensor:

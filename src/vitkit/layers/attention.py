@@ -1,4 +1,4 @@
-"""Multi-head self-attention through `scaled_dot_product_attention`."""
+"""Multi-head self-attention: `scaled_dot_product_attention`, or explicit for short sequences on the CPU."""
 
 from __future__ import annotations
 
@@ -6,13 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# On the CPU the fused attention kernel's fixed cost per call outweighs what it saves on short
+# sequences: a training step of the Fashion-MNIST ViT (17 tokens) is ~1.18x faster with the attention
+# computed as two matmuls and a softmax, a 37-token one 1.01-1.13x; at 50 tokens the kernel wins.
+CPU_EXPLICIT_MAX_TOKENS = 40
+
 
 class Attention(nn.Module):
     """Global multi-head self-attention over a token sequence (parameters qkv / proj, as timm).
 
     Set `record_attn = True` to keep the softmax attention weights of the last forward in
-    `last_attn` (B, heads, N, N); they are computed beside the fused kernel, so the output is
-    unchanged while recording.
+    `last_attn` (B, heads, N, N): the explicit path keeps its own, beside the fused kernel they are
+    computed separately; either way the output is unchanged while recording.
     """
 
     def __init__(
@@ -41,11 +46,16 @@ class Attention(nn.Module):
         # (3, B, heads, N, head_dim)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        if self.record_attn:
-            with torch.no_grad():
-                self.last_attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        x = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0
-        )
+        dropout_p = self.attn_drop if self.training else 0.0
+        if x.device.type == "cpu" and N <= CPU_EXPLICIT_MAX_TOKENS:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            if self.record_attn:
+                self.last_attn = attn.detach()
+            x = F.dropout(attn, dropout_p, training=dropout_p > 0) @ v
+        else:
+            if self.record_attn:
+                with torch.no_grad():
+                    self.last_attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))

@@ -217,33 +217,16 @@ def _now() -> str:
 
 def pretrain(config, pre: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     """Pre-train `config.model` with SimMIM in the run folder `config.output` (continued with `resume`)."""
-    import secrets
+    from vitkit.train.runner import prepare_run, runtime
 
-    from vitkit.train import parallel
-    from vitkit.train.run_folder import CONFIG, STATE
-    from vitkit.train.runner import default_output, runtime
-
-    # several processes (torchrun / --nproc): rank 0 decides the folder and seed, DDP keeps ranks in step
-    device = parallel.init_distributed(config.device)
-    run_dir = Path(parallel.broadcast_object(str(config.output or default_output(config))))
-    problem = None
-    if parallel.is_main() and not resume and (run_dir / CONFIG).exists():
-        problem = ValueError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --output")
-    if parallel.is_main() and resume and not (run_dir / STATE).is_file():
-        problem = FileNotFoundError(f"{run_dir / STATE} does not exist: the run has no finished epoch to resume from")
-    problem = parallel.broadcast_object(problem)
-    if problem is not None:
-        raise problem
     if config.fsdp:
         raise ValueError("vitkit pretrain runs on DDP: drop --fsdp")
     if config.grad_accum != 1:
         raise ValueError("pre-training steps every batch: grad_accum must be 1 (raise batch_size instead)")
     if config.model.startswith("torchvision:"):
         raise ValueError("SimMIM pre-trains vitkit ViT / DeiT / Swin / Swin V2 models, not torchvision ones")
-    config = dataclasses.replace(config, output=str(run_dir))
-    deterministic = config.seed is not None
-    if config.seed is None:
-        config = dataclasses.replace(config, seed=parallel.broadcast_object(secrets.randbelow(2**31)))
+    # several processes (torchrun / --nproc): rank 0 decides the folder and seed, DDP keeps ranks in step
+    device, run_dir, config, deterministic = prepare_run(config, resume)
     with runtime(config.threads, deterministic):
         return _pretrain(config, pre, run_dir, device, resume)
 

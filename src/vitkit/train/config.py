@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-CropMode = Literal["rrc", "pad", "resize"]
+CropMode = Literal["rrc", "pad", "random", "resize"]
 AmpMode = Literal["auto", "off", "bf16", "fp16"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 
@@ -52,7 +52,9 @@ class TrainConfig:
     crop_pct: float = 0.875  # eval: resize the short side to img_size / crop_pct, centre-crop img_size
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # for every resize
     # -- augmentation --------------------------------------------------------------------------
-    crop: CropMode = "rrc"  # rrc: RandomResizedCrop; pad: resize, pad, random crop; resize: no crop jitter
+    # rrc: RandomResizedCrop; pad: resize to img_size, pad, random crop (DeiT III); random: resize as eval
+    # does (img_size / crop_pct), pad, random img_size window (eval takes the centre one); resize: no jitter
+    crop: CropMode = "rrc"
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     crop_padding: int = 4

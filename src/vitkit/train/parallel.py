@@ -85,6 +85,22 @@ def launched() -> bool:
     return env_world()[1] > 1
 
 
+def resolve_device(choice: str) -> torch.device:
+    """The device for `--device auto|cpu|cuda` ("auto": CUDA when available)."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+    return torch.device(choice)
+
+
+def check_offload(device: torch.device) -> None:
+    """CPU offloading under FSDP moves each block to the GPU to compute: it needs CUDA."""
+    if device.type != "cuda":
+        raise ValueError("--fsdp-offload needs CUDA (FSDP2 copies each block to the GPU to compute): "
+                         "drop --fsdp-offload on a CPU-only machine")
+
+
 def init_distributed(device: Literal["auto", "cpu", "cuda"] = "auto") -> torch.device:
     """Join torchrun's process group (nccl on CUDA, gloo on CPU) and return this rank's device.
 
@@ -92,9 +108,8 @@ def init_distributed(device: Literal["auto", "cpu", "cuda"] = "auto") -> torch.d
     the one asked for ("auto": CUDA when available). Calling it twice is harmless.
     """
     rank, world, local = env_world()
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but CUDA is not available: use --device cpu")
+    target = resolve_device(device)
+    use_cuda = target.type == "cuda"
     if use_cuda:
         if local >= torch.cuda.device_count():
             raise RuntimeError(
@@ -103,8 +118,6 @@ def init_distributed(device: Literal["auto", "cpu", "cuda"] = "auto") -> torch.d
             )
         torch.cuda.set_device(local)
         target = torch.device("cuda", local)
-    else:
-        target = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
@@ -229,11 +242,8 @@ def wrap_fsdp(model: nn.Module, device: torch.device, *, offload: bool = False, 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    if offload and device.type != "cuda":
-        raise ValueError(
-            "--fsdp-offload needs CUDA (FSDP2 copies parameters to the GPU for each block): "
-            "drop --fsdp-offload on a CPU-only machine"
-        )
+    if offload:
+        check_offload(device)
     if not dist.is_initialized():
         raise RuntimeError("--fsdp needs a process group: start the run with torchrun or `vitkit train --nproc N`")
     units = shard_units(model)

@@ -42,7 +42,7 @@ from vitkit.train.modeling import build_model, default_img_size, load_weights, s
 from vitkit.train.optim import build_optimizer, build_scheduler
 from vitkit.train.plots import plot_curves
 from vitkit.train.progress import Progress
-from vitkit.train.run_folder import BEST, CURVES, LAST, STATE, RunFolder
+from vitkit.train.run_folder import BEST, CONFIG, CURVES, LAST, STATE, RunFolder
 from vitkit.train.teacher import load_teacher
 
 
@@ -56,14 +56,6 @@ class RunResult:
 
 
 # -- runtime settings ------------------------------------------------------------------------------
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA device is available: use --device cpu")
-    return torch.device(choice)
 
 
 def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
@@ -156,33 +148,42 @@ def prepare_resume(run_dir: str | os.PathLike, requested: dict[str, Any]) -> Tra
     return dataclasses.replace(apply_fields(saved, runtime_changes), output=str(run_dir))
 
 
+def prepare_run(config: TrainConfig, resume: bool) -> tuple[torch.device, Path, TrainConfig, bool]:
+    """The start of `vitkit train` and `vitkit pretrain` in every process: join torchrun's process
+    group (when launched by it), agree on rank 0's run folder, stop every rank when that folder
+    cannot be used, and agree on the seed (an unseeded run records the one rank 0 drew).
+
+    Returns the device, the run folder, the config with both filled in, and whether the run is
+    seeded (deterministic).
+    """
+    device = parallel.init_distributed(config.device)
+    run_dir = Path(parallel.broadcast_object(str(config.output or default_output(config))))
+    problem = None
+    if parallel.is_main() and not resume and (run_dir / CONFIG).exists():
+        problem = ValueError(
+            f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --output"
+        )
+    if parallel.is_main() and resume and not (run_dir / STATE).is_file():
+        problem = FileNotFoundError(f"{run_dir / STATE} does not exist: the run has no finished epoch to resume from")
+    problem = parallel.broadcast_object(problem)  # every rank stops, not only rank 0
+    if problem is not None:
+        raise problem
+    config = dataclasses.replace(config, output=str(run_dir))
+    deterministic = config.seed is not None
+    if config.seed is None:
+        config = dataclasses.replace(config, seed=parallel.broadcast_object(secrets.randbelow(2**31)))
+    return device, run_dir, config, deterministic
+
+
 def train(config: TrainConfig, *, resume: bool = False) -> RunResult:
     """Train as `config` says, in the run folder `config.output` (continuing it with `resume`).
 
     Started by torchrun (or `vitkit train --nproc N`), every process runs this: it joins the
     process group, rank 0 decides the run folder and the seed, and only rank 0 writes.
     """
-    device = parallel.init_distributed(config.device)  # torchrun's process group, when launched by it
-    main = parallel.is_main()
-    run_dir = Path(parallel.broadcast_object(str(config.output or default_output(config))))
-    problem = None
-    if main and not resume and (run_dir / "config.yaml").exists():
-        problem = ValueError(
-            f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --output"
-        )
-    if main and resume and not (run_dir / STATE).is_file():
-        problem = FileNotFoundError(f"{run_dir / STATE} does not exist: the run has no finished epoch to resume from")
-    problem = parallel.broadcast_object(problem)  # every rank stops, not only rank 0
-    if problem is not None:
-        raise problem
-    config = dataclasses.replace(config, output=str(run_dir))
-    if config.seed is None:  # an unseeded run still records the seed it drew (rank 0's)
-        config = dataclasses.replace(config, seed=parallel.broadcast_object(secrets.randbelow(2**31)))
-        deterministic = False
-    else:
-        deterministic = True
+    device, run_dir, config, deterministic = prepare_run(config, resume)
     with runtime(config.threads, deterministic):
-        return _train(config, run_dir, device, resume, main)
+        return _train(config, run_dir, device, resume, parallel.is_main())
 
 
 @dataclass
@@ -260,10 +261,8 @@ def build_training_state(config: TrainConfig, steps_per_epoch: int, device: torc
     ema = None
     if config.ema:  # from the unsharded model; under FSDP it is sharded beside it
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
-    if config.fsdp_offload and device.type != "cuda":
-        raise ValueError(
-            "--fsdp-offload needs CUDA (FSDP2 moves each block to the GPU to compute): drop it on a CPU-only machine"
-        )
+    if config.fsdp_offload:  # before the world-size check: more processes would not help
+        parallel.check_offload(device)
     if config.fsdp and parallel.get_world_size() == 1:
         raise ValueError("--fsdp shards the model over several processes: add --nproc N or start with torchrun")
     strategy = "fsdp" if config.fsdp else "ddp"
