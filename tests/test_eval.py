@@ -12,6 +12,7 @@ from test_data import fake_images, write_folder, write_idx
 
 from vitkit.cli import main
 from vitkit.data import fashion_mnist
+from vitkit.data.datasets import build_dataset, load_data
 from vitkit.data.transforms import eval_transform
 from vitkit.tools.evaluate import load_inference
 from vitkit.weights.io import read_metadata
@@ -94,6 +95,43 @@ def test_predict_uses_the_run_transform_and_class_names(run, tmp_path, capsys):
     assert main(["predict", str(paths[0]), "--run", str(out), "--top-k", "2"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"{paths[0]}: ") and line.count("%") == 2
+
+
+def test_a_run_with_flip_tta_logs_mean_probability_figures_that_eval_and_predict_reproduce(run, tmp_path, capsys):
+    _, _, _ = run  # its environment: the tiny IDX data
+    out = tmp_path / "tta"
+    assert main(["train", "--output", str(out), "--seed", "1", "--epochs", "2", "--patch-size", "7",
+                 "--batch-size", "32", "--threads", "1", "--val-samples", "30", "--set", "tta=hflip",
+                 "--set", "model_args.depth=1", "--set", "model_args.embed_dim=32", "--set", "model_args.num_heads=2",
+                 "--set", "lr=3e-3"]) == 0
+    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    result = eval_json(tmp_path, "--run", str(out))  # the run's own tta
+    assert result["tta"] == "hflip"
+    assert (result["top1"], result["top5"], result["loss"]) == (final["test_top1"], final["test_top5"], final["test_loss"])
+    # what was logged is the mean of the image's and its mirror's probabilities, computed here by hand
+    inference = load_inference(run=out)
+    data = load_data(inference.config, splits=("test",))
+    images, targets = (torch.stack(t) if isinstance(t[0], torch.Tensor) else torch.tensor(t)
+                       for t in zip(*build_dataset(data, "test", inference.config, train=False)))
+    model = inference.model.eval()
+    with torch.no_grad():
+        plain = model(images).softmax(-1)
+        mean = (plain + model(images.flip(-1)).softmax(-1)) / 2
+    assert result["top1"] == pytest.approx(100 * mean.argmax(1).eq(targets).double().mean().item())
+    assert result["loss"] == pytest.approx(-mean[torch.arange(len(targets)), targets].log().mean().item(), rel=1e-4)
+    without = eval_json(tmp_path, "--run", str(out), "--tta", "none")
+    assert without["tta"] == "none"
+    assert without["loss"] == pytest.approx(-plain[torch.arange(len(targets)), targets].log().mean().item(), rel=1e-4)
+    # predict follows the run's setting too
+    path = tmp_path / "0.png"
+    Image.fromarray(fake_images(1, seed=5)[0][0].numpy(), mode="L").save(path)
+    capsys.readouterr()
+    assert main(["predict", str(path), "--run", str(out), "--top-k", "10", "--json"]) == 0
+    probs = {t["index"]: t["prob"] for t in json.loads(capsys.readouterr().out)[0]["top"]}
+    x = eval_transform(inference.spec)(fake_images(1, seed=5)[0][:, None])
+    with torch.no_grad():
+        expected = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1))[0] / 2
+    assert [probs[i] for i in range(10)] == pytest.approx(expected.tolist(), abs=1e-6)
 
 
 def test_eval_and_predict_errors_are_one_line(run, tmp_path, capsys):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -23,13 +24,14 @@ from vitkit.cli import main
 from vitkit.train import runner
 from vitkit.train.config import (
     TrainConfig,
+    TtaMode,
     build_config,
     check_resume_compatible,
     list_recipes,
     load_recipe,
     parse_set,
 )
-from vitkit.train.engine import NonFiniteLossError, evaluate, train_one_epoch
+from vitkit.train.engine import TTA_MODES, NonFiniteLossError, evaluate, train_one_epoch
 from vitkit.train.losses import CrossEntropy
 from vitkit.train.optim import build_optimizer, build_scheduler, param_groups
 from vitkit.weights.io import read_metadata
@@ -161,6 +163,28 @@ def test_engine_reports_metrics_ema_and_bf16_autocast():
     result = evaluate(ema.module, batches(2, 8, seed=1), device=torch.device("cpu"), num_classes=10)
     assert result["samples"] == 16 and 0 <= result["top1"] <= result["top5"] <= 100
     assert result["confusion"].sum() == 16
+
+
+def test_flip_tta_scores_by_the_mean_probability_of_the_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10)).eval()  # not mirror-symmetric
+    data = list(batches(3, 8, seed=2))
+    images, targets = (torch.cat(t) for t in zip(*data))
+    with torch.no_grad():
+        plain = model(images).softmax(-1)
+        mean = (plain + model(images.flip(-1)).softmax(-1)) / 2
+    result = evaluate(model, data, device=torch.device("cpu"), tta="hflip")
+    top5 = mean.topk(5, dim=1).indices.eq(targets[:, None]).any(1)
+    assert result["top1"] == pytest.approx(100 * mean.argmax(1).eq(targets).double().mean().item())
+    assert result["top5"] == pytest.approx(100 * top5.double().mean().item())
+    assert result["loss"] == pytest.approx(-mean[torch.arange(24), targets].log().mean().item(), rel=1e-5)
+    # the mirror changes the answer here, so the two modes differ; none is the plain model
+    assert not torch.equal(mean.argmax(1), plain.argmax(1))
+    without = evaluate(model, data, device=torch.device("cpu"))
+    assert without["loss"] == pytest.approx(-plain[torch.arange(24), targets].log().mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="tta must be one of none, hflip; got 'vflip'"):
+        evaluate(model, data, device=torch.device("cpu"), tta="vflip")
+    assert typing.get_args(TtaMode) == TTA_MODES
 
 
 def test_non_finite_loss_raises_before_the_step():

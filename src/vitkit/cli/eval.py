@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, help="input size (default: the model's)")
     p.add_argument("--crop-pct", type=float, help="resize to img_size / crop_pct, centre-crop img_size")
     p.add_argument("--batch-size", type=int, help="default: the run's eval batch size")
+    p.add_argument("--tta", choices=("none", "hflip"),
+                   help="test-time augmentation: hflip averages the probabilities of each image and its mirror "
+                   "(default: the run's own setting, else none)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--workers", type=int, help="data-loading processes")
     p.add_argument("--out", metavar="FILE.json", help="also write the metrics as JSON")
@@ -54,16 +57,18 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_split(
         inference, data=args.data, split=split, samples=samples, img_size=args.img_size, crop_pct=args.crop_pct,
         batch_size=args.batch_size, device=device, workers=args.workers, confusion=args.confusion is not None,
+        tta=args.tta,
     )
     print(
         f"{result['split']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
-        f"({result['samples']} images, {result['images_per_s']:.0f} images/s)"
+        f"({result['samples']} images, {result['images_per_s']:.0f} images/s"
+        + (", with the mirror images (--tta hflip))" if result["tta"] == "hflip" else ")")
     )
     if args.confusion:
         plot_confusion(result["confusion"], result["classes"], args.confusion,
                        title=f"{result['split']} top-1 {result['top1']:.2f}%")
         print(f"confusion matrix: {args.confusion}")
     if args.out:
-        keys = ("top1", "top5", "loss", "images_per_s", "split", "samples", "data", "checkpoint")
+        keys = ("top1", "top5", "loss", "images_per_s", "split", "samples", "data", "checkpoint", "tta")
         write_text(args.out, json.dumps({k: result[k] for k in keys}, indent=2) + "\n")
     return 0

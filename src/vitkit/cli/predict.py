@@ -19,6 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="a run folder written by `vitkit train` (its best weights)")
     src.add_argument("--checkpoint", metavar="FILE", help="a .safetensors file written by vitkit")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--tta", choices=("none", "hflip"),
+                   help="hflip: average the probabilities of each image and its mirror (default: the run's own "
+                   "setting, else none)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", action="store_true", help="print JSON instead of lines")
     p.set_defaults(run=run)
@@ -31,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, device=device)
-    results = predict(inference.model, args.images, inference.spec, inference.classes, top_k=args.top_k, device=device)
+    results = predict(inference.model, args.images, inference.spec, inference.classes, top_k=args.top_k, device=device,
+                      tta=args.tta or inference.config.tta)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

@@ -93,11 +93,13 @@ def evaluate_split(
     device: torch.device | str = "cpu",
     workers: int | None = None,
     confusion: bool = False,
+    tta: str | None = None,
 ) -> dict[str, Any]:
     """top1, top5 (percent), loss, images_per_s, split, samples [, confusion, classes] on one split.
 
     `split` defaults to test when the data has one, else val; `samples` takes that split's seeded
-    subset (the run's own subset when None and evaluating a run).
+    subset (the run's own subset when None and evaluating a run). `tta` (none | hflip) defaults to
+    the run's own, so the figures equal those it logged.
     """
     device = torch.device(device)
     config = inference.config
@@ -110,6 +112,8 @@ def evaluate_split(
         changes["crop_pct"] = crop_pct
     if batch_size is not None:
         changes["eval_batch_size"] = batch_size
+    if tta is not None:
+        changes["tta"] = tta
     config = dataclasses.replace(config, **changes)
     if split is None:
         split = "test" if _has_test(config.data) else "val"
@@ -138,8 +142,8 @@ def evaluate_split(
         loader = build_loader(dataset, train=False, batch_size=config.resolved_eval_batch_size,
                               seed=config.seed or 0, workers=workers)
         result = evaluate(model, loader, device=device, amp_dtype=amp_dtype_for(config.amp, device),
-                          num_classes=(outputs or len(loaded.classes)) if confusion else None)
-    result.update(split=split, data=loaded.source, checkpoint=inference.source)
+                          num_classes=(outputs or len(loaded.classes)) if confusion else None, tta=config.tta)
+    result.update(split=split, data=loaded.source, checkpoint=inference.source, tta=config.tta)
     if confusion:
         k = len(loaded.classes)
         result["confusion"] = result["confusion"][:k, :k]

@@ -22,6 +22,7 @@ import yaml
 CropMode = Literal["rrc", "pad", "random", "resize"]
 AmpMode = Literal["auto", "off", "bf16", "fp16"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
+TtaMode = Literal["none", "hflip"]  # engine.TTA_MODES
 
 DEFAULT_RECIPE = "fmnist_demo"
 
@@ -51,6 +52,7 @@ class TrainConfig:
     std: list[float] | None = None
     crop_pct: float = 0.875  # eval: resize the short side to img_size / crop_pct, centre-crop img_size
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # for every resize
+    tta: TtaMode = "none"  # hflip: evaluation (val, test) averages the probabilities of the image and its mirror
     # -- augmentation --------------------------------------------------------------------------
     # rrc: RandomResizedCrop; pad: resize to img_size, pad, random crop (DeiT III); random: resize as eval
     # does (img_size / crop_pct), pad, random img_size window (eval takes the centre one); resize: no jitter

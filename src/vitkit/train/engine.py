@@ -20,6 +20,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from vitkit.train.parallel import all_reduce_sum, clip_grad_norm, unwrap
 
+TTA_MODES = ("none", "hflip")  # evaluation's test-time augmentation (TrainConfig.tta)
+
 Criterion = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets, images) -> loss
 
 
@@ -138,6 +140,12 @@ def train_one_epoch(
     }
 
 
+def mirror_averaged_log_probs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Log of the mean class probabilities of `images` (B, C, H, W) and their horizontal mirrors: (B, K)."""
+    both = torch.stack([model(images).float().log_softmax(-1), model(images.flip(-1)).float().log_softmax(-1)])
+    return both.logsumexp(0) - math.log(2)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -146,11 +154,16 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     num_classes: int | None = None,
+    tta: str = "none",
 ) -> dict[str, Any]:
     """Top-1, top-5 (percent) and mean cross-entropy of `model` over `loader`.
 
     With `num_classes`, also a confusion matrix (true class, predicted class) as an int64 tensor.
+    `tta="hflip"` scores each image by the mean of the class probabilities of the image and of its
+    horizontal mirror (test-time augmentation); the loss is then that mean's negative log-likelihood.
     """
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
     model.eval()
     # [loss sum, top-1 hits, top-5 hits, images], float64 so sums are exact and order-independent
     totals = torch.zeros(4, dtype=torch.float64, device=device)
@@ -160,7 +173,8 @@ def evaluate(
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            logits = model(images)
+            # with hflip, log-probabilities: their cross-entropy is the NLL of the mean probability
+            logits = mirror_averaged_log_probs(model, images) if tta == "hflip" else model(images)
         logits = logits.float()  # (B, K)
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices.eq(targets[:, None])  # (B, k)

@@ -391,12 +391,12 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
         global_step += stats["steps"]
 
         # validation: the model, and the EMA beside it; the better one competes for best.safetensors
-        val = evaluate(model, val_loader, device=device, amp_dtype=amp_dtype)
+        val = evaluate(model, val_loader, device=device, amp_dtype=amp_dtype, tta=config.tta)
         record = {"epoch": epoch, "train_loss": stats["train_loss"], "lr": stats["lr"],
                   "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]}
         candidates = [("model", val["top1"], model)]
         if ema is not None:
-            ema_val = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype)
+            ema_val = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype, tta=config.tta)
             record.update(ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"], ema_val_loss=ema_val["loss"])
             candidates.append(("ema", ema_val["top1"], ema.module))
         record["images_per_s"] = stats["images_per_s"]
@@ -436,7 +436,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, resume: boo
     test = None
     if "test" in loaders:
         best_model, _ = load_weights(run_dir / BEST, device=device)
-        result = evaluate(best_model, loaders["test"], device=device, amp_dtype=amp_dtype)
+        result = evaluate(best_model, loaders["test"], device=device, amp_dtype=amp_dtype, tta=config.tta)
         test = {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"]}
         final.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"])
     folder.log(final)
