@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from vitkit.train.config import TTA_MODES
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -19,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="a run folder written by `vitkit train` (its best weights)")
     src.add_argument("--checkpoint", metavar="FILE", help="a .safetensors file written by vitkit")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--tta", choices=("none", "hflip"),
+    p.add_argument("--tta", choices=TTA_MODES,
                    help="hflip: average the probabilities of each image and its mirror (default: the run's own "
                    "setting, else none)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

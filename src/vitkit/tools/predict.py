@@ -12,7 +12,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from vitkit.data.folder import load_image
 from vitkit.data.transforms import ImageSpec, eval_transform
-from vitkit.train.engine import TTA_MODES, mirror_averaged_log_probs
+from vitkit.train.config import TTA_MODES
+from vitkit.train.engine import mirror_averaged_log_probs
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ import yaml
 CropMode = Literal["rrc", "pad", "random", "resize"]
 AmpMode = Literal["auto", "off", "bf16", "fp16"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
-TtaMode = Literal["none", "hflip"]  # engine.TTA_MODES
+TtaMode = Literal["none", "hflip"]  # evaluation's test-time augmentation
+TTA_MODES: tuple[str, ...] = typing.get_args(TtaMode)
 
 DEFAULT_RECIPE = "fmnist_demo"
 

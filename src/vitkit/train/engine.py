@@ -18,9 +18,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
+from vitkit.train.config import TTA_MODES
 from vitkit.train.parallel import all_reduce_sum, clip_grad_norm, unwrap
-
-TTA_MODES = ("none", "hflip")  # evaluation's test-time augmentation (TrainConfig.tta)
 
 Criterion = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets, images) -> loss
 
