@@ -3,7 +3,7 @@
 from vitkit.registry import create_model, list_models, model_info
 from vitkit.weights import LoadReport, eval_transform, load_checkpoint, save_checkpoint
 
-__version__ = "0.1.0"
+from vitkit.core.version import __version__
 
 __all__ = [
     "LoadReport",

@@ -25,7 +25,7 @@ from vitkit.data.transforms import (
     eval_transform,
     train_transform,
 )
-from vitkit.train.config import TrainConfig
+from vitkit.data.config import DataConfig, is_fashion_mnist
 
 Split = str  # "train" | "val" | "test"
 
@@ -117,9 +117,9 @@ def subset(n: int, count: int | None, seed: int) -> torch.Tensor | None:
 _SUBSET_STREAM = {"train": 1, "val": 2, "test": 3}
 
 
-def load_data(config: TrainConfig, splits: Sequence[Split] = SPLITS) -> LoadedData:
+def load_data(config: DataConfig, splits: Sequence[Split] = SPLITS) -> LoadedData:
     """The splits of `config.data` named in `splits` (those the data has), after hold-out and subsets."""
-    if config.data.lower() in (fashion_mnist.NAME, "fashion_mnist", "fmnist"):
+    if is_fashion_mnist(config.data):
         data = _load_fashion_mnist(config, splits)
     else:
         data = _load_folder(config, splits)
@@ -131,7 +131,7 @@ def load_data(config: TrainConfig, splits: Sequence[Split] = SPLITS) -> LoadedDa
     return data
 
 
-def _load_fashion_mnist(config: TrainConfig, splits: Sequence[Split]) -> LoadedData:
+def _load_fashion_mnist(config: DataConfig, splits: Sequence[Split]) -> LoadedData:
     root = fashion_mnist.find_fashion_mnist()
     out: dict[Split, SplitData] = {}
     if "train" in splits or "val" in splits:
@@ -157,7 +157,7 @@ def _load_fashion_mnist(config: TrainConfig, splits: Sequence[Split]) -> LoadedD
     )
 
 
-def _load_folder(config: TrainConfig, splits: Sequence[Split]) -> LoadedData:
+def _load_folder(config: DataConfig, splits: Sequence[Split]) -> LoadedData:
     root = Path(config.data).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(
@@ -204,7 +204,7 @@ def _load_folder(config: TrainConfig, splits: Sequence[Split]) -> LoadedData:
     )
 
 
-def resolve_data_fields(config: TrainConfig, data: LoadedData, default_img_size: int) -> TrainConfig:
+def resolve_data_fields(config: DataConfig, data: LoadedData, default_img_size: int) -> DataConfig:
     """Fill the config fields the data decides (channels, classes, size, statistics)."""
     num_classes = config.num_classes or len(data.classes)
     if num_classes < len(data.classes):
@@ -223,13 +223,13 @@ def resolve_data_fields(config: TrainConfig, data: LoadedData, default_img_size:
     )
 
 
-def image_spec(config: TrainConfig) -> ImageSpec:
+def image_spec(config: DataConfig) -> ImageSpec:
     """The input spec of a resolved config (img_size, in_chans, mean and std set)."""
     return ImageSpec(config.img_size, config.in_chans, tuple(config.mean), tuple(config.std), config.crop_pct,
                      config.interpolation)
 
 
-def augment(config: TrainConfig) -> Augment:
+def augment(config: DataConfig) -> Augment:
     return Augment(
         crop=config.crop,
         crop_scale=tuple(config.crop_scale),
@@ -244,7 +244,7 @@ def augment(config: TrainConfig) -> Augment:
     )
 
 
-def build_dataset(data: LoadedData, split: Split, config: TrainConfig, train: bool | None = None) -> Dataset:
+def build_dataset(data: LoadedData, split: Split, config: DataConfig, train: bool | None = None) -> Dataset:
     """Dataset of one split with the config's train (for "train") or eval transform."""
     if split not in data.splits:
         have = ", ".join(data.splits) or "none"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vitkit.io import atomic_path
+from vitkit.core.files import atomic_path
 
 NAME = "fashion-mnist"
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

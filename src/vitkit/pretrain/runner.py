@@ -21,7 +21,7 @@ import torch
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from vitkit.io import write_text
+from vitkit.core.files import write_text
 from vitkit.pretrain.optim import build_adamw, warmup_schedule
 from vitkit.pretrain.simmim import MaskGenerator, build_simmim, evaluate, save_encoder, save_reconstructions
 from vitkit.pretrain.simmim import train_one_epoch

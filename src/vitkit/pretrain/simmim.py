@@ -370,7 +370,7 @@ def save_reconstructions(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vitkit.io import atomic_path
+    from vitkit.core.files import save_figure
 
     images, reconstruction = images.detach().float().cpu(), reconstruction.detach().float().cpu()
     pixels = upsample_mask(mask.cpu(), patch_size).expand_as(images)
@@ -399,6 +399,5 @@ def save_reconstructions(
             if row == 0:
                 ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_figure(fig, path)
     plt.close(fig)

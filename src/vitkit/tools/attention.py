@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.io import atomic_path
+from vitkit.core.files import save_figure
 
 Method = Literal["rollout", "last", "cam"]
 
@@ -190,6 +190,5 @@ def save_overlay(
     axes[0].set_title("input")
     axes[1].set_title(title or f"{amap.method} (class {amap.class_index})")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_figure(fig, path)
     plt.close(fig)

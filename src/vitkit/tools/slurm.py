@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitkit.io import write_text
+from vitkit.core.files import write_text
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitkit.io import atomic_path
+from vitkit.core.files import atomic_path
 
 
 def capture_rng() -> dict[str, Any]:

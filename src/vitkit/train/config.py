@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-CropMode = Literal["rrc", "pad", "random", "resize"]
+from vitkit.data.config import CropMode, DataConfig
+
 AmpMode = Literal["auto", "off", "bf16", "fp16"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 TtaMode = Literal["none", "hflip"]  # evaluation's test-time augmentation
@@ -34,39 +35,14 @@ RUNTIME_FIELDS = frozenset(
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DataConfig):
+    """Every setting of a training run: the data fields (`DataConfig`) and the rest."""
+
     # -- model ---------------------------------------------------------------------------------
     model: str = "vit_tiny_patch16_224"  # a vitkit name or torchvision:NAME
     model_args: dict[str, Any] = field(default_factory=dict)  # model config overrides (depth, drop_path_rate, ...)
-    # -- data ----------------------------------------------------------------------------------
-    data: str = "fashion-mnist"  # "fashion-mnist" or an image folder with train/ val/ [test/]
-    val_split: float = 0.1  # fraction of train held out for validation when the data has no val split
-    split_seed: int = 0  # seed of the validation hold-out and of the sample subsets (not --seed)
-    train_samples: int | None = None
-    val_samples: int | None = None
-    test_samples: int | None = None
-    skip_corrupt: bool = False
-    img_size: int | None = None  # None: the data's native size, else the model's default
-    in_chans: int | None = None  # None: from the data
-    num_classes: int | None = None  # None: from the data
-    mean: list[float] | None = None  # None: the data set's statistics (ImageNet's for image folders)
-    std: list[float] | None = None
-    crop_pct: float = 0.875  # eval: resize the short side to img_size / crop_pct, centre-crop img_size
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # for every resize
+    # -- evaluation and batch augmentation (data and per-image augmentation: DataConfig) ---------
     tta: TtaMode = "none"  # hflip: evaluation (val, test) averages the probabilities of the image and its mirror
-    # -- augmentation --------------------------------------------------------------------------
-    # rrc: RandomResizedCrop; pad: resize to img_size, pad, random crop (DeiT III); random: resize as eval
-    # does (img_size / crop_pct), pad, random img_size window (eval takes the centre one); resize: no jitter
-    crop: CropMode = "rrc"
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    crop_padding: int = 4
-    pad_mode: Literal["reflect", "constant"] = "reflect"
-    hflip: float = 0.5
-    auto_augment: str | None = None  # RandAugment, e.g. "rand-m9-mstd0.5-inc1" (DeiT); see vitkit.data.augment
-    three_augment: bool = False  # DeiT III: one of greyscale, solarisation, Gaussian blur per image
-    color_jitter: float = 0.0  # brightness/contrast/saturation strength; off while auto_augment is on
-    reprob: float = 0.0  # random erasing probability (N(0, 1) noise boxes)
     mixup: float = 0.0  # Mixup alpha (0: off)
     cutmix: float = 0.0  # CutMix alpha (0: off)
     mixup_switch_prob: float = 0.5  # chance of CutMix for a batch when both are on
@@ -113,12 +89,12 @@ class TrainConfig:
     smoke: bool = False
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "log_every", "split_seed"):
+        super().validate()
+        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
             value = getattr(self, name)
-            if value < (0 if name == "split_seed" else 1):
+            if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
-        for name in ("train_samples", "val_samples", "test_samples", "eval_batch_size", "img_size",
-                     "in_chans", "num_classes", "threads"):
+        for name in ("eval_batch_size", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer (or null), got {value}")
@@ -126,12 +102,6 @@ class TrainConfig:
             raise ValueError("fsdp_offload needs fsdp: add --fsdp")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if not 0.0 <= self.val_split < 1.0:
-            raise ValueError(f"val_split must be in [0, 1), got {self.val_split}")
-        if not 0.0 < self.crop_pct <= 1.0:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
-        if not 0.0 <= self.hflip <= 1.0:
-            raise ValueError(f"hflip must be a probability in [0, 1], got {self.hflip}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0.0 < self.ema_decay < 1.0:
@@ -144,18 +114,12 @@ class TrainConfig:
             raise ValueError(f"layer_decay must be in (0, 1] (or null for none), got {self.layer_decay}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"clip_grad must be > 0 (or null for no clipping), got {self.clip_grad}")
-        for name in ("color_jitter", "mixup", "cutmix"):
+        for name in ("mixup", "cutmix"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
-        for name in ("reprob", "mixup_switch_prob"):
+        for name in ("mixup_switch_prob",):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
-        if self.auto_augment:
-            from vitkit.data.augment import RandAugmentSpec
-
-            RandAugmentSpec.parse(self.auto_augment)
-            if self.three_augment:
-                raise ValueError("choose auto_augment (DeiT) or three_augment (DeiT III), not both")
         if self.repeated_aug < 1:
             raise ValueError(f"repeated_aug must be >= 1 (1 = off), got {self.repeated_aug}")
         if self.lr_batch is not None and self.lr_batch < 1:
@@ -166,23 +130,10 @@ class TrainConfig:
             raise ValueError("a teacher is set but distillation is none: add --distillation hard|soft or drop --teacher")
         if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_tau <= 0:
             raise ValueError("distill_alpha must be in [0, 1] and distill_tau > 0")
-        if self.crop_padding < 0:
-            raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
-        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must be [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
-        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ValueError(f"crop_ratio must be [min, max] with 0 < min <= max, got {self.crop_ratio}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            if value is not None and (not value or (name == "std" and min(value) <= 0)):
-                raise ValueError(f"{name} must be a non-empty list of numbers (std > 0), got {value}")
         if "img_size" in self.model_args or "num_classes" in self.model_args or "in_chans" in self.model_args:
             raise ValueError("set img_size, num_classes and in_chans as top-level fields, not in model_args")
-        for name, hint in _literal_fields().items():
-            if getattr(self, name) not in hint:
-                raise ValueError(f"{name} must be one of {', '.join(hint)}; got {getattr(self, name)!r}")
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -258,14 +209,6 @@ def load_recipe(name_or_path: str, kind: RecipeKind = "train") -> tuple[str, dic
 
 def _hints() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
-
-
-def _literal_fields() -> dict[str, tuple[str, ...]]:
-    out = {}
-    for name, hint in _hints().items():
-        if typing.get_origin(hint) is Literal:
-            out[name] = typing.get_args(hint)
-    return out
 
 
 def _field_names() -> list[str]:

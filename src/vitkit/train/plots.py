@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from vitkit.io import atomic_path
+from vitkit.core.files import save_figure
 
 
 def _pyplot():
@@ -55,8 +55,7 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, title: s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -79,6 +78,5 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | os.P
                 ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
                         color="white" if value > 50 else "black")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_figure(fig, path)
     plt.close(fig)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vitkit.io import write_text
+from vitkit.core.files import write_text
 from vitkit.train.config import TrainConfig
 
 CONFIG, RUN_INFO, METRICS = "config.yaml", "run.json", "metrics.jsonl"

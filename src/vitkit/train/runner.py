@@ -29,6 +29,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
+from vitkit.core.version import __version__
 from vitkit.data.augment import MixupCutmix
 from vitkit.data.datasets import LoadedData, build_dataset, image_spec, load_data, resolve_data_fields
 from vitkit.data.samplers import build_loader, set_loader_epoch
@@ -116,10 +117,8 @@ def _command_line() -> str:
 def provenance(device: torch.device) -> dict[str, Any]:
     import torchvision
 
-    import vitkit
-
     return {
-        "vitkit": vitkit.__version__,
+        "vitkit": __version__,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "python": sys.version.split()[0],

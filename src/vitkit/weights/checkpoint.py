@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vitkit.io import atomic_path
+from vitkit.core.files import atomic_path
 from vitkit.layers import resample_abs_pos_embed
 from vitkit.layers.rel_pos import resize_rel_pos_bias_table
 from vitkit.weights import convert as converters

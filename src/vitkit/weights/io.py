@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from vitkit.io import atomic_path
+from vitkit.core.files import atomic_path
 
 FORMAT_NAME = "vitkit"
 FORMAT_VERSION = "1"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
-from vitkit.io import atomic_path
+from vitkit.core.files import atomic_path
 from vitkit.weights.checkpoint import LoadReport, load_checkpoint
 from vitkit.weights.records import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, RECORDS, WeightRecord
 
