@@ -17,7 +17,7 @@ from vitkit.tools.attention import (
     rollout,
     upsample,
 )
-from vitkit.weights.io import save_model
+from vitkit.weights.vitkit_format import save_model
 
 
 @pytest.mark.parametrize(

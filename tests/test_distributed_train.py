@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from test_data import write_idx
 from vitkit.cli import main
-from vitkit.weights.io import load_model
+from vitkit.factory import load_model
 
 RUN = [
     "--data", "fashion-mnist", "--train-samples", "32", "--val-samples", "13", "--test-samples", "11",

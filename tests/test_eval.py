@@ -14,8 +14,8 @@ from vitkit.cli import main
 from vitkit.data import fashion_mnist
 from vitkit.data.datasets import build_dataset, load_data
 from vitkit.data.transforms import eval_transform
-from vitkit.tools.evaluate import load_inference
-from vitkit.weights.io import read_metadata
+from vitkit.tools.inference import load_inference
+from vitkit.weights.vitkit_format import read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_eval_of_a_named_model_with_local_pretrained_weights(tmp_path):
     import vitkit
     from vitkit.data.folder import load_image
     from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSpec
-    from vitkit.weights.io import save_model
+    from vitkit.weights.vitkit_format import save_model
 
     torch.manual_seed(0)
     full = vitkit.create_model("vit_tiny_patch16_224")

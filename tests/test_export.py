@@ -12,7 +12,7 @@ import torch
 import vitkit
 from vitkit.cli import main
 from vitkit.tools.export import export_model, load_for_export
-from vitkit.weights.io import save_model
+from vitkit.weights.vitkit_format import save_model
 
 
 

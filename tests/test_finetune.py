@@ -106,9 +106,9 @@ def test_fixres_train_small_then_finetune_recipe_at_the_target_size(idx_data, tm
     config = yaml.safe_load((high / "config.yaml").read_text())
     assert config["img_size"] == 28 and config["model_args"]["patch_size"] == 7
     assert (config["recipe"], config["lr"], config["weight_decay"], config["epochs"]) == ("finetune", 5e-6, 1e-8, 1)
-    meta = vitkit.weights.io.read_metadata(high / "best.safetensors")
+    meta = vitkit.weights.read_metadata(high / "best.safetensors")
     assert json.loads(meta["inputs"])["img_size"] == 28
-    weights = vitkit.weights.io.load_model(high / "best.safetensors")
+    weights = vitkit.load_model(high / "best.safetensors")
     assert weights.pos_embed.shape[1] == 1 + 16  # a 4x4 grid at 28 (2x2 at 14)
     assert main(["train", "--recipe", "finetune", "--smoke", "--output", str(tmp_path / "x")]) == 2
     assert "add --finetune" in capsys.readouterr().err

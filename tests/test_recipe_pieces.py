@@ -14,26 +14,17 @@ from torch import nn
 
 import vitkit
 from vitkit.cli import main
-from vitkit.data.augment import (
-    RA_OPS,
-    BatchAugment,
-    MixupCutmix,
-    RandAugmentNoise,
-    RandAugmentSpec,
-    apply_rand_op,
-    batch_random_erasing,
-    batch_three_augment,
-    image_augment,
-    image_random_erasing,
-    three_augment,
-)
+from vitkit.data.augment_spec import RA_OPS, RandAugmentSpec
+from vitkit.data.batch_augment import BatchAugment, apply_rand_op, batch_random_erasing, batch_three_augment
+from vitkit.data.image_augment import RandAugmentNoise, image_augment, image_random_erasing, three_augment
+from vitkit.data.mixup import MixupCutmix
 from vitkit.data.repeated_aug import RepeatedAugSampler
 from vitkit.data.transforms import Augment, BatchTrainTransform, ImageSpec, train_transform
 from vitkit.train.distill import BinaryCrossEntropy, DistillationLoss, build_distillation, soft_distillation
 from vitkit.train.config import build_config
 from vitkit.train.losses import CrossEntropy
 from vitkit.train.teacher import FrozenTeacher, TeacherInputs, load_teacher
-from vitkit.weights.io import save_model
+from vitkit.weights.vitkit_format import save_model
 
 
 @pytest.fixture(autouse=True)

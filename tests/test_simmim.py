@@ -14,7 +14,8 @@ import vitkit
 from vitkit.pretrain import MaskGenerator, SimMIM, build_simmim, load_encoder, masked_l1_loss, save_encoder
 from vitkit.pretrain.optim import build_adamw, layer_id, param_groups, warmup_schedule
 from vitkit.pretrain.simmim import evaluate, save_reconstructions, train_one_epoch, upsample_mask
-from vitkit.weights.io import load_model, read_metadata
+from vitkit.factory import load_model
+from vitkit.weights.vitkit_format import read_metadata
 
 # tiny encoders at 32x32: model patch 4, so an 8x8 mask patch covers 2x2 model patches
 TINY = {

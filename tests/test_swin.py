@@ -12,7 +12,7 @@ from timm.models._manipulate import reinit_non_persistent_buffers
 
 import vitkit
 from vitkit.models.swin import SwinTransformer, fit_window, shifted_window_mask
-from vitkit.registry import get_variant
+from vitkit.factory import get_variant
 
 SWIN_FAMILY = [n for n in vitkit.list_models() if get_variant(n).family in ("swin", "swinv2")]
 TIMM_NAMED = [n for n in SWIN_FAMILY if n in timm.list_models()]
@@ -284,7 +284,8 @@ def test_bad_config(fields, match):
 
 
 def test_save_load_round_trip(tmp_path):
-    from vitkit.weights.io import load_model, save_model
+    from vitkit.factory import load_model
+    from vitkit.weights.vitkit_format import save_model
 
     model = vitkit.create_model("swin_tiny_patch4_window7_224", **SMALL).eval()
     model.set_input_size((160, 96))  # per-stage (h, w) windows in the config

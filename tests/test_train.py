@@ -34,7 +34,7 @@ from vitkit.train.config import (
 from vitkit.train.engine import TTA_MODES, NonFiniteLossError, evaluate, train_one_epoch
 from vitkit.train.losses import CrossEntropy
 from vitkit.train.optim import build_optimizer, build_scheduler, param_groups
-from vitkit.weights.io import read_metadata
+from vitkit.weights.vitkit_format import read_metadata
 
 TINY = ["--set", "model_args.depth=1", "--set", "model_args.embed_dim=32", "--set", "model_args.num_heads=2",
         "--patch-size", "7", "--batch-size", "32", "--threads", "1"]

@@ -9,7 +9,7 @@ import timm
 import torch
 
 import vitkit
-from vitkit.registry import get_variant
+from vitkit.factory import get_variant
 
 VIT_FAMILY = [n for n in vitkit.list_models() if get_variant(n).family in ("vit", "deit", "deit3")]
 TIMM_NAMED = [n for n in VIT_FAMILY if not n.endswith("_in21k")]

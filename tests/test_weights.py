@@ -94,7 +94,7 @@ def test_timm_checkpoint_parity_and_round_trip(name, tmp_path):
 
     # the vitkit format keeps the config: load_model rebuilds the same model
     vitkit.save_checkpoint(ours, tmp_path / "m.safetensors")
-    rebuilt = vitkit.weights.load_model(tmp_path / "m.safetensors")
+    rebuilt = vitkit.load_model(tmp_path / "m.safetensors")
     _close(_logits(ours, x), _logits(rebuilt, x))
     assert vitkit.load_checkpoint(ours, tmp_path / "m.safetensors").format == "vitkit"
 

@@ -69,17 +69,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, device):
-    from vitkit.tools.evaluate import load_inference
+    from vitkit.tools.inference import default_spec, load_inference
 
     if args.model is None or args.pretrained:
         inf = load_inference(run=args.run_dir, checkpoint=args.checkpoint, model=args.model,
                              pretrained=args.pretrained, device=device)
         return inf.model.eval(), inf.spec, inf.classes, ""
-    from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSpec
-    from vitkit.registry import create_model
+    from vitkit.factory import create_model
 
     model = create_model(args.model).to(device).eval()
-    config = model.config
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if config.in_chans == 3 else ([0.5], [0.5])
-    spec = ImageSpec(int(config.img_size[0]), config.in_chans, tuple(mean), tuple(std), 0.875)
-    return model, spec, None, " [random weights: the map shows nothing learned]"
+    return model, default_spec(model), None, " [random weights: the map shows nothing learned]"

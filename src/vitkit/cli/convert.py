@@ -52,7 +52,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.registry import create_model
+    from vitkit.factory import create_model
     from vitkit.weights import load_checkpoint, save_checkpoint
 
     fields = parse_overrides(args.set)

@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vitkit.core.files import write_text
-    from vitkit.tools.evaluate import evaluate_split, load_inference
+    from vitkit.tools.inference import evaluate_split, load_inference
     from vitkit.train.plots import plot_confusion
     from vitkit.train.parallel import resolve_device
 

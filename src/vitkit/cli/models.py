@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def row(name: str) -> dict:
     import torch
 
-    from vitkit.registry import count_parameters, get_variant
+    from vitkit.factory import count_parameters, get_variant
     from vitkit.tools.flops import fast_macs
 
     variant = get_variant(name)
@@ -39,7 +39,7 @@ def row(name: str) -> dict:
 
 
 def rows(pattern: str) -> list[dict]:
-    from vitkit.registry import list_models
+    from vitkit.factory import list_models
 
     return [row(name) for name in list_models(pattern)]
 
@@ -74,7 +74,7 @@ def run_pretrained(names: list[str], as_json: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.registry import list_models
+    from vitkit.factory import list_models
 
     names = list_models(args.pattern)
     if not names:

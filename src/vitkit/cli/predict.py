@@ -30,14 +30,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.tools.evaluate import load_inference
+    from vitkit.tools.inference import load_inference
     from vitkit.tools.predict import predict
     from vitkit.train.parallel import resolve_device
 
     device = resolve_device(args.device)
     inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, device=device)
     results = predict(inference.model, args.images, inference.spec, inference.classes, top_k=args.top_k, device=device,
-                      tta=args.tta or inference.config.tta)
+                      tta=args.tta or inference.settings.tta)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

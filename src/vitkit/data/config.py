@@ -47,7 +47,7 @@ class DataConfig:
     crop_padding: int = 4
     pad_mode: Literal["reflect", "constant"] = "reflect"
     hflip: float = 0.5
-    auto_augment: str | None = None  # RandAugment, e.g. "rand-m9-mstd0.5-inc1" (DeiT); see vitkit.data.augment
+    auto_augment: str | None = None  # RandAugment, e.g. "rand-m9-mstd0.5-inc1" (DeiT); see vitkit.data.augment_spec
     three_augment: bool = False  # DeiT III: one of greyscale, solarisation, Gaussian blur per image
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; off while auto_augment is on
     reprob: float = 0.0  # random erasing probability (N(0, 1) noise boxes)
@@ -70,7 +70,7 @@ class DataConfig:
         if not 0.0 <= self.reprob <= 1.0:
             raise ValueError(f"reprob must be a probability in [0, 1], got {self.reprob}")
         if self.auto_augment:
-            from vitkit.data.augment import RandAugmentSpec  # augment imports torchvision: only when used
+            from vitkit.data.augment_spec import RandAugmentSpec  # imports torch: only when used
 
             RandAugmentSpec.parse(self.auto_augment)
             if self.three_augment:

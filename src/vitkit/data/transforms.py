@@ -19,10 +19,12 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from vitkit.data.augment import BatchAugment, batch_random_erasing, image_augment, image_random_erasing
+from vitkit.data.batch_augment import BatchAugment, batch_random_erasing
+from vitkit.data.image_augment import image_augment, image_random_erasing
+from vitkit.weights import records
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+# lists of the pretrained records' statistics: configs and run files hold them as lists
+IMAGENET_MEAN, IMAGENET_STD = list(records.IMAGENET_MEAN), list(records.IMAGENET_STD)
 
 
 class ToChannels:
@@ -81,7 +83,7 @@ class Augment:
     crop_padding: int = 4
     pad_mode: str = "reflect"
     hflip: float = 0.5
-    auto_augment: str | None = None  # RandAugment spec (vitkit.data.augment)
+    auto_augment: str | None = None  # RandAugment spec (vitkit.data.augment_spec)
     three_augment: bool = False
     color_jitter: float = 0.0
     reprob: float = 0.0  # random erasing, after normalisation

@@ -665,6 +665,10 @@ class SwinTransformer(nn.Module):
         for stage in self.layers:
             stage.grad_checkpointing = enable
 
+    def block_types(self) -> tuple[type[nn.Module], ...]:
+        """The transformer block classes (what distributed training wraps one by one)."""
+        return (SwinBlock,)
+
 
 def build_swin(config: SwinConfig) -> SwinTransformer:
     if any(config.pretrained_window_sizes) or config.extra_norm_every_n_blocks:

@@ -304,6 +304,10 @@ class VisionTransformer(nn.Module):
     def attention_modules(self) -> list[Attention]:
         return [block.attn for block in self.blocks]
 
+    def block_types(self) -> tuple[type[nn.Module], ...]:
+        """The transformer block classes (what distributed training wraps one by one)."""
+        return (Block,)
+
 
 class DistilledVisionTransformer(VisionTransformer):
     """DeiT with a distillation token: a second prefix token read by a second head.

@@ -11,6 +11,7 @@ only when the check passes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import shutil
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from vitkit.registry import create_model
+from vitkit.factory import create_model, load_model
 
 Format = Literal["onnx", "torch-export"]
 EXPORT_EXTRA = "pip install 'vitkit[export]'"
@@ -76,20 +77,14 @@ def load_for_export(
         raise ValueError("give a model name or --checkpoint FILE (exactly one)")
     extra = {"dynamic_img_size": True} if dynamic_size else {}
     if name is not None:
-        model = _create(name, extra)
-    else:
-        from safetensors.torch import load_file
-
-        from vitkit.weights.io import config_fields, read_metadata
-
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        meta = read_metadata(path)
-        if "model" not in meta or "config" not in meta:
-            raise ValueError(f"{path} is not a vitkit checkpoint (no model name and config in its metadata)")
-        model = _create(meta["model"], config_fields(meta) | extra)
-        model.load_state_dict(load_file(str(path)), strict=True)
+        return _create(name, extra).eval()
+    model = load_model(checkpoint)
+    if not dataclasses.is_dataclass(getattr(model, "config", None)):
+        raise ValueError(f"{checkpoint} holds {model.variant_name}: export takes vitkit models only")
+    if dynamic_size:  # the same weights in a model built for any input size
+        dynamic = _create(model.variant_name, dataclasses.asdict(model.config) | extra)
+        dynamic.load_state_dict(model.state_dict(), strict=True)
+        model = dynamic
     return model.eval()
 
 

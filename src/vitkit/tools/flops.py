@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitkit.registry import count_parameters, create_model, to_2tuple
+from vitkit.factory import create_model
+from vitkit.registry import count_parameters, to_2tuple
 
 aten = torch.ops.aten
 

@@ -2,36 +2,31 @@
 
 A trained weight file is the vitkit safetensors format; its metadata also records how to feed the
 model (`inputs`: size, channels, mean/std, crop, class names), so `eval` and `predict` need nothing else.
-Torchvision models are recorded as `model = "torchvision:NAME"` with their constructor arguments.
+Building and loading live in `vitkit.factory`; this module adds what training records beside them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from vitkit.data.transforms import ImageSpec
-from vitkit.weights.io import read_metadata, save_model
+from vitkit.factory import (
+    TORCHVISION_PREFIX,
+    build_torchvision,
+    create_model,
+    default_img_size,
+    is_torchvision,
+    load_model,
+)
+from vitkit.weights.vitkit_format import read_metadata, save_model
 
-TORCHVISION_PREFIX = "torchvision:"
-
-
-def is_torchvision(name: str) -> bool:
-    return name.startswith(TORCHVISION_PREFIX)
-
-
-def default_img_size(name: str, model_args: dict[str, Any] | None = None) -> int:
-    """The input size a model is built for when the config gives none."""
-    if is_torchvision(name):
-        return 224
-    from vitkit.registry import model_info
-
-    return int(model_info(name, **(model_args or {}))["img_size"][0])
+__all__ = ["build_model", "build_torchvision", "default_img_size", "input_spec", "is_torchvision", "load_weights",
+           "save_weights"]
 
 
 def build_model(
@@ -43,48 +38,7 @@ def build_model(
     if is_torchvision(name):
         return build_torchvision(name[len(TORCHVISION_PREFIX) :], num_classes=num_classes, in_chans=in_chans,
                                  img_size=img_size, **model_args)
-    from vitkit.registry import create_model
-
     return create_model(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **model_args)
-
-
-def build_torchvision(name: str, *, num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
-    """A torchvision classification model with `num_classes` outputs and its first convolution
-    taking `in_chans` channels (random weights)."""
-    import torchvision
-
-    known = torchvision.models.list_models(module=torchvision.models)
-    if name not in known:
-        import difflib
-
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown torchvision classification model {name!r}{hint}")
-    if name.startswith("vit_"):  # torchvision's ViT is built for one input size
-        kwargs.setdefault("image_size", img_size)
-    try:
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
-    except TypeError as err:
-        raise ValueError(f"torchvision model {name} rejects the model_args {sorted(kwargs)}: {err}") from None
-    if in_chans != 3:
-        _adapt_first_conv(model, in_chans)
-    model.variant_name = TORCHVISION_PREFIX + name
-    model.torchvision_args = {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size, **kwargs}
-    return model
-
-
-def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
-    for parent in model.modules():
-        for child_name, child in parent.named_children():
-            if isinstance(child, nn.Conv2d) and child.in_channels == 3:
-                conv = nn.Conv2d(
-                    in_chans, child.out_channels, child.kernel_size, child.stride, child.padding,
-                    child.dilation, child.groups if child.groups == 1 else in_chans, child.bias is not None,
-                    child.padding_mode,
-                )
-                setattr(parent, child_name, conv)
-                return
-    raise ValueError(f"cannot find a 3-channel first convolution in {type(model).__name__} to adapt to in_chans")
 
 
 def save_weights(
@@ -108,21 +62,8 @@ def save_weights(
 
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, str]]:
     """(model, metadata) of a weight file written by `save_weights` or `vitkit.weights.save_model`."""
-    from safetensors.torch import load_file
-
-    from vitkit.weights.io import load_model
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    meta = read_metadata(path)
-    name = meta.get("model", "")
-    if is_torchvision(name):
-        args = json.loads(meta.get("torchvision_args", "{}"))
-        model = build_torchvision(name[len(TORCHVISION_PREFIX) :], **args)
-        model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
-        return model.to(device), meta
-    return load_model(path, device=device), meta
+    model = load_model(path, device=device)
+    return model, read_metadata(path)
 
 
 def input_spec(meta: dict[str, str]) -> tuple[ImageSpec, list[str]] | None:

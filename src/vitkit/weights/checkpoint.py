@@ -31,7 +31,7 @@ from vitkit.core.files import atomic_path
 from vitkit.layers import resample_abs_pos_embed
 from vitkit.layers.rel_pos import resize_rel_pos_bias_table
 from vitkit.weights import convert as converters
-from vitkit.weights.io import read_metadata, save_model
+from vitkit.weights.vitkit_format import read_metadata, save_model
 from vitkit.weights.resample import adapt_input_conv, resample_patch_embed
 
 StateDict = dict[str, torch.Tensor]
@@ -362,6 +362,24 @@ def _hint(report: LoadReport) -> str:
     return " (is it the right model? `vitkit models` lists the variants)"
 
 
+def _check_encoder(model: nn.Module, meta: dict[str, str], where: str, report: LoadReport) -> None:
+    """A pre-trained encoder (`vitkit pretrain`, saved with num_classes=0) fits exactly: only the
+    classifier may be new. Anything resampled, adapted or missing is one error, before loading."""
+    head = {k for k in report.reinitialised if _CLASSIFIER.match(k)}
+    for key in head:
+        report.reinitialised[key] = f"new: the encoder was pre-trained with {meta['pretrained_with']}, without a classifier"
+    changed = [f"{k} {v}" for k, v in (report.resampled | report.adapted | report.mismatched).items()]
+    other = [k for k in report.reinitialised if k not in head]
+    if changed or other or report.missing or report.unexpected:
+        missing = report.missing + other
+        raise ValueError(
+            f"{where} ({meta.get('model', 'unknown model')}) does not fit this model: missing "
+            f"{_clip(missing, 5) or 'none'}, unexpected {_clip(report.unexpected, 5) or 'none'}, other shapes "
+            f"{_clip(changed, 3) or 'none'}; fine-tune the model that was pre-trained, with its model_args, "
+            "img_size and in_chans"
+        )
+
+
 def load_checkpoint(model: nn.Module, source: Source, *, format: Format = "auto", strict: bool = True) -> LoadReport:
     """Load weights from a file, a HuggingFace model directory or a state dict into `model`.
 
@@ -371,6 +389,7 @@ def load_checkpoint(model: nn.Module, source: Source, *, format: Format = "auto"
     patch kernels are resampled to the model, input channels adapted, and the classifier kept
     fresh when the class counts differ. With `strict=True` anything else that does not fit raises
     one ValueError and nothing is loaded; with `strict=False` the fitting tensors are loaded.
+    A pre-trained encoder file (`vitkit pretrain`) must fit exactly, its missing classifier aside.
     """
     if format != "auto" and format not in converters.FORMATS:
         raise ValueError(f"unknown checkpoint format {format!r}; choose auto, {', '.join(converters.FORMATS)}")
@@ -393,6 +412,8 @@ def load_checkpoint(model: nn.Module, source: Source, *, format: Format = "auto"
     report = LoadReport(source=where, format=fmt)
     _trace(state, converted, report)
     fitted = _fit(model, converted, fmt, report)
+    if fmt == "vitkit" and "pretrained_with" in meta:
+        _check_encoder(model, meta, where, report)
     if strict and not report.ok:
         name = getattr(model, "variant_name", type(model).__name__)
         raise ValueError(
@@ -436,7 +457,7 @@ def save_checkpoint(
     """Save `model`'s weights atomically.
 
     vitkit: safetensors with the model name, config and format version in its metadata
-    (`vitkit.weights.load_model` rebuilds the model). timm: a plain state dict, `torch.save`d, or
+    (`vitkit.load_model` rebuilds the model). timm: a plain state dict, `torch.save`d, or
     safetensors when `path` ends in .safetensors. hf: a directory (config.json + model.safetensors)
     that `transformers.AutoModelForImageClassification.from_pretrained` loads.
     """

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from torch import nn
 
+import vitkit.models  # noqa: F401  (fills the variant table that get_variant reads)
 from vitkit.core.files import atomic_path
+from vitkit.registry import get_variant
 from vitkit.weights.checkpoint import LoadReport, load_checkpoint
 from vitkit.weights.records import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, RECORDS, WeightRecord
 
@@ -33,8 +35,6 @@ def list_pretrained() -> list[str]:
 
 def get_record(name: str) -> WeightRecord:
     """The default weight record of variant `name` (timm's default weights for that name)."""
-    from vitkit.registry import get_variant
-
     get_variant(name)  # unknown names get the registry's error with suggestions
     if name not in _BY_MODEL:
         raise ValueError(
@@ -122,8 +122,6 @@ def eval_transform(model_or_name: nn.Module | str):
     """
     import torch
     from torchvision.transforms import InterpolationMode, v2
-
-    from vitkit.registry import get_variant
 
     if isinstance(model_or_name, str):
         name, size = model_or_name, tuple(get_variant(model_or_name).config.img_size)

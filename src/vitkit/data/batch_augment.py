@@ -1,164 +1,18 @@
-"""The DeiT and DeiT III augmentations beyond crop and flip, per image and per batch; Mixup/CutMix.
-
-Order in a train pipeline (as DeiT / DeiT III): crop + flip (`vitkit.data.transforms`), then
-RandAugment, or 3-Augment and colour jitter, on pixels in [0, 1]; then normalisation; then random
-erasing on the normalised image; Mixup/CutMix on the batch, on the device.
-
-Each piece comes in two forms with the same parameters:
-- per image (image folders, in loader workers): torchvision v2 transforms on uint8 images;
-- per batch (in-memory data such as Fashion-MNIST): `BatchAugment` and `batch_random_erasing` act
-  on a float batch (B, C, H, W), each image with its own random draw, vectorised: no Python loop
-  over images, which is what makes augmentation cheap on a 2-core CPU.
-
-RandAugment ("rand-m9-mstd0.5", DeiT's `rand-m9-mstd0.5-inc1` from timm) as torchvision allows:
-- ops: torchvision's 14 (Identity, ShearX/Y, TranslateX/Y, Rotate, Brightness, Color, Contrast,
-  Sharpness, Posterize, Solarize, AutoContrast, Equalize), two per image, each always applied;
-  timm's increasing set has 15 (no Identity; Invert and SolarizeAdd besides) and applies each
-  op with probability 0.5, so timm leaves a slot unchanged half the time, torchvision 1/14.
-- magnitude: level 9 of 10 with Gaussian noise (std 0.5) drawn per op, clipped to [0, 10], as timm;
-  per image it is quantised to 0.1 (torchvision's bins: `num_magnitude_bins=101`, bin 10 x level),
-  per batch it is continuous. Same maxima as timm for shear (0.3), rotation (30 deg), the enhance
-  ops (factor 1 +- 0.9 x level/10) and solarize (threshold 255 x (1 - level/10));
-  translation reaches 150/331 = 0.453 of the side (timm 0.45); posterize keeps
-  8 - round(4 x level/10) bits (4 at m9), where timm's increasing posterize keeps 4 - int(...) (1).
-- fill 0 (black) where the geometry uncovers pixels (timm: the data set's mean colour);
-  bilinear resampling (timm: bilinear or bicubic at random).
-- colour jitter is off while RandAugment is on, as in timm's (and so DeiT's) pipeline.
+"""The DeiT and DeiT III augmentations beyond crop and flip, per batch: `BatchAugment` and
+`batch_random_erasing` act on a float batch (B, C, H, W) in [0, 1] (in-memory data such as
+Fashion-MNIST), each image with its own random draw, vectorised: no Python loop over images, which is
+what makes augmentation cheap on a 2-core CPU. Same steps and parameters as `vitkit.data.image_augment`.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-RA_OPS = (
-    "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
-    "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
-)  # fmt: skip
-_SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness"}
-_LEVELS = 10  # timm's magnitude scale: m9 = 9 of 10
-
-
-@dataclass(frozen=True)
-class RandAugmentSpec:
-    """`rand-m9-mstd0.5-n2`: two ops per image at level 9 of 10, level noise std 0.5."""
-
-    magnitude: float = 9.0
-    magnitude_std: float = 0.5
-    num_ops: int = 2
-
-    @classmethod
-    def parse(cls, text: str) -> RandAugmentSpec:
-        """timm's `rand-...` grammar: `mM` level, `nN` ops, `mstdS` level noise; `incN` is accepted
-        (torchvision's enhance ops already grow with the level)."""
-        parts = text.split("-")
-        if parts[0] != "rand":
-            raise ValueError(f"auto_augment {text!r} is not a RandAugment spec: use e.g. 'rand-m9-mstd0.5'")
-        fields: dict[str, float] = {}
-        for part in parts[1:]:
-            match = re.fullmatch(r"(mstd|m|n|inc)(\d+(?:\.\d+)?)", part)
-            if match is None:
-                raise ValueError(
-                    f"auto_augment {text!r}: unknown part {part!r}; allowed: mLEVEL, nOPS, mstdSTD, incN "
-                    "(e.g. 'rand-m9-mstd0.5')"
-                )
-            key, value = match.group(1), float(match.group(2))
-            fields[{"m": "magnitude", "mstd": "magnitude_std", "n": "num_ops", "inc": "inc"}[key]] = value
-        fields.pop("inc", None)
-        if "num_ops" in fields:
-            fields["num_ops"] = int(fields["num_ops"])
-        spec = cls(**fields)
-        if not 0 <= spec.magnitude <= _LEVELS or spec.magnitude_std < 0 or spec.num_ops < 1:
-            raise ValueError(f"auto_augment {text!r}: need 0 <= m <= 10, mstd >= 0, n >= 1")
-        return spec
-
-    def sample_levels(self, n: int, device: torch.device | None = None) -> torch.Tensor:
-        """(n,) levels in [0, 10]: magnitude plus Gaussian noise, as timm draws them per op."""
-        noise = torch.randn(n, device=device) * self.magnitude_std
-        return (self.magnitude + noise).clamp(0, _LEVELS)
-
-
-# -- per image (torchvision v2, uint8 images) -----------------------------------------------------
-
-
-class RandAugmentNoise(v2.Transform):
-    """torchvision's RandAugment with timm's per-op magnitude noise, on one uint8 image."""
-
-    BINS_PER_LEVEL = 10
-
-    def __init__(self, spec: RandAugmentSpec) -> None:
-        super().__init__()
-        self.spec = spec
-        # one op per call, its bin redrawn before each call: level L -> bin 10 L of 101
-        self.op = v2.RandAugment(
-            num_ops=1,
-            magnitude=0,
-            num_magnitude_bins=_LEVELS * self.BINS_PER_LEVEL + 1,
-            interpolation=v2.InterpolationMode.BILINEAR,
-        )
-
-    def forward(self, *inputs):
-        out = inputs if len(inputs) > 1 else inputs[0]
-        for level in self.spec.sample_levels(self.spec.num_ops).tolist():
-            self.op.magnitude = round(level * self.BINS_PER_LEVEL)
-            out = self.op(out)
-        return out
-
-
-def blur_kernel_size(img_size: int, sigma_max: float = 2.0) -> int:
-    """Odd Gaussian kernel covering +-3 sigma_max, no wider than the image (reflect padding needs that)."""
-    size = 2 * math.ceil(3 * sigma_max) + 1
-    largest = img_size if img_size % 2 else img_size - 1
-    return max(1, min(size, largest))
-
-
-def three_augment(img_size: int, in_chans: int) -> v2.RandomChoice:
-    """DeiT III's 3-Augment choice on a uint8 image: exactly one of greyscale, solarisation
-    (pixels >= 128 inverted) and Gaussian blur (sigma in [0.1, 2]). Colour jitter and flip follow
-    separately (`image_augment`). On 1-channel images greyscale leaves the image unchanged."""
-    return v2.RandomChoice(
-        [
-            v2.Grayscale(num_output_channels=in_chans),
-            v2.RandomSolarize(threshold=128, p=1.0),
-            v2.GaussianBlur(blur_kernel_size(img_size), sigma=(0.1, 2.0)),
-        ]
-    )
-
-
-def image_augment(
-    img_size: int,
-    in_chans: int,
-    *,
-    auto_augment: str | None = None,
-    three_aug: bool = False,
-    color_jitter: float = 0.0,
-) -> list[v2.Transform]:
-    """The per-image steps between crop/flip and normalisation, on uint8 images."""
-    if auto_augment and three_aug:
-        raise ValueError("choose auto_augment (DeiT) or three_augment (DeiT III), not both")
-    steps: list[v2.Transform] = []
-    if auto_augment:
-        steps.append(RandAugmentNoise(RandAugmentSpec.parse(auto_augment)))
-    if three_aug:
-        steps.append(three_augment(img_size, in_chans))
-    if color_jitter and not auto_augment:
-        steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
-    return steps
-
-
-def image_random_erasing(prob: float) -> v2.RandomErasing:
-    """Random erasing on a normalised image: a box of 2-33% of the area, aspect 0.3-3.3, filled with
-    N(0, 1) noise per pixel (timm's `remode='pixel'`, DeiT's setting)."""
-    return v2.RandomErasing(p=prob, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), value="random")
-
-
-# -- per batch (float (B, C, H, W) in [0, 1], one draw per image) ---------------------------------
+from vitkit.data.augment_spec import LEVELS, RA_OPS, SIGNED_OPS, RandAugmentSpec, blur_kernel_size
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -219,8 +73,8 @@ def apply_rand_op(x: torch.Tensor, op: str, level: torch.Tensor) -> torch.Tensor
     """One RandAugment op on a float batch (n, C, H, W), each image at its own level (n,) in [0, 10]
     (signed ops get a random sign per image); torchvision's value ranges."""
     n, _, h, w = x.shape
-    f = level.to(x) / _LEVELS
-    if op in _SIGNED:
+    f = level.to(x) / LEVELS
+    if op in SIGNED_OPS:
         f = torch.where(torch.rand(n, device=x.device) < 0.5, -f, f)
     if op == "Identity":
         return x
@@ -375,40 +229,3 @@ class BatchAugment:
 
     def __repr__(self) -> str:
         return f"BatchAugment(rand_augment={self.rand_augment}, three_aug={self.three_aug}, color_jitter={self.color_jitter})"
-
-
-# -- Mixup / CutMix -------------------------------------------------------------------------------
-
-
-class MixupCutmix:
-    """Mixup or CutMix on a batch (torchvision v2), one of them per batch: `(images, labels (B,))
-    -> (mixed images, mixed one-hot targets (B, K))`, rows summing to 1.
-
-    DeiT: mixup_alpha 0.8, cutmix_alpha 1.0, switch_prob 0.5 (the chance of CutMix when both are on).
-    Label smoothing is the criterion's job: smoothing is linear, so smoothing the mixed targets
-    equals mixing smoothed ones (timm's order).
-    """
-
-    def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_prob: float = 0.5) -> None:
-        if mixup_alpha < 0 or cutmix_alpha < 0 or not 0 <= switch_prob <= 1:
-            raise ValueError("mixup and cutmix alphas must be >= 0 and switch_prob in [0, 1]")
-        if mixup_alpha == 0 and cutmix_alpha == 0:
-            raise ValueError("MixupCutmix needs mixup_alpha > 0 or cutmix_alpha > 0")
-        self.num_classes = num_classes
-        choices, probs = [], []
-        if mixup_alpha > 0:
-            choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-            probs.append(1 - switch_prob if cutmix_alpha > 0 else 1.0)
-        if cutmix_alpha > 0:
-            choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-            probs.append(switch_prob if mixup_alpha > 0 else 1.0)
-        self.mix = v2.RandomChoice(choices, p=probs)
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if labels.ndim != 1:
-            raise ValueError("MixupCutmix takes class indices (B,); apply it before any other label mixing")
-        # torchvision pairs each image with its neighbour (roll by 1); repeated augmentation puts the
-        # copies of one image side by side, so shuffle first to pair distinct images
-        perm = torch.randperm(images.shape[0], device=images.device)
-        images, labels = self.mix(images[perm], labels[perm])
-        return images, labels

@@ -1,4 +1,5 @@
-"""Evaluate a trained run, a checkpoint file or a pretrained model on a data split.
+"""Load a model for inference (a trained run, a checkpoint file or a pretrained model) with how to
+feed it, and evaluate it on a data split.
 
 With a run folder everything comes from the run: best weights, transforms, split seed and subsets,
 batch size and precision, so the numbers equal the ones the run logged.
@@ -14,28 +15,54 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitkit.data.config import DataConfig, is_fashion_mnist
 from vitkit.data.datasets import build_dataset, image_spec, load_data
 from vitkit.data.samplers import build_loader
 from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSpec
-from vitkit.train.config import TrainConfig, load_run_config
+from vitkit.factory import create_model
+from vitkit.train.config import TTA_MODES, AmpMode, TrainConfig, TtaMode, load_run_config
 from vitkit.train.engine import evaluate
 from vitkit.train.modeling import input_spec, load_weights
 from vitkit.train.run_folder import BEST
 from vitkit.train.runner import amp_dtype_for, runtime
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How evaluation runs: a run's own settings, else the training defaults."""
+
+    batch_size: int = 2 * TrainConfig.batch_size  # the default eval batch: twice the training batch
+    amp: AmpMode = "auto"
+    threads: int | None = None
+    seed: int | None = None  # set: deterministic algorithms
+    tta: TtaMode = "none"
+
+    @classmethod
+    def of_run(cls, config: TrainConfig) -> EvalSettings:
+        """A training run's own evaluation settings."""
+        return cls(config.resolved_eval_batch_size, config.amp, config.threads, config.seed, config.tta)
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"eval_batch_size must be a positive integer (or null), got {self.batch_size}")
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {self.tta!r}")
+
+
 @dataclass
 class Inference:
-    """A model and how to feed it: input spec, class names, and (for data) the config it came with."""
+    """A model and how to feed it: input spec, class names, the data config it came with (a run's
+    TrainConfig, else one holding the input spec) and the evaluation settings."""
 
     model: nn.Module
     spec: ImageSpec
     classes: list[str] | None
-    config: TrainConfig
+    config: DataConfig
     source: str  # what was loaded, for reports
+    settings: EvalSettings = EvalSettings()
 
 
-def _spec_from_model(model: nn.Module) -> ImageSpec:
+def default_spec(model: nn.Module) -> ImageSpec:
     """The input spec of a model without a vitkit run: its pretrained record's, else ImageNet defaults."""
     config = getattr(model, "config", None)
     size = getattr(config, "img_size", (224, 224))
@@ -64,20 +91,19 @@ def load_inference(
         net, meta = load_weights(Path(run) / BEST, device=device)
         recorded = input_spec(meta)
         spec = image_spec(config)
-        return Inference(net, spec, recorded[1] if recorded else None, config, str(Path(run) / BEST))
+        return Inference(net, spec, recorded[1] if recorded else None, config, str(Path(run) / BEST),
+                         EvalSettings.of_run(config))
     if checkpoint is not None:
         net, meta = load_weights(checkpoint, device=device)
         recorded = input_spec(meta)
-        spec, classes = recorded if recorded else (_spec_from_model(net), None)
+        spec, classes = recorded if recorded else (default_spec(net), None)
     else:
         if not pretrained:
             raise ValueError("--model NAME evaluates pretrained weights: add --pretrained (or give --run/--checkpoint)")
-        from vitkit.registry import create_model
-
         net = create_model(model, pretrained=pretrained).to(device)
-        spec, classes = _spec_from_model(net), None
-    config = TrainConfig(img_size=spec.img_size, in_chans=spec.in_chans, mean=list(spec.mean), std=list(spec.std),
-                         crop_pct=spec.crop_pct, interpolation=spec.interpolation, seed=None)
+        spec, classes = default_spec(net), None
+    config = DataConfig(img_size=spec.img_size, in_chans=spec.in_chans, mean=list(spec.mean), std=list(spec.std),
+                        crop_pct=spec.crop_pct, interpolation=spec.interpolation)
     return Inference(net, spec, classes, config, str(checkpoint or model))
 
 
@@ -102,19 +128,8 @@ def evaluate_split(
     the run's own, so the figures equal those it logged.
     """
     device = torch.device(device)
-    config = inference.config
-    changes: dict[str, Any] = {}
-    if data is not None:
-        changes["data"] = data
-    if img_size is not None:
-        changes["img_size"] = img_size
-    if crop_pct is not None:
-        changes["crop_pct"] = crop_pct
-    if batch_size is not None:
-        changes["eval_batch_size"] = batch_size
-    if tta is not None:
-        changes["tta"] = tta
-    config = dataclasses.replace(config, **changes)
+    config = _with_changes(inference.config, data=data, img_size=img_size, crop_pct=crop_pct)
+    settings = _with_changes(inference.settings, batch_size=batch_size, tta=tta)
     if split is None:
         split = "test" if _has_test(config.data) else "val"
     if split not in ("val", "test"):
@@ -122,13 +137,14 @@ def evaluate_split(
     if samples is not None:
         config = dataclasses.replace(config, **{f"{split}_samples": samples})
     config.validate()
+    settings.validate()
     model = inference.model
     if config.img_size != inference.spec.img_size:
         if not hasattr(model, "set_input_size"):
             raise ValueError(f"{type(model).__name__} cannot change its input size: drop --img-size")
         model.set_input_size(config.img_size)
 
-    with runtime(config.threads, deterministic=config.seed is not None):
+    with runtime(settings.threads, deterministic=settings.seed is not None):
         loaded = load_data(config, splits=(split,))
         if inference.classes is not None and loaded.classes != inference.classes:
             raise ValueError(
@@ -139,11 +155,11 @@ def evaluate_split(
         if outputs is not None and outputs < len(loaded.classes):
             raise ValueError(f"the model predicts {outputs} classes but {loaded.source} has {len(loaded.classes)}")
         dataset = build_dataset(loaded, split, config, train=False)
-        loader = build_loader(dataset, train=False, batch_size=config.resolved_eval_batch_size,
-                              seed=config.seed or 0, workers=workers)
-        result = evaluate(model, loader, device=device, amp_dtype=amp_dtype_for(config.amp, device),
-                          num_classes=(outputs or len(loaded.classes)) if confusion else None, tta=config.tta)
-    result.update(split=split, data=loaded.source, checkpoint=inference.source, tta=config.tta)
+        loader = build_loader(dataset, train=False, batch_size=settings.batch_size, seed=settings.seed or 0,
+                              workers=workers)
+        result = evaluate(model, loader, device=device, amp_dtype=amp_dtype_for(settings.amp, device),
+                          num_classes=(outputs or len(loaded.classes)) if confusion else None, tta=settings.tta)
+    result.update(split=split, data=loaded.source, checkpoint=inference.source, tta=settings.tta)
     if confusion:
         k = len(loaded.classes)
         result["confusion"] = result["confusion"][:k, :k]
@@ -151,12 +167,13 @@ def evaluate_split(
     return result
 
 
-def _has_test(data: str) -> bool:
-    from vitkit.data import fashion_mnist
+def _with_changes(obj: Any, **changes: Any) -> Any:
+    """`obj` with the fields given (not None) replaced."""
+    return dataclasses.replace(obj, **{k: v for k, v in changes.items() if v is not None})
 
-    if data.lower() in (fashion_mnist.NAME, "fashion_mnist", "fmnist"):
-        return True
-    return (Path(data).expanduser() / "test").is_dir()
+
+def _has_test(data: str) -> bool:
+    return is_fashion_mnist(data) or (Path(data).expanduser() / "test").is_dir()
 
 
 def _num_outputs(model: nn.Module) -> int | None:

@@ -1,14 +1,16 @@
-"""The vitkit checkpoint format: safetensors weights with the model's name and config in metadata."""
+"""The vitkit checkpoint format: safetensors weights with the model's name and config in metadata.
+
+`vitkit.factory.load_model` rebuilds a model from such a file; `vitkit.load_checkpoint` loads one into
+a built model.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -50,23 +52,3 @@ def config_fields(metadata: dict[str, str]) -> dict[str, Any]:
     """The config stored by `save_model`, with JSON lists turned back into tuples."""
     fields = json.loads(metadata["config"])
     return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by `save_model` (architecture from the metadata) and load its weights."""
-    from safetensors.torch import load_file
-
-    from vitkit.registry import create_model
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    meta = read_metadata(path)
-    if meta.get("format") != FORMAT_NAME or "model" not in meta:
-        raise ValueError(
-            f"{path} is not a vitkit checkpoint (no model name in its metadata): "
-            "build the model with vitkit.create_model(NAME) and use vitkit.load_checkpoint(model, path)"
-        )
-    model = create_model(meta["model"], **config_fields(meta))
-    model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
-    return model.to(device)

@@ -1,0 +1,167 @@
+"""Building models: vitkit variants by name (with pretrained weights), torchvision classifiers, and
+models rebuilt from their weight files.
+
+Importing this module imports `vitkit.models`, which fills the variant table (`vitkit.registry`).
+A torchvision model is named `torchvision:NAME`; its files record that name and the constructor
+arguments, so `load_model` rebuilds it like a vitkit variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import vitkit.models  # noqa: F401  (registers the families)
+from vitkit.registry import count_parameters, get_variant, resolve_config, variant_names
+from vitkit.weights.pretrained import load_pretrained
+from vitkit.weights.vitkit_format import FORMAT_NAME, config_fields, read_metadata
+
+TORCHVISION_PREFIX = "torchvision:"
+
+__all__ = [
+    "TORCHVISION_PREFIX",
+    "build_torchvision",
+    "count_parameters",
+    "create_model",
+    "default_img_size",
+    "get_variant",
+    "is_torchvision",
+    "list_models",
+    "load_model",
+    "model_info",
+    "resolve_config",
+]
+
+
+# -- vitkit variants -------------------------------------------------------------------------------
+def list_models(pattern: str = "*") -> list[str]:
+    """Names of the registered variants matching an fnmatch pattern, sorted."""
+    return sorted(n for n in variant_names() if fnmatch.fnmatchcase(n, pattern))
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    in_chans: int | None = None,
+    pretrained: bool | str = False,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a model by its (timm) name; every default equals timm's for that name.
+
+    `overrides` replace any field of the variant's config (`depth`, `drop_path_rate`,
+    `dynamic_img_size`, ...). `pretrained=True` loads the variant's default weight record,
+    `pretrained="path"` a local checkpoint in any supported format.
+    """
+    given = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
+    fields = {k: v for k, v in given.items() if v is not None} | overrides
+    config = resolve_config(name, **fields)
+    model = get_variant(name).build(config)
+    model.variant_name = name
+    if pretrained:
+        load_pretrained(model, name, pretrained)
+    return model
+
+
+def model_info(name: str, **fields: Any) -> dict[str, Any]:
+    """Family, resolved config, parameter count and native input size, built on the meta device."""
+    variant = get_variant(name)
+    config = resolve_config(name, **fields)
+    with torch.device("meta"):
+        model = variant.build(config)
+    return {
+        "name": name,
+        "family": variant.family,
+        "config": dataclasses.asdict(config),
+        "params": count_parameters(model),
+        "img_size": tuple(config.img_size),
+        "num_classes": config.num_classes,
+    }
+
+
+def default_img_size(name: str, model_args: dict[str, Any] | None = None) -> int:
+    """The input size a model (vitkit or `torchvision:NAME`) is built for when the config gives none."""
+    if is_torchvision(name):
+        return 224
+    return int(model_info(name, **(model_args or {}))["img_size"][0])
+
+
+# -- torchvision classifiers -----------------------------------------------------------------------
+def is_torchvision(name: str) -> bool:
+    """Whether `name` is a `torchvision:NAME` model."""
+    return name.startswith(TORCHVISION_PREFIX)
+
+
+def build_torchvision(name: str, *, num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
+    """A torchvision classification model with `num_classes` outputs and its first convolution
+    taking `in_chans` channels (random weights). `name` is torchvision's, without the prefix."""
+    import torchvision  # a second of start-up: only when a torchvision model is asked for
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown torchvision classification model {name!r}{hint}")
+    if name.startswith("vit_"):  # torchvision's ViT is built for one input size
+        kwargs.setdefault("image_size", img_size)
+    try:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"torchvision model {name} rejects the model_args {sorted(kwargs)}: {err}") from None
+    if in_chans != 3:
+        _adapt_first_conv(model, in_chans)
+    model.variant_name = TORCHVISION_PREFIX + name
+    model.torchvision_args = {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size, **kwargs}
+    return model
+
+
+def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d) and child.in_channels == 3:
+                conv = nn.Conv2d(
+                    in_chans, child.out_channels, child.kernel_size, child.stride, child.padding,
+                    child.dilation, child.groups if child.groups == 1 else in_chans, child.bias is not None,
+                    child.padding_mode,
+                )
+                setattr(parent, child_name, conv)
+                return
+    raise ValueError(f"cannot find a 3-channel first convolution in {type(model).__name__} to adapt to in_chans")
+
+
+# -- model files -----------------------------------------------------------------------------------
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model a vitkit weight file describes and load its weights (exactly, nothing resampled).
+
+    The file's metadata names the model: a vitkit variant with its config (an encoder saved with
+    num_classes=0 comes back without a head), or `torchvision:NAME` with its constructor arguments.
+    Files without that metadata (timm, official releases) need the model built first:
+    `vitkit.load_checkpoint(vitkit.create_model(NAME), path)`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    meta = read_metadata(path)
+    name = meta.get("model", "")
+    if is_torchvision(name):
+        args = json.loads(meta.get("torchvision_args", "{}"))
+        model = build_torchvision(name[len(TORCHVISION_PREFIX) :], **args)
+    elif meta.get("format") == FORMAT_NAME and name and "config" in meta:
+        model = create_model(name, **config_fields(meta))
+    else:
+        raise ValueError(
+            f"{path} is not a vitkit checkpoint (no model name in its metadata): "
+            "build the model with vitkit.create_model(NAME) and use vitkit.load_checkpoint(model, path)"
+        )
+    model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    return model.to(device)
