@@ -42,8 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitkit.core.files import write_text
     from vitkit.tools.inference import evaluate_split, load_inference
-    from vitkit.train.plots import plot_confusion
     from vitkit.train.parallel import resolve_device
+    from vitkit.train.plots import plot_confusion
 
     if args.pretrained and not args.model:
         raise ValueError("--pretrained goes with --model NAME")

@@ -145,7 +145,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.view(b, c, h, w)
 
 
-def batch_three_augment(x: torch.Tensor, return_choice: bool = False):
+def batch_three_augment(
+    x: torch.Tensor, return_choice: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """3-Augment on a float batch (B, C, H, W) in [0, 1]: each image gets exactly one of
     greyscale (0), solarisation (1: values >= 128/255 inverted) and Gaussian blur (2: sigma in
     [0.1, 2]). With `return_choice`, also the (B,) op indices drawn."""
@@ -228,4 +230,5 @@ class BatchAugment:
         return x
 
     def __repr__(self) -> str:
-        return f"BatchAugment(rand_augment={self.rand_augment}, three_aug={self.three_aug}, color_jitter={self.color_jitter})"
+        return (f"BatchAugment(rand_augment={self.rand_augment}, three_aug={self.three_aug}, "
+                f"color_jitter={self.color_jitter})")

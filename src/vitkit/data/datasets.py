@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vitkit.data import fashion_mnist
+from vitkit.data.config import DataConfig, is_fashion_mnist
 from vitkit.data.folder import SPLITS, ImageFolderDataset, class_names, detect_channels, scan_split
 from vitkit.data.transforms import (
     IMAGENET_MEAN,
@@ -25,7 +26,6 @@ from vitkit.data.transforms import (
     eval_transform,
     train_transform,
 )
-from vitkit.data.config import DataConfig, is_fashion_mnist
 
 Split = str  # "train" | "val" | "test"
 

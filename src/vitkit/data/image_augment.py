@@ -9,6 +9,8 @@ erasing on the normalised image; Mixup/CutMix on the batch, on the device (`vitk
 
 from __future__ import annotations
 
+from typing import Any
+
 from torchvision.transforms import v2
 
 from vitkit.data.augment_spec import LEVELS, RandAugmentSpec, blur_kernel_size
@@ -30,7 +32,7 @@ class RandAugmentNoise(v2.Transform):
             interpolation=v2.InterpolationMode.BILINEAR,
         )
 
-    def forward(self, *inputs):
+    def forward(self, *inputs: Any) -> Any:
         out = inputs if len(inputs) > 1 else inputs[0]
         for level in self.spec.sample_levels(self.spec.num_ops).tolist():
             self.op.magnitude = round(level * self.BINS_PER_LEVEL)

@@ -15,7 +15,9 @@ class MixupCutmix:
     equals mixing smoothed ones (timm's order).
     """
 
-    def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_prob: float = 0.5) -> None:
+    def __init__(
+        self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_prob: float = 0.5
+    ) -> None:
         if mixup_alpha < 0 or cutmix_alpha < 0 or not 0 <= switch_prob <= 1:
             raise ValueError("mixup and cutmix alphas must be >= 0 and switch_prob in [0, 1]")
         if mixup_alpha == 0 and cutmix_alpha == 0:

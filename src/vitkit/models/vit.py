@@ -7,11 +7,10 @@ tokens -> pre-norm blocks -> LayerNorm -> pooled token -> [tanh pre-logits] -> h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -220,8 +219,6 @@ class VisionTransformer(nn.Module):
 
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:
         """Rebuild for a new input size, resampling the position embedding permanently."""
-        from dataclasses import replace
-
         config = replace(self.config, img_size=to_2tuple(img_size))
         config.validate()
         with torch.no_grad():
@@ -288,8 +285,6 @@ class VisionTransformer(nn.Module):
     # -- utilities ----------------------------------------------------------------------------
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head (a fresh linear layer, or none when num_classes is 0)."""
-        from dataclasses import replace
-
         self.config = replace(self.config, num_classes=num_classes)
         device = self.patch_embed.proj.weight.device
         self.head = self._make_head(num_classes).to(device)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.core.files import save_figure
+from vitkit.models.swin import SwinTransformer
 
 Method = Literal["rollout", "last", "cam"]
 
@@ -38,8 +39,6 @@ class AttentionMap:
 
 
 def is_swin(model: nn.Module) -> bool:
-    from vitkit.models.swin import SwinTransformer
-
     return isinstance(model, SwinTransformer)
 
 
@@ -171,7 +170,7 @@ def save_overlay(
     image: torch.Tensor, amap: AttentionMap, path: str | os.PathLike, title: str | None = None
 ) -> None:
     """Write a PNG: the image (C, H, W in [0, 1]) beside it with the upsampled map overlaid."""
-    import matplotlib
+    import matplotlib  # about a second of start-up: only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

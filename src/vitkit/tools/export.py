@@ -104,6 +104,16 @@ def _stride(model: nn.Module) -> int:
 
 
 # -- export ----------------------------------------------------------------------------------------
+def _dynamic_shapes(patch: int, dynamic_batch: bool, dynamic_size: bool) -> tuple[dict[int, Dim]] | None:
+    dims: dict[int, Dim] = {}
+    if dynamic_batch:
+        dims[0] = Dim("batch", min=1, max=4096)
+    if dynamic_size:  # height and width stay multiples of the patch
+        dims[2] = patch * Dim("grid_h", min=1, max=8192 // patch)
+        dims[3] = patch * Dim("grid_w", min=1, max=8192 // patch)
+    return (dims,) if dims else None
+
+
 def export_model(
     model: nn.Module,
     output: str | os.PathLike,
@@ -129,15 +139,7 @@ def export_model(
     size = tuple(config.img_size)
     # batch 2 as the example: torch.export specialises a dynamic size of 1
     example = torch.randn(2 if dynamic_batch else 1, config.in_chans, *size)
-    dims: dict[int, Dim] = {}
-    if dynamic_batch:
-        dims[0] = Dim("batch", min=1, max=4096)
-    if dynamic_size:
-        p = config.patch_size  # height and width stay multiples of the patch
-        dims[2] = p * Dim("grid_h", min=1, max=8192 // p)
-        dims[3] = p * Dim("grid_w", min=1, max=8192 // p)
-    dynamic_shapes = (dims,) if dims else None
-
+    dynamic_shapes = _dynamic_shapes(config.patch_size, dynamic_batch, dynamic_size)
     output.parent.mkdir(parents=True, exist_ok=True)
     # a private folder beside the output: ONNX may add an external-data file named after it
     workdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -174,7 +176,7 @@ def export_model(
 def require_onnx() -> None:
     """Raise a one-line RuntimeError naming the install command when the export extra is missing."""
     try:
-        import onnx  # noqa: F401
+        import onnx  # noqa: F401  (the optional export extra: imported only to check it is there)
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as err:
@@ -200,7 +202,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, dynamic_shapes, target
 
 
 def _onnx_runner(path: Path):
-    import onnxruntime as ort
+    import onnxruntime as ort  # the optional export extra
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name

@@ -23,7 +23,7 @@ from vitkit.factory import (
     is_torchvision,
     load_model,
 )
-from vitkit.weights.vitkit_format import read_metadata, save_model
+from vitkit.weights.vitkit_format import read_metadata, recorded_inputs, save_model
 
 __all__ = ["build_model", "build_torchvision", "default_img_size", "input_spec", "is_torchvision", "load_weights",
            "save_weights"]
@@ -68,9 +68,9 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 def input_spec(meta: dict[str, str]) -> tuple[ImageSpec, list[str]] | None:
     """The (input spec, class names) recorded by `save_weights`, or None when absent."""
-    if "inputs" not in meta:
+    info = recorded_inputs(meta)
+    if info is None:
         return None
-    info = json.loads(meta["inputs"])
     spec = ImageSpec(info["img_size"], info["in_chans"], tuple(info["mean"]), tuple(info["std"]), info["crop_pct"],
                      info.get("interpolation", "bilinear"))
     return spec, list(info["classes"])

@@ -31,8 +31,8 @@ from vitkit.core.files import atomic_path
 from vitkit.layers import resample_abs_pos_embed
 from vitkit.layers.rel_pos import resize_rel_pos_bias_table
 from vitkit.weights import convert as converters
-from vitkit.weights.vitkit_format import read_metadata, save_model
 from vitkit.weights.resample import adapt_input_conv, resample_patch_embed
+from vitkit.weights.vitkit_format import read_metadata, save_model
 
 StateDict = dict[str, torch.Tensor]
 Format = Literal["auto", "vitkit", "timm", "deit", "swin", "hf", "torchvision", "mmpretrain", "jax"]
@@ -308,7 +308,8 @@ def _fit_tensor(model: nn.Module, key: str, v: torch.Tensor, target: torch.Tenso
     if key == "patch_embed.proj.weight" and v.ndim == 4 and v.shape[0] == target.shape[0]:
         if v.shape[1] != target.shape[1]:
             how = "summed" if target.shape[1] == 1 else "repeated and rescaled"
-            report.adapted[key] = f"{v.shape[1]} -> {target.shape[1]} input channels ({how}, as timm's adapt_input_conv)"
+            report.adapted[key] = (f"{v.shape[1]} -> {target.shape[1]} input channels "
+                                   f"({how}, as timm's adapt_input_conv)")
             v = adapt_input_conv(v, target.shape[1])
         if v.shape[-2:] != target.shape[-2:]:
             report.resampled[key] = f"{shape} (patch kernel, pseudo-inverse resize)"
@@ -322,7 +323,7 @@ def _fit(model: nn.Module, state: StateDict, fmt: str, report: LoadReport) -> St
     model_state = model.state_dict()
     resample = converters.resample_options(fmt)
     handled = _fit_classifier(model_state, state, report)
-    new_head = any(_CLASSIFIER.match(k) for k in report.reinitialised) or any(_CLASSIFIER.match(k) for k in report.dropped)
+    new_head = any(_CLASSIFIER.match(k) for k in [*report.reinitialised, *report.dropped])
     out: StateDict = {}
     for k, v in state.items():
         if k in handled:
@@ -333,7 +334,9 @@ def _fit(model: nn.Module, state: StateDict, fmt: str, report: LoadReport) -> St
             elif k == "pos_embed" and getattr(model.config, "pos_embed", "learned") != "learned":
                 report.dropped[k] = f"the model computes its position embedding (pos_embed={model.config.pos_embed!r})"
             elif k.startswith("pre_logits.") and new_head:
-                report.dropped[k] = "pre-logits layer: the model has none (representation_size=None) and a new classifier"
+                report.dropped[k] = (
+                    "pre-logits layer: the model has none (representation_size=None) and a new classifier"
+                )
             else:
                 report.unexpected.append(k)
             continue
@@ -367,7 +370,7 @@ def _check_encoder(model: nn.Module, meta: dict[str, str], where: str, report: L
     classifier may be new. Anything resampled, adapted or missing is one error, before loading."""
     head = {k for k in report.reinitialised if _CLASSIFIER.match(k)}
     for key in head:
-        report.reinitialised[key] = f"new: the encoder was pre-trained with {meta['pretrained_with']}, without a classifier"
+        report.reinitialised[key] = f"new: the encoder was pre-trained ({meta['pretrained_with']}) without a classifier"
     changed = [f"{k} {v}" for k, v in (report.resampled | report.adapted | report.mismatched).items()]
     other = [k for k in report.reinitialised if k not in head]
     if changed or other or report.missing or report.unexpected:

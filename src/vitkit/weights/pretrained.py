@@ -14,8 +14,13 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 import vitkit.models  # noqa: F401  (fills the variant table that get_variant reads)
 from vitkit.core.files import atomic_path
@@ -65,7 +70,7 @@ def _check_hash(path: Path, record: WeightRecord, shown: Path) -> None:
 
 
 def _download(record: WeightRecord, dest: Path) -> None:
-    from tqdm import tqdm
+    from tqdm import tqdm  # only when downloading
 
     with urllib.request.urlopen(record.url, timeout=DOWNLOAD_TIMEOUT_S) as response, atomic_path(dest) as tmp:
         total = int(response.headers.get("Content-Length") or 0) or None
@@ -112,7 +117,7 @@ def load_pretrained(model: nn.Module, name: str, pretrained: bool | str | os.Pat
 _INTERPOLATION = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST"}
 
 
-def eval_transform(model_or_name: nn.Module | str):
+def eval_transform(model_or_name: nn.Module | str) -> v2.Compose:
     """The evaluation preprocessing of a variant's default weights, as a torchvision v2 transform.
 
     Resize the short side to floor(size / crop_pct) with the record's interpolation, centre-crop
@@ -120,8 +125,7 @@ def eval_transform(model_or_name: nn.Module | str):
     `create_transform(**resolve_data_config({}, model=...))` gives. For a model, `size` is the model's
     own input size; variants without a record get timm's defaults for their family.
     """
-    import torch
-    from torchvision.transforms import InterpolationMode, v2
+    from torchvision.transforms import InterpolationMode, v2  # torchvision costs start-up: only when asked for
 
     if isinstance(model_or_name, str):
         name, size = model_or_name, tuple(get_variant(model_or_name).config.img_size)

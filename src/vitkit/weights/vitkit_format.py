@@ -52,3 +52,9 @@ def config_fields(metadata: dict[str, str]) -> dict[str, Any]:
     """The config stored by `save_model`, with JSON lists turned back into tuples."""
     fields = json.loads(metadata["config"])
     return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
+def recorded_inputs(metadata: dict[str, str]) -> dict[str, Any] | None:
+    """How to feed the model, as training recorded it (`inputs`: img_size, in_chans, mean, std,
+    crop_pct, interpolation, classes), or None when the file has no such record."""
+    return json.loads(metadata["inputs"]) if "inputs" in metadata else None

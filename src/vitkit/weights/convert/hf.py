@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitkit.models.vit import ViTConfig
+
 FORMAT = "hf"
 
 # sub-keys of one transformer layer -> vitkit block sub-keys (legacy name, transformers-5 name)
@@ -162,8 +164,6 @@ def _convert_swin(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # -- export -------------------------------------------------------------------------------------
 def unsupported(model: nn.Module) -> list[str]:
     """What `model` has that transformers' ViT / DeiT / Swin / Swinv2 classes cannot express."""
-    from vitkit.models.vit import ViTConfig
-
     config = model.config
     missing = []
     if isinstance(config, ViTConfig):
@@ -199,8 +199,6 @@ def _image_size(size: tuple[int, int]) -> int | list[int]:
 
 def export(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config.json dict, state dict with HF names) for `model`; call `unsupported` first."""
-    from vitkit.models.vit import ViTConfig
-
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if isinstance(model.config, ViTConfig):
         return _export_vit(model.config, state)
@@ -260,9 +258,11 @@ def _export_vit(config, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any],
 
 
 def _export_swin(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    config = model.config
     v2 = any(k.endswith("attn.logit_scale") for k in state)
-    p = "swinv2." if v2 else "swin."
+    return _swin_hf_config(model.config, v2), _swin_hf_state(state, "swinv2." if v2 else "swin.")
+
+
+def _swin_hf_config(config: Any, v2: bool) -> dict[str, Any]:
     hf_config = {
         "model_type": "swinv2" if v2 else "swin",
         "architectures": ["Swinv2ForImageClassification" if v2 else "SwinForImageClassification"],
@@ -285,6 +285,10 @@ def _export_swin(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict
     }
     if v2:
         hf_config["pretrained_window_sizes"] = list(config.pretrained_window_sizes)
+    return hf_config
+
+
+def _swin_hf_state(state: dict[str, torch.Tensor], p: str) -> dict[str, torch.Tensor]:
     top = {
         "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
         "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
@@ -324,5 +328,5 @@ def _export_swin(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict
                 raise ValueError(f"no HF name for parameter {k!r}")
         else:
             raise ValueError(f"no HF name for parameter {k!r}")
-    return hf_config, out
+    return out
 
