@@ -113,6 +113,10 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     from vitkit.weights.io import load_model
 
     path = Path(path)
+    if path.is_dir():  # a Hub folder (`vitkit export --format hub`, or one timm wrote)
+        from vitkit.weights.timm_hub import load_timm_folder
+
+        return load_timm_folder(path, device=device)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     meta = read_metadata(path)
