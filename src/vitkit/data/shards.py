@@ -346,7 +346,8 @@ def write_split(items: Iterator[tuple[Image.Image | bytes, int]], output: Path, 
     return names, counts
 
 
-def write_index(output: Path, classes: list[str], in_chans: int, splits: dict[str, tuple[list[str], list[int]]]) -> None:
+def write_index(output: Path, classes: list[str], in_chans: int,
+                splits: dict[str, tuple[list[str], list[int]]]) -> None:
     from vitkit.core.files import write_text
 
     index = {"format": "webdataset", "classes": classes, "in_chans": in_chans,

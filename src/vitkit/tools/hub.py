@@ -90,53 +90,82 @@ def _final_record(run: Path) -> dict[str, Any]:
 
 def model_card(config: TrainConfig, info: dict[str, Any], hub: dict[str, Any], run: Path) -> str:
     """README.md for the Hub: model, data and splits, recipe, results with their command, use, limits, licence."""
-    data = info.get("data", {})
-    final = _final_record(run) | {k: info[k] for k in ("test_top1", "best_val_top1") if k in info}
-    pre = hub["pretrained_cfg"]
-    classes = hub["label_names"]
-    splits = ", ".join(f"{s} {data[s]}" for s in ("train", "val", "test") if s in data) or "not recorded"
-    recipe = [f"| {k} | {getattr(config, k)} |" for k in (
-        "epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "weight_decay", "optimizer", "label_smoothing",
-        "mixup", "cutmix", "crop", "hflip", "auto_augment", "reprob", "ema", "amp", "seed") if hasattr(config, k)]
     name = hub["architecture"]
-    data_arg = config.data
-    lines = [
+    source = info.get("data", {}).get("source", config.data)
+    head = [
         "---",
         "library_name: timm",
         f"license: {LICENSE}",
         "tags: [image-classification, timm, vitkit]",
         "---",
-        f"# {name} trained with vitkit on {data.get('source', config.data)}",
+        f"# {name} trained with vitkit on {source}",
         "",
         f"A {name} ({info.get('model', {}).get('params', '?')} parameters) trained from the vitkit run "
         f"`{run.name}` (vitkit {info.get('vitkit', __version__)}).",
         "",
+    ]
+    sections = (_model_section(hub), _data_section(config, info), _recipe_section(config),
+                _results_section(config, run), _use_section(hub, source))
+    return "\n".join(head + [line for section in sections for line in section])
+
+
+def _model_section(hub: dict[str, Any]) -> list[str]:
+    pre, classes = hub["pretrained_cfg"], hub["label_names"]
+    return [
         "## Model",
-        f"- architecture: `{name}`, changed arguments: `{json.dumps(hub['model_args'])}`",
+        f"- architecture: `{hub['architecture']}`, changed arguments: `{json.dumps(hub['model_args'])}`",
         f"- input: {pre['input_size'][0]} channel(s), {pre['input_size'][1]}x{pre['input_size'][2]} pixels, "
         f"mean {pre['mean']}, std {pre['std']}, crop_pct {pre['crop_pct']}, {pre['interpolation']} resize",
         f"- classes ({len(classes)}): {', '.join(classes)}",
         "",
+    ]
+
+
+def _data_section(config: TrainConfig, info: dict[str, Any]) -> list[str]:
+    data = info.get("data", {})
+    splits = ", ".join(f"{s} {data[s]}" for s in ("train", "val", "test") if s in data) or "not recorded"
+    held = f"held out {config.val_split} of train (split seed {config.split_seed}) when the data has no val split"
+    return [
         "## Data",
         f"- source: `{data.get('source', config.data)}`; images per split: {splits}",
-        f"- validation: {'held out ' + str(config.val_split) + ' of train (seed ' + str(config.split_seed) + ')' if config.val_split else 'the data set val split'}",
+        f"- validation: {held}",
         "",
+    ]
+
+
+def _recipe_section(config: TrainConfig) -> list[str]:
+    keys = ("epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "weight_decay", "optimizer", "label_smoothing",
+            "mixup", "cutmix", "crop", "hflip", "auto_augment", "reprob", "ema", "amp", "seed")
+    return [
         "## Recipe",
         f"From `{config.recipe or 'the command line'}`; the full config is the run's config.yaml.",
         "",
         "| setting | value |",
         "|---|---|",
-        *recipe,
+        *[f"| {k} | {getattr(config, k)} |" for k in keys if hasattr(config, k)],
         "",
+    ]
+
+
+def _results_section(config: TrainConfig, run: Path) -> list[str]:
+    final = _final_record(run)
+    subset = f" --test-samples {config.test_samples}" if config.test_samples else ""
+    return [
         "## Results",
         f"- best validation top-1: {_percent(final.get('best_val_top1'))} (epoch {final.get('best_epoch', '?')})",
         f"- test top-1: {_percent(final.get('test_top1'))}, top-5: {_percent(final.get('test_top5'))}",
         "",
         "Reproduce the test figure from this folder:",
         "```",
-        f"vitkit eval --checkpoint THIS_FOLDER --data {data_arg} --split test",
+        f"vitkit eval --checkpoint THIS_FOLDER --data {config.data} --split test{subset}",
         "```",
         "",
+    ]
+
+
+def _use_section(hub: dict[str, Any], source: str) -> list[str]:
+    classes = hub["label_names"]
+    return [
         "## Use",
         "```python",
         "import timm",
@@ -146,8 +175,8 @@ def model_card(config: TrainConfig, info: dict[str, Any], hub: dict[str, Any], r
         "Intended for classifying images like those of its training data, and as a starting point for fine-tuning.",
         "",
         "## Limits",
-        f"- It knows only its {len(classes)} classes and the image statistics of `{data.get('source', config.data)}`; "
-        "images from elsewhere (other sizes, colours, framing) can be misclassified with high confidence.",
+        f"- It knows only its {len(classes)} classes and the images of `{source}`; images from elsewhere "
+        "(other sizes, colours, framing) can be misclassified with high confidence.",
         "- The figures above come from one run and one seed; they carry the noise of that run.",
         "- Not evaluated for fairness, robustness or safety-critical use.",
         "",
@@ -155,4 +184,3 @@ def model_card(config: TrainConfig, info: dict[str, Any], hub: dict[str, Any], r
         f"The weights are released under {LICENSE}; the training data keeps its own licence.",
         "",
     ]
-    return "\n".join(lines)
