@@ -118,6 +118,13 @@ def test_shards_split_over_ranks_and_workers(sources):
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
         seen += [label for _, label in loader]
     assert len(seen) == len(keys)
+    subset = shards.select(torch.arange(300))  # a subset of a stream: its first 300 samples, split over ranks
+    parts = []
+    for rank in range(2):
+        stream = ShardStream(subset, 1)
+        stream.configure(shuffle=False, seed=0, rank=rank, world_size=2, pad=False)
+        parts.append([label for _, label in stream])
+    assert len(parts[0]) == len(parts[1]) == 150
     counts = []
     for rank in range(3):  # training: shuffled, the same defined count on every rank, in whole batches
         stream = ShardStream(shards, 1, shuffle_buffer=50)
@@ -158,7 +165,8 @@ def test_tar_members_never_leave_the_shard(tmp_path):
 def test_data_cli_stats_bench_and_errors(sources, tmp_path, capsys):
     assert main(["data", "stats", sources["csv"], "--limit", "50"]) == 0
     assert "splits: train, val, test" in capsys.readouterr().out
-    assert main(["data", "bench", sources["folder"], "--images", "128", "--workers", "0", "1", "--json"]) == 0
+    bench = ["--images", "128", "--workers", "0", "1", "--rounds", "1", "--json"]
+    assert main(["data", "bench", sources["folder"], *bench]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {(r["loader"], r["workers"]) for r in rows} == {("vitkit", 0), ("timm", 0), ("vitkit", 1), ("timm", 1)}
     assert all(r["images"] == 128 and r["images_per_s"] > 0 for r in rows)

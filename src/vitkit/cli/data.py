@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--batch-size", type=int, default=64)
     bench.add_argument("--img-size", type=int, help="input size (default: the data's native size, else 224)")
     bench.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    bench.add_argument("--rounds", type=int, default=2, help="passes per loader, best kept (2)")
     bench.add_argument("--no-timm", action="store_true", help="time vitkit's loader only")
     _common(bench)
     p.set_defaults(run=run)
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         rows = data_tools.data_bench(args.source, workers=tuple(args.workers), images=args.images,
                                      batch_size=args.batch_size, img_size=args.img_size, timm=not args.no_timm,
-                                     val_split=args.val_split)
+                                     rounds=args.rounds, val_split=args.val_split)
         if args.json:
             print(json.dumps([{**vars(r), "images_per_s": r.images_per_s} for r in rows], indent=2))
         else:

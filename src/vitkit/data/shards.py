@@ -267,10 +267,9 @@ class ShardStream(IterableDataset):
         quota = self._worker_count(worker, workers)
         rng = random.Random(f"{self.seed}:{self.epoch}:{reader}")
         order_rng = random.Random(f"{self.seed}:{self.epoch}")  # every reader sees the same shard order
-        if self.set.limit is not None and not self.pad:
-            readers_total = len(self.set)  # a subset read in order: the first `limit` of the stream
-            stream = (s for i, s in enumerate(self._samples(0, 1, order_rng)) if i < readers_total)
-            yield from (s for i, s in enumerate(stream) if i % readers == reader)
+        if self.set.limit is not None and not self.pad:  # a subset: the first `limit` samples of the stream
+            head = itertools.islice(self._samples(0, 1, order_rng), len(self.set))
+            yield from itertools.islice(head, reader, None, readers)
             return
         if not self.pad:
             yield from self._samples(reader, readers, order_rng)

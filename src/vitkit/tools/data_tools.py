@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,9 +187,10 @@ def _time(loader: Any) -> tuple[int, float]:
 
 
 def data_bench(source: str, *, workers: tuple[int, ...] = (0, 1, 2), images: int = 1024, batch_size: int = 64,
-               img_size: int | None = None, timm: bool = True, **fields: Any) -> list[BenchRow]:
+               img_size: int | None = None, timm: bool = True, rounds: int = 2, **fields: Any) -> list[BenchRow]:
     """Images per second of the eval-transform loader over the first `images` train images, per worker
-    count, for vitkit's loader and (random-access sources) timm's `create_loader` with the same transform."""
+    count, for vitkit's loader and (random-access sources) timm's `create_loader` with the same transform;
+    the best of `rounds` passes each, in alternating order."""
     from vitkit.data.datasets import build_dataset, resolve_data_fields
     from vitkit.data.samplers import build_loader
 
@@ -197,16 +198,22 @@ def data_bench(source: str, *, workers: tuple[int, ...] = (0, 1, 2), images: int
     data = load_data(config, splits=("train",))
     config = resolve_data_fields(config, data, 224)
     if img_size is not None:
-        config.img_size = img_size
+        config = replace(config, img_size=img_size)
     index = torch.arange(min(images, len(data.splits["train"])))
     data.splits["train"] = data.splits["train"].select(index)
     dataset = build_dataset(data, "train", config, train=False)
     rows = []
     for w in workers:
-        loader = build_loader(dataset, train=False, batch_size=batch_size, workers=w)
-        rows.append(BenchRow("vitkit", w, *_time(loader)))
-        if timm and not isinstance(data.splits["train"].source, ShardSet):
-            rows.append(BenchRow("timm", w, *_time(_timm_loader(data, config, batch_size, w))))
+        loaders = {"vitkit": lambda: build_loader(dataset, train=False, batch_size=batch_size, workers=w)}
+        if timm and not isinstance(data.splits["train"].source, ShardSet):  # timm's loader needs random access
+            loaders["timm"] = lambda: _timm_loader(data, config, batch_size, w)
+        best: dict[str, BenchRow] = {}
+        for r in range(rounds):  # alternate who goes first; keep each loader's fastest pass (page cache warm)
+            for name in (list(loaders) if r % 2 == 0 else list(loaders)[::-1]):
+                row = BenchRow(name, w, *_time(loaders[name]()))
+                if name not in best or row.seconds < best[name].seconds:
+                    best[name] = row
+        rows += [best[name] for name in loaders]
     return rows
 
 
