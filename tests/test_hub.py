@@ -35,7 +35,7 @@ def hub_run(tmp_path_factory):
 
 
 def test_hub_folder_has_timm_config_weights_and_card(hub_run):
-    run, out, _ = hub_run
+    _, out, _ = hub_run
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "vit_tiny_patch16_224"
     assert config["num_classes"] == 10 and config["num_features"] == 32

@@ -75,7 +75,7 @@ def _columns(features: Any, where: str) -> tuple[str, str, list[str] | None]:
 def open_hf(spec: str) -> tuple[dict[str, HFSplit], list[str]]:
     """({split: HFSplit}, class names) of `hf:PATH`."""
     datasets = _require_datasets()
-    path = Path(spec[len("hf:") :] if spec.startswith("hf:") else spec).expanduser()
+    path = Path(spec.removeprefix("hf:")).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist: give a folder written by datasets' save_to_disk")
     try:

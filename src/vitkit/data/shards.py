@@ -104,7 +104,7 @@ class ShardSource:
 
 def open_source(spec: str) -> ShardSource:
     """Resolve `wds:DIR` (with index.json) or `wds:PATTERN` (optional `{split}`) to its shards."""
-    target = spec[len("wds:") :] if spec.startswith("wds:") else spec
+    target = spec.removeprefix("wds:")
     folder = Path(target).expanduser()
     if folder.is_dir():
         index_file = folder / INDEX

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from vitkit.core.errors import VitkitError
 from vitkit.data.config import DataConfig
@@ -204,9 +204,9 @@ def data_bench(source: str, *, workers: tuple[int, ...] = (0, 1, 2), images: int
     dataset = build_dataset(data, "train", config, train=False)
     rows = []
     for w in workers:
-        loaders = {"vitkit": lambda: build_loader(dataset, train=False, batch_size=batch_size, workers=w)}
+        loaders = {"vitkit": lambda w=w: build_loader(dataset, train=False, batch_size=batch_size, workers=w)}
         if timm and not isinstance(data.splits["train"].source, ShardSet):  # timm's loader needs random access
-            loaders["timm"] = lambda: _timm_loader(data, config, batch_size, w)
+            loaders["timm"] = lambda w=w: _timm_loader(data, config, batch_size, w)
         best: dict[str, BenchRow] = {}
         for r in range(rounds):  # alternate who goes first; keep each loader's fastest pass (page cache warm)
             for name in (list(loaders) if r % 2 == 0 else list(loaders)[::-1]):

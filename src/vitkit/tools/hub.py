@@ -100,8 +100,8 @@ def model_card(config: TrainConfig, info: dict[str, Any], hub: dict[str, Any], r
         "---",
         f"# {name} trained with vitkit on {source}",
         "",
-        f"A {name} ({info.get('model', {}).get('params', '?')} parameters) trained from the vitkit run "
-        f"`{run.name}` (vitkit {info.get('vitkit', __version__)}).",
+        (f"A {name} ({info.get('model', {}).get('params', '?')} parameters) trained from the vitkit run "
+         f"`{run.name}` (vitkit {info.get('vitkit', __version__)})."),
         "",
     ]
     sections = (_model_section(hub), _data_section(config, info), _recipe_section(config),
@@ -114,8 +114,8 @@ def _model_section(hub: dict[str, Any]) -> list[str]:
     return [
         "## Model",
         f"- architecture: `{hub['architecture']}`, changed arguments: `{json.dumps(hub['model_args'])}`",
-        f"- input: {pre['input_size'][0]} channel(s), {pre['input_size'][1]}x{pre['input_size'][2]} pixels, "
-        f"mean {pre['mean']}, std {pre['std']}, crop_pct {pre['crop_pct']}, {pre['interpolation']} resize",
+        (f"- input: {pre['input_size'][0]} channel(s), {pre['input_size'][1]}x{pre['input_size'][2]} pixels, "
+         f"mean {pre['mean']}, std {pre['std']}, crop_pct {pre['crop_pct']}, {pre['interpolation']} resize"),
         f"- classes ({len(classes)}): {', '.join(classes)}",
         "",
     ]
@@ -175,8 +175,8 @@ def _use_section(hub: dict[str, Any], source: str) -> list[str]:
         "Intended for classifying images like those of its training data, and as a starting point for fine-tuning.",
         "",
         "## Limits",
-        f"- It knows only its {len(classes)} classes and the images of `{source}`; images from elsewhere "
-        "(other sizes, colours, framing) can be misclassified with high confidence.",
+        (f"- It knows only its {len(classes)} classes and the images of `{source}`; images from elsewhere "
+         "(other sizes, colours, framing) can be misclassified with high confidence."),
         "- The figures above come from one run and one seed; they carry the noise of that run.",
         "- Not evaluated for fairness, robustness or safety-critical use.",
         "",
