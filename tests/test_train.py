@@ -330,33 +330,3 @@ def test_bad_data_is_a_one_line_cli_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("vitkit train: error: data folder") and err.count("\n") == 1
     assert not (tmp_path / "run").exists()  # nothing is written before the data is found
-
-
-def test_tensorboard_events_when_tensorboard_is_installed(tmp_path, monkeypatch):
-    import types
-
-    from vitkit.train.run_folder import RunFolder
-
-    calls = []
-
-    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is optional)
-        def __init__(self, logdir):
-            calls.append(("dir", logdir))
-
-        def add_scalar(self, tag, value, step):
-            calls.append((tag, value, step))
-
-        def flush(self):
-            pass
-
-        def close(self):
-            calls.append("closed")
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
-    folder = RunFolder(tmp_path)
-    folder.log({"step": 5, "epoch": 1, "train_loss": 0.5, "lr": 0.1, "images_per_s": 10.0})
-    folder.log({"epoch": 1, "train_loss": 0.4, "val_top1": 50.0})
-    folder.close()
-    assert calls[0] == ("dir", str(tmp_path / "tensorboard")) and calls[-1] == "closed"
-    assert ("step/train_loss", 0.5, 5) in calls and ("epoch/val_top1", 50.0, 1) in calls
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2

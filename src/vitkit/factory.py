@@ -20,9 +20,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from vitkit.core.errors import VitkitError
 import vitkit.models  # noqa: F401  (registers the families)
 from vitkit.registry import count_parameters, get_variant, resolve_config, variant_names
 from vitkit.weights.pretrained import load_pretrained
+from vitkit.weights.checkpoint import load_checkpoint
+from vitkit.weights.timm_hub import folder_kind, read_timm_folder
 from vitkit.weights.vitkit_format import FORMAT_NAME, config_fields, read_metadata
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -149,6 +152,19 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     `vitkit.load_checkpoint(vitkit.create_model(NAME), path)`.
     """
     path = Path(path)
+    if path.is_dir() and folder_kind(path) == "timm":  # a Hub folder (`vitkit export --format hub`, or timm's)
+        arch, args, weights, _ = read_timm_folder(path)
+        if arch not in variant_names():
+            raise VitkitError(f"{path} holds timm's {arch}, which vitkit does not build: load it with timm.create_model")
+        model = create_model(arch, **args)
+        load_checkpoint(model, weights, strict=True)
+        return model.to(device)
+    if path.is_dir():
+        kind = "a transformers folder" if folder_kind(path) == "transformers" else "a folder"
+        raise VitkitError(
+            f"{path} is not a timm Hub folder but {kind}: build the model with vitkit.create_model(NAME) and "
+            "load it with vitkit.load_checkpoint(model, path)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     meta = read_metadata(path)
@@ -165,3 +181,11 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         )
     model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
     return model.to(device)
+
+
+def model_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata `load_model` reads: a weight file's, or a timm Hub folder's (its "inputs" entry included)."""
+    path = Path(path)
+    if path.is_dir() and folder_kind(path) == "timm":
+        return read_timm_folder(path)[3]
+    return read_metadata(path)

@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", dest="run_dir", metavar="DIR", help="a run folder written by `vitkit train`")
-    src.add_argument("--checkpoint", metavar="FILE", help="a .safetensors file written by vitkit")
+    src.add_argument("--checkpoint", metavar="FILE", help="a .safetensors file written by vitkit, or a timm Hub folder")
     src.add_argument("--model", metavar="NAME", help="a vitkit model name, with --pretrained")
     p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="SOURCE",
                    help="with --model: its default pretrained weights, or a local checkpoint path")

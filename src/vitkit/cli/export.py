@@ -22,8 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", nargs="?", default=None, help="registered model name (random weights)")
     p.add_argument("--checkpoint", default=None, help="a vitkit .safetensors file (e.g. a run's best.safetensors)")
-    p.add_argument("--output", required=True, help="file to write (.onnx or .pt2)")
-    p.add_argument("--format", choices=("onnx", "torch-export"), default="onnx", help="default onnx")
+    p.add_argument("--output", required=True, help="file to write (.onnx or .pt2); a folder with --format hub")
+    p.add_argument("--format", choices=("onnx", "torch-export", "hub"), default="onnx",
+                   help="default onnx; hub: a timm / Hugging Face Hub folder of a run (--run DIR) with a model card")
+    p.add_argument("--run", dest="run_dir", metavar="DIR", default=None,
+                   help="with --format hub: the run folder whose best.safetensors is exported")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (else the batch is fixed at 1)")
     p.add_argument("--dynamic-size", action="store_true",
                    help="any height/width that is a multiple of the patch size (ViT resamples its position "
@@ -34,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.format == "hub" or args.run_dir is not None:
+        return _run_hub(args)
     from vitkit.tools.export import describe, export_model, load_for_export, require_onnx
 
     if args.format == "onnx":
@@ -48,4 +53,14 @@ def run(args: argparse.Namespace) -> int:
         opset=args.opset,
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else describe(report))
+    return 0
+
+
+def _run_hub(args: argparse.Namespace) -> int:
+    from vitkit.tools.hub import export_hub
+
+    if args.format != "hub" or args.run_dir is None or args.model or args.checkpoint:
+        raise ValueError("a hub folder is exported from a run: vitkit export --format hub --run DIR --output OUT")
+    out = export_hub(args.run_dir, args.output)
+    print(json.dumps({"output": str(out), "format": "hub"}) if args.json else f"wrote the hub folder {out}")
     return 0

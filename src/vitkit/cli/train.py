@@ -57,13 +57,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "lr x decay^(L + 1 - i) (SimMIM fine-tuning: 0.9 for Swin, 0.65 for ViT)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set label_smoothing=0.0 --set model_args.depth=6")
+    # -- experiment tracking (issue 19; config fields `log`, `mlflow_uri`) -----------------------------
+    p.add_argument("--log", help="trackers: tensorboard, mlflow or both (tensorboard,mlflow), none; default auto: "
+                   "TensorBoard when installed")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///runs/mlflow.db, artifacts in "
+                   "runs/mlruns)")
     p.set_defaults(run=run)
 
 
 TRAIN_FLAGS = ("model", "data", "epochs", "batch_size", "lr", "img_size", "output", "seed", "device", "workers",
                "threads", "compile", "fsdp", "fsdp_offload", "train_samples", "val_samples", "test_samples",
                "val_split", "skip_corrupt", "finetune", "layer_decay", "teacher", "distillation", "distill_alpha",
-               "distill_tau")
+               "distill_tau", "log", "mlflow_uri")
 
 
 def requested_fields(args: argparse.Namespace, names: tuple[str, ...] = TRAIN_FLAGS) -> dict[str, Any]:

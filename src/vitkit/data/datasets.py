@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -67,11 +68,16 @@ class SplitData:
     images: torch.Tensor | None = None  # (N, C, H, W) uint8
     targets: torch.Tensor | None = None  # (N,) int64
     samples: list[tuple[Path, int]] | None = None
+    source: Any = None  # hf: HFSplit (random access), wds: ShardSet (streamed); both have len() and select()
 
     def __len__(self) -> int:
+        if self.source is not None:
+            return len(self.source)
         return len(self.samples) if self.samples is not None else len(self.targets)
 
     def select(self, index: torch.Tensor) -> SplitData:
+        if self.source is not None:
+            return SplitData(source=self.source.select(index))
         if self.samples is not None:
             return SplitData(samples=[self.samples[i] for i in index.tolist()])
         return SplitData(images=self.images[index], targets=self.targets[index])
@@ -121,6 +127,11 @@ def load_data(config: DataConfig, splits: Sequence[Split] = SPLITS) -> LoadedDat
     """The splits of `config.data` named in `splits` (those the data has), after hold-out and subsets."""
     if is_fashion_mnist(config.data):
         data = _load_fashion_mnist(config, splits)
+    elif config.data.startswith(("wds:", "hf:")) or config.data.lower().endswith(".csv"):
+        from vitkit.data import hf_dataset, manifest, shards  # CSV manifests, WebDataset shards, HF datasets
+
+        kind = shards if config.data.startswith("wds:") else hf_dataset if config.data.startswith("hf:") else manifest
+        data = kind.load(config, tuple(splits))
     else:
         data = _load_folder(config, splits)
     counts = {"train": config.train_samples, "val": config.val_samples, "test": config.test_samples}
@@ -252,6 +263,13 @@ def build_dataset(data: LoadedData, split: Split, config: DataConfig, train: boo
     part = data.splits[split]
     spec = image_spec(config)
     train = split == "train" if train is None else train
+    if part.source is not None:  # hf: random access; wds: a stream the loader configures
+        from vitkit.data.hf_dataset import HFImageDataset, HFSplit
+        from vitkit.data.shards import ShardStream
+
+        transform = train_transform(spec, augment(config)) if train else eval_transform(spec)
+        kind = HFImageDataset if isinstance(part.source, HFSplit) else ShardStream
+        return kind(part.source, spec.in_chans, transform)
     if part.images is not None:
         transform = BatchTrainTransform(spec, augment(config)) if train else eval_transform(spec)
         return TensorImageDataset(part.images, part.targets, transform)

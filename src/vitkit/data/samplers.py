@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from vitkit.data.datasets import TensorImageDataset, collate_batch
 from vitkit.data.repeated_aug import RepeatedAugSampler
@@ -103,6 +103,10 @@ def build_loader(
 
     Training drops a last partial batch unless it would be the only one.
     """
+    if isinstance(dataset, IterableDataset):  # shards: the stream splits itself over ranks and workers
+        return _stream_loader(dataset, train=train, batch_size=batch_size, seed=seed, rank=rank,
+                              world_size=world_size, pin_memory=pin_memory,
+                              workers=default_workers(dataset) if workers is None else workers)
     sampler = build_sampler(dataset, train=train, seed=seed, rank=rank, world_size=world_size, repeats=repeats,
                             repeat_epoch=repeat_epoch)
     workers = default_workers(dataset) if workers is None else workers
@@ -121,9 +125,19 @@ def build_loader(
     )
 
 
+def _stream_loader(dataset: IterableDataset, *, train: bool, batch_size: int, seed: int, rank: int,
+                   world_size: int, pin_memory: bool, workers: int) -> DataLoader:
+    # training: shuffled, a defined count per rank, whole batches; evaluation: each sample once overall
+    dataset.configure(shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=train, batch_size=batch_size)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                      drop_last=train and len(dataset) >= batch_size, worker_init_fn=_seed_worker if workers else None,
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+
+
 def set_loader_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
     """Reshuffle for `epoch` and reseed the workers, from (seed, epoch) alone."""
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
+    for owner in (loader.sampler, loader.dataset):  # a sampler, or a stream that shuffles itself
+        if hasattr(owner, "set_epoch"):
+            owner.set_epoch(epoch)
     if loader.generator is not None:
         loader.generator.manual_seed(seed * 100_003 + epoch)

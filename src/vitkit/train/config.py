@@ -30,7 +30,7 @@ DEFAULT_RECIPE = "fmnist_demo"
 
 # fields that may differ when resuming: they change where and how fast the run goes, not what it computes
 RUNTIME_FIELDS = frozenset(
-    {"device", "threads", "workers", "log_every", "output", "compile", "fsdp", "fsdp_offload"}
+    {"device", "threads", "workers", "log_every", "output", "compile", "fsdp", "fsdp_offload", "log", "mlflow_uri"}
 )
 
 
@@ -84,6 +84,8 @@ class TrainConfig(DataConfig):
     fsdp: bool = False  # several processes: shard with FSDP2 (per block) instead of DDP
     fsdp_offload: bool = False  # with fsdp: parameters and optimizer state in CPU memory (needs CUDA)
     log_every: int = 50
+    log: str = "auto"  # trackers: tensorboard, mlflow (comma-separated), none; auto: TensorBoard when installed
+    mlflow_uri: str | None = None  # None: sqlite:///runs/mlflow.db, artifacts in runs/mlruns
     output: str | None = None
     recipe: str | None = None
     smoke: bool = False
@@ -94,6 +96,9 @@ class TrainConfig(DataConfig):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
+        from vitkit.train.tracking import parse_log
+
+        parse_log(self.log)
         for name in ("eval_batch_size", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -22,6 +22,7 @@ from vitkit.factory import (
     default_img_size,
     is_torchvision,
     load_model,
+    model_metadata,
 )
 from vitkit.weights.vitkit_format import read_metadata, recorded_inputs, save_model
 
@@ -62,8 +63,8 @@ def save_weights(
 
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, str]]:
     """(model, metadata) of a weight file written by `save_weights` or `vitkit.weights.save_model`."""
-    model = load_model(path, device=device)
-    return model, read_metadata(path)
+    model = load_model(path, device=device)  # a weight file, or a timm Hub folder (`vitkit export --format hub`)
+    return model, model_metadata(path)
 
 
 def input_spec(meta: dict[str, str]) -> tuple[ImageSpec, list[str]] | None:

@@ -5,6 +5,7 @@ Only the main rank writes; on other ranks every method is a no-op.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -22,15 +23,23 @@ class RunFolder:
         self.path = Path(path)
         self.enabled = enabled
         self.records: list[dict[str, Any]] = []
-        self._tensorboard = None
+        self.trackers: list[Any] = []  # vitkit.train.tracking: TensorBoard, MLflow (`log` in the config)
 
     def file(self, name: str) -> Path:
         return self.path / name
 
     # -- config and provenance --------------------------------------------------------------
     def write_config(self, config: TrainConfig) -> None:
+        """Write config.yaml and start the config's trackers (`log`, `mlflow_uri`) with it as params."""
         if self.enabled:
             write_text(self.file(CONFIG), config.to_yaml())
+            from vitkit.train.tracking import build_trackers
+
+            self.close_trackers()
+            self.trackers = build_trackers(getattr(config, "log", "auto"), self.path,
+                                           getattr(config, "mlflow_uri", None))
+            for tracker in self.trackers:
+                tracker.log_params(dataclasses.asdict(config))
 
     def write_run_info(self, info: dict[str, Any]) -> None:
         if self.enabled:
@@ -59,40 +68,32 @@ class RunFolder:
         self._flush()
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one line to metrics.jsonl (rewritten atomically) and to TensorBoard."""
+        """Append one line to metrics.jsonl (rewritten atomically) and send it to the trackers."""
         if not self.enabled:
             return
         self.records.append(record)
         self._flush()
-        board = self._board()
-        if board is not None:
-            x = record.get("step", record.get("epoch", 0))
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    board.add_scalar(("step/" if "step" in record else "epoch/") + key, value, x)
-            board.flush()
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def _flush(self) -> None:
         if self.enabled:
             write_text(self.file(METRICS), "".join(json.dumps(r) + "\n" for r in self.records))
 
-    def _board(self):
-        """A TensorBoard writer when tensorboard is installed (it is optional)."""
-        if self._tensorboard is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self._tensorboard = False
-            else:
-                self._tensorboard = SummaryWriter(str(self.path / "tensorboard"))
-        return self._tensorboard or None
-
     def epoch_records(self) -> list[dict[str, Any]]:
         return [r for r in self.records if "step" not in r and "epoch" in r]
 
     def close(self) -> None:
-        if self._tensorboard:
-            self._tensorboard.close()
+        """Finish the trackers; MLflow gets the curves and the best weights as artifacts."""
+        artifacts = [self.file(n) for n in (CURVES, BEST) if self.file(n).is_file()]
+        for tracker in self.trackers:
+            tracker.close(artifacts)
+        self.trackers = []
+
+    def close_trackers(self) -> None:
+        for tracker in self.trackers:
+            tracker.close([])
+        self.trackers = []
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
