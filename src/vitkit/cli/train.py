@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Any
 
 from vitkit.cli.config_flags import add_config_flags, requested_fields
 from vitkit.train.config import TrainConfig
@@ -21,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last finished epoch")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train with N processes on this machine: starts torchrun (one process per GPU; gloo on CPU)")
-    p.add_argument("--smoke", action="store_true", help="shrink the recipe to seconds: few samples, 1 epoch, tiny model")
+    p.add_argument("--smoke", action="store_true",
+                   help="shrink the recipe to seconds: few samples, 1 epoch, tiny model")
     p.add_argument("--patch-size", type=int, help="patch size (ViT family), sets model_args.patch_size")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set label_smoothing=0.0 --set model_args.depth=6")
@@ -30,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.train.recipes import build_config, list_recipes, load_recipe
+    from vitkit.train.recipes import list_recipes, load_recipe
     from vitkit.train.supervised import prepare_resume, train
 
     if args.nproc is not None:  # the same command in N processes, through torchrun
@@ -53,26 +55,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--smoke contradicts the run being resumed (it was not a smoke run)")
         resume = True
     else:
-        pretrained = None
-        if args.finetune:  # the source's architecture, unless the command line says otherwise
-            from vitkit.train.finetune import finetune_fields
-
-            pretrained = finetune_fields(args.finetune) or None
-            if pretrained is None and "model" not in fields:
-                raise ValueError(f"{args.finetune} does not name its model (not written by vitkit): add --model NAME")
-            for key in ("model", "img_size", "in_chans"):
-                if pretrained is not None:
-                    fields.setdefault(key, pretrained[key])
-        config = build_config(args.recipe, fields, smoke=args.smoke)
-        if config.recipe == "finetune" and not config.finetune:
-            raise ValueError("the finetune recipe starts from trained weights: add --finetune RUN|FILE")
-        if pretrained is not None and config.model == pretrained["model"]:
-            # the recipe's architecture overrides give way to the encoder's; its regularisation stays
-            kept = {k: v for k, v in config.model_args.items() if "drop" in k}
-            model_args = {**kept, **pretrained["model_args"], **fields.get("model_args", {})}
-            config = dataclasses.replace(config, model_args=model_args)
-            config.validate()
-        resume = False
+        config, resume = new_run_config(args, fields), False
     from vitkit.train import parallel
 
     try:
@@ -90,6 +73,33 @@ def run(args: argparse.Namespace) -> int:
     print(f"run folder: {result.run_dir}")
     print(f"curves: {result.run_dir / 'curves.png'}")
     return 0
+
+
+def new_run_config(args: argparse.Namespace, fields: dict[str, Any]) -> TrainConfig:
+    """The config of a new run: recipe, --smoke, the given fields, and with --finetune the source's
+    architecture unless the command line says otherwise."""
+    from vitkit.train.recipes import build_config
+
+    pretrained = None
+    if args.finetune:
+        from vitkit.train.finetune import finetune_fields
+
+        pretrained = finetune_fields(args.finetune) or None
+        if pretrained is None and "model" not in fields:
+            raise ValueError(f"{args.finetune} does not name its model (not written by vitkit): add --model NAME")
+        for key in ("model", "img_size", "in_chans"):
+            if pretrained is not None:
+                fields.setdefault(key, pretrained[key])
+    config = build_config(args.recipe, fields, smoke=args.smoke)
+    if config.recipe == "finetune" and not config.finetune:
+        raise ValueError("the finetune recipe starts from trained weights: add --finetune RUN|FILE")
+    if pretrained is not None and config.model == pretrained["model"]:
+        # the recipe's architecture overrides give way to the encoder's; its regularisation stays
+        kept = {k: v for k, v in config.model_args.items() if "drop" in k}
+        model_args = {**kept, **pretrained["model_args"], **fields.get("model_args", {})}
+        config = dataclasses.replace(config, model_args=model_args)
+        config.validate()
+    return config
 
 
 def without_nproc(argv: list[str]) -> list[str]:

@@ -125,10 +125,11 @@ class SimMIMTask(RunTask[PretrainResult]):
             write_text(run.run_dir / PRETRAIN_CONFIG, self.pre.to_yaml())
 
     def announce(self, run: Run) -> str:
-        config, loaders = run.config, run.loaders
+        config = run.config
+        train, val = (len(run.loaders[split].dataset) for split in ("train", "val"))  # type: ignore[arg-type]
         return (
             f"SimMIM pre-training {config.model} ({run.info['model']['params'] / 1e6:.2f} M encoder parameters) on "
-            f"{run.data.source}: {len(loaders['train'].dataset)} train, {len(loaders['val'].dataset)} val images, "  # type: ignore[arg-type]
+            f"{run.data.source}: {train} train, {val} val images, "
             f"{config.img_size}x{config.img_size}x{config.in_chans}; {self.masks}; device {run.device}; "
             f"run folder {run.run_dir}"
         )

@@ -58,7 +58,9 @@ def make_pretrain_config(fields: dict[str, Any]) -> PretrainConfig:
     return config
 
 
-def build_configs(recipe: str | None, fields: dict[str, Any], smoke: bool = False) -> tuple[TrainConfig, PretrainConfig]:
+def build_configs(
+    recipe: str | None, fields: dict[str, Any], smoke: bool = False
+) -> tuple[TrainConfig, PretrainConfig]:
     """(TrainConfig, PretrainConfig): defaults < recipe < --smoke < flags and --set items."""
     name, recipe_fields = load_recipe(recipe or DEFAULT_RECIPE, kind="pretrain")
     recipe_pre, recipe_train = split_fields(recipe_fields, PretrainConfig)

@@ -34,7 +34,8 @@ class TrainConfig(DataConfig):
     """Every setting of a training run: the data fields (`DataConfig`) and the rest."""
 
     # -- model ---------------------------------------------------------------------------------
-    model: str = "vit_tiny_patch16_224"  # a vitkit name or torchvision:NAME (another model drops the recipe's model_args)
+    # a vitkit name or torchvision:NAME (another model than the recipe's drops the recipe's model_args)
+    model: str = "vit_tiny_patch16_224"
     model_args: dict[str, Any] = field(default_factory=dict)  # model config overrides (depth, drop_path_rate, ...)
     # -- evaluation and batch augmentation (data and per-image augmentation: DataConfig) ---------
     tta: TtaMode = "none"  # hflip: evaluation (val, test) averages the probabilities of the image and its mirror
@@ -125,9 +126,13 @@ class TrainConfig(DataConfig):
         if self.lr_batch is not None and self.lr_batch < 1:
             raise ValueError(f"lr_batch must be a positive integer (or null: lr as given), got {self.lr_batch}")
         if self.distillation != "none" and not self.teacher:
-            raise ValueError(f"distillation={self.distillation} needs a teacher: --teacher NAME|torchvision:NAME|RUN_DIR|FILE")
+            raise ValueError(
+                f"distillation={self.distillation} needs a teacher: --teacher NAME|torchvision:NAME|RUN_DIR|FILE"
+            )
         if self.teacher and self.distillation == "none":
-            raise ValueError("a teacher is set but distillation is none: add --distillation hard|soft or drop --teacher")
+            raise ValueError(
+                "a teacher is set but distillation is none: add --distillation hard|soft or drop --teacher"
+            )
         if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_tau <= 0:
             raise ValueError("distill_alpha must be in [0, 1] and distill_tau > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -1,7 +1,8 @@
 """One epoch of training and one pass of evaluation: typed functions that return metric dicts.
 
-Nothing here knows a recipe or a task: the caller builds the model, the batch loss (`supervised_loss`,
-or SimMIM's), the metrics, the optimiser, scheduler and loaders and passes them in. Sums are reduced over ranks, so the same code runs under DDP.
+Nothing here knows a recipe or a task: the caller builds the model, the batch loss
+(`supervised_loss`, or SimMIM's), the metrics, the optimiser, scheduler and loaders and passes
+them in. Sums are reduced over ranks, so the same code runs under DDP.
 """
 
 from __future__ import annotations
@@ -154,10 +155,8 @@ def train_one_epoch(
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteError(
-                    f"the training loss became {loss_value} at epoch {epoch}, batch {i + 1}/{num_batches} "
-                    f"(lr {optimizer.param_groups[0]['lr']:.3g})"
-                )
+                raise NonFiniteError(f"the training loss became {loss_value} at epoch {epoch}, batch {i + 1}/"
+                                     f"{num_batches} (lr {optimizer.param_groups[0]['lr']:.3g})")
             stepper.backward(loss)
         lr = optimizer.param_groups[0]["lr"]
         if boundary:
@@ -168,7 +167,11 @@ def train_one_epoch(
             progress(images=n, loss=loss_value, lr=lr)
         if boundary and on_log is not None and (start_step + steps) % log_every == 0:
             on_log(counts.line(start_step + steps, epoch, lr))
-    elapsed = time.perf_counter() - start
+    return _epoch_stats(counts, steps, time.perf_counter() - start, optimizer, device)
+
+
+def _epoch_stats(counts: _Window, steps: int, elapsed: float, optimizer: torch.optim.Optimizer,
+                 device: torch.device) -> dict[str, float]:
     totals = all_reduce_sum(torch.tensor([counts.loss_sum, counts.images], dtype=torch.float64, device=device))
     if totals[1] == 0:
         raise VitkitError("the training loader yielded no images: use more samples or a smaller batch size")

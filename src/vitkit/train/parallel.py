@@ -186,7 +186,9 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, types)]
 
 
-def wrap_fsdp(model: nn.Module, device: torch.device, *, offload: bool = False, checkpointing: bool = True) -> nn.Module:
+def wrap_fsdp(
+    model: nn.Module, device: torch.device, *, offload: bool = False, checkpointing: bool = True
+) -> nn.Module:
     """Shard `model` with FSDP2: `fully_shard` on every block, then on the whole model.
 
     Activation checkpointing recomputes each block in the backward pass. On CUDA the parameters are

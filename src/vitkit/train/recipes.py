@@ -53,7 +53,9 @@ def load_recipe(name_or_path: str, kind: RecipeKind = "train") -> tuple[str, dic
         resource = _recipe_folder(kind) / f"{name_or_path}.yaml"
         if not resource.is_file():
             if (_recipe_folder(other) / f"{name_or_path}.yaml").is_file():
-                raise ValueError(f"{name_or_path} is a {other} recipe: run it with `vitkit {other} --recipe {name_or_path}`")
+                raise ValueError(
+                    f"{name_or_path} is a {other} recipe: run it with `vitkit {other} --recipe {name_or_path}`"
+                )
             raise ValueError(
                 f"unknown recipe {name_or_path!r}: shipped {kind} recipes are {', '.join(list_recipes(kind))}, "
                 "or give the path of a YAML file"

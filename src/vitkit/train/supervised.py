@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +142,7 @@ class SupervisedTask(RunTask[RunResult]):
         return build_loaders(run.config, run.data, run.device)
 
     def build_state(self, run: Run) -> TrainingState:
-        steps_per_epoch = -(-len(run.loaders["train"]) // run.config.grad_accum)  # ceil
+        steps_per_epoch = math.ceil(len(run.loaders["train"]) / run.config.grad_accum)
         return build_training_state(run.config, steps_per_epoch, run.device)
 
     def prepare(self, run: Run) -> None:
@@ -160,14 +161,15 @@ class SupervisedTask(RunTask[RunResult]):
         self.loss = supervised_loss(criterion, run.device, mix)
         super().prepare(run)
         # FSDP runs collectives in every forward: all ranks must run as many evaluation batches
-        self.val_loader = even_batches(run.loaders["val"], parallel.get_world_size()) if config.fsdp else run.loaders["val"]
+        val = run.loaders["val"]
+        self.val_loader = even_batches(val, parallel.get_world_size()) if config.fsdp else val
 
     def restore(self, saved: dict[str, Any]) -> None:
         self.best = dict(saved["best"])
 
     def announce(self, run: Run) -> str:
         config = run.config
-        sizes = ", ".join(f"{len(loader.dataset)} {split}" for split, loader in run.loaders.items())  # type: ignore[arg-type]
+        sizes = ", ".join(f"{len(loader.dataset)} {split}" for split, loader in run.loaders.items())  # type: ignore
         return (
             f"model {config.model} ({run.info['model']['params'] / 1e6:.2f} M parameters), data {run.data.source}: "
             f"{sizes} images, {config.num_classes} classes, {config.img_size}x{config.img_size}x{config.in_chans}; "

@@ -85,7 +85,9 @@ def _from_file(path: Path, device: torch.device) -> tuple[nn.Module, TeacherInpu
     from vitkit.train.modeling import load_weights
 
     if path.suffix != ".safetensors":
-        raise ValueError(f"teacher file {path} must be a vitkit .safetensors file (written by vitkit train or save_model)")
+        raise ValueError(
+            f"teacher file {path} must be a vitkit .safetensors file (written by vitkit train or save_model)"
+        )
     model, meta = load_weights(path, device=device)
     return model, _inputs_from_metadata(meta)
 
