@@ -18,8 +18,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import vitkit
 from vitkit.data.datasets import TensorImageDataset
-from vitkit.data.samplers import build_loader
-from vitkit.data.samplers import EvenBatchSampler, even_batches
+from vitkit.data.samplers import EvenBatchSampler, build_loader, even_batches
 from vitkit.train import parallel as P
 from vitkit.train.parallel import get_rank, get_world_size, is_distributed, is_main
 from vitkit.train.engine import evaluate
@@ -243,6 +242,20 @@ def test_even_batches_split_each_share_into_the_same_count():
         assert len(counts) == 1 and sorted(seen) == list(range(total))
     with pytest.raises(ValueError, match="cannot give each of 4 processes"):
         EvenBatchSampler(range(3, 3, 4), 2, 3, 4)
+
+
+def test_fsdp_shards_the_blocks_a_model_names_and_other_models_whole():
+    class Named(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2))
+
+        def block_types(self) -> tuple[type, ...]:
+            return (torch.nn.Linear,)
+
+    named = Named()
+    assert P.shard_units(named) == [named.blocks[0], named.blocks[2]]
+    assert P.shard_units(torch.nn.Sequential(torch.nn.Linear(2, 2))) == []  # e.g. a torchvision student: whole
 
 
 def test_option_errors(monkeypatch):

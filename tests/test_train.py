@@ -26,8 +26,8 @@ from vitkit.train import supervised
 from vitkit.train.config import TrainConfig, TtaMode, check_resume_compatible
 from vitkit.train.engine import TTA_MODES, evaluate, supervised_loss, train_one_epoch
 from vitkit.train.fields import parse_set
-from vitkit.train.recipes import build_config, list_recipes, load_recipe
 from vitkit.train.losses import CrossEntropy
+from vitkit.train.recipes import build_config, list_recipes, load_recipe
 from vitkit.train.optim import build_optimizer, build_scheduler, param_groups
 from vitkit.weights.io import read_metadata
 
@@ -73,6 +73,42 @@ def test_recipe_then_flags_then_set():
         build_config(None, parse_set(["crop=zoom"]))
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         build_config("nope")
+
+
+def test_every_config_field_is_a_flag_typed_and_described_by_the_dataclass():
+    import argparse
+    import dataclasses
+
+    from vitkit.cli import build_parser
+    from vitkit.cli.config_flags import NOT_FLAGS, requested_fields
+    from vitkit.pretrain.settings import MASK_RULE, PretrainConfig
+
+    parser = build_parser()
+    for command, classes in (("train", (TrainConfig,)), ("pretrain", (PretrainConfig, TrainConfig))):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        flags = {o: a for a in sub._actions for o in a.option_strings}
+        for cls in classes:
+            for f in dataclasses.fields(cls):
+                if f.name not in NOT_FLAGS:  # recipe, smoke, model_args: --recipe, --smoke, --set / --patch-size
+                    assert flags[f"--{f.name.replace('_', '-')}"].dest == f.name, (command, f.name)
+        # the flags README and the tests use, hand-written ones included
+        for flag in ("--batch-size", "--img-size", "--patch-size", "--resume", "--nproc", "--smoke", "--recipe",
+                     "--set", "--model", "--data", "--epochs", "--lr", "--output", "--seed", "--threads"):
+            assert flag in flags, (command, flag)
+    args = parser.parse_args(["train", "--batch-size", "5", "--ema", "--crop", "pad", "--betas", "[0.9, 0.95]",
+                              "--layer-decay", "0.5", "--set", "lr=0.01", "--patch-size", "7"])
+    assert requested_fields(args, TrainConfig) == {
+        "batch_size": 5, "ema": True, "crop": "pad", "betas": "[0.9, 0.95]", "layer_decay": 0.5, "lr": 0.01,
+        "model_args": {"patch_size": 7},
+    }
+    assert build_config(None, requested_fields(args, TrainConfig)).betas == [0.9, 0.95]
+    for bad in (["train", "--crop", "zoom"], ["train", "--batch-size", "x"], ["pretrain", "--lr-schedule", "step"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    helps = {a.dest: a.help for a in parser._subparsers._group_actions[0].choices["pretrain"]._actions}
+    assert helps["lr"] == "peak learning rate (after warm-up)"  # the field's comment
+    assert MASK_RULE in helps["mask_patch_size"]  # metadata={"help": ...}
+    assert "RandAugment" in helps["auto_augment"]  # a DataConfig field, inherited
 
 
 def test_smoke_shrinks_the_recipe_and_flags_still_win(tmp_path):

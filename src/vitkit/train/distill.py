@@ -94,7 +94,9 @@ class DistillationLoss(nn.Module):
         self.teacher = teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
         self.mode, self.alpha, self.tau = mode, alpha, tau
 
-    def forward(self, outputs, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor, images: torch.Tensor
+    ) -> torch.Tensor:
         if isinstance(outputs, (tuple, list)):
             cls_out, dist_out = outputs
         else:

@@ -243,7 +243,7 @@ def wrap_ema(ema: nn.Module | None, device: torch.device, strategy: Strategy = "
     if average is None:
         return
 
-    def split_average(ema_tensors: list, model_tensors: list, num_averaged) -> None:
+    def split_average(ema_tensors: list, model_tensors: list, num_averaged: torch.Tensor | int) -> None:
         # foreach ops refuse lists mixing sharded parameters (DTensor) and plain buffers
         for sharded in (True, False):
             pairs = [(e, m) for e, m in zip(ema_tensors, model_tensors) if isinstance(e, DTensor) == sharded]
