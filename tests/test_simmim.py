@@ -471,3 +471,31 @@ def test_compiled_pretraining_matches_eager(tmp_path):
     eager, compiled = ([r for r in read_metrics(tmp_path / d) if "step" not in r][-1] for d in ("eager", "compiled"))
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)
+
+
+def test_a_state_written_by_the_old_pretrain_runner_still_resumes():
+    """Before the shared run skeleton, `vitkit pretrain` saved plain (position-keyed) model and optimizer
+    states; the skeleton saves name-keyed full states. Both load."""
+    from vitkit.train.run_loop import TrainingState
+
+    def state(seed: int) -> TrainingState:
+        torch.manual_seed(seed)
+        model = build_simmim("vit_tiny_patch16_224", in_chans=1, **TINY["vit_tiny_patch16_224"])
+        opt = build_adamw(model, lr=1e-3, weight_decay=0.05)
+        sched = warmup_schedule(opt, total_steps=10, warmup_steps=2)
+        return TrainingState(model, model, None, None, opt, sched, None)
+
+    old = state(0)
+    masks = MaskGenerator(32, 8, 4, 0.6)
+    images = _smooth_images(4, torch.Generator().manual_seed(0))
+    train_one_epoch(old.model, masked_image_loss(masks, torch.Generator().manual_seed(1)), [images],
+                    old.optimizer, device=torch.device("cpu"), scheduler=old.scheduler)
+    written = {"model": old.model.state_dict(), "optimizer": old.optimizer.state_dict(),
+               "scheduler": old.scheduler.state_dict(), "epoch": 1, "global_step": 1}
+    for saved in (written, old.state_dict()):
+        new = state(1)
+        new.load_state_dict(saved)
+        assert all(torch.equal(a, b) for a, b in zip(new.model.state_dict().values(), old.model.state_dict().values()))
+        pairs = list(zip(new.model.parameters(), old.model.parameters()))
+        assert all(torch.equal(new.optimizer.state[a]["exp_avg"], old.optimizer.state[b]["exp_avg"]) for a, b in pairs)
+        assert new.scheduler.last_epoch == 1

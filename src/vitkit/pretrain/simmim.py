@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitkit.core.files import save_figure
 from vitkit.layers import trunc_normal_
 from vitkit.registry import create_model, to_2tuple
 from vitkit.train.engine import BatchLoss
 from vitkit.train.parallel import all_reduce_sum, unwrap
+from vitkit.weights.io import read_metadata, save_model
 
 HEAD_PREFIXES = ("head.", "head_dist.")  # classifier parameters: absent from a pre-trained encoder
 
@@ -196,8 +198,6 @@ def build_simmim(name: str, **overrides: Any) -> SimMIM:
 # -- saving the encoder ----------------------------------------------------------------------------
 def save_encoder(model: SimMIM, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write the encoder alone in the vitkit format (name and config in metadata, no head)."""
-    from vitkit.weights.io import save_model
-
     save_model(model.encoder, path, {"pretrained_with": "simmim", **(metadata or {})})
 
 
@@ -205,8 +205,6 @@ def load_encoder(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Load a pre-trained encoder into `model` (built with `create_model`); return the keys left as
     initialised (the classifier head). Any other missing, unexpected or mis-shaped key is an error."""
     from safetensors.torch import load_file
-
-    from vitkit.weights.io import read_metadata
 
     path = Path(path)
     if not path.is_file():
@@ -289,8 +287,6 @@ def save_reconstructions(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from vitkit.core.files import save_figure
 
     images, reconstruction = images.detach().float().cpu(), reconstruction.detach().float().cpu()
     pixels = upsample_mask(mask.cpu(), patch_size).expand_as(images)

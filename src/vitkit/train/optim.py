@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler, SequentialLR
 
+from vitkit.train.lamb import Lamb
 from vitkit.train.parallel import get_world_size
 
 
@@ -41,8 +42,6 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW, or LAMB (DeiT III; `vitkit.train.lamb`), over `param_groups`."""
     if name == "lamb":
-        from vitkit.train.lamb import Lamb
-
         return Lamb(param_groups(model, weight_decay), lr=lr, betas=tuple(betas))
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas))
 
