@@ -19,8 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vitkit.core.files import write_text
-from vitkit.data.datasets import LoadedData, build_dataset, image_spec
-from vitkit.data.samplers import build_loader
+from vitkit.data.datasets import LoadedData, image_spec
 from vitkit.data.unlabelled import load_images
 from vitkit.pretrain.settings import PRETRAIN_CONFIG, PretrainConfig
 from vitkit.pretrain.simmim import (
@@ -35,7 +34,7 @@ from vitkit.train import parallel
 from vitkit.train.config import TrainConfig
 from vitkit.train.engine import BatchLoss, evaluate
 from vitkit.train.optim import build_adamw, scaled_lr, warmup_schedule
-from vitkit.train.run_loop import Run, RunTask, TrainingState, run_task
+from vitkit.train.run_loop import Run, RunTask, TrainingState, build_loaders, run_task
 
 ENCODER, RECONSTRUCTIONS = "encoder.safetensors", "reconstructions.png"
 
@@ -74,17 +73,7 @@ class SimMIMTask(RunTask[PretrainResult]):
         return load_images(config)
 
     def build_loaders(self, run: Run) -> dict[str, DataLoader]:
-        config = run.config
-        return {
-            split: build_loader(
-                build_dataset(run.data, split, config),
-                train=split == "train",
-                batch_size=config.batch_size if split == "train" else config.resolved_eval_batch_size,
-                seed=config.seed, workers=config.workers, rank=parallel.get_rank(),
-                world_size=parallel.get_world_size(), pin_memory=run.device.type == "cuda",
-            )
-            for split in ("train", "val")
-        }
+        return build_loaders(run.config, run.data, run.device, ("train", "val"))
 
     def build_state(self, run: Run) -> TrainingState:
         config, pre = run.config, self.pre

@@ -19,8 +19,8 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from vitkit.core.errors import NonFiniteError
-from vitkit.data.datasets import LoadedData, resolve_data_fields
-from vitkit.data.samplers import set_loader_epoch
+from vitkit.data.datasets import LoadedData, build_dataset, resolve_data_fields
+from vitkit.data.samplers import build_loader, set_loader_epoch
 from vitkit.train import parallel
 from vitkit.train.config import TrainConfig
 from vitkit.train.engine import BatchLoss, train_one_epoch
@@ -186,6 +186,32 @@ def run_info(run: Run, model: nn.Module) -> dict[str, Any]:
         },
     )
     return info
+
+
+def build_loaders(
+    config: TrainConfig, data: LoadedData, device: torch.device, splits: tuple[str, ...] = ("train", "val", "test")
+) -> dict[str, DataLoader]:
+    """A loader per split of `splits` the data has: shuffled and augmented for train, in order for val
+    and test. Train and val are required."""
+    loaders = {}
+    for split in splits:
+        if split in data.splits:
+            train = split == "train"
+            loaders[split] = build_loader(
+                build_dataset(data, split, config),
+                train=train,
+                batch_size=config.batch_size if train else config.resolved_eval_batch_size,
+                seed=config.seed,
+                workers=config.workers,
+                rank=parallel.get_rank(),
+                world_size=parallel.get_world_size(),
+                pin_memory=device.type == "cuda",
+                repeats=config.repeated_aug if split == "train" else 1,
+                repeat_epoch=config.repeated_aug_epoch,
+            )
+    if "train" not in loaders or "val" not in loaders:
+        raise ValueError(f"{data.source} needs a train and a val split to train")
+    return loaders
 
 
 def run_task(task: RunTask[R], config: TrainConfig, *, resume: bool = False) -> R:

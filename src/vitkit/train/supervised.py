@@ -22,8 +22,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from vitkit.data.augment import MixupCutmix
-from vitkit.data.datasets import LoadedData, build_dataset, image_spec, load_data
-from vitkit.data.samplers import build_loader, even_batches
+from vitkit.data.datasets import LoadedData, image_spec, load_data
+from vitkit.data.samplers import even_batches
 from vitkit.train import parallel
 from vitkit.train.config import RUNTIME_FIELDS, TrainConfig, check_resume_compatible, load_run_config
 from vitkit.train.distill import build_distillation
@@ -34,7 +34,7 @@ from vitkit.train.losses import build_criterion
 from vitkit.train.modeling import build_model, load_weights, save_weights
 from vitkit.train.optim import build_adamw, build_optimizer, build_scheduler, scaled_lr
 from vitkit.train.run_folder import BEST, LAST
-from vitkit.train.run_loop import Run, RunTask, TrainingState, run_task
+from vitkit.train.run_loop import Run, RunTask, TrainingState, build_loaders, run_task
 from vitkit.train.runtime import amp_dtype_for
 from vitkit.train.teacher import load_teacher
 
@@ -63,29 +63,6 @@ def prepare_resume(run_dir: str | os.PathLike, requested: dict[str, Any]) -> Tra
     check_resume_compatible(saved, requested)
     runtime_changes = {k: v for k, v in requested.items() if k in RUNTIME_FIELDS and k != "output"}
     return dataclasses.replace(apply_fields(saved, runtime_changes), output=str(run_dir))
-
-
-def build_loaders(config: TrainConfig, data: LoadedData, device: torch.device) -> dict[str, DataLoader]:
-    """A loader per split the data has: shuffled and augmented for train, in order for val and test."""
-    loaders = {}
-    for split in ("train", "val", "test"):
-        if split in data.splits:
-            train = split == "train"
-            loaders[split] = build_loader(
-                build_dataset(data, split, config),
-                train=train,
-                batch_size=config.batch_size if train else config.resolved_eval_batch_size,
-                seed=config.seed,
-                workers=config.workers,
-                rank=parallel.get_rank(),
-                world_size=parallel.get_world_size(),
-                pin_memory=device.type == "cuda",
-                repeats=config.repeated_aug if split == "train" else 1,
-                repeat_epoch=config.repeated_aug_epoch,
-            )
-    if "train" not in loaders or "val" not in loaders:
-        raise ValueError(f"{data.source} needs a train and a val split to train")
-    return loaders
 
 
 def build_training_state(config: TrainConfig, steps_per_epoch: int, device: torch.device) -> TrainingState:
