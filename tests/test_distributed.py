@@ -20,8 +20,8 @@ import vitkit
 from vitkit.data.datasets import TensorImageDataset
 from vitkit.data.samplers import EvenBatchSampler, build_loader, even_batches
 from vitkit.train import parallel as P
-from vitkit.train.parallel import get_rank, get_world_size, is_distributed, is_main
 from vitkit.train.engine import evaluate
+from vitkit.train.parallel import get_rank, get_world_size, is_distributed, is_main
 
 WORLD = 2
 BATCH = 2  # per process; the single-process reference uses WORLD * BATCH

@@ -27,8 +27,8 @@ from vitkit.train.config import TrainConfig, TtaMode, check_resume_compatible
 from vitkit.train.engine import TTA_MODES, evaluate, supervised_loss, train_one_epoch
 from vitkit.train.fields import parse_set
 from vitkit.train.losses import CrossEntropy
-from vitkit.train.recipes import build_config, list_recipes, load_recipe
 from vitkit.train.optim import build_optimizer, build_scheduler, param_groups
+from vitkit.train.recipes import build_config, list_recipes, load_recipe
 from vitkit.weights.io import read_metadata
 
 CPU = torch.device("cpu")

@@ -67,7 +67,8 @@ class SimMIMTask(RunTask[PretrainResult]):
 
     def __init__(self, pre: PretrainConfig) -> None:
         self.pre = pre
-        self.masks: MaskGenerator | None = None
+        self.masks: MaskGenerator | None = None  # built in prepare(), once the image size is known
+        self.shown = self.shown_mask = torch.empty(0)  # the validation images of the figure, and their masks
 
     def load_data(self, config: TrainConfig) -> LoadedData:
         return load_images(config)

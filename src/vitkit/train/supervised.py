@@ -111,6 +111,8 @@ class SupervisedTask(RunTask[RunResult]):
         self.best: dict[str, Any] = {"top1": -1.0, "epoch": 0, "source": "model"}
         self.loss: BatchLoss | None = None
         self.val_loader: DataLoader | None = None
+        self.candidates: list[tuple[str, float, nn.Module]] = []  # (source, val top-1, weights) of this epoch
+        self.test: dict[str, float] | None = None
 
     def load_data(self, config: TrainConfig) -> LoadedData:
         return load_data(config)
@@ -202,7 +204,6 @@ class SupervisedTask(RunTask[RunResult]):
         best = self.best
         final: dict[str, Any] = {"best_val_top1": best["top1"], "best_epoch": best["epoch"],
                                  "best_source": best["source"]}
-        self.test = None
         if "test" in run.loaders:
             best_model, _ = load_weights(run.run_dir / BEST, device=run.device)
             result = evaluate(best_model, run.loaders["test"], device=run.device, amp_dtype=run.amp_dtype,
