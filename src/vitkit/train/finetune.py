@@ -44,7 +44,7 @@ def finetune_file(source: str | os.PathLike) -> Path:
 
 
 def is_encoder(path: Path) -> bool:
-    """True for a SimMIM encoder file (`vitkit pretrain`), which must fit the model exactly."""
+    """True for a SimMIM encoder file (`vitkit pretrain`): the encoder alone, no classifier."""
     return path.name == ENCODER_FILE or "pretrained_with" in _metadata(path)
 
 
