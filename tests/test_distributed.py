@@ -18,10 +18,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import vitkit
 from vitkit.data.datasets import TensorImageDataset
-from vitkit.data.samplers import build_loader
+from vitkit.data.samplers import EvenBatchSampler, build_loader, even_batches
 from vitkit.train import parallel as P
-from vitkit.train.parallel import get_rank, get_world_size, is_distributed, is_main
 from vitkit.train.engine import evaluate
+from vitkit.train.parallel import get_rank, get_world_size, is_distributed, is_main
 
 WORLD = 2
 BATCH = 2  # per process; the single-process reference uses WORLD * BATCH
@@ -119,7 +119,7 @@ def _worker(rank: int, out: str, port: int) -> None:
             results[f"fsdp_{case}_ema"] = P.full_model_state(ema.module)
             # evaluation under FSDP: 7 images, batch 3: shares of 4 and 3 images both run 2 batches
             results[f"fsdp_{case}_eval"] = evaluate(
-                model, P.even_batches(_loader(case, train=False, batch=3)), device=cpu
+                model, even_batches(_loader(case, train=False, batch=3), P.get_world_size()), device=cpu
             )
             # resume: the full states load into a fresh sharded model (only rank 0 holds them)
             fresh = P.wrap(_model(case, seed=5), device, "fsdp")
@@ -225,7 +225,7 @@ def test_single_process_helpers_are_identities():
     assert P.full_model_state(model).keys() == model.state_dict().keys()
     assert P.rank_seed(7) == 7 and P.rank_seed(7, rank=3) == 10
     loader = build_loader(_data("vit_h", 5, seed=0), train=False, batch_size=2, workers=0)
-    assert P.even_batches(loader) is loader
+    assert even_batches(loader, 1) is loader
     assert P.init_distributed("cpu") == torch.device("cpu") and not torch.distributed.is_initialized()
 
 
@@ -235,13 +235,27 @@ def test_even_batches_split_each_share_into_the_same_count():
         seen = []
         for rank in range(world):
             sampler = range(rank, total, world)
-            batches = list(P.EvenBatchSampler(sampler, batch, total, world))
+            batches = list(EvenBatchSampler(sampler, batch, total, world))
             counts.add(len(batches))
             assert all(0 < len(b) <= batch for b in batches)
             seen += [i for b in batches for i in b]
         assert len(counts) == 1 and sorted(seen) == list(range(total))
     with pytest.raises(ValueError, match="cannot give each of 4 processes"):
-        P.EvenBatchSampler(range(3, 3, 4), 2, 3, 4)
+        EvenBatchSampler(range(3, 3, 4), 2, 3, 4)
+
+
+def test_fsdp_shards_the_blocks_a_model_names_and_other_models_whole():
+    class Named(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2))
+
+        def block_types(self) -> tuple[type, ...]:
+            return (torch.nn.Linear,)
+
+    named = Named()
+    assert P.shard_units(named) == [named.blocks[0], named.blocks[2]]
+    assert P.shard_units(torch.nn.Sequential(torch.nn.Linear(2, 2))) == []  # e.g. a torchvision student: whole
 
 
 def test_option_errors(monkeypatch):

@@ -21,7 +21,7 @@ from vitkit.data.mixup import MixupCutmix
 from vitkit.data.repeated_aug import RepeatedAugSampler
 from vitkit.data.transforms import Augment, BatchTrainTransform, ImageSpec, train_transform
 from vitkit.train.distill import BinaryCrossEntropy, DistillationLoss, build_distillation, soft_distillation
-from vitkit.train.config import build_config
+from vitkit.train.recipes import build_config
 from vitkit.train.losses import CrossEntropy
 from vitkit.train.teacher import FrozenTeacher, TeacherInputs, load_teacher
 from vitkit.weights.vitkit_format import save_model

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 import vitkit
 from vitkit.pretrain import MaskGenerator, SimMIM, build_simmim, load_encoder, masked_l1_loss, save_encoder
-from vitkit.pretrain.optim import build_adamw, layer_id, param_groups, warmup_schedule
-from vitkit.pretrain.simmim import evaluate, save_reconstructions, train_one_epoch, upsample_mask
 from vitkit.factory import load_model
+from vitkit.pretrain.simmim import MaskedL1Metrics, masked_image_loss, save_reconstructions, upsample_mask
+from vitkit.train.engine import evaluate, train_one_epoch
+from vitkit.train.optim import build_adamw, layer_decay_groups, layer_id, warmup_schedule
 from vitkit.weights.vitkit_format import read_metadata
 
 # tiny encoders at 32x32: model patch 4, so an 8x8 mask patch covers 2x2 model patches
@@ -231,7 +232,7 @@ def test_layer_decay_groups():
     assert all(decay_of[id(params[n])] == 0.0 for n in ("pos_embed", "cls_token", "norm.weight", "head.bias"))
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)  # the first group carries the peak lr
     # every parameter in exactly one group
-    assert sum(len(g["params"]) for g in param_groups(vit, 0.05, 0.5)) == len(params)
+    assert sum(len(g["params"]) for g in layer_decay_groups(vit, 0.05, 0.5)) == len(params)
 
 
 # -- pre-training ----------------------------------------------------------------------------------
@@ -251,9 +252,11 @@ def test_pretraining_lowers_the_masked_loss(tmp_path):
     epochs = 3
     opt = build_adamw(model, lr=2e-3, weight_decay=0.05)
     sched = warmup_schedule(opt, total_steps=epochs * len(train), warmup_steps=len(train), warmup_lr_ratio=0.01)
-    before = evaluate(model, val, masks)["val_loss"]
-    history = [train_one_epoch(model, train, opt, masks, scheduler=sched, generator=g)["train_loss"] for _ in range(epochs)]
-    after = evaluate(model, val, masks)["val_loss"]
+    cpu = torch.device("cpu")
+    before = evaluate(model, val, device=cpu, metrics=MaskedL1Metrics(masks))["val_loss"]
+    history = [train_one_epoch(model, masked_image_loss(masks, g), train, opt, device=cpu, scheduler=sched)["train_loss"]
+               for _ in range(epochs)]
+    after = evaluate(model, val, device=cpu, metrics=MaskedL1Metrics(masks))["val_loss"]
     assert history[-1] < history[0] and after < 0.75 * before, (before, history, after)
 
     images, _ = val[0]
@@ -292,7 +295,7 @@ TINY_VIT_ARGS = [
 
 def test_pretrain_cli_runs_resumes_and_saves_the_encoder(tmp_path, capsys, monkeypatch):
     from vitkit.cli import main
-    from vitkit.pretrain import runner
+    from vitkit.pretrain import pretraining
     from vitkit.train.run_folder import read_metrics
 
     data = tmp_path / "unlabelled"
@@ -318,11 +321,11 @@ def test_pretrain_cli_runs_resumes_and_saves_the_encoder(tmp_path, capsys, monke
             raise KeyboardInterrupt
         return runner_evaluate(*a, **k)
 
-    runner_evaluate = runner.evaluate
-    monkeypatch.setattr(runner, "evaluate", killed)
+    runner_evaluate = pretraining.evaluate
+    monkeypatch.setattr(pretraining, "evaluate", killed)
     with pytest.raises(KeyboardInterrupt):
         main([*args, "--output", str(part)])
-    monkeypatch.setattr(runner, "evaluate", runner_evaluate)
+    monkeypatch.setattr(pretraining, "evaluate", runner_evaluate)
     assert [r["epoch"] for r in read_metrics(part) if "step" not in r] == [1]
     assert main(["pretrain", "--resume", str(part), "--threads", "1"]) == 0
     a, b = load_file(str(full / "encoder.safetensors")), load_file(str(part / "encoder.safetensors"))
@@ -415,8 +418,8 @@ def test_train_finetunes_a_pretrained_encoder_with_layer_decay(tmp_path, capsys)
 
 def test_training_and_pretraining_recipes_are_kept_apart(tmp_path, capsys):
     from vitkit.cli import main
-    from vitkit.pretrain.runner import PRETRAIN_FIELDS
-    from vitkit.train.config import PRETRAIN_ONLY_FIELDS, list_recipes
+    from vitkit.pretrain.settings import PRETRAIN_FIELDS
+    from vitkit.train.recipes import PRETRAIN_ONLY_FIELDS, list_recipes
 
     assert set(PRETRAIN_ONLY_FIELDS) == set(PRETRAIN_FIELDS)
     assert "simmim_fmnist" in list_recipes("pretrain") and "simmim_fmnist" not in list_recipes()
@@ -469,3 +472,31 @@ def test_compiled_pretraining_matches_eager(tmp_path):
     eager, compiled = ([r for r in read_metrics(tmp_path / d) if "step" not in r][-1] for d in ("eager", "compiled"))
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)
+
+
+def test_a_state_written_by_the_old_pretrain_runner_still_resumes():
+    """Before the shared run skeleton, `vitkit pretrain` saved plain (position-keyed) model and optimizer
+    states; the skeleton saves name-keyed full states. Both load."""
+    from vitkit.train.run_loop import TrainingState
+
+    def state(seed: int) -> TrainingState:
+        torch.manual_seed(seed)
+        model = build_simmim("vit_tiny_patch16_224", in_chans=1, **TINY["vit_tiny_patch16_224"])
+        opt = build_adamw(model, lr=1e-3, weight_decay=0.05)
+        sched = warmup_schedule(opt, total_steps=10, warmup_steps=2)
+        return TrainingState(model, model, None, None, opt, sched, None)
+
+    old = state(0)
+    masks = MaskGenerator(32, 8, 4, 0.6)
+    images = _smooth_images(4, torch.Generator().manual_seed(0))
+    train_one_epoch(old.model, masked_image_loss(masks, torch.Generator().manual_seed(1)), [images],
+                    old.optimizer, device=torch.device("cpu"), scheduler=old.scheduler)
+    written = {"model": old.model.state_dict(), "optimizer": old.optimizer.state_dict(),
+               "scheduler": old.scheduler.state_dict(), "epoch": 1, "global_step": 1}
+    for saved in (written, old.state_dict()):
+        new = state(1)
+        new.load_state_dict(saved)
+        assert all(torch.equal(a, b) for a, b in zip(new.model.state_dict().values(), old.model.state_dict().values()))
+        pairs = list(zip(new.model.parameters(), old.model.parameters()))
+        assert all(torch.equal(new.optimizer.state[a]["exp_avg"], old.optimizer.state[b]["exp_avg"]) for a, b in pairs)
+        assert new.scheduler.last_epoch == 1

@@ -21,21 +21,17 @@ from test_data import offline, write_folder, write_idx  # noqa: F401  (offline i
 
 import vitkit
 from vitkit.cli import main
-from vitkit.train import runner
-from vitkit.train.config import (
-    TrainConfig,
-    TtaMode,
-    build_config,
-    check_resume_compatible,
-    list_recipes,
-    load_recipe,
-    parse_set,
-)
-from vitkit.train.engine import TTA_MODES, NonFiniteLossError, evaluate, train_one_epoch
+from vitkit.core.errors import NonFiniteError
+from vitkit.train import supervised
+from vitkit.train.config import TrainConfig, TtaMode, check_resume_compatible
+from vitkit.train.engine import TTA_MODES, evaluate, supervised_loss, train_one_epoch
+from vitkit.train.fields import parse_set
 from vitkit.train.losses import CrossEntropy
 from vitkit.train.optim import build_optimizer, build_scheduler, param_groups
+from vitkit.train.recipes import build_config, list_recipes, load_recipe
 from vitkit.weights.vitkit_format import read_metadata
 
+CPU = torch.device("cpu")
 TINY = ["--set", "model_args.depth=1", "--set", "model_args.embed_dim=32", "--set", "model_args.num_heads=2",
         "--patch-size", "7", "--batch-size", "32", "--threads", "1"]
 
@@ -77,6 +73,52 @@ def test_recipe_then_flags_then_set():
         build_config(None, parse_set(["crop=zoom"]))
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         build_config("nope")
+
+
+OLD_FLAGS = {
+    "train": "--recipe --list-recipes --model --data --epochs --batch-size --lr --img-size --patch-size --output "
+    "--resume --seed --device --workers --threads --compile --nproc --fsdp --fsdp-offload --train-samples "
+    "--val-samples --test-samples --val-split --skip-corrupt --teacher --distillation --distill-alpha --distill-tau "
+    "--smoke --finetune --layer-decay --set",
+    "pretrain": "--method --recipe --model --data --mask-ratio --mask-patch-size --epochs --batch-size --lr "
+    "--img-size --output --resume --seed --device --workers --threads --compile --nproc --train-samples "
+    "--val-samples --val-split --skip-corrupt --smoke --set",
+}
+
+
+def test_every_config_field_is_a_flag_typed_and_described_by_the_dataclass():
+    import argparse
+    import dataclasses
+
+    from vitkit.cli import build_parser
+    from vitkit.cli.config_flags import NOT_FLAGS, requested_fields
+    from vitkit.pretrain.settings import MASK_RULE, PretrainConfig
+
+    parser = build_parser()
+    for command, classes in (("train", (TrainConfig,)), ("pretrain", (PretrainConfig, TrainConfig))):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        flags = {o: a for a in sub._actions for o in a.option_strings}
+        for cls in classes:
+            for f in dataclasses.fields(cls):
+                if f.name not in NOT_FLAGS:  # recipe, smoke, model_args: --recipe, --smoke, --set / --patch-size
+                    assert flags[f"--{f.name.replace('_', '-')}"].dest == f.name, (command, f.name)
+        # every flag the hand-written parsers had (README and scripts use them)
+        for flag in OLD_FLAGS[command].split():
+            assert flag in flags, (command, flag)
+    args = parser.parse_args(["train", "--batch-size", "5", "--ema", "--crop", "pad", "--betas", "[0.9, 0.95]",
+                              "--layer-decay", "0.5", "--set", "lr=0.01", "--patch-size", "7"])
+    assert requested_fields(args, TrainConfig) == {
+        "batch_size": 5, "ema": True, "crop": "pad", "betas": "[0.9, 0.95]", "layer_decay": 0.5, "lr": 0.01,
+        "model_args": {"patch_size": 7},
+    }
+    assert build_config(None, requested_fields(args, TrainConfig)).betas == [0.9, 0.95]
+    for bad in (["train", "--crop", "zoom"], ["train", "--batch-size", "x"], ["pretrain", "--lr-schedule", "step"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    helps = {a.dest: a.help for a in parser._subparsers._group_actions[0].choices["pretrain"]._actions}
+    assert helps["lr"] == "peak learning rate (after warm-up)"  # the field's comment
+    assert MASK_RULE in helps["mask_patch_size"]  # metadata={"help": ...}
+    assert "RandAugment" in helps["auto_augment"]  # a DataConfig field, inherited
 
 
 def test_smoke_shrinks_the_recipe_and_flags_still_win(tmp_path):
@@ -135,7 +177,7 @@ def test_gradient_accumulation_equals_one_big_batch_and_clipping_applies():
         torch.manual_seed(0)
         model = tiny_vit()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        stats = train_one_epoch(model, CrossEntropy(), loader, opt, device=torch.device("cpu"), grad_accum=accum,
+        stats = train_one_epoch(model, supervised_loss(CrossEntropy(), CPU), loader, opt, device=CPU, grad_accum=accum,
                                 clip_grad=0.01)
         assert stats["steps"] == 1 and stats["images"] == 8
         results.append(model.state_dict())
@@ -155,7 +197,7 @@ def test_engine_reports_metrics_ema_and_bf16_autocast():
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
     opt = build_optimizer(model, 1e-3, 0.05)
     logs = []
-    stats = train_one_epoch(model, CrossEntropy(0.1), batches(4, 8), opt, device=torch.device("cpu"), ema=ema,
+    stats = train_one_epoch(model, supervised_loss(CrossEntropy(0.1), CPU), batches(4, 8), opt, device=CPU, ema=ema,
                             amp_dtype=torch.bfloat16, log_every=2, on_log=logs.append, start_step=10)
     assert [line["step"] for line in logs] == [12, 14] and set(logs[0]) >= {"train_loss", "lr", "images_per_s"}
     assert stats["steps"] == 4 and stats["train_loss"] > 0
@@ -195,8 +237,8 @@ def test_non_finite_loss_raises_before_the_step():
     def nan_loss(outputs, targets, images):
         return outputs.sum() * float("nan")
 
-    with pytest.raises(NonFiniteLossError, match="became nan at epoch 3, batch 1/2"):
-        train_one_epoch(model, nan_loss, batches(2, 4), opt, device=torch.device("cpu"), epoch=3)
+    with pytest.raises(NonFiniteError, match="became nan at epoch 3, batch 1/2"):
+        train_one_epoch(model, supervised_loss(nan_loss, CPU), batches(2, 4), opt, device=CPU, epoch=3)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -273,7 +315,7 @@ def test_resume_after_sigkill_in_epoch_two_gives_identical_weights(idx_data, tmp
     strip = [[{k: v for k, v in json.loads(x).items() if k != "images_per_s"} for x in t.splitlines()] for t in lines]
     assert strip[0] == strip[1]
     with pytest.raises(ValueError, match=r"contradict.*epochs=3 \(run has 2\)"):
-        runner.prepare_resume(killed, {"epochs": 3})
+        supervised.prepare_resume(killed, {"epochs": 3})
 
 
 def test_non_finite_loss_mid_run_keeps_the_last_good_checkpoint(idx_data, tmp_path, monkeypatch, capsys):
@@ -285,7 +327,7 @@ def test_non_finite_loss_mid_run_keeps_the_last_good_checkpoint(idx_data, tmp_pa
             loss = super().forward(outputs, targets, images)
             return loss * float("inf") if calls["n"] > 11 else loss  # 11 batches per epoch
 
-    monkeypatch.setattr(runner, "build_criterion", lambda config: FailsInEpochTwo(config.label_smoothing))
+    monkeypatch.setattr(supervised, "build_criterion", lambda config: FailsInEpochTwo(config.label_smoothing))
     out = tmp_path / "run"
     assert train_cli(out, "--epochs", "3") == 2
     err = capsys.readouterr().err

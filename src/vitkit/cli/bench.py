@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vitkit.registry import get_variant
+    from vitkit.factory import get_variant
     from vitkit.tools.bench import BenchOptions, benchmark, compare_with_timm, largest_batch
 
     get_variant(args.model)  # unknown names fail before anything is built

@@ -141,3 +141,48 @@ def set_loader_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
             owner.set_epoch(epoch)
     if loader.generator is not None:
         loader.generator.manual_seed(seed * 100_003 + epoch)
+
+
+class EvenBatchSampler(Sampler[list[int]]):
+    """One rank's evaluation share in exactly as many batches as the largest share needs.
+
+    FSDP runs collectives in every forward pass, so every rank must run the same number of batches;
+    a rank with one image fewer may otherwise run one batch fewer and the run hangs. The share is
+    split into `num_batches` nearly equal batches (no image repeated, none dropped), where
+    num_batches = ceil(ceil(total / world) / batch_size) is the same on every rank.
+    """
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, total: int, world_size: int) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+        self.num_batches = math.ceil(math.ceil(total / world_size) / batch_size)
+        if len(sampler) < self.num_batches:  # type: ignore[arg-type]
+            raise ValueError(
+                f"an evaluation set of {total} images cannot give each of {world_size} processes "
+                f"{self.num_batches} batch(es): use more images or fewer processes"
+            )
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = list(self.sampler)
+        n, m = len(indices), self.num_batches
+        bounds = [i * n // m for i in range(m + 1)]  # sizes floor(n/m) or ceil(n/m) <= batch_size
+        return iter([indices[a:b] for a, b in zip(bounds, bounds[1:])])
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+def even_batches(loader: DataLoader, world_size: int) -> DataLoader:
+    """`loader` (over this rank's unpadded share of `world_size`) re-batched so all ranks run the same
+    number of batches."""
+    if world_size == 1:
+        return loader
+    batches = EvenBatchSampler(loader.sampler, loader.batch_size, len(loader.dataset), world_size)
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=batches,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator,
+    )

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import math
 import os
-import time
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LRScheduler
 
+from vitkit.core.files import save_figure
 from vitkit.layers import trunc_normal_
-from vitkit.registry import create_model, to_2tuple
+from vitkit.factory import create_model
+from vitkit.registry import to_2tuple
+from vitkit.train.engine import BatchLoss
+from vitkit.train.parallel import all_reduce_sum, unwrap
+from vitkit.weights.vitkit_format import read_metadata, save_model
 
 HEAD_PREFIXES = ("head.", "head_dist.")  # classifier parameters: absent from a pre-trained encoder
 
@@ -198,8 +199,6 @@ def build_simmim(name: str, **overrides: Any) -> SimMIM:
 # -- saving the encoder ----------------------------------------------------------------------------
 def save_encoder(model: SimMIM, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write the encoder alone in the vitkit format (name and config in metadata, no head)."""
-    from vitkit.weights.io import save_model
-
     save_model(model.encoder, path, {"pretrained_with": "simmim", **(metadata or {})})
 
 
@@ -207,8 +206,6 @@ def load_encoder(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Load a pre-trained encoder into `model` (built with `create_model`); return the keys left as
     initialised (the classifier head). Any other missing, unexpected or mis-shaped key is an error."""
     from safetensors.torch import load_file
-
-    from vitkit.weights.io import read_metadata
 
     path = Path(path)
     if not path.is_file():
@@ -235,123 +232,45 @@ def load_encoder(model: nn.Module, path: str | os.PathLike) -> list[str]:
     return missing
 
 
-# -- training and figures --------------------------------------------------------------------------
+# -- what pre-training adds to the engine: the batch loss and the metric ---------------------------
 def _images(batch: Any) -> torch.Tensor:
     """Labelled (images, labels) or unlabelled (images) batches: the images."""
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    masks: MaskGenerator,
-    *,
-    device: torch.device | str = "cpu",
-    scheduler: LRScheduler | None = None,
-    generator: torch.Generator | None = None,
-    amp_dtype: torch.dtype | None = None,
-    clip_grad: float | None = None,
-    epoch: int = 0,
-    start_step: int = 0,
-    log_every: int = 50,
-    on_log: Callable[[dict[str, float]], None] | None = None,
-    progress: Callable[..., None] | None = None,
-) -> dict[str, float]:
-    """One pass of masked image modelling over `loader` (labelled or unlabelled batches).
+def _masked_l1(model: nn.Module, batch: Any, masks: MaskGenerator, generator: torch.Generator | None,
+               device: torch.device) -> tuple[torch.Tensor, int]:
+    images = _images(batch).to(device, non_blocking=True)
+    mask = masks(images.shape[0], generator).to(device, non_blocking=True)  # drawn on the CPU
+    reconstruction = model(images, mask)
+    return masked_l1_loss(reconstruction.float(), images, mask, unwrap(model).patch_size), images.shape[0]
 
-    `model` is a `SimMIM` (or a DDP wrapper of one); masks are drawn on the CPU from `generator`.
-    The scheduler steps per batch. `on_log` gets a step line every `log_every` steps and
-    `progress(images=, loss=, lr=)` is called per batch, as in `vitkit.train.engine`. Returns
-    train_loss (mean over images, summed over ranks), lr, images_per_s, steps and images.
-    A non-finite loss raises RuntimeError before the weights change.
-    """
-    from vitkit.train.parallel import all_reduce_sum, unwrap
 
+def masked_image_loss(
+    masks: MaskGenerator, generator: torch.Generator | None, device: torch.device | str = "cpu"
+) -> BatchLoss:
+    """The engine's `BatchLoss` for SimMIM: masks drawn from `generator`, the masked L1 loss of the
+    reconstruction. The model is a `SimMIM` (or a DDP wrapper of one); labels in a batch are ignored."""
     device = torch.device(device)
-    patch = unwrap(model).patch_size
-    model.train()
-    loss_sum = seen = window_loss = window_images = 0.0
-    steps = 0
-    start = window_start = time.perf_counter()
-    for batch in loader:
-        images = _images(batch).to(device, non_blocking=True)
-        mask = masks(images.shape[0], generator).to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
-            reconstruction = model(images, mask)
-        loss = masked_l1_loss(reconstruction.float(), images, mask, patch)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise RuntimeError(
-                f"the masked L1 loss became {value} at epoch {epoch}, step {start_step + steps + 1} "
-                f"(lr {optimizer.param_groups[0]['lr']:.3g}): lower the learning rate or set clip_grad"
-            )
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        steps += 1
-        n = images.shape[0]
-        loss_sum += value * n
-        seen += n
-        window_loss += value * n
-        window_images += n
-        if progress is not None:
-            progress(images=n, loss=value, lr=lr)
-        if on_log is not None and (start_step + steps) % log_every == 0:
-            now = time.perf_counter()
-            on_log({"step": start_step + steps, "epoch": epoch, "train_loss": window_loss / window_images,
-                    "lr": lr, "images_per_s": window_images / max(now - window_start, 1e-9)})
-            window_loss = window_images = 0.0
-            window_start = now
-    elapsed = time.perf_counter() - start
-    totals = all_reduce_sum(torch.tensor([loss_sum, seen], dtype=torch.float64, device=device))
-    if totals[1] == 0:
-        raise ValueError("the pre-training loader yielded no images: use more samples or a smaller batch size")
-    return {
-        "train_loss": float(totals[0] / totals[1]),
-        "lr": optimizer.param_groups[0]["lr"],
-        "images_per_s": float(totals[1]) / max(elapsed, 1e-9),
-        "steps": steps,
-        "images": int(totals[1]),
-    }
+    return lambda model, batch: _masked_l1(model, batch, masks, generator, device)
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable,
-    masks: MaskGenerator,
-    *,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    amp_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """Masked L1 loss over `loader`, with masks drawn from `seed`: the same masks every call."""
-    from vitkit.train.parallel import all_reduce_sum, unwrap
+class MaskedL1Metrics:
+    """The engine's `Metrics` for SimMIM: val_loss, the masked L1 loss over the loader (mean over
+    images, over all ranks) with masks drawn from `seed`: the same masks every pass."""
 
-    device = torch.device(device)
-    patch = unwrap(model).patch_size
-    generator = torch.Generator().manual_seed(seed)
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, images]
-    for batch in loader:
-        images = _images(batch).to(device)
-        mask = masks(images.shape[0], generator).to(device)
-        with _autocast(device, amp_dtype):
-            reconstruction = model(images, mask)
-        loss = masked_l1_loss(reconstruction.float(), images, mask, patch)
-        totals += torch.tensor([loss.item() * images.shape[0], images.shape[0]], dtype=torch.float64, device=device)
-    totals = all_reduce_sum(totals)
-    return {"val_loss": float(totals[0] / totals[1].clamp(min=1))}
+    def __init__(self, masks: MaskGenerator, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.masks, self.device = masks, torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss sum, images]
 
+    def update(self, model: nn.Module, batch: Any) -> None:
+        loss, n = _masked_l1(model, batch, self.masks, self.generator, self.device)
+        self.totals += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=self.device)
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    def compute(self, elapsed: float) -> dict[str, Any]:
+        totals = all_reduce_sum(self.totals)
+        return {"val_loss": float(totals[0] / totals[1].clamp(min=1))}
 
 
 def save_reconstructions(
@@ -369,8 +288,6 @@ def save_reconstructions(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from vitkit.core.files import save_figure
 
     images, reconstruction = images.detach().float().cpu(), reconstruction.detach().float().cpu()
     pixels = upsample_mask(mask.cpu(), patch_size).expand_as(images)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.registry import create_model, get_variant, to_2tuple
+from vitkit.factory import create_model, get_variant
+from vitkit.registry import to_2tuple
 
 Mode = Literal["infer", "train"]
 Amp = Literal["bf16"] | None

@@ -24,7 +24,7 @@ from vitkit.train.config import TTA_MODES, AmpMode, TrainConfig, TtaMode, load_r
 from vitkit.train.engine import evaluate
 from vitkit.train.modeling import input_spec, load_weights
 from vitkit.train.run_folder import BEST
-from vitkit.train.runner import amp_dtype_for, runtime
+from vitkit.train.runtime import amp_dtype_for, runtime
 
 
 @dataclass(frozen=True)

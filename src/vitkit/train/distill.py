@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.train.teacher import FrozenTeacher
+
 DistillationMode = Literal["none", "soft", "hard"]
 
 
@@ -88,13 +90,13 @@ class DistillationLoss(nn.Module):
             raise ValueError(f"distill_alpha must be in [0, 1], got {alpha}")
         if tau <= 0:
             raise ValueError(f"distill_tau must be > 0, got {tau}")
-        from vitkit.train.teacher import FrozenTeacher
-
         self.base = base
         self.teacher = teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
         self.mode, self.alpha, self.tau = mode, alpha, tau
 
-    def forward(self, outputs, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor, images: torch.Tensor
+    ) -> torch.Tensor:
         if isinstance(outputs, (tuple, list)):
             cls_out, dist_out = outputs
         else:

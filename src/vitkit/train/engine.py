@@ -1,7 +1,8 @@
 """One epoch of training and one pass of evaluation: typed functions that return metric dicts.
 
-Nothing here knows a recipe: the caller builds the model, criterion, optimiser, scheduler and
-loaders and passes them in. Sums are reduced over ranks, so the same code runs under DDP.
+Nothing here knows a recipe or a task: the caller builds the model, the batch loss
+(`supervised_loss`, or SimMIM's), the metrics, the optimiser, scheduler and loaders and passes
+them in. Sums are reduced over ranks, so the same code runs under DDP.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,33 +20,107 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
+from vitkit.core.errors import NonFiniteError, VitkitError
 from vitkit.train.config import TTA_MODES
 from vitkit.train.parallel import all_reduce_sum, clip_grad_norm, unwrap
 
 Criterion = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets, images) -> loss
+# (model, batch) -> (loss, images in the batch): moves the batch to the device and runs the model
+BatchLoss = Callable[[nn.Module, Any], tuple[torch.Tensor, int]]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the step that produced it was not applied."""
-
-
-def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> AbstractContextManager:
     """bf16/fp16 autocast on `device`, or nothing when `amp_dtype` is None."""
     if amp_dtype is None:
         return nullcontext()
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
+def supervised_loss(
+    criterion: Criterion,
+    device: torch.device,
+    batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> BatchLoss:
+    """The `BatchLoss` of classification: `criterion(model(images), targets, images)` on (images,
+    targets) batches; `batch_transform(images, targets)` runs on the device first (Mixup, CutMix)."""
+
+    def loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        images, targets = batch
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if batch_transform is not None:
+            images, targets = batch_transform(images, targets)
+        return criterion(model(images), targets, images), images.shape[0]
+
+    return loss
+
+
+@dataclass
+class _Window:
+    """Loss and image counts since the last step line, and over the epoch."""
+
+    loss_sum: float = 0.0
+    images: float = 0.0
+    window_loss: float = 0.0
+    window_images: float = 0.0
+    window_start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, n: int) -> None:
+        self.loss_sum += loss * n
+        self.images += n
+        self.window_loss += loss * n
+        self.window_images += n
+
+    def line(self, step: int, epoch: int, lr: float) -> dict[str, float]:
+        now = time.perf_counter()
+        out = {"step": step, "epoch": epoch, "train_loss": self.window_loss / self.window_images, "lr": lr,
+               "images_per_s": self.window_images / max(now - self.window_start, 1e-9)}
+        self.window_loss = self.window_images = 0.0
+        self.window_start = now
+        return out
+
+
+@dataclass
+class Stepper:
+    """How the optimiser steps: accumulation, clipping, fp16 scaling, then the scheduler and EMA."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler | None = None
+    ema: AveragedModel | None = None
+    scaler: torch.amp.GradScaler | None = None
+    grad_accum: int = 1
+    clip_grad: float | None = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        scaled = loss / self.grad_accum
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+
+    def step(self, model: nn.Module) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad is not None:
+            clip_grad_norm(model, self.clip_grad)  # the global norm, over all shards under FSDP
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(unwrap(model))
+
+
 def train_one_epoch(
     model: nn.Module,
-    criterion: Criterion,
+    batch_loss: BatchLoss,
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
     *,
     device: torch.device,
     scheduler: LRScheduler | None = None,
     ema: AveragedModel | None = None,
-    batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     grad_accum: int = 1,
@@ -55,83 +131,52 @@ def train_one_epoch(
     on_log: Callable[[dict[str, float]], None] | None = None,
     progress: Callable[..., None] | None = None,
 ) -> dict[str, float]:
-    """Train `model` for one pass over `loader`.
+    """Train `model` for one pass over `loader`, the loss of each batch from `batch_loss(model, batch)`
+    (`supervised_loss` for classification, SimMIM's masked L1 for pre-training).
 
     The optimiser steps every `grad_accum` batches (and after the last one); the scheduler and
-    the EMA step with it. `batch_transform(images, targets)` runs on the device (Mixup, CutMix).
-    `on_log` gets a step line every `log_every` optimiser steps; `progress(images=, loss=, lr=)`
-    is called per batch. Returns train_loss (mean over images), lr, images_per_s, steps, images.
-    Raises NonFiniteLossError before applying a step whose loss is not finite.
+    the EMA step with it. `on_log` gets a step line every `log_every` optimiser steps;
+    `progress(images=, loss=, lr=)` is called per batch. Returns train_loss (mean over images,
+    over all ranks), lr, images_per_s, steps, images. Raises NonFiniteError before applying a step
+    whose loss is not finite.
     """
     model.train()
     num_batches = len(loader)  # type: ignore[arg-type]
+    stepper = Stepper(optimizer, scheduler, ema, scaler, grad_accum, clip_grad)
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = images_seen = 0.0
-    window_loss = window_images = 0.0
-    steps = 0
-    start = window_start = time.perf_counter()
-    for i, (images, targets) in enumerate(loader):
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if batch_transform is not None:
-            images, targets = batch_transform(images, targets)
+    counts, steps, start = _Window(), 0, time.perf_counter()
+    for i, batch in enumerate(loader):
         boundary = (i + 1) % grad_accum == 0 or i + 1 == num_batches
         # DDP: all-reduce gradients only on the micro-batch that completes an accumulation group
         sync = model.no_sync() if not boundary and hasattr(model, "no_sync") else nullcontext()
         with sync:
             with autocast(device, amp_dtype):
-                outputs = model(images)
-                loss = criterion(outputs, targets, images)
+                loss, n = batch_loss(model, batch)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(
-                    f"the training loss became {loss_value} at epoch {epoch}, batch {i + 1}/{num_batches} "
-                    f"(lr {optimizer.param_groups[0]['lr']:.3g})"
-                )
-            scaled = loss / grad_accum
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                raise NonFiniteError(f"the training loss became {loss_value} at epoch {epoch}, batch {i + 1}/"
+                                     f"{num_batches} (lr {optimizer.param_groups[0]['lr']:.3g})")
+            stepper.backward(loss)
         lr = optimizer.param_groups[0]["lr"]
         if boundary:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if clip_grad is not None:
-                clip_grad_norm(model, clip_grad)  # the global norm, over all shards under FSDP
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if scheduler is not None:
-                scheduler.step()
-            if ema is not None:
-                ema.update_parameters(unwrap(model))
+            stepper.step(model)
             steps += 1
-        n = images.shape[0]
-        loss_sum += loss_value * n
-        images_seen += n
-        window_loss += loss_value * n
-        window_images += n
+        counts.add(loss_value, n)
         if progress is not None:
             progress(images=n, loss=loss_value, lr=lr)
         if boundary and on_log is not None and (start_step + steps) % log_every == 0:
-            now = time.perf_counter()
-            on_log(
-                {
-                    "step": start_step + steps,
-                    "epoch": epoch,
-                    "train_loss": window_loss / window_images,
-                    "lr": lr,
-                    "images_per_s": window_images / max(now - window_start, 1e-9),
-                }
-            )
-            window_loss = window_images = 0.0
-            window_start = now
-    elapsed = time.perf_counter() - start
-    totals = all_reduce_sum(torch.tensor([loss_sum, images_seen], dtype=torch.float64, device=device))
+            on_log(counts.line(start_step + steps, epoch, lr))
+    return _epoch_stats(counts, steps, time.perf_counter() - start, optimizer, device)
+
+
+def _epoch_stats(counts: _Window, steps: int, elapsed: float, optimizer: torch.optim.Optimizer,
+                 device: torch.device) -> dict[str, float]:
+    totals = all_reduce_sum(torch.tensor([counts.loss_sum, counts.images], dtype=torch.float64, device=device))
+    if totals[1] == 0:
+        raise VitkitError("the training loader yielded no images: use more samples or a smaller batch size")
     return {
-        "train_loss": float(totals[0] / max(totals[1], 1)),
+        "train_loss": float(totals[0] / totals[1]),
         "lr": optimizer.param_groups[0]["lr"],
         "images_per_s": float(totals[1]) / max(elapsed, 1e-9),
         "steps": steps,
@@ -145,6 +190,64 @@ def mirror_averaged_log_probs(model: nn.Module, images: torch.Tensor) -> torch.T
     return both.logsumexp(0) - math.log(2)
 
 
+class Metrics(Protocol):
+    """What `evaluate` measures: `update(model, batch)` per batch (under no_grad and autocast),
+    then `compute(elapsed)`, which reduces over ranks and returns the metric dict."""
+
+    def update(self, model: nn.Module, batch: Any) -> None: ...
+
+    def compute(self, elapsed: float) -> dict[str, Any]: ...
+
+
+class ClassificationMetrics:
+    """Top-1, top-5 (percent), mean cross-entropy, images and images_per_s; with `num_classes`, a
+    confusion matrix (true class, predicted class) as an int64 tensor. `tta="hflip"` scores each image
+    by the mean of the class probabilities of the image and its horizontal mirror; the loss is then
+    that mean's negative log-likelihood."""
+
+    def __init__(self, device: torch.device, num_classes: int | None = None, tta: str = "none") -> None:
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
+        self.device, self.num_classes, self.tta = device, num_classes, tta
+        # [loss sum, top-1 hits, top-5 hits, images], float64 so sums are exact and order-independent
+        self.totals = torch.zeros(4, dtype=torch.float64, device=device)
+        self.confusion = torch.zeros(num_classes or 0, num_classes or 0, dtype=torch.int64, device=device)
+
+    def update(self, model: nn.Module, batch: Any) -> None:
+        images, targets = (t.to(self.device, non_blocking=True) for t in batch)
+        # with hflip, log-probabilities: their cross-entropy is the NLL of the mean probability
+        logits = mirror_averaged_log_probs(model, images) if self.tta == "hflip" else model(images)
+        logits = logits.float()  # (B, K)
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices.eq(targets[:, None])  # (B, k)
+        self.totals += torch.stack(
+            [
+                F.cross_entropy(logits, targets, reduction="sum").double(),
+                hits[:, 0].sum().double(),
+                hits.any(dim=1).sum().double(),
+                torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=self.device),
+            ]
+        )
+        if self.num_classes:
+            pairs = targets * self.num_classes + logits.argmax(dim=1)
+            counts = torch.bincount(pairs, minlength=self.num_classes**2)
+            self.confusion += counts.view(self.num_classes, self.num_classes)
+
+    def compute(self, elapsed: float) -> dict[str, Any]:
+        totals = all_reduce_sum(self.totals)
+        n = max(float(totals[3]), 1.0)
+        out: dict[str, Any] = {
+            "top1": 100.0 * float(totals[1]) / n,
+            "top5": 100.0 * float(totals[2]) / n,
+            "loss": float(totals[0]) / n,
+            "samples": int(totals[3]),
+            "images_per_s": float(totals[3]) / max(elapsed, 1e-9),
+        }
+        if self.num_classes:
+            out["confusion"] = all_reduce_sum(self.confusion).cpu()
+        return out
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -154,50 +257,14 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     num_classes: int | None = None,
     tta: str = "none",
+    metrics: Metrics | None = None,
 ) -> dict[str, Any]:
-    """Top-1, top-5 (percent) and mean cross-entropy of `model` over `loader`.
-
-    With `num_classes`, also a confusion matrix (true class, predicted class) as an int64 tensor.
-    `tta="hflip"` scores each image by the mean of the class probabilities of the image and of its
-    horizontal mirror (test-time augmentation); the loss is then that mean's negative log-likelihood.
-    """
-    if tta not in TTA_MODES:
-        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
+    """`metrics` of `model` over `loader` (reduced over ranks); by default `ClassificationMetrics`
+    (top-1, top-5, loss; a confusion matrix with `num_classes`; `tta`: see there)."""
+    metrics = metrics if metrics is not None else ClassificationMetrics(device, num_classes, tta)
     model.eval()
-    # [loss sum, top-1 hits, top-5 hits, images], float64 so sums are exact and order-independent
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
-    confusion = torch.zeros(num_classes or 0, num_classes or 0, dtype=torch.int64, device=device)
     start = time.perf_counter()
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+    for batch in loader:
         with autocast(device, amp_dtype):
-            # with hflip, log-probabilities: their cross-entropy is the NLL of the mean probability
-            logits = mirror_averaged_log_probs(model, images) if tta == "hflip" else model(images)
-        logits = logits.float()  # (B, K)
-        k = min(5, logits.shape[1])
-        hits = logits.topk(k, dim=1).indices.eq(targets[:, None])  # (B, k)
-        totals += torch.stack(
-            [
-                F.cross_entropy(logits, targets, reduction="sum").double(),
-                hits[:, 0].sum().double(),
-                hits.any(dim=1).sum().double(),
-                torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=device),
-            ]
-        )
-        if num_classes:
-            pairs = targets * num_classes + logits.argmax(dim=1)
-            confusion += torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
-    elapsed = time.perf_counter() - start
-    totals = all_reduce_sum(totals)
-    n = max(float(totals[3]), 1.0)
-    out: dict[str, Any] = {
-        "top1": 100.0 * float(totals[1]) / n,
-        "top5": 100.0 * float(totals[2]) / n,
-        "loss": float(totals[0]) / n,
-        "samples": int(totals[3]),
-        "images_per_s": float(totals[3]) / max(elapsed, 1e-9),
-    }
-    if num_classes:
-        out["confusion"] = all_reduce_sum(confusion).cpu()
-    return out
+            metrics.update(model, batch)
+    return metrics.compute(time.perf_counter() - start)

@@ -18,6 +18,10 @@ from typing import Any
 
 from torch import nn
 
+from vitkit.factory import get_variant
+from vitkit.weights.checkpoint import load_checkpoint
+from vitkit.weights.vitkit_format import config_fields, read_metadata
+
 ENCODER_FILE = "encoder.safetensors"  # written by vitkit pretrain
 RUN_WEIGHTS = ("best.safetensors", "last.safetensors")  # written by vitkit train
 _DATA_FIELDS = ("img_size", "in_chans", "num_classes")  # set by the fine-tuning data, not model_args
@@ -40,15 +44,13 @@ def finetune_file(source: str | os.PathLike) -> Path:
 
 
 def is_encoder(path: Path) -> bool:
-    """True for a SimMIM encoder file (`vitkit pretrain`), which must fit the model exactly."""
+    """True for a SimMIM encoder file (`vitkit pretrain`): the encoder alone, no classifier."""
     return path.name == ENCODER_FILE or "pretrained_with" in _metadata(path)
 
 
 def _metadata(path: Path) -> dict[str, str]:
     if path.suffix != ".safetensors":
         return {}
-    from vitkit.weights.io import read_metadata
-
     return read_metadata(path)
 
 
@@ -56,9 +58,6 @@ def finetune_fields(source: str | os.PathLike) -> dict[str, Any]:
     """Config fields describing the source's model: model, model_args (architecture fields that
     differ from the variant's defaults), img_size and in_chans. Empty for a file without vitkit
     metadata (a timm or official checkpoint): the command line must name the model then."""
-    from vitkit.registry import get_variant
-    from vitkit.weights.io import config_fields
-
     meta = _metadata(finetune_file(source))
     if "model" not in meta or "config" not in meta:
         return {}
@@ -83,17 +82,15 @@ def _plain(value: Any) -> Any:
 
 
 def load_finetune_weights(model: nn.Module, source: str | os.PathLike) -> str:
-    """Load SOURCE into `model`; returns one line saying what was loaded, resampled and re-initialised."""
+    """Load SOURCE into `model`; returns one line saying what was loaded, resampled and re-initialised.
+
+    A `vitkit pretrain` encoder has no classifier: `load_checkpoint` loads it into the headed model
+    and reports the head as re-initialised (new).
+    """
     path = finetune_file(source)
-    if is_encoder(path):
-        from vitkit.pretrain.simmim import load_encoder
-
-        fresh = load_encoder(model, path)
-        return f"fine-tuning the pre-trained encoder {path} (initialised fresh: {', '.join(fresh) or 'nothing'})"
-    from vitkit.weights.checkpoint import load_checkpoint
-
     report = load_checkpoint(model, path)
-    parts = [f"fine-tuning from {path} ({report.format}, {report.loaded} tensors)"]
+    what = f"the pre-trained encoder {path}" if is_encoder(path) else str(path)
+    parts = [f"fine-tuning from {what} ({report.format}, {report.loaded} tensors)"]
     if report.resampled:
         parts.append("resampled " + ", ".join(f"{k} {v}" for k, v in report.resampled.items()))
     if report.adapted:

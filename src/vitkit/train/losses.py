@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.train.config import TrainConfig
+from vitkit.train.distill import BinaryCrossEntropy
 
 
 class CrossEntropy(nn.Module):
@@ -33,7 +34,5 @@ class CrossEntropy(nn.Module):
 def build_criterion(config: TrainConfig) -> nn.Module:
     """The training criterion the config asks for: cross-entropy, or BCE on (mixed) targets (DeiT III)."""
     if config.loss == "bce":
-        from vitkit.train.distill import BinaryCrossEntropy
-
         return BinaryCrossEntropy(config.label_smoothing, config.bce_threshold)
     return CrossEntropy(config.label_smoothing)

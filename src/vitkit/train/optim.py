@@ -1,12 +1,24 @@
-"""AdamW without weight decay on norms, biases, tokens and position embeddings; warm-up then cosine."""
+"""Optimisers and schedules: AdamW / LAMB without weight decay on norms, biases, tokens and position
+embeddings; layer-wise lr decay (SimMIM / BEiT fine-tuning); warm-up then cosine (or multi-step).
+
+Layer ids follow the SimMIM / BEiT fine-tuning code: 0 for the patch embedding and tokens, then one
+id per transformer block in order (a Swin patch merging shares the id of the block before it), and
+the last id (depth + 1) for the final norm and the head; a parameter in layer i gets
+lr x layer_decay ** (depth + 1 - i).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler, SequentialLR
+
+from vitkit.train.lamb import Lamb
+from vitkit.train.parallel import get_world_size
 
 
 def no_decay(name: str, param: nn.Parameter, skip: set[str], keywords: set[str]) -> bool:
@@ -30,8 +42,6 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW, or LAMB (DeiT III; `vitkit.train.lamb`), over `param_groups`."""
     if name == "lamb":
-        from vitkit.train.lamb import Lamb
-
         return Lamb(param_groups(model, weight_decay), lr=lr, betas=tuple(betas))
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas))
 
@@ -48,3 +58,108 @@ def build_scheduler(
         return cosine
     warmup = LinearLR(optimizer, start_factor=min(warmup_lr / base_lr, 1.0), end_factor=1.0, total_iters=warmup_steps)
     return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+
+
+def scaled_lr(lr: float, batch_size: int, lr_batch: int | None) -> float:
+    """`lr` given for a total batch of `lr_batch` images, scaled linearly to this run's total batch
+    (batch_size x processes); `lr` itself when `lr_batch` is None (DeiT: 5e-4 per 512 images)."""
+    return lr * batch_size * get_world_size() / lr_batch if lr_batch else lr
+
+
+# -- layer-wise lr decay and the per-iteration warm-up schedule -----------------------------------
+_EMBEDDING = ("patch_embed.", "cls_token", "dist_token", "pos_embed", "mask_token")
+
+
+def num_layers(config: Any) -> int:
+    """Transformer blocks of a ViT or Swin config."""
+    return sum(config.depths) if hasattr(config, "depths") else config.depth
+
+
+def layer_id(name: str, config: Any) -> int:
+    """The layer-decay id of parameter `name` (an encoder's name; an `encoder.` prefix is ignored)."""
+    name = name.removeprefix("encoder.")
+    if name.startswith(_EMBEDDING):
+        return 0
+    parts = name.split(".")
+    if hasattr(config, "depths"):  # Swin: layers.{stage}.blocks.{j}... / layers.{stage}.downsample...
+        if parts[0] == "layers":
+            stage = int(parts[1])
+            before = sum(config.depths[:stage])
+            return before + int(parts[3]) + 1 if parts[2] == "blocks" else before
+    elif parts[0] == "blocks":  # ViT: blocks.{i}...
+        return int(parts[1]) + 1
+    return num_layers(config) + 1  # final norm, head, decoder
+
+
+def layer_decay_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float | None = None, config: Any = None
+) -> list[dict]:
+    """AdamW groups: no decay on 1-d parameters (norms, biases), tokens and position tables
+    (`model.no_weight_decay()`); with `layer_decay` each group also carries `lr_scale`, applied to
+    the lr by `warmup_schedule` (LambdaLR multiplies each group's initial lr)."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    config = config if config is not None else _config(model)
+    depth = num_layers(config) if layer_decay is not None else 0
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not (param.ndim <= 1 or name.endswith(".bias") or name in skip)
+        lid = layer_id(name, config) if layer_decay is not None else 0
+        key = (lid, decay)
+        if key not in groups:
+            scale = layer_decay ** (depth + 1 - lid) if layer_decay is not None else 1.0
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        groups[key]["params"].append(param)
+    # the top layer first: schedulers and logs read param_groups[0] as "the" lr
+    return [groups[k] for k in sorted(groups, reverse=True)]
+
+
+def _config(model: nn.Module) -> Any:
+    for m in (model, getattr(model, "encoder", None)):
+        if m is not None and hasattr(getattr(m, "config", None), "patch_size"):
+            return m.config
+    raise ValueError(f"layer-wise lr decay needs a vitkit ViT or Swin model; got {type(model).__name__}")
+
+
+def build_adamw(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.05,
+    betas: tuple[float, float] = (0.9, 0.999),
+    layer_decay: float | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over `layer_decay_groups`; each group's lr is lr x its `lr_scale`."""
+    groups = layer_decay_groups(model, weight_decay, layer_decay)
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+
+
+def warmup_schedule(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int,
+    warmup_lr_ratio: float = 0.0,
+    min_lr_ratio: float = 0.0,
+    kind: Literal["cosine", "multistep"] = "cosine",
+    milestones: tuple[int, ...] = (),
+    gamma: float = 0.1,
+) -> LambdaLR:
+    """Per-iteration factor on each group's lr: linear warm-up from `warmup_lr_ratio` to 1 over
+    `warmup_steps`, then cosine to `min_lr_ratio` at `total_steps`, or x `gamma` at each milestone."""
+    if kind not in ("cosine", "multistep"):
+        raise ValueError(f"schedule must be 'cosine' or 'multistep', got {kind!r}")
+    if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}) and total_steps > 0")
+    steps = sorted(milestones)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return warmup_lr_ratio + (1.0 - warmup_lr_ratio) * step / warmup_steps
+        if kind == "multistep":
+            return gamma ** sum(step >= m for m in steps)
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return LambdaLR(optimizer, factor)

@@ -13,15 +13,13 @@ machines), or `vitkit train --nproc N ...`, which starts the same through `torch
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
 
 Strategy = Literal["ddp", "fsdp"]
 
@@ -159,51 +157,6 @@ def gather_objects(obj: object) -> list:
     return out
 
 
-# -- evaluation batches -----------------------------------------------------------------------
-class EvenBatchSampler(Sampler[list[int]]):
-    """One rank's evaluation share in exactly as many batches as the largest share needs.
-
-    FSDP runs collectives in every forward pass, so every rank must run the same number of batches;
-    a rank with one image fewer may otherwise run one batch fewer and the run hangs. The share is
-    split into `num_batches` nearly equal batches (no image repeated, none dropped), where
-    num_batches = ceil(ceil(total / world) / batch_size) is the same on every rank.
-    """
-
-    def __init__(self, sampler: Sampler[int], batch_size: int, total: int, world_size: int) -> None:
-        self.sampler, self.batch_size = sampler, batch_size
-        self.num_batches = math.ceil(math.ceil(total / world_size) / batch_size)
-        if len(sampler) < self.num_batches:  # type: ignore[arg-type]
-            raise ValueError(
-                f"an evaluation set of {total} images cannot give each of {world_size} processes "
-                f"{self.num_batches} batch(es): use more images or fewer processes"
-            )
-
-    def __iter__(self) -> Iterator[list[int]]:
-        indices = list(self.sampler)
-        n, m = len(indices), self.num_batches
-        bounds = [i * n // m for i in range(m + 1)]  # sizes floor(n/m) or ceil(n/m) <= batch_size
-        return iter([indices[a:b] for a, b in zip(bounds, bounds[1:])])
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-
-def even_batches(loader: DataLoader) -> DataLoader:
-    """`loader` (over this rank's unpadded share) re-batched so all ranks run the same number of batches."""
-    if get_world_size() == 1:
-        return loader
-    batches = EvenBatchSampler(loader.sampler, loader.batch_size, len(loader.dataset), get_world_size())
-    return DataLoader(
-        loader.dataset,
-        batch_sampler=batches,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        worker_init_fn=loader.worker_init_fn,
-        generator=loader.generator,
-    )
-
-
 # -- wrapping -----------------------------------------------------------------------------------
 def broadcast_module(module: nn.Module, src: int = 0) -> None:
     """Copy `src`'s parameters and buffers to every rank (FSDP shards what each rank holds)."""
@@ -224,14 +177,18 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The modules `fully_shard` wraps one by one: the transformer blocks of a ViT or Swin model."""
-    from vitkit.models.swin import SwinBlock
-    from vitkit.models.vit import Block
+    """The modules `fully_shard` wraps one by one: the blocks the model names by `block_types()`
+    (ViT, Swin); none for a model without that method (a torchvision student), which is sharded whole."""
+    block_types = getattr(model, "block_types", None)
+    if block_types is None:
+        return []
+    types = tuple(block_types())
+    return [m for m in model.modules() if isinstance(m, types)]
 
-    return [m for m in model.modules() if isinstance(m, (Block, SwinBlock))]
 
-
-def wrap_fsdp(model: nn.Module, device: torch.device, *, offload: bool = False, checkpointing: bool = True) -> nn.Module:
+def wrap_fsdp(
+    model: nn.Module, device: torch.device, *, offload: bool = False, checkpointing: bool = True
+) -> nn.Module:
     """Shard `model` with FSDP2: `fully_shard` on every block, then on the whole model.
 
     Activation checkpointing recomputes each block in the backward pass. On CUDA the parameters are
@@ -246,12 +203,7 @@ def wrap_fsdp(model: nn.Module, device: torch.device, *, offload: bool = False, 
         check_offload(device)
     if not dist.is_initialized():
         raise RuntimeError("--fsdp needs a process group: start the run with torchrun or `vitkit train --nproc N`")
-    units = shard_units(model)
-    if not units:
-        raise ValueError(
-            f"--fsdp shards the blocks of vitkit ViT and Swin models; {type(model).__name__} has none: "
-            "use DDP (drop --fsdp) for this model"
-        )
+    units = shard_units(model)  # none (a torchvision model): the whole model is one FSDP unit
     broadcast_module(model)
     if checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
@@ -291,7 +243,7 @@ def wrap_ema(ema: nn.Module | None, device: torch.device, strategy: Strategy = "
     if average is None:
         return
 
-    def split_average(ema_tensors: list, model_tensors: list, num_averaged) -> None:
+    def split_average(ema_tensors: list, model_tensors: list, num_averaged: torch.Tensor | int) -> None:
         # foreach ops refuse lists mixing sharded parameters (DTensor) and plain buffers
         for sharded in (True, False):
             pairs = [(e, m) for e, m in zip(ema_tensors, model_tensors) if isinstance(e, DTensor) == sharded]

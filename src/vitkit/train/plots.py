@@ -19,7 +19,9 @@ def _pyplot():
     return plt
 
 
-def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, title: str = "", loss_label: str = "loss") -> None:
+def plot_curves(
+    records: list[dict[str, Any]], path: str | os.PathLike, title: str = "", loss_label: str = "loss"
+) -> None:
     """Loss, accuracy (when the records have val_top1) and learning rate against epochs, from
     metrics.jsonl records (`vitkit train`'s, or `vitkit pretrain`'s masked L1 loss)."""
     plt = _pyplot()

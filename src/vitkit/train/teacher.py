@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.factory import create_model, list_models
+from vitkit.train.modeling import input_spec, load_weights
+
 RUN_WEIGHTS = ("best.safetensors", "last.safetensors")
 
 
@@ -72,8 +75,6 @@ class FrozenTeacher(nn.Module):
 
 
 def _inputs_from_metadata(meta: dict[str, str]) -> TeacherInputs:
-    from vitkit.train.modeling import input_spec
-
     found = input_spec(meta)
     if found is None:
         return TeacherInputs()
@@ -82,10 +83,10 @@ def _inputs_from_metadata(meta: dict[str, str]) -> TeacherInputs:
 
 
 def _from_file(path: Path, device: torch.device) -> tuple[nn.Module, TeacherInputs]:
-    from vitkit.train.modeling import load_weights
-
     if path.suffix != ".safetensors":
-        raise ValueError(f"teacher file {path} must be a vitkit .safetensors file (written by vitkit train or save_model)")
+        raise ValueError(
+            f"teacher file {path} must be a vitkit .safetensors file (written by vitkit train or save_model)"
+        )
     model, meta = load_weights(path, device=device)
     return model, _inputs_from_metadata(meta)
 
@@ -132,8 +133,6 @@ def load_teacher(
     elif spec.endswith(".safetensors") or "/" in spec:
         raise FileNotFoundError(f"teacher {spec} does not exist (a run folder or a .safetensors file was expected)")
     else:
-        from vitkit.registry import create_model, list_models
-
         if spec not in list_models():
             raise ValueError(
                 f"teacher {spec!r} is not a file, a run folder, a vitkit model name or torchvision:NAME"

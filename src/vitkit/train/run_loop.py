@@ -1,0 +1,326 @@
+"""The run skeleton shared by `vitkit train` and `vitkit pretrain`: start-up, run folder, resume,
+the epoch loop over `engine.train_one_epoch`, checkpoints (state.pt) and the final pass.
+
+A task (`RunTask`) supplies what differs: its data, model and optimiser, its batch loss, how it
+validates and which weights it writes each epoch, and its closing pass and result.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader
+
+from vitkit.core.errors import NonFiniteError
+from vitkit.data.datasets import LoadedData, build_dataset, resolve_data_fields
+from vitkit.data.samplers import build_loader, set_loader_epoch
+from vitkit.train import parallel
+from vitkit.train.config import TrainConfig
+from vitkit.train.engine import BatchLoss, train_one_epoch
+from vitkit.train.modeling import default_img_size
+from vitkit.train.plots import plot_curves
+from vitkit.train.progress import Progress
+from vitkit.train.run_folder import CURVES, STATE, RunFolder
+from vitkit.train.runtime import amp_dtype_for, now, prepare_run, provenance, runtime, seed_everything
+from vitkit.train.state_file import capture_rng, load_state, restore_rng, save_state
+
+R = TypeVar("R")
+
+
+@dataclass
+class TrainingState:
+    """Everything `state.pt` holds besides counters: what `--resume` restores.
+
+    `model` is the module itself (sharded in place under FSDP), `wrapped` what trains (DDP around
+    it, or the model), `plain` rank 0's unsharded CPU copy under FSDP, which checkpoints are written
+    from. States are full (unsharded) and keyed by parameter names, so a run resumes under another
+    process count or strategy.
+    """
+
+    model: nn.Module
+    wrapped: nn.Module
+    plain: nn.Module | None
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler | None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Full states on rank 0 (empty elsewhere); a collective under FSDP: every rank calls it."""
+        return {
+            "model": parallel.full_model_state(self.model),
+            "optimizer": parallel.full_optimizer_state(self.model, self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": parallel.full_model_state(self.ema) if self.ema is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (or what an older vitkit wrote: see below)."""
+        groups = state["optimizer"].get("param_groups", [])
+        if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], int):
+            # `vitkit pretrain` before the shared run skeleton saved plain, position-keyed states
+            parallel.unwrap(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            parallel.load_full_state(self.model, state["model"], self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            parallel.load_full_state(self.ema, state["ema"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+@dataclass
+class Run:
+    """One process's view of a run in progress: what the skeleton builds and the task reads."""
+
+    config: TrainConfig
+    run_dir: Path
+    device: torch.device
+    resume: bool
+    main: bool = field(default_factory=parallel.is_main)
+    data: LoadedData = field(init=False)
+    loaders: dict[str, DataLoader] = field(default_factory=dict)
+    state: TrainingState = field(init=False)
+    train_model: nn.Module = field(init=False)  # what trains: `state.wrapped`, torch.compile'd with `compile`
+    amp_dtype: torch.dtype | None = None
+    folder: RunFolder = field(init=False)
+    info: dict[str, Any] = field(default_factory=dict)
+    global_step: int = 0
+
+    def say(self, *args: Any, **kwargs: Any) -> None:
+        """print, on rank 0 only."""
+        if self.main:
+            print(*args, **kwargs)
+
+
+class RunTask(ABC, Generic[R]):
+    """What a kind of run adds to the skeleton; hooks are called in the order listed."""
+
+    noun = "training"  # in messages: "training stopped"
+
+    @abstractmethod
+    def load_data(self, config: TrainConfig) -> LoadedData: ...
+
+    @abstractmethod
+    def build_loaders(self, run: Run) -> dict[str, DataLoader]: ...
+
+    @abstractmethod
+    def build_state(self, run: Run) -> TrainingState:
+        """Model (wrapped for several processes), optimiser, schedule: before the per-rank seed."""
+
+    def prepare(self, run: Run) -> None:
+        """After the per-rank seed, before the run folder: losses, teachers, masks; sets `run.train_model`."""
+        run.train_model = torch.compile(run.state.wrapped) if run.config.compile else run.state.wrapped
+
+    def write_files(self, run: Run) -> None:
+        """Files beside config.yaml and run.json at the start (rank 0; `run.info` may still change)."""
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Task counters from state.pt when resuming (see `extra_state`)."""
+
+    @abstractmethod
+    def announce(self, run: Run) -> str:
+        """The line printed before the first epoch."""
+
+    def before_loop(self, run: Run) -> None:
+        """After resuming, before the first epoch."""
+
+    @abstractmethod
+    def batch_loss(self, run: Run, epoch: int) -> BatchLoss: ...
+
+    @abstractmethod
+    def validate(self, run: Run, epoch: int, stats: dict[str, float]) -> dict[str, Any]:
+        """The epoch's metrics.jsonl line, from the training `stats` and a validation pass."""
+
+    @abstractmethod
+    def save_weights(self, run: Run, epoch: int, record: dict[str, Any]) -> None:
+        """Write the epoch's weights (every rank calls it: gathers under FSDP are collectives)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Task counters to keep in state.pt."""
+        return {}
+
+    def after_epoch(self, run: Run, epoch: int) -> None:
+        """After state.pt is written: figures and the like."""
+
+    @abstractmethod
+    def epoch_line(self, run: Run, epoch: int, record: dict[str, Any]) -> str: ...
+
+    @abstractmethod
+    def final(self, run: Run) -> dict[str, Any] | None:
+        """The closing metrics.jsonl line (every rank calls it), or None for none."""
+
+    @abstractmethod
+    def curves_title(self, run: Run) -> tuple[str, str]:
+        """(title, loss label) of curves.png."""
+
+    @abstractmethod
+    def result(self, run: Run) -> R: ...
+
+
+def run_info(run: Run, model: nn.Module) -> dict[str, Any]:
+    """run.json's contents at the start (or resumption) of a run: provenance, model, data."""
+    info = run.folder.read_run_info() if run.resume else {}
+    info.update(provenance(run.device))
+    info.setdefault("start_time", now())
+    if run.resume:
+        info.setdefault("resumed", []).append(now())
+    info.update(
+        status="running",
+        model={"name": run.config.model, "params": sum(p.numel() for p in model.parameters())},
+        data={
+            "source": run.data.source,
+            "classes": run.data.classes,
+            **{split: len(loader.dataset) for split, loader in run.loaders.items()},  # type: ignore[arg-type]
+            "skipped_corrupt": len(run.data.skipped),
+            "skipped_files": [str(p) for p in run.data.skipped[:20]],
+        },
+    )
+    return info
+
+
+def build_loaders(
+    config: TrainConfig, data: LoadedData, device: torch.device, splits: tuple[str, ...] = ("train", "val", "test")
+) -> dict[str, DataLoader]:
+    """A loader per split of `splits` the data has: shuffled and augmented for train, in order for val
+    and test. Train and val are required."""
+    loaders = {}
+    for split in splits:
+        if split in data.splits:
+            train = split == "train"
+            loaders[split] = build_loader(
+                build_dataset(data, split, config),
+                train=train,
+                batch_size=config.batch_size if train else config.resolved_eval_batch_size,
+                seed=config.seed,
+                workers=config.workers,
+                rank=parallel.get_rank(),
+                world_size=parallel.get_world_size(),
+                pin_memory=device.type == "cuda",
+                repeats=config.repeated_aug if split == "train" else 1,
+                repeat_epoch=config.repeated_aug_epoch,
+            )
+    if "train" not in loaders or "val" not in loaders:
+        raise ValueError(f"{data.source} needs a train and a val split to train")
+    return loaders
+
+
+def run_task(task: RunTask[R], config: TrainConfig, *, resume: bool = False) -> R:
+    """Run `task` as `config` says, in the run folder `config.output` (continuing it with `resume`).
+
+    Started by torchrun (or `--nproc N`), every process runs this: it joins the process group,
+    rank 0 decides the run folder and the seed, and only rank 0 writes.
+    """
+    device, run_dir, config, deterministic = prepare_run(config, resume)
+    with runtime(config.threads, deterministic):
+        run = Run(config, run_dir, device, resume)
+        _start(task, run)
+        start_epoch = _resume(task, run) if resume else 1
+        run.say(task.announce(run))
+        task.before_loop(run)
+        for epoch in range(start_epoch, run.config.epochs + 1):
+            _epoch(task, run, epoch)
+        parallel.barrier()
+        return _finish(task, run)
+
+
+def _start(task: RunTask, run: Run) -> None:
+    seed_everything(run.config.seed)
+    run.data = task.load_data(run.config)
+    default_size = default_img_size(run.config.model, run.config.model_args)
+    run.config = resolve_data_fields(run.config, run.data, default_size)  # type: ignore[assignment]
+    run.loaders = task.build_loaders(run)
+    if run.data.skipped:
+        run.say(f"skipped {len(run.data.skipped)} corrupt image(s), e.g. {run.data.skipped[0]}")
+    run.state = task.build_state(run)
+    if parallel.get_world_size() > 1:  # augmentation (and masks) differ per rank, reproducibly: seed + rank
+        seed_everything(parallel.rank_seed(run.config.seed))
+    run.amp_dtype = amp_dtype_for(run.config.amp, run.device)
+    task.prepare(run)
+    run.folder = RunFolder(run.run_dir, enabled=run.main)
+    run.info = run_info(run, run.state.model)
+    task.write_files(run)
+    run.folder.write_config(run.config)
+    run.folder.write_run_info(run.info)
+
+
+def _resume(task: RunTask, run: Run) -> int:
+    """Restore state.pt; returns the first epoch to run."""
+    saved = load_state(run.run_dir / STATE)
+    run.state.load_state_dict(saved)
+    task.restore(saved)
+    run.global_step = saved["global_step"]
+    run.folder.load_metrics(upto_epoch=saved["epoch"], upto_step=run.global_step)
+    # last: nothing above may draw random numbers afterwards. Each rank continues its own
+    # generators; a rank the saved run did not have starts from seed + rank and the epoch
+    rngs = saved.get("rng_ranks") or [saved["rng"]]
+    if parallel.get_rank() < len(rngs):
+        restore_rng(rngs[parallel.get_rank()])
+    else:
+        seed_everything(parallel.rank_seed(run.config.seed) * 100_003 + saved["epoch"])
+    run.say(f"resuming {run.run_dir} after epoch {saved['epoch']}")
+    return saved["epoch"] + 1
+
+
+def _train_epoch(task: RunTask, run: Run, epoch: int) -> dict[str, float]:
+    config, state = run.config, run.state
+    set_loader_epoch(run.loaders["train"], epoch, parallel.rank_seed(config.seed))
+    progress = Progress(len(run.loaders["train"]), f"epoch {epoch}/{config.epochs}", enabled=run.main,
+                        every=config.log_every)
+    try:
+        return train_one_epoch(
+            run.train_model, task.batch_loss(run, epoch), run.loaders["train"], state.optimizer,
+            device=run.device, scheduler=state.scheduler, ema=state.ema, amp_dtype=run.amp_dtype,
+            scaler=state.scaler, grad_accum=config.grad_accum, clip_grad=config.clip_grad, epoch=epoch,
+            start_step=run.global_step, log_every=config.log_every, on_log=run.folder.log, progress=progress,
+        )
+    except NonFiniteError as err:
+        run.info.update(status=f"stopped: {err}", end_time=now())
+        run.folder.write_run_info(run.info)
+        kept = f"the checkpoint of epoch {epoch - 1} in {run.run_dir} is intact" if epoch > 1 else "no checkpoint yet"
+        raise NonFiniteError(
+            f"{err}; {task.noun} stopped ({kept}): lower the learning rate or set clip_grad, e.g. --set clip_grad=1.0"
+        ) from None
+    finally:
+        progress.close()
+
+
+def _epoch(task: RunTask, run: Run, epoch: int) -> None:
+    stats = _train_epoch(task, run, epoch)
+    run.global_step += int(stats["steps"])
+    record = task.validate(run, epoch, stats)
+    # metrics are reduced over ranks, so every rank decides alike; under FSDP the gathers are
+    # collectives (every rank calls them) and only rank 0 writes. Order matters: state.pt last,
+    # so everything it claims exists
+    task.save_weights(run, epoch, record)
+    saved_state = {**run.state.state_dict(), **task.extra_state()}
+    rngs = parallel.gather_objects(capture_rng())
+    if run.main:
+        run.folder.log(record)
+        save_state(run.run_dir / STATE, {**saved_state, "epoch": epoch, "global_step": run.global_step,
+                                         "rng": rngs[0], "rng_ranks": rngs})
+    task.after_epoch(run, epoch)
+    run.say(task.epoch_line(run, epoch, record), flush=True)
+
+
+def _finish(task: RunTask[R], run: Run) -> R:
+    final = task.final(run)
+    if final is not None:
+        run.folder.log(final)
+    if run.main:
+        title, loss_label = task.curves_title(run)
+        plot_curves(run.folder.records, run.run_dir / CURVES, title=title, loss_label=loss_label)
+    run.info.update(status="finished", end_time=now())
+    run.folder.write_run_info(run.info)
+    run.folder.close()
+    return task.result(run)
+
