@@ -119,8 +119,8 @@ class HFImageDataset(Dataset):
 
 def load(config: Any, splits: tuple[str, ...]) -> Any:
     """`LoadedData` of `hf:PATH` (`config.data`); val is held out of train when the dataset has none."""
-    from vitkit.data.datasets import LoadedData, SplitData, holdout
     from vitkit.data.folder import GREY_MODES
+    from vitkit.data.splits import LoadedData, SplitData, holdout
     from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     parts, classes = open_hf(config.data)

@@ -71,8 +71,8 @@ def read_manifest(path: str | Path) -> Manifest:
 
 def load(config: Any, splits: tuple[str, ...]) -> Any:
     """`LoadedData` of a manifest (`config.data`); val is held out of train when no line is val."""
-    from vitkit.data.datasets import LoadedData, SplitData, holdout
     from vitkit.data.folder import detect_channels
+    from vitkit.data.splits import LoadedData, SplitData, holdout
     from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     manifest = read_manifest(config.data)

@@ -356,8 +356,8 @@ def write_index(output: Path, classes: list[str], in_chans: int,
 
 def load(config: Any, splits: tuple[str, ...]) -> Any:
     """`LoadedData` of `wds:...` (`config.data`). Streams cannot hold out val: shard it as a split."""
-    from vitkit.data.datasets import LoadedData, SplitData
     from vitkit.data.folder import GREY_MODES
+    from vitkit.data.splits import LoadedData, SplitData
     from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     source = open_source(config.data)

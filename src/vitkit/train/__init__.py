@@ -1,0 +1,1 @@
+"""Supervised training: config, recipes, the engine, the run loop, optimisers, losses, distillation, several processes."""
