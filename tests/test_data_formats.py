@@ -74,7 +74,7 @@ def test_every_format_has_the_same_class_counts(sources):
 
 
 def _epoch_loss(source: str) -> float:
-    from vitkit.train.engine import train_one_epoch
+    from vitkit.train.engine import supervised_loss, train_one_epoch
     from vitkit.train.losses import CrossEntropy
 
     config = TrainConfig(data=source, img_size=28, crop_pct=1.0)
@@ -88,7 +88,8 @@ def _epoch_loss(source: str) -> float:
     model = vitkit.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, num_classes=10,
                                 embed_dim=32, depth=1, num_heads=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    result = train_one_epoch(model, CrossEntropy(0.0), loader, optimizer, device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    result = train_one_epoch(model, supervised_loss(CrossEntropy(0.0), cpu), loader, optimizer, device=cpu)
     assert result["images"] == SIZES["train"]
     return result["train_loss"]
 
