@@ -101,6 +101,18 @@ def test_finds_gzipped_idx_in_the_debian_folder_and_decompresses_once(offline, m
     assert fashion_mnist.find_fashion_mnist() == root
 
 
+def test_vitkit_data_never_replaces_the_shared_cache(offline, monkeypatch):
+    """A folder named by $VITKIT_DATA is copied into a cache of its own: a later run without
+    $VITKIT_DATA still reads the real data, not the last folder a user (or a test) pointed at."""
+    debian = write_idx(offline / "debian")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", debian)
+    mine = write_idx(offline / "mine", n_train=30, n_test=10, gz=False)
+    monkeypatch.setenv("VITKIT_DATA", str(mine))
+    assert len(fashion_mnist.load_fashion_mnist(train=True)[0]) == 30
+    monkeypatch.delenv("VITKIT_DATA")
+    assert len(fashion_mnist.load_fashion_mnist(train=True)[0]) == 200
+
+
 def test_vitkit_data_comes_first(offline, monkeypatch):
     write_idx(offline / "debian")
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", offline / "debian")

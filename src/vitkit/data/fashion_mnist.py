@@ -7,6 +7,7 @@ Search order: `$VITKIT_DATA`, the cache (`~/.cache/vitkit/data`), the Debian pac
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 import socket
@@ -40,9 +41,8 @@ def _has(folder: Path, suffix: str = "") -> bool:
     return all((folder / f"{name}{suffix}").is_file() for name in FILES)
 
 
-def _install_into_cache(folder: Path, suffix: str) -> Path:
-    """Copy (suffix "") or decompress (suffix ".gz") the four files into the cache; returns the cache root."""
-    root = cache_dir()
+def _install_into_cache(folder: Path, suffix: str, root: Path) -> Path:
+    """Copy (suffix "") or decompress (suffix ".gz") the four files into `root` (in torchvision's layout)."""
     raw = _raw_dir(root)
     raw.mkdir(parents=True, exist_ok=True)
     for name in FILES:
@@ -57,15 +57,23 @@ def _install_into_cache(folder: Path, suffix: str) -> Path:
     return root
 
 
-def _root_from(folder: Path) -> Path | None:
-    """A torchvision root for the data found in `folder` (any of the usual layouts), or None."""
+def _source_cache(folder: Path) -> Path:
+    """The cache root for a `$VITKIT_DATA` folder: its own, keyed by its path, so the data a user points
+    at never replaces the shared cache that runs without `$VITKIT_DATA` read."""
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    return cache_dir() / "from-vitkit-data" / key
+
+
+def _root_from(folder: Path, cache: Path) -> Path | None:
+    """A torchvision root for the data found in `folder` (any of the usual layouts; other layouts are
+    copied into `cache`), or None."""
     if _has(_raw_dir(folder)):
         return folder
     for candidate in (folder, folder / "fashion-mnist", folder / "FashionMNIST", _raw_dir(folder)):
         if _has(candidate):
-            return _install_into_cache(candidate, "")
+            return _install_into_cache(candidate, "", cache)
         if _has(candidate, ".gz"):
-            return _install_into_cache(candidate, ".gz")
+            return _install_into_cache(candidate, ".gz", cache)
     return None
 
 
@@ -79,7 +87,8 @@ def find_fashion_mnist(download: bool | None = None) -> Path:
     env = os.environ.get("VITKIT_DATA")
     if env:
         looked.append(f"$VITKIT_DATA={env}")
-        root = _root_from(Path(env).expanduser())
+        folder = Path(env).expanduser()
+        root = _root_from(folder, _source_cache(folder))
         if root is not None:
             return root
     else:
@@ -87,7 +96,7 @@ def find_fashion_mnist(download: bool | None = None) -> Path:
     for folder in (cache_dir(), DEBIAN_DIR):
         looked.append(str(folder))
         if folder.is_dir():
-            root = _root_from(folder)
+            root = _root_from(folder, cache_dir())
             if root is not None:
                 return root
     if download is None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +24,8 @@ from vitkit.factory import create_model
 from vitkit.registry import to_2tuple
 from vitkit.train.engine import BatchLoss
 from vitkit.train.parallel import all_reduce_sum, unwrap
-from vitkit.weights.vitkit_format import read_metadata, save_model
+from vitkit.weights.checkpoint import load_checkpoint
+from vitkit.weights.vitkit_format import save_model
 
 HEAD_PREFIXES = ("head.", "head_dist.")  # classifier parameters: absent from a pre-trained encoder
 
@@ -203,33 +203,11 @@ def save_encoder(model: SimMIM, path: str | os.PathLike, metadata: dict[str, str
 
 
 def load_encoder(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Load a pre-trained encoder into `model` (built with `create_model`); return the keys left as
-    initialised (the classifier head). Any other missing, unexpected or mis-shaped key is an error."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder checkpoint {path} does not exist")
-    source = f"{path} ({read_metadata(path).get('model', 'unknown model')})"
-    state = load_file(str(path))
-    own = model.state_dict()
-    # check everything before loading anything: a mismatch leaves the model untouched
-    missing = [k for k in own if k not in state]
-    bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
-    unexpected = [k for k in state if k not in own]
-    if bad or unexpected:
-        raise ValueError(
-            f"{source} does not fit this model: missing {bad[:5] or 'none'}, unexpected {unexpected[:5] or 'none'}; "
-            "fine-tune the model that was pre-trained, with its model_args"
-        )
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
-    if wrong:
-        raise ValueError(
-            f"{source} does not fit this model: {'; '.join(wrong[:3])}; "
-            "fine-tune with the pre-training model_args, img_size and in_chans"
-        )
-    model.load_state_dict(state, strict=False)
-    return missing
+    """Load a pre-trained encoder into `model` (built with `create_model`) through
+    `vitkit.load_checkpoint`; return the keys left as initialised (the classifier head). Anything else
+    that does not fit exactly is one error and nothing is loaded."""
+    report = load_checkpoint(model, path)
+    return sorted(report.reinitialised)
 
 
 # -- what pre-training adds to the engine: the batch loss and the metric ---------------------------
