@@ -1,0 +1,60 @@
+"""`vitkit serve (--run DIR | --checkpoint FILE)`: an HTTP service and a web page for one model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a trained model over HTTP, with a web page to try it (needs vitkit[serve])",
+        description="Start an HTTP service: POST /v1/predict (images as multipart field 'image' or JSON base64; "
+        "answers like `vitkit predict --json`), GET /v1/model, GET /healthz, and a page at / to drop an image and "
+        "see the top-5 classes and the attention map. Requests arriving within --max-wait-ms share one forward pass.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", dest="run_dir", metavar="DIR", help="a run folder from `vitkit train` (its best weights)")
+    src.add_argument("--checkpoint", metavar="FILE", help="a .safetensors file written by vitkit")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="most images in one forward pass (1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the first request of a batch waits for others to join it")
+    p.add_argument("--max-queue", type=int, default=256, help="images waiting at most; past it, 503 with Retry-After")
+    p.add_argument("--max-bytes", type=int, default=10 * 2**20, help="largest request body (413 past it)")
+    p.add_argument("--max-pixels", type=int, default=25_000_000,
+                   help="largest decoded image (width x height); past it, 413 (decompression bombs)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the forward pass (default: torch's)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from vitkit.serve.app import create_app
+    except ImportError as err:
+        raise RuntimeError(f"vitkit serve needs FastAPI and uvicorn ({err}): pip install 'vitkit[serve]'") from None
+    import torch
+
+    from vitkit.serve import Predictor, load_served_model
+    from vitkit.train.parallel import resolve_device
+
+    if args.max_bytes < 1:
+        raise ValueError(f"--max-bytes must be >= 1, got {args.max_bytes}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    served = load_served_model(run=args.run_dir, checkpoint=args.checkpoint, device=device)
+    predictor = Predictor(served, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                          max_pixels=args.max_pixels, device=device)
+    app = create_app(predictor, max_bytes=args.max_bytes)
+    print(f"serving {served.name} ({served.source}) on http://{args.host}:{args.port}/ "
+          f"(batches of up to {args.max_batch}, {args.max_wait_ms:g} ms wait)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.log_level == "debug")
+    return 0
