@@ -16,7 +16,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,17 +30,17 @@ pytest.importorskip("fastapi", reason="vitkit serve needs the serve extra: pip i
 pytest.importorskip("multipart", reason="vitkit serve needs the serve extra: pip install 'vitkit[serve]'")
 uvicorn = pytest.importorskip("uvicorn", reason="vitkit serve needs the serve extra: pip install 'vitkit[serve]'")
 
-import vitkit  # noqa: E402
-from vitkit.cli import main  # noqa: E402
-from vitkit.data import fashion_mnist  # noqa: E402
-from vitkit.serve import Predictor, create_app, load_served_model  # noqa: E402
+import vitkit
+from vitkit.cli import main
+from vitkit.data import fashion_mnist
+from vitkit.serve import Predictor, create_app, load_served_model
 
 
 # -- a real run, real servers, a plain HTTP client -----------------------------------------------------
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A 1-epoch run of a one-block ViT on tiny IDX files (with a test split, so a logged test top-1)."""
-    tmp = tmp_path_factory.mktemp("serve")
+@contextmanager
+def tiny_run(tmp: Path) -> Iterator[Path]:
+    """A 1-epoch run of a one-block ViT on tiny IDX files (with a test split, so a logged test top-1);
+    VITKIT_DATA points at those files until the context ends."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(tmp / "cache"))
         mp.setenv("VITKIT_OFFLINE", "1")
@@ -48,6 +50,12 @@ def run(tmp_path_factory):
         assert main(["train", "--output", str(out), "--seed", "0", "--epochs", "1", "--patch-size", "7",
                      "--batch-size", "32", "--threads", "1", "--val-samples", "20", "--set", "model_args.depth=1",
                      "--set", "model_args.embed_dim=32", "--set", "model_args.num_heads=2"]) == 0
+        yield out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Iterator[Path]:
+    with tiny_run(tmp_path_factory.mktemp("serve")) as out:
         yield out
 
 
@@ -229,7 +237,7 @@ def _bomb() -> bytes:
 def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(run, images):
     server, _ = serve(run, max_bytes=100_000)
     png = images[0].read_bytes()
-    form = lambda field, data: multipart([(field, "x.png", data)])  # noqa: E731
+    form = lambda field, data: multipart([(field, "x.png", data)])
     cases = {
         "not an image": (form("image", b"hello, I am text"), 415),
         "empty body": ((b"", {"Content-Type": "image/png"}), 400),

@@ -4,6 +4,7 @@ Fashion-MNIST test image; the page's top-1 equals what `vitkit predict` prints f
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,10 @@ from PIL import Image
 
 pytest.importorskip("fastapi", reason="vitkit serve needs the serve extra: pip install 'vitkit[serve]'")
 
-from test_serve import LiveServer, run, serve  # noqa: E402,F401  (run: the module's tiny trained run)
+from test_serve import serve, tiny_run
 
-from vitkit.cli import main  # noqa: E402
-from vitkit.data import fashion_mnist  # noqa: E402
+from vitkit.cli import main
+from vitkit.data import fashion_mnist
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "serve_page.py"
 
@@ -38,6 +39,12 @@ def fmnist_image(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fmnist") / "test00000.png"
     Image.fromarray(images[0, 0].numpy(), mode="L").save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def run(fmnist_image, tmp_path_factory) -> Iterator[Path]:
+    with tiny_run(tmp_path_factory.mktemp("serve")) as out:
+        yield out
 
 
 def test_the_page_shows_the_top1_that_vitkit_predict_prints(fmnist_image, run, tmp_path, capsys):

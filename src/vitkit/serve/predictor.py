@@ -82,7 +82,8 @@ class Predictor:
         self.served = served
         self.model = served.model.eval().to(device)
         self.device = torch.device(device)
-        self.max_batch, self.max_wait_ms, self.max_queue, self.max_pixels = max_batch, max_wait_ms, max_queue, max_pixels
+        self.max_batch, self.max_wait_ms = max_batch, max_wait_ms
+        self.max_queue, self.max_pixels = max_queue, max_pixels
         self.num_classes = len(served.classes) if served.classes else None
         self.model_lock = threading.Lock()  # held by the worker around every forward pass
         self._transform = eval_transform(served.spec)
@@ -206,7 +207,8 @@ class Predictor:
             try:
                 with self.model_lock:
                     answers = self._forward(jobs)
-            except BaseException as err:  # a real bug: every waiting request gets it (and a 500)
+            # a real bug: every waiting request gets it, and a 500 with its traceback in the server's log
+            except Exception as err:  # noqa: BLE001
                 for job in jobs:
                     job.future.set_exception(err)
                 continue
