@@ -102,6 +102,8 @@ def main() -> int:
     parser.add_argument("--screenshot", default=None, help="PNG to write")
     args = parser.parse_args()
     reason = browser_unavailable()
+    if not Path(args.image).is_file():
+        reason = f"image {args.image} does not exist"
     if reason:
         print(f"serve_page: {reason}", file=sys.stderr)
         return 2
