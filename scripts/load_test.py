@@ -67,10 +67,12 @@ def start_server(source: list[str], settings: list[str], threads: int | None) ->
             time.sleep(0.3)
 
 
-def multipart(name: str, data: bytes) -> tuple[bytes, dict[str, str]]:
+def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, dict[str, str]]:
+    """(body, headers) of one request uploading (filename, bytes) files in the field `image`."""
     boundary = "vitkit-load-test"
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    parts = [(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+              "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n" for name, data in files]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
@@ -117,11 +119,17 @@ def load(port: int, bodies: list[tuple[bytes, dict[str, str]]], requests: int, c
             "requests_per_s": round(requests / wall, 1)}
 
 
-def run_mode(mode: str, source: list[str], bodies: list, args: argparse.Namespace) -> dict[str, Any]:
+def run_mode(mode: str, source: list[str], files: list[tuple[str, bytes]],
+             args: argparse.Namespace) -> dict[str, Any]:
     settings = [s.format(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms) for s in MODES[mode]]
     proc, port = start_server(source, settings, args.threads)
+    bodies = [multipart([f]) for f in files]
     try:
-        load(port, bodies, min(args.clients * 2, args.requests), args.clients)  # warm-up
+        # warm-up: the largest batch first, so that RSS growth afterwards is a leak, not the allocator
+        # reaching the high-water mark of a full batch's activations
+        warm = args.max_batch if mode == "on" else 1
+        load(port, [multipart(files[:1] * warm)], 1, 1)
+        load(port, bodies, min(args.clients * 2, args.requests), args.clients)
         before = rss_mb(proc.pid)
         result = load(port, bodies, args.requests, args.clients)
         after = rss_mb(proc.pid)
@@ -136,7 +144,7 @@ def run_mode(mode: str, source: list[str], bodies: list, args: argparse.Namespac
             "mean_batch": round(health["images"] / batches, 2), "largest_batch": health["largest_batch"]}
 
 
-def fmnist_bodies(count: int) -> list[tuple[bytes, dict[str, str]]]:
+def fmnist_files(count: int) -> list[tuple[str, bytes]]:
     """The first `count` Fashion-MNIST test images as PNG uploads."""
     from PIL import Image
 
@@ -147,11 +155,11 @@ def fmnist_bodies(count: int) -> list[tuple[bytes, dict[str, str]]]:
     for i in range(count):
         buf = io.BytesIO()
         Image.fromarray(images[i, 0].numpy(), mode="L").save(buf, format="PNG")
-        out.append(multipart(f"test{i:05d}.png", buf.getvalue()))
+        out.append((f"test{i:05d}.png", buf.getvalue()))
     return out
 
 
-def photo_bodies(count: int, size: int) -> list[tuple[bytes, dict[str, str]]]:
+def photo_files(count: int, size: int) -> list[tuple[str, bytes]]:
     """`count` random RGB JPEGs of size x size (the model resizes and centre-crops them)."""
     import numpy as np
     from PIL import Image
@@ -161,7 +169,7 @@ def photo_bodies(count: int, size: int) -> list[tuple[bytes, dict[str, str]]]:
     for i in range(count):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
-        out.append(multipart(f"random{i}.jpg", buf.getvalue()))
+        out.append((f"random{i}.jpg", buf.getvalue()))
     return out
 
 
@@ -194,13 +202,13 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.run:
-            source, bodies, what = ["--run", args.run], fmnist_bodies(64), f"run {args.run}"
+            source, files, what = ["--run", args.run], fmnist_files(64), f"run {args.run}"
         else:
             source = ["--checkpoint", str(random_checkpoint(args.model, Path(tmp)))]
-            bodies, what = photo_bodies(16, 256), f"{args.model} (random weights)"
+            files, what = photo_files(16, 256), f"{args.model} (random weights)"
         modes = ("on", "off") if args.batching == "both" else (args.batching,)
         report = {"model": what, "cpus": os.cpu_count(), "note": "client and server share this machine",
-                  "modes": [run_mode(mode, source, bodies, args) for mode in modes]}
+                  "modes": [run_mode(mode, source, files, args) for mode in modes]}
     for r in report["modes"]:
         print(f"{what} | batching {r['batching']:3} ({r['settings']}): {r['requests']} requests, {r['clients']} "
               f"clients, errors {r['errors']}, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
