@@ -152,7 +152,7 @@ def fmnist_files(count: int) -> list[tuple[str, bytes]]:
 
     images, _ = fashion_mnist.load_fashion_mnist(train=False)
     out = []
-    for i in range(count):
+    for i in range(min(count, len(images))):
         buf = io.BytesIO()
         Image.fromarray(images[i, 0].numpy(), mode="L").save(buf, format="PNG")
         out.append((f"test{i:05d}.png", buf.getvalue()))

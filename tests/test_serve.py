@@ -321,6 +321,23 @@ def test_the_page_is_one_self_contained_file(run):
     assert "/v1/predict" in html and "/v1/model" in html
 
 
+def test_a_cancelled_request_is_dropped_and_the_worker_keeps_serving(run, images):
+    predictor = Predictor(load_served_model(run=run), max_batch=1, max_wait_ms=0)
+    image = predictor.decode(images[0].read_bytes(), "a.png")
+    predictor.start()
+    try:
+        with predictor.model_lock:
+            running = predictor.submit([image])
+            _wait_for(lambda: predictor.pending == 0)  # taken by the worker, which waits for the model
+            gone = predictor.submit([image])
+            assert gone.cancel()  # its client disconnected
+        assert running.result(timeout=60)[0]["top"] and gone.cancelled()
+        assert predictor.submit([image]).result(timeout=60)[0]["top"] == running.result()[0]["top"]
+        assert predictor.stats["batches"] == 2 and predictor.alive
+    finally:
+        predictor.close()
+
+
 def test_predictor_settings_are_checked(run):
     served = load_served_model(run=run)
     with pytest.raises(ValueError, match="max-queue"):

@@ -204,6 +204,10 @@ class Predictor:
 
     def _work(self) -> None:
         while (jobs := self._next_batch()) is not None:
+            # a request whose client went away was cancelled: drop it; the rest can no longer be cancelled
+            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            if not jobs:
+                continue
             try:
                 with self.model_lock:
                     answers = self._forward(jobs)
