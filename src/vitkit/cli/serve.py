@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--run", dest="run_dir", metavar="DIR", help="a run folder from `vitkit train` (its best weights)")
     src.add_argument("--checkpoint", metavar="FILE", help="a .safetensors file written by vitkit")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     p.add_argument("--max-batch", type=int, default=32, help="most images in one forward pass (1: no batching)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long the first request of a batch waits for others to join it")
@@ -49,12 +50,38 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    served = load_served_model(run=args.run_dir, checkpoint=args.checkpoint, device=device)
-    predictor = Predictor(served, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                          max_pixels=args.max_pixels, device=device)
-    app = create_app(predictor, max_bytes=args.max_bytes)
-    print(f"serving {served.name} ({served.source}) on http://{args.host}:{args.port}/ "
-          f"(batches of up to {args.max_batch}, {args.max_wait_ms:g} ms wait)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.log_level == "debug")
+    sock = _listen(args.host, args.port)  # before loading the model: a taken port fails at once
+    with sock:
+        device = resolve_device(args.device)
+        served = load_served_model(run=args.run_dir, checkpoint=args.checkpoint, device=device)
+        predictor = Predictor(served, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                              max_queue=args.max_queue, max_pixels=args.max_pixels, device=device)
+        app = create_app(predictor, max_bytes=args.max_bytes)
+        host, port = sock.getsockname()[:2]
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        print(f"serving {served.name} ({served.source}) on {url} "
+              f"(batches of up to {args.max_batch}, {args.max_wait_ms:g} ms wait)", flush=True)
+        config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug")
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn shuts down gracefully, then raises the Ctrl-C it caught again
+            pass
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port); port 0 picks a free one."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as err:
+        raise ValueError(f"cannot resolve --host {host!r} ({err}): give an address such as 127.0.0.1") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port} ({err.strerror}): pick another --port or --host") from None
+    return sock
