@@ -233,6 +233,32 @@ def test_a_model_without_attention_answers_with_the_bars_alone(tmp_path, images)
     assert info["name"] == "torchvision:mobilenet_v3_small" and info["attention"] is None
 
 
+def test_a_swin_answers_with_its_class_activation_map(tmp_path, images):
+    from vitkit.data.transforms import ImageSpec
+    from vitkit.registry import create_model
+    from vitkit.tools.attention import attention_map
+    from vitkit.train.modeling import save_weights
+
+    # two tiny stages: 32 px / patch 4 = an 8x8 grid, merged to 4x4; windows of 4
+    model = create_model("swin_tiny_patch4_window7_224", img_size=32, in_chans=1, num_classes=10, embed_dim=16,
+                         depths=(1, 1), num_heads=(1, 2), window_size=4, pretrained_window_sizes=(0, 0))
+    save_weights(model, tmp_path / "swin.safetensors", spec=ImageSpec(32, 1, (0.5,), (0.5,)),
+                 classes=fashion_mnist.CLASSES)
+    predictor = Predictor(load_served_model(checkpoint=tmp_path / "swin.safetensors"))
+    image = predictor.decode(images[0].read_bytes(), "a.png")  # 28x28 resized to 32: the whole picture
+    predictor.start()
+    try:
+        (entry,) = predictor.submit([image], attention=True).result(timeout=60)
+    finally:
+        predictor.close()
+    att = entry["attention"]
+    assert att["method"] == "cam" and att["grid"] == [4, 4] and att["crop"] == [0, 0, 28, 28]
+    (expected,) = attention_map(predictor.model, image.pixels[None], "cam")  # what `vitkit attention` draws
+    heat = expected.heat / expected.heat.max()
+    assert att["heat"] == pytest.approx(heat.flatten().tolist(), abs=1e-4)
+    assert entry["top"][0]["index"] == expected.class_index
+
+
 def _bomb() -> bytes:
     """A 6000 x 6000 black PNG: about 36 KB on the wire, 36 MB once decoded (over the 25 M-pixel limit)."""
     out = io.BytesIO()
@@ -246,6 +272,7 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(run, images)
     form = lambda field, data: multipart([(field, "x.png", data)])
     cases = {
         "not an image": (form("image", b"hello, I am text"), 415),
+        "EPS (Ghostscript)": (form("image", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"), 415),
         "empty body": ((b"", {"Content-Type": "image/png"}), 400),
         "empty image": (form("image", b""), 400),
         "truncated": (form("image", png[: len(png) // 2]), 422),

@@ -28,6 +28,10 @@ from vitkit.tools.attention import attention_map
 from vitkit.train.engine import mirror_averaged_log_probs
 
 
+# the decoders an upload may reach: no EPS (it runs Ghostscript) nor other rarely used plugins
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+
+
 class RequestError(VitkitError):
     """Bad input from a client: answered with `status` and a one-line JSON error."""
 
@@ -125,7 +129,7 @@ class Predictor:
         if not data:
             raise RequestError(f"image {name!r} is empty: send the bytes of an image file", 400)
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as img:
                 width, height = img.size  # from the header, before any pixel is decompressed
                 if width * height > self.max_pixels:
                     raise RequestError(
@@ -140,8 +144,8 @@ class Predictor:
         except Image.DecompressionBombError as err:  # PIL's own limit, checked in Image.open
             raise RequestError(f"image {name!r}: {err} (a decompression bomb?): send a smaller image", 413) from None
         except UnidentifiedImageError:
-            raise RequestError(f"{name!r} is not an image vitkit can read: send a PNG, JPEG, WebP, BMP, GIF or TIFF "
-                               "file", 415) from None
+            raise RequestError(f"{name!r} is not an image vitkit can read: send a PNG, JPEG, WebP, BMP, GIF, TIFF or "
+                               "PPM file", 415) from None
         except (OSError, ValueError, SyntaxError) as err:
             raise RequestError(f"cannot decode image {name!r} ({err}): the file is damaged or truncated", 422) from None
         return Decoded(name, self._transform(TF.pil_to_tensor(img)), self._crop_box(width, height))
