@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +35,9 @@ def browser_unavailable() -> str | None:
     return None
 
 
-def read_page(url: str, image: str | Path, screenshot: str | Path | None = None) -> dict[str, Any]:
-    """Open the page at `url`, pick `image`, wait for the answer; what the page shows:
-    {"top1": class, "shown": the top-1 line, "bars": [class, ...], "overlay": the map is drawn, "model": header}."""
+@contextmanager
+def _page(url: str) -> Iterator[Any]:
+    """A fresh headless chromium with the page at `url` loaded."""
     from playwright.sync_api import sync_playwright
 
     args = ["--no-sandbox"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []  # root needs it
@@ -44,22 +46,39 @@ def read_page(url: str, image: str | Path, screenshot: str | Path | None = None)
         try:
             page = browser.new_page(viewport={"width": 900, "height": 520})
             page.goto(url, wait_until="load")
-            page.wait_for_function("!document.getElementById('model').textContent.startsWith('loading')")
-            page.set_input_files("#file", str(image))
-            page.wait_for_selector("body[data-state=done]", timeout=60_000)
-            shown = {
-                "top1": page.get_attribute("#bars .bar:first-child", "data-class"),
-                "shown": page.text_content("#top1"),
-                "bars": [b.get_attribute("data-class") for b in page.query_selector_all("#bars .bar")],
-                "overlay": page.is_visible("#overlay-toggle") and page.evaluate(_HEAT_DRAWN),
-                "model": page.text_content("#model"),
-            }
-            if screenshot is not None:
-                Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(screenshot))
+            yield page
         finally:
             browser.close()
+
+
+def read_page(url: str, image: str | Path, screenshot: str | Path | None = None) -> dict[str, Any]:
+    """Open the page at `url`, pick `image`, wait for the answer; what the page shows:
+    {"top1": class, "shown": the top-1 line, "bars": [class, ...], "overlay": the map is drawn, "model": header}."""
+    with _page(url) as page:
+        page.wait_for_function("!document.getElementById('model').textContent.startsWith('loading')")
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("body[data-state=done]", timeout=60_000)
+        shown = {
+            "top1": page.get_attribute("#bars .bar:first-child", "data-class"),
+            "shown": page.text_content("#top1"),
+            "bars": [b.get_attribute("data-class") for b in page.query_selector_all("#bars .bar")],
+            "overlay": page.is_visible("#overlay-toggle") and page.evaluate(_HEAT_DRAWN),
+            "model": page.text_content("#model"),
+        }
+        if screenshot is not None:
+            from vitkit.core.files import atomic_path
+
+            with atomic_path(screenshot) as tmp:  # never a half-written picture
+                page.screenshot(path=str(tmp), type="png")
     return shown
+
+
+def read_error(url: str, upload: str | Path) -> str:
+    """Open the page at `url`, pick a file the server refuses; the error line the page shows."""
+    with _page(url) as page:
+        page.set_input_files("#file", str(upload))
+        page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=60_000)
+        return page.text_content("#error")
 
 
 # true when the heat canvas holds painted pixels

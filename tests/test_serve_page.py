@@ -59,8 +59,11 @@ def test_the_page_shows_the_top1_that_vitkit_predict_prints(fmnist_image, run, t
     if reason:
         pytest.skip(reason)
     server, predictor = serve(run)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("a text file with an image's name")
     with server:
         shown = driver.read_page(f"{server.url}/", fmnist_image, tmp_path / "page.png")
+        error = driver.read_error(f"{server.url}/", not_an_image)
     capsys.readouterr()
     assert main(["predict", str(fmnist_image), "--run", str(run), "--top-k", "1"]) == 0
     printed = capsys.readouterr().out.strip()  # "PATH: CLASS 12.3%"
@@ -70,4 +73,5 @@ def test_the_page_shows_the_top1_that_vitkit_predict_prints(fmnist_image, run, t
     assert shown["overlay"]  # a ViT: the `last` attention map is drawn over the image
     assert "vit_tiny_patch16_224" in shown["model"] and "test top-1" in shown["model"]
     assert predictor.stats["images"] == 1
+    assert "'notes.png' is not an image" in error  # the server's one-line error, shown as it came
     assert (tmp_path / "page.png").stat().st_size > 10_000
