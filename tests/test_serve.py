@@ -4,6 +4,7 @@ a thread where a test needs to reach the predictor), dynamic batching, the bound
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import io
 import json
@@ -369,6 +370,22 @@ def test_a_cancelled_request_is_dropped_and_the_worker_keeps_serving(run, images
         assert predictor.stats["batches"] == 2 and predictor.alive
     finally:
         predictor.close()
+
+
+def test_flip_tta_answers_equal_vitkit_predict_with_tta(run, images):
+    from vitkit.tools.predict import predict
+
+    served = dataclasses.replace(load_served_model(run=run), tta="hflip")  # as a run trained with tta: hflip
+    predictor = Predictor(served, max_batch=4)
+    predictor.start()
+    try:
+        answer = predictor.submit([predictor.decode(p.read_bytes(), p.name) for p in images[:4]]).result(timeout=60)
+    finally:
+        predictor.close()
+    printed = predict(served.model, images[:4], served.spec, served.classes, tta="hflip", batch_size=4)
+    assert_same_answers(answer, printed)
+    plain = predict(served.model, images[:4], served.spec, served.classes)
+    assert [e["top"][0]["prob"] for e in answer] != [e["top"][0]["prob"] for e in plain]
 
 
 def test_predictor_settings_are_checked(run):
