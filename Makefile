@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: test test-all demo venv venv-dev clean
+.PHONY: test test-all demo venv venv-dev browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,21 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 venv: $(VENV)/.installed
 venv-dev: $(VENV)/.installed-dev
 
-test: venv-dev
+test: venv-dev browser
 	$(PY) -m pytest -q
+
+# the `vitkit serve` page test drives Debian's chromium (no browser download is possible) on a Fashion-MNIST
+# test image: as root, install both once; elsewhere that test skips and says why
+BROWSER_PACKAGES := chromium dataset-fashion-mnist
+browser:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { [ ! -x /usr/bin/chromium ] || [ ! -d /usr/share/datasets/fashion-mnist ]; }; then \
+	  echo "installing $(BROWSER_PACKAGES) (Debian) for the page test ..."; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q $(BROWSER_PACKAGES) >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q $(BROWSER_PACKAGES) >/dev/null; } || \
+	    echo "could not install $(BROWSER_PACKAGES): the page test will skip"; \
+	fi
 
 # full-size parity for every variant (slow: large, huge and giant models at full depth)
 test-all: venv-dev

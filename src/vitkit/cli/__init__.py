@@ -20,6 +20,7 @@ COMMANDS = {
     "submit": "submit",
     "convert": "convert",
     "data": "data",
+    "serve": "serve",
 }
 
 

@@ -1,0 +1,225 @@
+"""A bounded load test of `vitkit serve` on loopback: N requests from C concurrent clients, with dynamic
+batching on and off. Client and server share the machine (the clients' CPU time competes with the
+server's), so figures are a lower bound on what the server does alone.
+
+    python scripts/load_test.py --run runs/fmnist_best                 # a trained run, its test images
+    python scripts/load_test.py --model deit_small_patch16_224         # random weights at 224
+    options: --requests 2000 --clients 32 --max-batch 32 --max-wait-ms 5 --threads N --out report.json
+
+Per mode: errors (non-200 answers or failed connections; must be 0), p50 / p99 latency, throughput,
+and the server's RSS after a warm-up and at the end. Nothing outside 127.0.0.1 is contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+MODES = {"on": ("--max-batch", "{max_batch}", "--max-wait-ms", "{max_wait_ms}"),
+         "off": ("--max-batch", "1", "--max-wait-ms", "0")}
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process, in MiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def start_server(source: list[str], settings: list[str], threads: int | None) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "vitkit", "serve", *source, "--host", HOST, "--port", str(port),
+           "--log-level", "warning", *settings]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vitkit serve exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=5):
+                return proc, port
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("vitkit serve did not start within 180 s") from None
+            time.sleep(0.3)
+
+
+def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, dict[str, str]]:
+    """(body, headers) of one request uploading (filename, bytes) files in the field `image`."""
+    boundary = "vitkit-load-test"
+    parts = [(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+              "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n" for name, data in files]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def client(port: int, bodies: list[tuple[bytes, dict[str, str]]], jobs: list[int], lock: threading.Lock,
+           latencies: list[float], errors: list[str]) -> None:
+    """One client: a keep-alive connection, taking request numbers from `jobs` until none are left."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=300)
+    while True:
+        with lock:
+            if not jobs:
+                break
+            i = jobs.pop()
+        body, headers = bodies[i % len(bodies)]
+        start = time.perf_counter()
+        try:
+            conn.request("POST", "/v1/predict", body=body, headers=headers)
+            response = conn.getresponse()
+            answer = response.read()
+            if response.status != 200 or not json.loads(answer)[0]["top"]:
+                errors.append(f"{response.status}: {answer[:200]!r}")
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            errors.append(f"{type(err).__name__}: {err}")
+            conn.close()
+            conn = http.client.HTTPConnection(HOST, port, timeout=300)
+        latencies.append(time.perf_counter() - start)
+    conn.close()
+
+
+def load(port: int, bodies: list[tuple[bytes, dict[str, str]]], requests: int, clients: int) -> dict[str, Any]:
+    """Send `requests` requests from `clients` threads; latency percentiles, throughput, errors."""
+    jobs, lock, latencies, errors = list(range(requests)), threading.Lock(), [], []
+    threads = [threading.Thread(target=client, args=(port, bodies, jobs, lock, latencies, errors))
+               for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    latencies.sort()
+    pick = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+    return {"requests": requests, "clients": clients, "errors": len(errors), "first_errors": errors[:3],
+            "p50_ms": round(pick(0.50), 1), "p99_ms": round(pick(0.99), 1), "seconds": round(wall, 2),
+            "requests_per_s": round(requests / wall, 1)}
+
+
+def run_mode(mode: str, source: list[str], files: list[tuple[str, bytes]],
+             args: argparse.Namespace) -> dict[str, Any]:
+    settings = [s.format(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms) for s in MODES[mode]]
+    proc, port = start_server(source, settings, args.threads)
+    bodies = [multipart([f]) for f in files]
+    try:
+        # warm-up: the largest batch first, so that RSS growth afterwards is a leak, not the allocator
+        # reaching the high-water mark of a full batch's activations
+        warm = args.max_batch if mode == "on" else 1
+        load(port, [multipart(files[:1] * warm)], 1, 1)
+        load(port, bodies, min(args.clients * 2, args.requests), args.clients)
+        before = rss_mb(proc.pid)
+        result = load(port, bodies, args.requests, args.clients)
+        after = rss_mb(proc.pid)
+        with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=30) as r:
+            health = json.loads(r.read())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    batches = max(health["batches"], 1)
+    return {"batching": mode, "settings": " ".join(settings), **result, "rss_before_mb": round(before, 1),
+            "rss_after_mb": round(after, 1), "rss_growth_pct": round(100 * (after - before) / before, 2),
+            "mean_batch": round(health["images"] / batches, 2), "largest_batch": health["largest_batch"]}
+
+
+def fmnist_files(count: int) -> list[tuple[str, bytes]]:
+    """The first `count` Fashion-MNIST test images as PNG uploads."""
+    from PIL import Image
+
+    from vitkit.data import fashion_mnist
+
+    images, _ = fashion_mnist.load_fashion_mnist(train=False)
+    out = []
+    for i in range(min(count, len(images))):
+        buf = io.BytesIO()
+        Image.fromarray(images[i, 0].numpy(), mode="L").save(buf, format="PNG")
+        out.append((f"test{i:05d}.png", buf.getvalue()))
+    return out
+
+
+def photo_files(count: int, size: int) -> list[tuple[str, bytes]]:
+    """`count` random RGB JPEGs of size x size (the model resizes and centre-crops them)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(count):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+        out.append((f"random{i}.jpg", buf.getvalue()))
+    return out
+
+
+def random_checkpoint(model: str, folder: Path) -> Path:
+    """`model` with random weights, saved with an ImageNet input record, for `--checkpoint`."""
+    from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSpec
+    from vitkit.registry import create_model
+    from vitkit.train.modeling import save_weights
+
+    net = create_model(model)
+    classes = [f"class {i}" for i in range(net.config.num_classes)]
+    spec = ImageSpec(int(net.config.img_size[0]), 3, tuple(IMAGENET_MEAN), tuple(IMAGENET_STD), 0.875, "bicubic")
+    path = folder / f"{model}.safetensors"
+    save_weights(net, path, spec=spec, classes=classes)
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a trained Fashion-MNIST run folder (uploads its test images)")
+    src.add_argument("--model", help="a registered model, served with random weights (uploads random photos)")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=None, help="the server's torch threads")
+    parser.add_argument("--batching", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--out", default=None, help="also write the report as JSON here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.run:
+            source, files, what = ["--run", args.run], fmnist_files(64), f"run {args.run}"
+        else:
+            source = ["--checkpoint", str(random_checkpoint(args.model, Path(tmp)))]
+            files, what = photo_files(16, 256), f"{args.model} (random weights)"
+        modes = ("on", "off") if args.batching == "both" else (args.batching,)
+        report = {"model": what, "cpus": os.cpu_count(), "note": "client and server share this machine",
+                  "modes": [run_mode(mode, source, files, args) for mode in modes]}
+    for r in report["modes"]:
+        print(f"{what} | batching {r['batching']:3} ({r['settings']}): {r['requests']} requests, {r['clients']} "
+              f"clients, errors {r['errors']}, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
+              f"{r['requests_per_s']} req/s, mean batch {r['mean_batch']}, RSS {r['rss_before_mb']} -> "
+              f"{r['rss_after_mb']} MiB ({r['rss_growth_pct']:+.2f}%)", flush=True)
+    if args.out:
+        from vitkit.core.files import write_text
+
+        write_text(args.out, json.dumps(report, indent=2) + "\n")
+    return 1 if any(r["errors"] for r in report["modes"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""`vitkit serve (--run DIR | --checkpoint FILE)`: an HTTP service and a web page for one model."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a trained model over HTTP, with a web page to try it (needs vitkit[serve])",
+        description="Start an HTTP service: POST /v1/predict (images as multipart field 'image' or JSON base64; "
+        "answers like `vitkit predict --json`), GET /v1/model, GET /healthz, and a page at / to drop an image and "
+        "see the top-5 classes and the attention map. Requests arriving within --max-wait-ms share one forward pass.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", dest="run_dir", metavar="DIR", help="a run folder from `vitkit train` (its best weights)")
+    src.add_argument("--checkpoint", metavar="FILE", help="a .safetensors file written by vitkit")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    p.add_argument("--max-batch", type=int, default=32, help="most images in one forward pass (1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the first request of a batch waits for others to join it")
+    p.add_argument("--max-queue", type=int, default=256, help="images waiting at most; past it, 503 with Retry-After")
+    p.add_argument("--max-bytes", type=int, default=10 * 2**20, help="largest request body (413 past it)")
+    p.add_argument("--max-pixels", type=int, default=25_000_000,
+                   help="largest decoded image (width x height); past it, 413 (decompression bombs)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the forward pass (default: torch's)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from vitkit.serve.app import create_app
+    except ImportError as err:
+        raise RuntimeError(f"vitkit serve needs FastAPI and uvicorn ({err}): pip install 'vitkit[serve]'") from None
+    import torch
+
+    from vitkit.serve import Predictor, load_served_model
+    from vitkit.train.parallel import resolve_device
+
+    if args.max_bytes < 1:
+        raise ValueError(f"--max-bytes must be >= 1, got {args.max_bytes}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    sock = _listen(args.host, args.port)  # before loading the model: a taken port fails at once
+    with sock:
+        device = resolve_device(args.device)
+        served = load_served_model(run=args.run_dir, checkpoint=args.checkpoint, device=device)
+        predictor = Predictor(served, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                              max_queue=args.max_queue, max_pixels=args.max_pixels, device=device)
+        app = create_app(predictor, max_bytes=args.max_bytes)
+        host, port = sock.getsockname()[:2]
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        print(f"serving {served.name} ({served.source}) on {url} "
+              f"(batches of up to {args.max_batch}, {args.max_wait_ms:g} ms wait)", flush=True)
+        config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug")
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn shuts down gracefully, then raises the Ctrl-C it caught again
+            pass
+    return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port); port 0 picks a free one."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as err:
+        raise ValueError(f"cannot resolve --host {host!r} ({err}): give an address such as 127.0.0.1") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port} ({err.strerror}): pick another --port or --host") from None
+    return sock

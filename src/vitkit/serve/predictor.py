@@ -1,0 +1,264 @@
+"""The predictor behind `vitkit serve`: it owns the model, decodes images safely, and runs requests
+that arrive within a few milliseconds of each other as one forward pass (dynamic batching).
+
+One worker thread runs every forward pass, so the model is never used from two threads at once
+(attention maps switch recording on in its modules). The queue is bounded in images: past it,
+`submit` raises `Busy` and the service answers 503.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as TF
+
+from vitkit.core.errors import VitkitError
+from vitkit.data.transforms import eval_transform
+from vitkit.serve.loading import ServedModel
+from vitkit.tools.attention import attention_map
+from vitkit.train.engine import mirror_averaged_log_probs
+
+
+# the decoders an upload may reach: no EPS (it runs Ghostscript) nor other rarely used plugins
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+
+
+class RequestError(VitkitError):
+    """Bad input from a client: answered with `status` and a one-line JSON error."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Busy(Exception):
+    """The queue is full: answered with 503 and Retry-After."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the server is busy (queue full): retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class Decoded:
+    """One image as the model sees it, and where that crop lies in the original picture."""
+
+    name: str
+    pixels: torch.Tensor  # (C, H, W), normalised
+    crop: tuple[float, float, float, float]  # left, top, width, height in original pixels
+
+
+@dataclass
+class _Job:
+    images: list[Decoded]
+    top_k: int
+    attention: bool
+    future: Future = field(default_factory=Future)
+
+
+class Predictor:
+    """Dynamic batching over one model: `submit` queues a request, a worker thread answers it."""
+
+    def __init__(
+        self,
+        served: ServedModel,
+        *,
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
+        max_pixels: int = 25_000_000,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if max_batch < 1 or max_queue < max_batch or max_wait_ms < 0 or max_pixels < 1:
+            raise ValueError(
+                f"need --max-batch >= 1, --max-queue >= --max-batch, --max-wait-ms >= 0 and --max-pixels >= 1; got "
+                f"{max_batch}, {max_queue}, {max_wait_ms}, {max_pixels}"
+            )
+        self.served = served
+        self.model = served.model.eval().to(device)
+        self.device = torch.device(device)
+        self.max_batch, self.max_wait_ms = max_batch, max_wait_ms
+        self.max_queue, self.max_pixels = max_queue, max_pixels
+        self.num_classes = len(served.classes) if served.classes else None
+        self.model_lock = threading.Lock()  # held by the worker around every forward pass
+        self._transform = eval_transform(served.spec)
+        self._mode = "L" if served.spec.in_chans == 1 else "RGB"
+        self._queue: deque[_Job] = deque()
+        self._pending = 0  # images waiting in the queue
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.stats = {"requests": 0, "images": 0, "batches": 0, "rejected_busy": 0, "largest_batch": 0}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker thread (idempotent)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._closed = False
+            self._thread = threading.Thread(target=self._work, name="vitkit-serve-worker", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    # -- decoding (runs in the request's thread) ------------------------------------------------------
+    def decode(self, data: bytes, name: str) -> Decoded:
+        """Decode one image file's bytes; a RequestError names what is wrong with it."""
+        if not data:
+            raise RequestError(f"image {name!r} is empty: send the bytes of an image file", 400)
+        try:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+                width, height = img.size  # from the header, before any pixel is decompressed
+                if width * height > self.max_pixels:
+                    raise RequestError(
+                        f"image {name!r} is {width}x{height} pixels, over the limit of {self.max_pixels} "
+                        "(a decompression bomb?): send a smaller image", 413)
+                img.load()
+                if img.mode in ("I", "I;16") and self._mode == "L":  # 16-bit greyscale: scale, don't clip
+                    img = img.point(lambda v: v / 256)
+                img = img.convert(self._mode)
+        except RequestError:
+            raise
+        except Image.DecompressionBombError as err:  # PIL's own limit, checked in Image.open
+            raise RequestError(f"image {name!r}: {err} (a decompression bomb?): send a smaller image", 413) from None
+        except UnidentifiedImageError:
+            raise RequestError(f"{name!r} is not an image vitkit can read: send a PNG, JPEG, WebP, BMP, GIF, TIFF or "
+                               "PPM file", 415) from None
+        except (OSError, ValueError, SyntaxError) as err:
+            raise RequestError(f"cannot decode image {name!r} ({err}): the file is damaged or truncated", 422) from None
+        return Decoded(name, self._transform(TF.pil_to_tensor(img)), self._crop_box(width, height))
+
+    def _crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        # eval transform: resize the short side to floor(img_size / crop_pct), centre-crop img_size
+        spec = self.served.spec
+        scale = min(width, height) / math.floor(spec.img_size / spec.crop_pct)
+        w, h = min(width, spec.img_size * scale), min(height, spec.img_size * scale)
+        return ((width - w) / 2, (height - h) / 2, w, h)
+
+    # -- the queue ---------------------------------------------------------------------------------
+    def submit(self, images: list[Decoded], *, top_k: int = 5, attention: bool = False) -> Future:
+        """Queue one request; its future gives one `vitkit predict --json` entry per image."""
+        if not images:
+            raise RequestError("no image in the request: send at least one", 400)
+        if len(images) > self.max_batch:
+            raise RequestError(f"{len(images)} images in one request, over --max-batch {self.max_batch}: "
+                               "split the request", 413)
+        if not 1 <= top_k <= 1000:
+            raise RequestError(f"top_k must be between 1 and 1000, got {top_k}")
+        if attention and self.served.attention is None:
+            attention = False  # models without a map (torchvision, int8) answer with the bars alone
+        job = _Job(images, top_k, attention)
+        with self._cond:
+            if self._closed:
+                raise Busy(retry_after=5)
+            if self._pending + len(images) > self.max_queue:
+                self.stats["rejected_busy"] += 1
+                raise Busy(retry_after=1)
+            self._queue.append(job)
+            self._pending += len(images)
+            self.stats["requests"] += 1
+            self._cond.notify()
+        return job.future
+
+    def _next_batch(self) -> list[_Job] | None:
+        """Block for a first request, then gather more until max_batch images or max_wait_ms."""
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            jobs = [self._queue.popleft()]
+            size = len(jobs[0].images)
+            deadline = time.monotonic() + self.max_wait_ms / 1000
+            while size < self.max_batch:
+                if self._queue:
+                    if size + len(self._queue[0].images) > self.max_batch:
+                        break
+                    jobs.append(self._queue.popleft())
+                    size += len(jobs[-1].images)
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    break
+                self._cond.wait(left)
+            self._pending -= size
+        return jobs
+
+    def _work(self) -> None:
+        while (jobs := self._next_batch()) is not None:
+            # a request whose client went away was cancelled: drop it; the rest can no longer be cancelled
+            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            if not jobs:
+                continue
+            try:
+                with self.model_lock:
+                    answers = self._forward(jobs)
+            # a real bug: every waiting request gets it, and a 500 with its traceback in the server's log
+            except Exception as err:  # noqa: BLE001
+                for job in jobs:
+                    job.future.set_exception(err)
+                continue
+            for job, answer in zip(jobs, answers):
+                job.future.set_result(answer)
+
+    # -- the forward pass (worker thread) ------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward(self, jobs: list[_Job]) -> list[list[dict[str, Any]]]:
+        images = [d for job in jobs for d in job.images]
+        x = torch.stack([d.pixels for d in images]).to(self.device)  # (B, C, H, W)
+        if self.served.tta == "hflip":
+            probs = mirror_averaged_log_probs(self.model, x).exp()  # (B, K), as `vitkit predict`
+        else:
+            probs = self.model(x).float().softmax(dim=-1)
+        self.stats["batches"] += 1
+        self.stats["images"] += len(images)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(images))
+        answers, start = [], 0
+        for job in jobs:
+            rows = probs[start : start + len(job.images)]
+            entries = [{"image": d.name, "top": self._top(p, job.top_k)} for d, p in zip(job.images, rows)]
+            if job.attention:
+                self._add_maps(entries, job.images, x[start : start + len(job.images)])
+            answers.append(entries)
+            start += len(job.images)
+        return answers
+
+    def _top(self, probs: torch.Tensor, k: int) -> list[dict[str, Any]]:
+        values, indices = probs.topk(min(k, probs.shape[-1]))
+        classes = self.served.classes
+        return [{"class": classes[i] if classes and i < len(classes) else str(i), "index": i, "prob": v}
+                for v, i in zip(values.tolist(), indices.tolist())]
+
+    def _add_maps(self, entries: list[dict[str, Any]], images: list[Decoded], x: torch.Tensor) -> None:
+        with torch.inference_mode(False), torch.no_grad():  # recording attention writes module state
+            maps = attention_map(self.model, x.clone(), self.served.attention)
+        for entry, decoded, amap in zip(entries, images, maps):
+            heat = amap.heat / amap.heat.max().clamp(min=1e-12)  # (h, w), peak 1
+            entry["attention"] = {
+                "method": amap.method,
+                "grid": list(heat.shape),
+                "heat": [round(v, 4) for v in heat.flatten().tolist()],
+                "crop": [round(v, 2) for v in decoded.crop],
+            }
