@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from vitkit.core.errors import FileFormatError
 from vitkit.core.files import atomic_path
 
 FORMAT_NAME = "vitkit"
@@ -43,12 +44,18 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"cannot read {path}: not a valid safetensors file ({err})") from err
+        raise FileFormatError(f"cannot read {path}: not a valid safetensors file ({err})") from None
 
 
 def config_fields(metadata: dict[str, str]) -> dict[str, Any]:
     """The config stored by `save_model`, with JSON lists turned back into tuples."""
-    fields = json.loads(metadata["config"])
+    try:
+        fields = json.loads(metadata["config"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise FileFormatError(f"the checkpoint's model config is missing or not JSON ({err!r}): "
+                              "was it written by vitkit? rebuild the model and use vitkit.load_checkpoint") from None
+    if not isinstance(fields, dict):
+        raise FileFormatError("the checkpoint's model config is not a JSON object: was it written by vitkit?")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
 
 
@@ -63,10 +70,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     meta = read_metadata(path)
     if meta.get("format") != FORMAT_NAME or "model" not in meta:
-        raise ValueError(
+        raise FileFormatError(
             f"{path} is not a vitkit checkpoint (no model name in its metadata): "
             "build the model with vitkit.create_model(NAME) and use vitkit.load_checkpoint(model, path)"
         )
     model = create_model(meta["model"], **config_fields(meta))
-    model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
+    try:
+        model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
+    except (RuntimeError, SafetensorError) as err:  # keys or shapes other than its own metadata's model
+        detail = " ".join(str(err).split())[:300]
+        raise FileFormatError(f"{path} does not hold the weights of the {meta['model']} it names ({detail})") from None
     return model.to(device)
