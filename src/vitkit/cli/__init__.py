@@ -75,9 +75,12 @@ def exit_code(err: BaseException) -> int | None:
         return EXIT_FAILURE
     if isinstance(err, _USER_OS_ERRORS) or (isinstance(err, OSError) and err.errno in _USER_ERRNOS):
         return EXIT_FAILURE
+    # not yet converted to the VitkitError family: a message vitkit raised on purpose is still the
+    # user's to fix (a ValueError validates a value, a RuntimeError reports a failure while running)
     if type(err) is ValueError and _raised_by_vitkit(err):
-        # a validation message not yet converted to UsageError: still the user's to fix
         return EXIT_USAGE
+    if type(err) is RuntimeError and _raised_by_vitkit(err):
+        return EXIT_FAILURE
     return None
 
 
