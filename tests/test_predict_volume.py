@@ -94,7 +94,8 @@ def test_skip_corrupt_leaves_bad_files_out_and_lists_them(tmp_path, checkpoint, 
 @pytest.mark.parametrize("flags, message", [
     (["--top-k", "0"], "--top-k must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--workers", "-1"], "--workers must be between 0 and 64"),
+    (["--workers", "100000"], "--workers must be between 0 and 64"),
 ])
 def test_bad_options_are_usage_errors(flags, message, tmp_path, checkpoint, capsys):
     image = _images(tmp_path, 1)[0]

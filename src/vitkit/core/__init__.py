@@ -7,4 +7,7 @@ from vitkit.core.errors import FileFormatError, NonFiniteError, UsageError, Vitk
 from vitkit.core.files import atomic_path, save_figure, write_text
 from vitkit.core.version import __version__
 
-__all__ = ["FileFormatError", "NonFiniteError", "UsageError", "VitkitError", "__version__", "atomic_path", "save_figure", "write_text"]
+__all__ = [
+    "FileFormatError", "NonFiniteError", "UsageError", "VitkitError", "__version__", "atomic_path", "save_figure",
+    "write_text",
+]

@@ -23,6 +23,8 @@ from vitkit.data.transforms import ImageSpec, eval_transform
 from vitkit.train.config import TTA_MODES
 from vitkit.train.engine import mirror_averaged_log_probs
 
+MAX_WORKERS = 64  # decoding processes: more only thrash (and a typo like 10000 would fork 10000)
+
 
 def expand_images(images: Sequence[str | Path]) -> list[Path]:
     """The image files named: files as given, directories expanded to their images (sorted, recursive).
@@ -78,8 +80,8 @@ def check_options(top_k: int, tta: str, batch_size: int, workers: int) -> None:
         raise UsageError(f"--tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {workers}")
+    if not 0 <= workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be between 0 and {MAX_WORKERS}, got {workers}")
 
 
 @torch.no_grad()
@@ -109,6 +111,7 @@ def iter_predictions(
     paths = expand_images(images)
     mode = "L" if spec.in_chans == 1 else "RGB"
     files = _Files(paths, eval_transform(spec), mode, spec.img_size, skip_corrupt)
+    workers = min(workers, -(-len(paths) // batch_size))  # no more processes than batches
     loader = DataLoader(files, batch_size=batch_size, num_workers=workers, shuffle=False)
     model = model.eval().to(device)
     for batch, indices, errors in loader:
