@@ -17,7 +17,6 @@ from PIL import Image
 
 import vitkit
 from vitkit.cli import main
-from vitkit.data import folder
 from vitkit.tools import predict as predict_module
 from vitkit.tools.evaluate import load_inference
 from vitkit.tools.predict import PredictStats, iter_predictions, predict

@@ -45,7 +45,8 @@ BUG_NOTE = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitkit", description="Vision Transformer backbones: build, train, evaluate, convert.")
+    parser = argparse.ArgumentParser(prog="vitkit",
+                                     description="Vision Transformer backbones: build, train, evaluate, convert.")
     from vitkit.core.version import __version__
 
     parser.add_argument("--version", action="version", version=f"vitkit {__version__}")

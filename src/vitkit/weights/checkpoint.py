@@ -135,7 +135,9 @@ def _refuse_pickle(path: Path, err: Exception) -> FileFormatError:
 
 
 def _corrupt(path: Path, err: Exception | str) -> FileFormatError:
-    detail = err if isinstance(err, str) else f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    if not isinstance(err, str):
+        err = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    detail = err
     return FileFormatError(f"{path} is truncated or corrupt ({detail}); download or copy it again")
 
 
@@ -216,7 +218,8 @@ def _check_npy_sizes(path: Path, members: list[zipfile.ZipInfo]) -> None:
             with z.open(m) as f:
                 try:
                     version = np.lib.format.read_magic(f)
-                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    fmt = np.lib.format
+                    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
                     shape, _, dtype = read_header(f)
                 except Exception as err:  # noqa: BLE001 - a malformed .npy header is the file's fault
                     raise _corrupt(path, f"member {m.filename}: {err}") from None
