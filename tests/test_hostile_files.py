@@ -190,16 +190,19 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
     return buf.getvalue()
 
 
-def _zip_bomb(tmp: Path) -> Path:
-    # 300 MB of zeros deflated to ~1 MB, behind a valid .npy header that declares exactly that size
-    path = tmp / "bomb.npz"
-    info = zipfile.ZipInfo("w.npy")
-    info.compress_type = zipfile.ZIP_DEFLATED
-    with zipfile.ZipFile(path, "w") as z, z.open(info, "w", force_zip64=True) as f:
-        f.write(_npy_header((75 * 2**20,)))
-        for _ in range(300):
-            f.write(bytes(2**20))
-    return path
+def _zip_bomb(name: str, member: str, header: bytes = b""):
+    def build(tmp: Path) -> Path:
+        # 300 MB of zeros deflated to ~1 MB (behind a valid .npy header declaring that size, for .npz)
+        path = tmp / name
+        info = zipfile.ZipInfo(member)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with zipfile.ZipFile(path, "w") as z, z.open(info, "w", force_zip64=True) as f:
+            f.write(header)
+            for _ in range(300):
+                f.write(bytes(2**20))
+        return path
+
+    return build
 
 
 def _npy_declares_terabytes(tmp: Path) -> Path:
@@ -284,7 +287,13 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "raw pickle, __reduce__ os.system": (_evil_pickle("evil_system.bin", os.system, 4), "safe reader"),
     "zip path traversal (pth)": (_zip_traversal_pth, "path traversal"),
     "zip path traversal (npz)": (_zip_traversal_npz, "path traversal"),
-    "zip bomb (300 MB member)": (_zip_bomb, "zip bomb"),
+    "zip bomb (npz, 300 MB member)": (_zip_bomb("bomb.npz", "w.npy", _npy_header((75 * 2**20,))), "zip bomb"),
+    "zip bomb (torch zip, 300 MB storage)": (_zip_bomb("bomb.pth", "archive/data/0"), "zip bomb"),
+    "tensor shape disagrees with its offsets": (
+        lambda t: _safetensors_bytes(t, "shape.safetensors",
+                                     header=b'{"w": {"dtype": "F32", "shape": [1000000000], "data_offsets": [0, 16]}}'),
+        "truncated or corrupt",
+    ),
     "npy header declares 4 TB": (_npy_declares_terabytes, "declares"),
     "npz object array": (_npz_object_array, "refuses them"),
     "npz malformed npy header": (_npz_bad_header, "truncated or corrupt"),
