@@ -10,6 +10,8 @@ unusual modes are converted, not dropped.
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -100,6 +102,7 @@ def test_header_bad_file_stops_the_scan_with_its_path_and_the_hint(tmp_path):
         load_data(TrainConfig(data=str(tmp_path / "d")))
     message = str(caught.value)
     assert str(bad["zero"]) in message and "empty" in message and "--skip-corrupt" in message and "\n" not in message
+    assert message.count("cannot read image") == 1
 
 
 def test_decode_bad_file_stops_when_met(tmp_path):
@@ -158,6 +161,24 @@ def test_unusual_modes_are_converted(name, tmp_path):
     assert pixel == pytest.approx(rgb, abs=3 if name.endswith(".jpg") else 0)
     grey = folder.load_image(path, "L")
     assert grey.mode == "L" and grey.size == (12, 12)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG claiming width x height RGB pixels whose image data is a few bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(100_000, 100_000))  # 10^10 pixels declared in 33 bytes
+    with pytest.raises(ImageReadError, match=rf"cannot read image {bomb}: .*pixels.*--skip-corrupt"):
+        folder.check_header(bomb)
+    with pytest.raises(ImageReadError, match="pixels"):
+        folder.load_image(bomb, "RGB")
 
 
 def test_an_all_bad_split_is_one_error(tmp_path):

@@ -69,8 +69,12 @@ def check_header(path: Path) -> None:
     fails when decoded.
     """
     try:
-        if path.stat().st_size == 0:
-            raise read_error(path, "the file is empty (0 bytes)")
+        empty = path.stat().st_size == 0
+    except OSError as err:  # vanished or unreadable since the folder was listed
+        raise read_error(path, err) from None
+    if empty:
+        raise read_error(path, "the file is empty (0 bytes)")
+    try:
         with Image.open(path) as img:
             img.size  # noqa: B018 - the header is parsed by open(); size and mode come from it
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
