@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     opened = False
     for entry in results:
         if args.json:
-            print(("[\n" if not opened else ",\n") + json.dumps(entry), end="", flush=False)
+            print(("[\n" if not opened else ",\n") + json.dumps(entry), end="")
             opened = True
         else:
             print(_line(entry))
