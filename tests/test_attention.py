@@ -162,6 +162,6 @@ def test_cli_writes_png(tmp_path, capsys):
     vit_args = ["attention", img, "--checkpoint", str(tmp_path / "vit.safetensors")]
     assert main(vit_args + ["--class-index", "1", "--out", str(tmp_path / "x.png")]) == 2
     assert "cam only" in capsys.readouterr().err
-    assert main(["attention", str(tmp_path / "none.png"), "--checkpoint", str(tmp_path / "vit.safetensors")]) == 2
+    assert main(["attention", str(tmp_path / "none.png"), "--checkpoint", str(tmp_path / "vit.safetensors")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()

@@ -66,7 +66,7 @@ def test_submits_with_sbatch_and_default_path(tmp_path, fake_cluster, monkeypatc
     assert os.access(script, os.X_OK)
     # a refusal is one line naming the script
     _stub(fake_cluster, "sbatch", 'echo "sbatch: error: invalid partition" >&2; exit 1')
-    assert main(["submit", "--nodes", "1", "--gpus-per-node", "1", "--output", "x.sbatch"]) == 2
+    assert main(["submit", "--nodes", "1", "--gpus-per-node", "1", "--output", "x.sbatch"]) == 1
     assert "sbatch refused x.sbatch: sbatch: error: invalid partition" in capsys.readouterr().err
 
 

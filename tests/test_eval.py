@@ -138,13 +138,13 @@ def test_eval_and_predict_errors_are_one_line(run, tmp_path, capsys):
     out, _, _ = run
     assert main(["eval", "--checkpoint", str(out / "best.safetensors")]) == 2
     assert "need --data" in capsys.readouterr().err
-    assert main(["predict", str(tmp_path / "missing.png"), "--run", str(out)]) == 2
+    assert main(["predict", str(tmp_path / "missing.png"), "--run", str(out)]) == 1
     assert "missing.png does not exist" in capsys.readouterr().err
-    assert main(["eval", "--run", str(tmp_path)]) == 2
+    assert main(["eval", "--run", str(tmp_path)]) == 1
     assert "is not a vitkit run folder" in capsys.readouterr().err
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"garbage")
-    assert main(["predict", str(broken), "--run", str(out)]) == 2
+    assert main(["predict", str(broken), "--run", str(out)]) == 1
     err = capsys.readouterr().err
     assert "cannot read image" in err and err.count("\n") == 1
 

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from vitkit.core.errors import VitkitError
+from vitkit.core.errors import FileFormatError, VitkitError
 import vitkit.models  # noqa: F401  (registers the families)
 from vitkit.registry import count_parameters, get_variant, resolve_config, variant_names
 from vitkit.weights.pretrained import load_pretrained
@@ -175,11 +176,15 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     elif meta.get("format") == FORMAT_NAME and name and "config" in meta:
         model = create_model(name, **config_fields(meta))
     else:
-        raise ValueError(
+        raise FileFormatError(
             f"{path} is not a vitkit checkpoint (no model name in its metadata): "
             "build the model with vitkit.create_model(NAME) and use vitkit.load_checkpoint(model, path)"
         )
-    model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    try:
+        model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    except (RuntimeError, SafetensorError) as err:  # keys or shapes other than its own metadata's model
+        detail = " ".join(str(err).split())[:300]
+        raise FileFormatError(f"{path} does not hold the weights of the {name} it names ({detail})") from None
     return model.to(device)
 
 

@@ -3,8 +3,11 @@
 Imports nothing from the rest of vitkit, and nothing heavy (no torch) at import time.
 """
 
-from vitkit.core.errors import NonFiniteError, VitkitError
+from vitkit.core.errors import FileFormatError, NonFiniteError, UsageError, VitkitError
 from vitkit.core.files import atomic_path, save_figure, write_text
 from vitkit.core.version import __version__
 
-__all__ = ["NonFiniteError", "VitkitError", "__version__", "atomic_path", "save_figure", "write_text"]
+__all__ = [
+    "FileFormatError", "NonFiniteError", "UsageError", "VitkitError", "__version__", "atomic_path", "save_figure",
+    "write_text",
+]

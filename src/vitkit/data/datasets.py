@@ -215,4 +215,4 @@ def build_dataset(data: LoadedData, split: Split, config: DataConfig, train: boo
     transform = train_transform(spec, augment(config)) if train else eval_transform(spec)
     if spec.in_chans not in (1, 3):
         raise ValueError(f"image folders load as greyscale or RGB: in_chans must be 1 or 3, got {spec.in_chans}")
-    return ImageFolderDataset(part.samples, spec.in_chans, transform)
+    return ImageFolderDataset(part.samples, spec.in_chans, transform, skip_corrupt=config.skip_corrupt)

@@ -11,12 +11,14 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from vitkit.core.errors import FileFormatError, VitkitError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 SPLITS = ("train", "val", "test")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(FileFormatError):
     """An image that cannot be decoded; its message names the file and the fix.
 
     Raised inside a DataLoader worker it comes back wrapped with the worker's traceback;
@@ -30,10 +32,20 @@ class ImageReadError(ValueError):
         super().__init__(message)
 
 
-def read_error(path: Path, err: Exception) -> ImageReadError:
+def read_error(path: Path, err: Exception | str) -> ImageReadError:
+    """The one-line error for an unreadable image: its path, the reason and the fix."""
     return ImageReadError(
         f"cannot read image {path}: {err}; fix or remove the file, or pass --skip-corrupt to skip such files"
     )
+
+
+def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """`img` in `mode` ("L" or "RGB"): 16-bit scaled to 8 (not clipped), palette and CMYK converted, alpha dropped."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        img = img.point(lambda v: v / 256).convert("L")  # 16-bit greyscale: 0..65535 -> 0..255
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # a palette with transparency converts through RGBA (PIL's advice)
+    return img if img.mode == mode else img.convert(mode)
 
 
 def load_image(path: str | Path, mode: str) -> Image.Image:
@@ -41,10 +53,8 @@ def load_image(path: str | Path, mode: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("I", "I;16") and mode == "L":  # 16-bit greyscale: scale, don't clip
-                img = img.point(lambda v: v / 256).convert("L")
-            return img.convert(mode)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            return _to_mode(img, mode)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise read_error(Path(path), err) from None
 
 
@@ -52,15 +62,22 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _check(path: Path, full: bool) -> None:
-    """Header check (cheap), or a full decode with `full` (catches truncated files too)."""
+def check_header(path: Path) -> None:
+    """Raise `ImageReadError` unless `path` has an image header PIL knows (no pixels are decoded).
+
+    Catches empty, non-image and unknown-format files at scan time; a truncated file passes and
+    fails when decoded.
+    """
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as err:  # vanished or unreadable since the folder was listed
+        raise read_error(path, err) from None
+    if empty:
+        raise read_error(path, "the file is empty (0 bytes)")
     try:
         with Image.open(path) as img:
-            if full:
-                img.load()
-            else:
-                img.verify()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            img.size  # noqa: B018 - the header is parsed by open(); size and mode come from it
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise read_error(path, err) from None
 
 
@@ -78,7 +95,7 @@ def class_names(split_dir: Path) -> list[str]:
         raise FileNotFoundError(f"image folder split {split_dir} does not exist")
     names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
-        raise ValueError(
+        raise VitkitError(
             f"{split_dir} has no class folders: expected {split_dir}/<class name>/<images> (ImageNet layout)"
         )
     return names
@@ -88,12 +105,14 @@ def scan_split(split_dir: Path, classes: list[str], skip_corrupt: bool = False) 
     """Every image of a split, labelled by `classes` (the train split's class names).
 
     A class folder without images, a class unknown to `classes`, or (without `skip_corrupt`)
-    an unreadable image raises a one-line error naming the folder or file.
+    an image whose header is unreadable raises a one-line error naming the folder or file. Only
+    headers are read: files that fail to decode are found (and with `skip_corrupt` skipped) by
+    `ImageFolderDataset` when it meets them, so no image is decoded twice.
     """
     found = class_names(split_dir)
     unknown = [c for c in found if c not in classes]
     if unknown:
-        raise ValueError(
+        raise VitkitError(
             f"class folder(s) {', '.join(unknown)} in {split_dir} are not in the train split: "
             "every val/test class must also be a train class (rename or remove them)"
         )
@@ -102,13 +121,13 @@ def scan_split(split_dir: Path, classes: list[str], skip_corrupt: bool = False) 
     for name in found:
         files = sorted(p for p in (split_dir / name).rglob("*") if _is_image(p))
         if not files:
-            raise ValueError(
+            raise VitkitError(
                 f"class folder {split_dir / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
                 "add images or remove the folder"
             )
         for path in files:
             try:
-                _check(path, full=skip_corrupt)
+                check_header(path)
             except ImageReadError:
                 if not skip_corrupt:
                     raise
@@ -116,7 +135,7 @@ def scan_split(split_dir: Path, classes: list[str], skip_corrupt: bool = False) 
                 continue
             out.samples.append((path, index[name]))
     if not out.samples:
-        raise ValueError(f"{split_dir} has no readable images")
+        raise FileFormatError(f"{split_dir} has no readable images ({len(out.skipped)} skipped as corrupt)")
     return out
 
 
@@ -131,22 +150,52 @@ def detect_channels(samples: list[tuple[Path, int]], limit: int = 32) -> int:
 
 
 class ImageFolderDataset(Dataset):
-    """Decodes one image per item: (transform(uint8 image (C, H, W)), label)."""
+    """Decodes one image per item: (transform(uint8 image (C, H, W)), label).
 
-    def __init__(self, samples: list[tuple[Path, int]], in_chans: int, transform: Callable | None = None) -> None:
+    With `skip_corrupt`, an image that fails to decode is replaced by the next one that decodes
+    (the same one every epoch, so runs stay reproducible) and recorded in a flag per sample that
+    DataLoader workers share with the main process: `skipped` lists the files met so far, and a
+    file found bad is never decoded again. Without it, the first such file raises `ImageReadError`.
+    """
+
+    def __init__(self, samples: list[tuple[Path, int]], in_chans: int, transform: Callable | None = None,
+                 skip_corrupt: bool = False) -> None:
         self.samples = samples
         self.mode = "L" if in_chans == 1 else "RGB"
         self.transform = transform
+        # (N,) bool in shared memory: workers mark the files they could not decode
+        self.bad = torch.zeros(len(samples), dtype=torch.bool).share_memory_() if skip_corrupt else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _decode(self, index: int) -> tuple[Image.Image, int]:
+        for step in range(len(self.samples)):
+            i = (index + step) % len(self.samples)
+            if self.bad is not None and self.bad[i]:
+                continue
+            path, label = self.samples[i]
+            try:
+                return load_image(path, self.mode), label
+            except ImageReadError:
+                if self.bad is None:
+                    raise
+                self.bad[i] = True
+        raise FileFormatError(f"none of the {len(self.samples)} images could be decoded (e.g. {self.samples[0][0]})")
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        image = TF.pil_to_tensor(load_image(path, self.mode))  # (C, H, W) uint8
+        image, label = self._decode(index)
+        image = TF.pil_to_tensor(image)  # (C, H, W) uint8
         if self.transform is not None:
             image = self.transform(image)
         return image, label
+
+    @property
+    def skipped(self) -> list[Path]:
+        """The files that failed to decode so far (with `skip_corrupt`), in sample order."""
+        if self.bad is None:
+            return []
+        return [self.samples[i][0] for i in self.bad.nonzero().flatten().tolist()]
 
     @property
     def targets(self) -> list[int]:

@@ -15,6 +15,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vitkit.core.errors import FileFormatError, UsageError, VitkitError
 from vitkit.core.files import atomic_path
 from vitkit.layers import resample_abs_pos_embed
 from vitkit.layers.rel_pos import resize_rel_pos_bias_table
@@ -106,15 +108,25 @@ def _clip(items: list[str], limit: int) -> str:
 
 
 # -- reading --------------------------------------------------------------------------------------
-def _refuse_pickle(path: Path, err: Exception) -> ValueError:
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+# Every reader treats the file as untrusted: nothing in it is executed (pickles go through
+# torch.load(weights_only=True), numpy with allow_pickle=False), nothing is extracted to disk, sizes
+# it declares are checked against its real size before anything is allocated, and every failure is
+# one FileFormatError naming the file.
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on its JSON header
+_BOMB_RATIO, _BOMB_FLOOR = 100, 256 * 2**20  # a zip whose members inflate past both is refused
+_HF_MODEL_TYPES = ("vit", "deit", "swin", "swinv2")
+
+
+def _refuse_pickle(path: Path, err: Exception) -> FileFormatError:
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    lines = [line.strip() for line in str(err).splitlines() if re.search("Unsupported|Trying", line)]
     if found:
         reason = f"it refers to {found.group(1)}"
     elif "allow_pickle" in str(err):
         reason = "a numpy object array"
     else:
-        reason = str(err).strip().splitlines()[-1][:200]
-    return ValueError(
+        reason = (lines or ["objects the safe reader does not allow"])[0][:200]
+    return FileFormatError(
         f"{path} holds pickled Python objects besides tensors and plain containers ({reason}); vitkit reads "
         "pickles with torch.load(weights_only=True) and refuses them because unpickling can run arbitrary "
         "code. If you trust its author, load it yourself and pass the state dict: "
@@ -122,30 +134,105 @@ def _refuse_pickle(path: Path, err: Exception) -> ValueError:
     )
 
 
-def _corrupt(path: Path, err: Exception) -> ValueError:
-    detail = (str(err).strip().splitlines() or [""])[0][:200]
-    return ValueError(f"{path} is truncated or corrupt ({type(err).__name__}: {detail}); download or copy it again")
+def _corrupt(path: Path, err: Exception | str) -> FileFormatError:
+    if not isinstance(err, str):
+        err = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    detail = err
+    return FileFormatError(f"{path} is truncated or corrupt ({detail}); download or copy it again")
+
+
+def _check_safetensors(path: Path, size: int) -> None:
+    """The 8-byte header length and the JSON header's tensor offsets fit inside the file."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > min(_MAX_HEADER, size - 8):
+            raise _corrupt(path, f"its header claims {n} bytes but the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise _corrupt(path, f"its header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+    data = size - 8 - n
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data):
+            raise _corrupt(path, f"tensor {key!r} lies outside the file's {data} data bytes")
+
+
+def _check_zip(path: Path, size: int) -> list[zipfile.ZipInfo]:
+    """The members of a zip (torch or numpy archive), refused when a name escapes or it inflates like a bomb."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise _corrupt(path, err) from None
+    for m in members:
+        name = m.filename.replace("\\", "/")
+        if name.startswith("/") or ".." in name.split("/") or ":" in name.split("/")[0]:
+            raise FileFormatError(f"{path} has an archive member named {m.filename!r} outside the archive "
+                                  "(path traversal): not a checkpoint vitkit wrote or can trust")
+    inflated = sum(m.file_size for m in members)
+    if inflated > max(_BOMB_FLOOR, _BOMB_RATIO * size):
+        raise FileFormatError(f"{path} is a {size}-byte archive whose members inflate to {inflated} bytes "
+                              "(a zip bomb, or corrupt): refused")
+    return members
 
 
 def _read_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" in str(err).lower() or "unsupported" in str(err).lower():
+        # the safe reader refuses globals (code); an unknown opcode just means the bytes are not a pickle
+        operand = re.search(r"Unsupported operand \d+", str(err))
+        if operand:
+            raise FileFormatError(
+                f"{path} is corrupt, or a pickle torch's safe reader cannot parse ({operand.group(0)}); download "
+                "it again, or if you trust its author load it yourself and pass vitkit.load_checkpoint the state dict"
+            ) from None
+        if "weights only load failed" in str(err).lower():
             raise _refuse_pickle(path, err) from None
         raise _corrupt(path, err) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - any failure to parse these bytes is the file's, not a bug
         raise _corrupt(path, err) from None
 
 
-def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+def _read_safetensors(path: Path, size: int) -> tuple[StateDict, dict[str, str]]:
+    _check_safetensors(path, size)
     try:
         return load_file(str(path)), read_metadata(path)
-    except (SafetensorError, OSError, ValueError) as err:
+    except FileFormatError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
         raise _corrupt(path, err) from None
 
 
-def _read_npz(path: Path) -> StateDict:
+def _check_npy_sizes(path: Path, members: list[zipfile.ZipInfo]) -> None:
+    """Each .npy member's declared shape matches its size, so no array is allocated past the data."""
+    with zipfile.ZipFile(path) as z:
+        for m in members:
+            with z.open(m) as f:
+                try:
+                    version = np.lib.format.read_magic(f)
+                    fmt = np.lib.format
+                    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                    shape, _, dtype = read_header(f)
+                except Exception as err:  # noqa: BLE001 - a malformed .npy header is the file's fault
+                    raise _corrupt(path, f"member {m.filename}: {err}") from None
+                if dtype.hasobject:
+                    raise _refuse_pickle(path, ValueError("allow_pickle: object arrays"))
+                need = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+                if need > m.file_size:
+                    raise _corrupt(path, f"member {m.filename} declares {need} bytes of data but holds {m.file_size}")
+
+
+def _read_npz(path: Path, size: int) -> StateDict:
+    members = _check_zip(path, size)
+    _check_npy_sizes(path, members)
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
@@ -153,20 +240,58 @@ def _read_npz(path: Path) -> StateDict:
         if "allow_pickle" in str(err):
             raise _refuse_pickle(path, err) from None
         raise _corrupt(path, err) from None
-    except (zipfile.BadZipFile, EOFError, OSError) as err:
+    except (zipfile.BadZipFile, EOFError, OSError, TypeError, MemoryError) as err:
         raise _corrupt(path, err) from None
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FileFormatError(f"{path} is not valid JSON ({err}); download or copy it again") from None
+
+
+def _check_hf_config(path: Path) -> None:
+    """A config.json beside the weights must be a JSON object naming a ViT / DeiT / Swin model."""
+    file = path / "config.json"
+    if not file.is_file():
+        return
+    config = _read_json(file)
+    if not isinstance(config, dict):
+        raise FileFormatError(f"{file} is not a JSON object: expected a HuggingFace model config")
+    kind = config.get("model_type")
+    if kind is not None and kind not in _HF_MODEL_TYPES:
+        raise FileFormatError(f"{file} describes a HuggingFace {kind!r} model, not one of "
+                              f"{', '.join(_HF_MODEL_TYPES)}: vitkit loads ViT, DeiT and Swin checkpoints only")
+
+
+def _shard_files(path: Path, index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names; each must be a file inside `path`."""
+    weight_map = _read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise FileFormatError(f"{index} has no weight_map of tensor names to shard files; download it again")
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        shard = path / name
+        if Path(name).name != name or not shard.resolve().is_relative_to(path.resolve()):
+            raise FileFormatError(f"{index} names shard {name!r} outside {path} (path traversal): refused")
+        if not shard.is_file():
+            raise FileFormatError(f"{index} names shard {name!r}, which is missing from {path}")
+        shards.append(shard)
+    return shards
+
+
 def _read_hf_dir(path: Path) -> tuple[Any, dict[str, str]]:
+    _check_hf_config(path)
     for name in _HF_WEIGHTS:
         file = path / name
         if not file.is_file():
             continue
         if name.endswith(".index.json"):  # sharded: {"weight_map": {key: shard file}}
-            shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
             state: dict = {}
-            for shard in shards:
-                state.update(_read_file(path / shard)[0])
+            for shard in _shard_files(path, file):
+                state.update(_unwrap(_read_file(shard)[0], str(shard)))
             return state, {}
         return _read_file(file)
     raise FileNotFoundError(
@@ -176,20 +301,22 @@ def _read_hf_dir(path: Path) -> tuple[Any, dict[str, str]]:
 
 
 def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
+    if not path.is_file():
+        raise FileFormatError(f"{path} is not a regular file (a FIFO, socket or device?): pass the checkpoint file")
+    size = path.stat().st_size
+    if size == 0:
+        raise FileFormatError(f"{path} is empty (0 bytes): download or copy it again")
     with open(path, "rb") as f:
         head = f.read(9)
     if path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):
-        return _read_safetensors(path)  # 8-byte little-endian header size, then a JSON header
+        return _read_safetensors(path, size)  # 8-byte little-endian header size, then a JSON header
     if path.suffix == ".npz":
-        return _read_npz(path), {}
-    if head.startswith(b"PK") and path.suffix not in (".pth", ".pt", ".bin", ".ckpt", ".tar"):
-        # a zip without a torch suffix: numpy's archive holds .npy members, torch's a data.pkl
-        try:
-            with zipfile.ZipFile(path) as z:
-                if all(n.endswith(".npy") for n in z.namelist()):
-                    return _read_npz(path), {}
-        except zipfile.BadZipFile as err:
-            raise _corrupt(path, err) from None
+        return _read_npz(path, size), {}
+    if head.startswith(b"PK"):
+        # numpy's archive holds .npy members, torch's a data.pkl and storages
+        members = _check_zip(path, size)
+        if members and all(m.filename.endswith(".npy") for m in members):
+            return _read_npz(path, size), {}
     return _read_torch(path), {}
 
 
@@ -201,12 +328,15 @@ def _unwrap(obj: Any, where: str) -> StateDict:
             break
         obj = inner
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{where} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
+        raise FileFormatError(f"{where} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
     state = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in obj.items()}
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not state:
         keys = ", ".join(list(map(str, obj))[:8])
-        raise ValueError(f"{where} holds no tensors (top-level keys: {keys or 'none'}): is it a model checkpoint?")
+        raise FileFormatError(f"{where} holds no tensors (top-level keys: {keys or 'none'}): is it a model checkpoint?")
+    odd = [repr(k) for k in state if not isinstance(k, str)]
+    if odd:
+        raise FileFormatError(f"{where} has tensors under non-string names ({_clip(odd, 4)}): not a state dict")
     # DDP and torch.compile wrap the model: drop their prefix when every key has it
     for prefix in ("module.", "_orig_mod."):
         if all(k.startswith(prefix) for k in state):
@@ -219,10 +349,19 @@ def read_state_dict(source: Source) -> tuple[StateDict, dict[str, str], str]:
     if isinstance(source, Mapping):
         return _unwrap(source, "the state dict"), {}, "state dict"
     path = Path(source)
+    if path.is_symlink() and not path.exists():  # exists() follows links: False for a loop or a dangling one
+        raise FileFormatError(f"checkpoint {path} is a broken symlink or a symlink loop: point it at the file")
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     obj, meta = _read_hf_dir(path) if path.is_dir() else _read_file(path)
     return _unwrap(obj, str(path)), meta, str(path)
+
+
+def _warn_nonfinite(state: StateDict, where: str) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        warnings.warn(f"{where}: {len(bad)} tensor(s) hold NaN or infinite values ({_clip(bad, 4)}); "
+                      "the model will output NaN: was the run that saved them diverging?", stacklevel=3)
 
 
 # -- fitting to the model -------------------------------------------------------------------------
@@ -341,6 +480,9 @@ def _fit(model: nn.Module, state: StateDict, fmt: str, report: LoadReport) -> St
                 report.unexpected.append(k)
             continue
         target = model_state[k]
+        if v.is_floating_point() != target.is_floating_point() or v.is_complex():
+            report.mismatched[k] = f"checkpoint dtype {v.dtype} vs model {target.dtype}"
+            continue
         if v.shape == target.shape:
             out[k] = v
             continue
@@ -391,15 +533,16 @@ def load_checkpoint(model: nn.Module, source: Source, *, format: Format = "auto"
     official Swin, hf, torchvision, mmpretrain, jax. Position embeddings, Swin V1 window tables and
     patch kernels are resampled to the model, input channels adapted, and the classifier kept
     fresh when the class counts differ. With `strict=True` anything else that does not fit raises
-    one ValueError and nothing is loaded; with `strict=False` the fitting tensors are loaded.
+    one VitkitError and nothing is loaded; with `strict=False` the fitting tensors are loaded. An
+    unreadable, corrupt or unsafe source raises `FileFormatError`; NaN weights load with a warning.
     A pre-trained encoder file (`vitkit pretrain`) must fit exactly, its missing classifier aside.
     """
     if format != "auto" and format not in converters.FORMATS:
-        raise ValueError(f"unknown checkpoint format {format!r}; choose auto, {', '.join(converters.FORMATS)}")
+        raise UsageError(f"unknown checkpoint format {format!r}; choose auto, {', '.join(converters.FORMATS)}")
     if not hasattr(model, "config"):
-        raise ValueError(f"{type(model).__name__} is not a vitkit model: build it with vitkit.create_model(NAME)")
+        raise UsageError(f"{type(model).__name__} is not a vitkit model: build it with vitkit.create_model(NAME)")
     if any(p.is_meta for p in model.parameters()):
-        raise ValueError(
+        raise UsageError(
             "the model is on the meta device: build it on a real device, or call model.to_empty(device=...) first"
         )
     state, meta, where = read_state_dict(source)
@@ -407,7 +550,7 @@ def load_checkpoint(model: nn.Module, source: Source, *, format: Format = "auto"
     if fmt == "auto":
         fmt = "vitkit" if meta.get("format") == "vitkit" else converters.detect_format(state)
         if fmt is None:
-            raise ValueError(
+            raise FileFormatError(
                 f"cannot tell the format of {where} from its keys (e.g. {_clip(list(state), 4)}): pass "
                 f"format= one of {', '.join(converters.FORMATS)}"
             )
@@ -419,10 +562,11 @@ def load_checkpoint(model: nn.Module, source: Source, *, format: Format = "auto"
         _check_encoder(model, meta, where, report)
     if strict and not report.ok:
         name = getattr(model, "variant_name", type(model).__name__)
-        raise ValueError(
+        raise VitkitError(
             f"{where} (format {fmt}) does not fit {name}: {report.problems()}{_hint(report)}; "
             "pass strict=False to load the rest"
         )
+    _warn_nonfinite(fitted, where)
     with torch.no_grad():
         model.load_state_dict(fitted, strict=False)
     report.loaded = len(fitted)
@@ -446,7 +590,7 @@ def _write_dir(path: Path, files: dict[str, Any]) -> None:
             os.replace(tmp, path)
             return
         if not path.is_dir():
-            raise ValueError(f"{path} exists and is not a directory: the hf format writes a directory")
+            raise VitkitError(f"{path} exists and is not a directory: the hf format writes a directory")
         for name in files:
             os.replace(tmp / name, path / name)  # one atomic rename per file
     finally:
@@ -478,7 +622,7 @@ def save_checkpoint(
         missing = converters.hf.unsupported(model)
         if missing:
             name = getattr(model, "variant_name", type(model).__name__)
-            raise ValueError(
+            raise UsageError(
                 f"HuggingFace transformers has no equivalent for {'; '.join(missing)} in {name}: "
                 "save it with format='vitkit' or format='timm'"
             )
@@ -492,4 +636,4 @@ def save_checkpoint(
             },
         )
     else:
-        raise ValueError(f"unknown save format {format!r}; choose vitkit, timm or hf")
+        raise UsageError(f"unknown save format {format!r}; choose vitkit, timm or hf")

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from vitkit.core.errors import FileFormatError
 from vitkit.core.files import atomic_path
 
 FORMAT_NAME = "vitkit"
@@ -45,12 +46,18 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"cannot read {path}: not a valid safetensors file ({err})") from err
+        raise FileFormatError(f"cannot read {path}: not a valid safetensors file ({err})") from None
 
 
 def config_fields(metadata: dict[str, str]) -> dict[str, Any]:
     """The config stored by `save_model`, with JSON lists turned back into tuples."""
-    fields = json.loads(metadata["config"])
+    try:
+        fields = json.loads(metadata["config"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise FileFormatError(f"the checkpoint's model config is missing or not JSON ({err!r}): "
+                              "was it written by vitkit? rebuild the model and use vitkit.load_checkpoint") from None
+    if not isinstance(fields, dict):
+        raise FileFormatError("the checkpoint's model config is not a JSON object: was it written by vitkit?")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
 
 
