@@ -176,7 +176,7 @@ def photo_files(count: int, size: int) -> list[tuple[str, bytes]]:
 def random_checkpoint(model: str, folder: Path) -> Path:
     """`model` with random weights, saved with an ImageNet input record, for `--checkpoint`."""
     from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSpec
-    from vitkit.registry import create_model
+    from vitkit.factory import create_model
     from vitkit.train.modeling import save_weights
 
     net = create_model(model)

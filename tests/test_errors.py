@@ -60,7 +60,7 @@ def test_anything_else_keeps_its_traceback_and_says_it_is_a_bug(err, monkeypatch
 
 
 def test_exit_code_of_legacy_messages_depends_on_who_raised_them():
-    from vitkit.registry import create_model
+    from vitkit.factory import create_model
 
     with pytest.raises(ValueError) as caught:
         create_model("not_a_model")

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 import vitkit
 from vitkit.cli import main
 from vitkit.core.errors import FileFormatError, VitkitError
-from vitkit.weights.io import load_model
+from vitkit.factory import load_model
 
 SMALL = dict(depth=1, embed_dim=32, num_heads=2, img_size=32, num_classes=3)
 NAME = "vit_tiny_patch16_224"
@@ -401,6 +401,6 @@ def test_vitkit_file_whose_weights_are_another_model(tmp_path):
     vitkit.weights.save_model(small, path)
     other = vitkit.create_model(NAME, **{**SMALL, "embed_dim": 64})
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path),
-              metadata={k: v for k, v in vitkit.weights.io.read_metadata(path).items()})
+              metadata={k: v for k, v in vitkit.weights.vitkit_format.read_metadata(path).items()})
     with pytest.raises(FileFormatError, match=f"does not hold the weights of the {NAME}"):
         load_model(path)

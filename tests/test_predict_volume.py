@@ -18,7 +18,7 @@ from PIL import Image
 import vitkit
 from vitkit.cli import main
 from vitkit.tools import predict as predict_module
-from vitkit.tools.evaluate import load_inference
+from vitkit.tools.inference import load_inference
 from vitkit.tools.predict import PredictStats, iter_predictions, predict
 
 SRC = str(Path(vitkit.__file__).resolve().parents[1])

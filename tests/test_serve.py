@@ -236,7 +236,7 @@ def test_a_model_without_attention_answers_with_the_bars_alone(tmp_path, images)
 
 def test_a_swin_answers_with_its_class_activation_map(tmp_path, images):
     from vitkit.data.transforms import ImageSpec
-    from vitkit.registry import create_model
+    from vitkit.factory import create_model
     from vitkit.tools.attention import attention_map
     from vitkit.train.modeling import save_weights
 

@@ -37,7 +37,7 @@ def load_served_model(
     *, run: str | Path | None = None, checkpoint: str | Path | None = None, device: torch.device | str = "cpu"
 ) -> ServedModel:
     """Load exactly one of a run folder (its best weights) or a checkpoint file, in eval mode."""
-    from vitkit.tools.evaluate import load_inference
+    from vitkit.tools.inference import load_inference
 
     if (run is None) == (checkpoint is None):
         raise ValueError("give exactly one of --run DIR or --checkpoint FILE")
