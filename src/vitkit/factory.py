@@ -171,10 +171,13 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     meta = read_metadata(path)
     name = meta.get("model", "")
     if is_torchvision(name):
-        args = json.loads(meta.get("torchvision_args", "{}"))
+        try:
+            args = json.loads(meta.get("torchvision_args", "{}"))
+        except json.JSONDecodeError as err:
+            raise FileFormatError(f"{path}: its torchvision_args metadata is not JSON ({err}): the file is damaged") from None
         model = build_torchvision(name[len(TORCHVISION_PREFIX) :], **args)
-    elif meta.get("format") == FORMAT_NAME and name and "config" in meta:
-        model = create_model(name, **config_fields(meta))
+    elif meta.get("format") == FORMAT_NAME and name:
+        model = create_model(name, **config_fields(meta))  # a missing or damaged config: FileFormatError
     else:
         raise FileFormatError(
             f"{path} is not a vitkit checkpoint (no model name in its metadata): "
