@@ -29,7 +29,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import vitkit
-from vitkit import registry
+from vitkit import factory
 from vitkit.cli import main
 
 SRC = str(Path(vitkit.__file__).resolve().parents[1])
@@ -42,10 +42,6 @@ MODELS = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_win
 # Tracebacks the fuzzer found in code this test's author does not own, handed to its owners (issue 17):
 # (exception type, vitkit file, function). Each is reported as a warning when met; delete a row when fixed.
 KNOWN_BUGS = {
-    ("UnicodeDecodeError", "train/config.py", "load_recipe"),  # --recipe given a binary file
-    ("TypeError", "train/config.py", "validate"),  # --set epochs= (None) compared with 1
-    ("TypeError", "cli/train.py", "requested_fields"),  # --set model_args=0 (not a mapping)
-    ("ValueError", "cli/train.py", "requested_fields"),  # --set model_args=nan
     ("RuntimeError", "models/vit.py", "__init__"),  # --img-size 2147483648: pos_embed size overflows
 }
 
@@ -89,10 +85,10 @@ def files(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture
 def harness(monkeypatch):
     """Stops each command where its real work would start (see the module docstring)."""
-    from vitkit.tools import evaluate, export
-    from vitkit.train import parallel, runner
+    from vitkit.tools import export, inference
+    from vitkit.train import parallel, supervised
 
-    real_create = registry.create_model
+    real_create = factory.create_model
 
     def create_model(name, *args, **kwargs):
         with torch.device("meta"):
@@ -119,10 +115,10 @@ def harness(monkeypatch):
 
         return stopped
 
-    monkeypatch.setattr(registry, "create_model", create_model)
-    monkeypatch.setattr(runner, "train", train)
+    monkeypatch.setattr(factory, "create_model", create_model)
+    monkeypatch.setattr(supervised, "train", train)
     monkeypatch.setattr(parallel, "launch", stop("launch"))
-    monkeypatch.setattr(evaluate, "evaluate_split", stop("evaluate_split"))
+    monkeypatch.setattr(inference, "evaluate_split", stop("evaluate_split"))
     monkeypatch.setattr(export, "export_model", stop("export_model"))
     monkeypatch.setenv("VITKIT_DATA", "/nonexistent")  # never download Fashion-MNIST
 

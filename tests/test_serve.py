@@ -175,13 +175,13 @@ def test_vitkit_serve_answers_like_vitkit_predict(run, images, capsys):
 
 
 def test_vitkit_serve_errors_are_one_line(run, tmp_path, capsys):
-    assert main(["serve", "--run", str(tmp_path / "missing"), "--port", "0"]) == 2
+    assert main(["serve", "--run", str(tmp_path / "missing"), "--port", "0"]) == 1  # failures while running exit 1 (usage errors 2)
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "run folder" in err and "does not exist" in err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        assert main(["serve", "--run", str(run), "--port", str(taken.getsockname()[1])]) == 2
+        assert main(["serve", "--run", str(run), "--port", str(taken.getsockname()[1])]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cannot listen on 127.0.0.1" in err and "--port" in err
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import socket
 
+from vitkit.core.errors import VitkitError
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -83,5 +85,5 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise ValueError(f"cannot listen on {host}:{port} ({err.strerror}): pick another --port or --host") from None
+        raise VitkitError(f"cannot listen on {host}:{port} ({err.strerror}): pick another --port or --host") from None
     return sock

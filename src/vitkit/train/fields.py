@@ -8,6 +8,7 @@ the type its field declares (int, float, bool, str, Literal, optional, list[...]
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 import inspect
 import io
@@ -19,6 +20,8 @@ from collections.abc import Iterable
 from typing import Any, Literal, TypeVar
 
 import yaml
+
+from vitkit.core.errors import UsageError
 
 C = TypeVar("C")
 
@@ -81,20 +84,26 @@ def _boolean(name: str, value: Any) -> bool:
     raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
+INT_LIMIT = 2**31 - 1  # sizes, counts and seeds: anything larger is a typo, and overflows torch's int32 sizes
+
+
 def _number(name: str, hint: type, value: Any) -> int | float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+    kind = "an integer" if hint is int else "a finite number"
+    if isinstance(value, bool) or value is None:
+        raise UsageError(f"{name} must be {kind}, got {value!r}")
     try:
-        if hint is float:
-            return float(value)
-        number = int(value) if isinstance(value, (int, str)) else value
-        if isinstance(number, float):
+        number = float(value) if hint is float else int(value) if isinstance(value, (int, str)) else value
+        if hint is int and isinstance(number, float):
             if not number.is_integer():
                 raise ValueError
             number = int(number)
-        return number
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {'an integer' if hint is int else 'a number'}, got {value!r}") from None
+        if not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise UsageError(f"{name} must be {kind}, got {value!r}") from None
+    if hint is int and abs(number) > INT_LIMIT:
+        raise UsageError(f"{name}={number} is out of range: at most {INT_LIMIT} in size")
+    return number
 
 
 def apply_fields(config: C, fields: dict[str, Any]) -> C:
@@ -141,7 +150,9 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             if head != "model_args":
                 raise ValueError(f"--set {key}: only model_args takes dotted keys (model_args.depth=6)")
             fields.setdefault("model_args", {})[sub] = value
-        elif head == "model_args" and isinstance(value, dict):
+        elif head == "model_args":
+            if not isinstance(value, dict):
+                raise UsageError(f"--set model_args needs a mapping, got {text!r}: e.g. --set model_args.depth=6")
             fields.setdefault("model_args", {}).update(value)
         else:
             fields[head] = value

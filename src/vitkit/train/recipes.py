@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from vitkit.core.errors import UsageError
+
 from vitkit.train.config import TrainConfig
 from vitkit.train.fields import merge_fields
 
@@ -48,7 +50,10 @@ def load_recipe(name_or_path: str, kind: RecipeKind = "train") -> tuple[str, dic
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {path} does not exist")
-        text, name = path.read_text(), path.stem
+        try:
+            text, name = path.read_text(), path.stem
+        except UnicodeDecodeError:
+            raise UsageError(f"recipe file {path} is not text (UTF-8 YAML): give a YAML recipe") from None
     else:
         resource = _recipe_folder(kind) / f"{name_or_path}.yaml"
         if not resource.is_file():
