@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_data import offline, write_idx  # noqa: F401  (offline is a fixture)
-from test_simmim import TINY_VIT_ARGS, _write_unlabelled_folder
 
 import vitkit
+from test_data import offline, write_idx  # noqa: F401  (offline is a fixture)
+from test_simmim import TINY_VIT_ARGS, _write_unlabelled_folder
 from vitkit.cli import main
 from vitkit.core.errors import NonFiniteError
 from vitkit.pretrain import pretraining
