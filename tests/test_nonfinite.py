@@ -135,6 +135,13 @@ def test_train_skips_a_nan_batch_and_counts_it_then_stops_past_the_limit(idx_dat
     assert code != 0 and "batch 3/11 (step 14)" in err and "max_nonfinite_skips reached" in err
     assert "the checkpoint of epoch 1" in err and torch.load(stopped / "state.pt", weights_only=True)["epoch"] == 1
 
+    # the command the message prints: resume, skipping (the poisoned batch is now the second of epoch 2)
+    assert f"--resume {stopped} --on-nonfinite skip" in err
+    monkeypatch.setattr(supervised, "supervised_loss", lambda *a: poisoned(real(*a), at={2}))
+    with pytest.warns(UserWarning, match="skipped a step"):
+        assert main(["train", "--resume", str(stopped), "--on-nonfinite", "skip", "--threads", "1"]) == 0
+    assert [r.get("nonfinite_skips") for r in read_metrics(stopped) if "step" not in r and "epoch" in r] == [0, 1]
+
 
 def test_pretrain_stops_on_a_nan_batch_keeping_epoch_one_and_can_skip(tmp_path, monkeypatch, capsys):
     data = tmp_path / "unlabelled"
