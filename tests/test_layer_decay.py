@@ -92,3 +92,25 @@ def test_layer_decay_on_a_model_without_layers_is_a_one_line_error():
     cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
     with pytest.raises(VitkitError, match="drop --layer-decay"):
         build_optimizer(cnn, LR, 0.05, layer_decay=DECAY)
+
+
+def test_a_run_saved_with_the_earlier_schedule_resumes_on_the_same_lrs():
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    def old_schedule(opt):  # vitkit's schedule before the per-group ratios (one group: the same lrs)
+        cosine = CosineAnnealingLR(opt, T_max=16, eta_min=MIN_LR)
+        return SequentialLR(opt, [LinearLR(opt, WARMUP_LR / LR, 1.0, total_iters=4), cosine], milestones=[4])
+
+    model = deep_vit()
+    old = torch.optim.AdamW(model.parameters(), lr=LR)
+    sched = old_schedule(old)
+    run_schedule(old, sched, 7)
+    saved = {"optimizer": old.state_dict(), "scheduler": sched.state_dict()}
+    rest_old = run_schedule(old, sched, 13)
+
+    new = torch.optim.AdamW(model.parameters(), lr=LR)
+    resumed = build_scheduler(new, total_steps=20, warmup_steps=4, warmup_lr=WARMUP_LR, min_lr=MIN_LR)
+    new.load_state_dict(saved["optimizer"])
+    resumed.load_state_dict(saved["scheduler"])
+    lrs = [row[0] for row in run_schedule(new, resumed, 13)]
+    assert lrs == pytest.approx([row[0] for row in rest_old], rel=1e-9)

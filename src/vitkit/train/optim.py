@@ -192,4 +192,17 @@ def warmup_schedule(
         t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
-    return LambdaLR(optimizer, factor)
+    return Schedule(optimizer, factor)
+
+
+class Schedule(LambdaLR):
+    """A LambdaLR that also resumes from the state of vitkit's earlier schedules (SequentialLR of
+    LinearLR and CosineAnnealingLR, or CosineAnnealingLR alone): the step count carries over, and
+    the group lrs are the optimiser state's."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "lr_lambdas" in state_dict:
+            super().load_state_dict(state_dict)
+            return
+        self.last_epoch = state_dict["last_epoch"]
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # restored with the optimiser
