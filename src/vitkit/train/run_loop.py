@@ -289,6 +289,7 @@ def _train_epoch(task: RunTask, run: Run, epoch: int) -> dict[str, float]:
     except NonFiniteError as err:
         run.info.update(status=f"stopped: {err}", end_time=now())
         run.folder.write_run_info(run.info)
+        run.folder.close()  # metrics.jsonl and the trackers
         kept = f"the checkpoint of epoch {epoch - 1} in {run.run_dir} is intact" if epoch > 1 else "no checkpoint yet"
         raise NonFiniteError(
             f"{err}; {task.noun} stopped ({kept}): lower the learning rate, set clip_grad (e.g. --set clip_grad=1.0) "
