@@ -210,9 +210,8 @@ def train_one_epoch(
     the EMA step with it. `on_log` gets a step line every `log_every` optimiser steps;
     `progress(images=, loss=, lr=)` is called per batch. Returns train_loss (mean over images,
     over all ranks), lr, images_per_s, steps, images and nonfinite_skips. A non-finite loss or
-    gradient raises NonFiniteError (naming the step, lr, loss scale and parameters) before the
-    step is applied; with `on_nonfinite="skip"` up to `max_skips` such steps are skipped instead.
-    """
+    gradient raises NonFiniteError before the step (see `Stepper`), or with `on_nonfinite="skip"`
+    skips up to `max_skips` such steps."""
     model.train()
     num_batches = len(loader)  # type: ignore[arg-type]
     stepper = Stepper(optimizer, scheduler, ema, scaler, grad_accum, clip_grad, on_nonfinite, max_skips)
@@ -231,11 +230,9 @@ def train_one_epoch(
         group.append((loss_value, n))
         lr = optimizer.param_groups[0]["lr"]
         if boundary:
-            step = start_step + steps + 1
             bad_loss = next((v for v, _ in group if not math.isfinite(v)), None)
-            where = partial(_where, step, epoch, i, num_batches)
-            if stepper.step(model, bad_loss, where):
-                for value, images in group:
+            if stepper.step(model, bad_loss, partial(_where, start_step + steps + 1, epoch, i, num_batches)):
+                for value, images in group:  # a skipped step's losses are not averaged in
                     counts.add(value, images)
             group, steps = [], steps + 1
         if progress is not None:
