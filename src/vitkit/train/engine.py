@@ -100,6 +100,7 @@ class Stepper:
     clip_grad: float | None = None
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skips: int = 0
+    device: torch.device | None = None  # of the flag all ranks reduce (the compute device: FSDP may offload grads)
     skipped: int = 0
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -129,12 +130,11 @@ class Stepper:
 
     def _finite(self, model: nn.Module, loss_finite: bool, norm: torch.Tensor | None) -> bool:
         # one flag for all ranks: losses differ per rank, and under FSDP each rank holds a shard
+        bad = torch.tensor([0.0 if loss_finite else 1.0], device=self.device or _grad_device(model))
         if self.scaler is None:
             norm = norm if norm is not None else grad_norm(model)
-            bad = (~torch.isfinite(norm)).float() + (0.0 if loss_finite else 1.0)
-        else:
-            bad = torch.tensor(0.0 if loss_finite else 1.0, device=_grad_device(model))
-        return float(all_reduce_sum(bad.reshape(1))) == 0
+            bad += (~torch.isfinite(norm)).float().to(bad.device)
+        return float(all_reduce_sum(bad)) == 0
 
     def _nonfinite(self, model: nn.Module, bad_loss: float | None, where: str) -> None:
         what = f"the training loss became {bad_loss}" if bad_loss is not None else "gradients became non-finite"
@@ -214,7 +214,7 @@ def train_one_epoch(
     skips up to `max_skips` such steps."""
     model.train()
     num_batches = len(loader)  # type: ignore[arg-type]
-    stepper = Stepper(optimizer, scheduler, ema, scaler, grad_accum, clip_grad, on_nonfinite, max_skips)
+    stepper = Stepper(optimizer, scheduler, ema, scaler, grad_accum, clip_grad, on_nonfinite, max_skips, device)
     optimizer.zero_grad(set_to_none=True)
     counts, steps, start = _Window(), 0, time.perf_counter()
     group: list[tuple[float, int]] = []  # (loss, images) of the micro-batches of this step
