@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +84,13 @@ class _Window:
 
 @dataclass
 class Stepper:
-    """How the optimiser steps: accumulation, clipping, fp16 scaling, then the scheduler and EMA."""
+    """How the optimiser steps: accumulation, clipping, fp16 scaling, then the scheduler and EMA.
+
+    Before a step it checks the loss and gradients: a non-finite one raises NonFiniteError with a
+    diagnosis, or with `on_nonfinite="skip"` the step is skipped (the schedule moves on), up to
+    `max_skips` times. Under fp16 the scaler deals with non-finite gradients (it skips the step
+    and lowers the scale); only a non-finite loss counts then.
+    """
 
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler | None = None
@@ -90,16 +98,24 @@ class Stepper:
     scaler: torch.amp.GradScaler | None = None
     grad_accum: int = 1
     clip_grad: float | None = None
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skips: int = 0
+    device: torch.device | None = None  # of the flag all ranks reduce (the compute device: FSDP may offload grads)
+    skipped: int = 0
 
     def backward(self, loss: torch.Tensor) -> None:
         scaled = loss / self.grad_accum
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
 
-    def step(self, model: nn.Module) -> None:
+    def step(self, model: nn.Module, bad_loss: float | None, where: Callable[[], str]) -> bool:
+        """Step the optimiser; False when a non-finite step was skipped. `bad_loss` is a non-finite
+        loss of the step's batches (None: all finite); `where()` names the step."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if self.clip_grad is not None:
-            clip_grad_norm(model, self.clip_grad)  # the global norm, over all shards under FSDP
+        norm = clip_grad_norm(model, self.clip_grad) if self.clip_grad is not None else None
+        if not self._finite(model, bad_loss is None, norm):
+            self._nonfinite(model, bad_loss, where())
+            return False
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -110,6 +126,60 @@ class Stepper:
             self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(unwrap(model))
+        return True
+
+    def _finite(self, model: nn.Module, loss_finite: bool, norm: torch.Tensor | None) -> bool:
+        # one flag for all ranks: losses differ per rank, and under FSDP each rank holds a shard
+        bad = torch.tensor([0.0 if loss_finite else 1.0], device=self.device or _grad_device(model))
+        if self.scaler is None:
+            norm = norm if norm is not None else grad_norm(model)
+            bad += (~torch.isfinite(norm)).float().to(bad.device)
+        return float(all_reduce_sum(bad)) == 0
+
+    def _nonfinite(self, model: nn.Module, bad_loss: float | None, where: str) -> None:
+        what = f"the training loss became {bad_loss}" if bad_loss is not None else "gradients became non-finite"
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        scale = f"{self.scaler.get_scale():.4g}" if self.scaler is not None else "none (fp32/bf16)"
+        diagnosis = (f"{what} at {where}: lr {max(lrs):.3g}, loss scale {scale}; "
+                     f"{nonfinite_gradients(unwrap(model), self.optimizer)}")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.on_nonfinite == "stop" or self.skipped >= self.max_skips:
+            spent = f"; {self.skipped} step(s) skipped in this epoch, max_nonfinite_skips reached"
+            raise NonFiniteError(diagnosis + (spent if self.on_nonfinite == "skip" else ""))
+        self.skipped += 1
+        if self.scaler is not None:  # unscale_ was called: close the scaler's step
+            self.scaler.update()
+        if self.scheduler is not None:  # the schedule keeps its length: a skipped step is a step
+            self.scheduler.step()
+        warnings.warn(f"skipped a step: {diagnosis}", stacklevel=2)
+
+
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """The global norm of `model`'s gradients (a plain tensor; over all shards under FSDP)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def nonfinite_gradients(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """Which parameters (and optimiser groups) have non-finite gradients, in words."""
+    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    names, groups = [], set()
+    for name, p in model.named_parameters():
+        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP: this rank's shard
+        if grad is not None and not bool(torch.isfinite(grad).all()):
+            names.append(name)
+            groups.add(group_of.get(id(p), -1))
+    if not names:
+        return "every gradient is finite"
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"non-finite gradients in {len(names)} parameter(s) of group(s) {sorted(groups)}: {shown}"
+
+
+def _grad_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def train_one_epoch(
@@ -130,6 +200,8 @@ def train_one_epoch(
     log_every: int = 50,
     on_log: Callable[[dict[str, float]], None] | None = None,
     progress: Callable[..., None] | None = None,
+    on_nonfinite: Literal["stop", "skip"] = "stop",
+    max_skips: int = 0,
 ) -> dict[str, float]:
     """Train `model` for one pass over `loader`, the loss of each batch from `batch_loss(model, batch)`
     (`supervised_loss` for classification, SimMIM's masked L1 for pre-training).
@@ -137,14 +209,15 @@ def train_one_epoch(
     The optimiser steps every `grad_accum` batches (and after the last one); the scheduler and
     the EMA step with it. `on_log` gets a step line every `log_every` optimiser steps;
     `progress(images=, loss=, lr=)` is called per batch. Returns train_loss (mean over images,
-    over all ranks), lr, images_per_s, steps, images. Raises NonFiniteError before applying a step
-    whose loss is not finite.
-    """
+    over all ranks), lr, images_per_s, steps, images and nonfinite_skips. A non-finite loss or
+    gradient raises NonFiniteError before the step (see `Stepper`), or with `on_nonfinite="skip"`
+    skips up to `max_skips` such steps."""
     model.train()
     num_batches = len(loader)  # type: ignore[arg-type]
-    stepper = Stepper(optimizer, scheduler, ema, scaler, grad_accum, clip_grad)
+    stepper = Stepper(optimizer, scheduler, ema, scaler, grad_accum, clip_grad, on_nonfinite, max_skips, device)
     optimizer.zero_grad(set_to_none=True)
     counts, steps, start = _Window(), 0, time.perf_counter()
+    group: list[tuple[float, int]] = []  # (loss, images) of the micro-batches of this step
     for i, batch in enumerate(loader):
         boundary = (i + 1) % grad_accum == 0 or i + 1 == num_batches
         # DDP: all-reduce gradients only on the micro-batch that completes an accumulation group
@@ -153,21 +226,25 @@ def train_one_epoch(
             with autocast(device, amp_dtype):
                 loss, n = batch_loss(model, batch)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteError(f"the training loss became {loss_value} at epoch {epoch}, batch {i + 1}/"
-                                     f"{num_batches} (lr {optimizer.param_groups[0]['lr']:.3g})")
-            stepper.backward(loss)
+            stepper.backward(loss)  # even when not finite: under DDP every rank joins the all-reduce
+        group.append((loss_value, n))
         lr = optimizer.param_groups[0]["lr"]
         if boundary:
-            stepper.step(model)
-            steps += 1
-        counts.add(loss_value, n)
+            bad_loss = next((v for v, _ in group if not math.isfinite(v)), None)
+            if stepper.step(model, bad_loss, partial(_where, start_step + steps + 1, epoch, i, num_batches)):
+                for value, images in group:  # a skipped step's losses are not averaged in
+                    counts.add(value, images)
+            group, steps = [], steps + 1
         if progress is not None:
             progress(images=n, loss=loss_value, lr=lr)
-        if boundary and on_log is not None and (start_step + steps) % log_every == 0:
+        if boundary and on_log is not None and (start_step + steps) % log_every == 0 and counts.window_images:
             on_log(counts.line(start_step + steps, epoch, lr))
-    return _epoch_stats(counts, steps, time.perf_counter() - start, optimizer, device)
+    return {**_epoch_stats(counts, steps, time.perf_counter() - start, optimizer, device),
+            "nonfinite_skips": stepper.skipped}
+
+
+def _where(step: int, epoch: int, batch: int, num_batches: int) -> str:
+    return f"epoch {epoch}, batch {batch + 1}/{num_batches} (step {step})"
 
 
 def _epoch_stats(counts: _Window, steps: int, elapsed: float, optimizer: torch.optim.Optimizer,

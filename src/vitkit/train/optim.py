@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler, SequentialLR
+from torch.optim.lr_scheduler import LambdaLR
 
+from vitkit.core.errors import VitkitError
 from vitkit.train.lamb import Lamb
 from vitkit.train.parallel import get_world_size
 
@@ -38,26 +39,53 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: Sequence[float] = (0.9, 0.999), name: str = "adamw"
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: Sequence[float] = (0.9, 0.999),
+    name: Literal["adamw", "lamb"] = "adamw",
+    layer_decay: float | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW, or LAMB (DeiT III; `vitkit.train.lamb`), over `param_groups`."""
+    """AdamW, or LAMB (DeiT III; `vitkit.train.lamb`), over `param_groups`; with `layer_decay`, over
+    `layer_decay_groups` instead, each group at lr x its `lr_scale` (either optimiser)."""
+    if name not in ("adamw", "lamb"):
+        raise VitkitError(f"optimizer must be adamw or lamb, got {name!r}")
+    if layer_decay is None:
+        groups = param_groups(model, weight_decay)
+    else:
+        groups = layer_decay_groups(model, weight_decay, layer_decay)
+        for g in groups:
+            g["lr"] = lr * g["lr_scale"]
     if name == "lamb":
-        return Lamb(param_groups(model, weight_decay), lr=lr, betas=tuple(betas))
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas))
+        return Lamb(groups, lr=lr, betas=tuple(betas))  # type: ignore[arg-type]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))  # type: ignore[arg-type]
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int, warmup_lr: float, min_lr: float
-) -> LRScheduler:
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    warmup_lr: float,
+    min_lr: float,
+    peak_lr: float | None = None,
+) -> LambdaLR:
     """Linear warm-up from `warmup_lr` over `warmup_steps`, then cosine to `min_lr`; step once per
-    optimiser step."""
-    base_lr = optimizer.param_groups[0]["lr"]
+    optimiser step.
+
+    The lrs are those of the peak lr `peak_lr` (default: the largest group lr). Every group follows
+    the same factor on its own lr, so with layer decay a group at lr x s warms up from
+    warmup_lr x s and ends at min_lr x s: none rises towards an absolute floor.
+    """
+    peak = peak_lr if peak_lr is not None else max(g["lr"] for g in optimizer.param_groups)
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
-    cosine = CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup_steps, 1), eta_min=min_lr)
-    if warmup_steps == 0:
-        return cosine
-    warmup = LinearLR(optimizer, start_factor=min(warmup_lr / base_lr, 1.0), end_factor=1.0, total_iters=warmup_steps)
-    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+    return warmup_schedule(
+        optimizer,
+        total_steps=max(total_steps, 1),
+        warmup_steps=warmup_steps,
+        warmup_lr_ratio=min(warmup_lr / peak, 1.0),
+        min_lr_ratio=min(min_lr / peak, 1.0),
+    )
 
 
 def scaled_lr(lr: float, batch_size: int, lr_batch: int | None) -> float:
@@ -111,7 +139,7 @@ def layer_decay_groups(
             scale = layer_decay ** (depth + 1 - lid) if layer_decay is not None else 1.0
             groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
         groups[key]["params"].append(param)
-    # the top layer first: schedulers and logs read param_groups[0] as "the" lr
+    # the top layer (lr x 1) first: logs read param_groups[0] as "the" lr; schedules do not care
     return [groups[k] for k in sorted(groups, reverse=True)]
 
 
@@ -119,7 +147,8 @@ def _config(model: nn.Module) -> Any:
     for m in (model, getattr(model, "encoder", None)):
         if m is not None and hasattr(getattr(m, "config", None), "patch_size"):
             return m.config
-    raise ValueError(f"layer-wise lr decay needs a vitkit ViT or Swin model; got {type(model).__name__}")
+    raise VitkitError(f"layer-wise lr decay needs a vitkit ViT or Swin model, not {type(model).__name__}: "
+                      "drop --layer-decay")
 
 
 def build_adamw(
@@ -129,7 +158,8 @@ def build_adamw(
     betas: tuple[float, float] = (0.9, 0.999),
     layer_decay: float | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over `layer_decay_groups`; each group's lr is lr x its `lr_scale`."""
+    """AdamW over `layer_decay_groups`; each group's lr is lr x its `lr_scale` (SimMIM: the encoder
+    and decoder in one group pair without `layer_decay`)."""
     groups = layer_decay_groups(model, weight_decay, layer_decay)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
@@ -162,4 +192,17 @@ def warmup_schedule(
         t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
-    return LambdaLR(optimizer, factor)
+    return Schedule(optimizer, factor)
+
+
+class Schedule(LambdaLR):
+    """A LambdaLR that also resumes from the state of vitkit's earlier schedules (SequentialLR of
+    LinearLR and CosineAnnealingLR, or CosineAnnealingLR alone): the step count carries over, and
+    the group lrs are the optimiser state's."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "lr_lambdas" in state_dict:
+            super().load_state_dict(state_dict)
+            return
+        self.last_epoch = state_dict["last_epoch"]
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # restored with the optimiser

@@ -9,8 +9,9 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from vitkit.core.errors import VitkitError
 from vitkit.core.files import write_text
 from vitkit.train.config import TrainConfig
 
@@ -24,6 +25,7 @@ class RunFolder:
         self.enabled = enabled
         self.records: list[dict[str, Any]] = []
         self.trackers: list[Any] = []  # vitkit.train.tracking: TensorBoard, MLflow (`log` in the config)
+        self._metrics: IO[str] | None = None  # metrics.jsonl, open for appending once the run logs
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -51,12 +53,18 @@ class RunFolder:
 
     # -- metrics ----------------------------------------------------------------------------
     def load_metrics(self, *, upto_epoch: int, upto_step: int) -> None:
-        """Read metrics.jsonl, dropping what a killed run logged after the checkpoint it resumes."""
+        """Read metrics.jsonl, dropping what a killed run logged after the checkpoint it resumes, and
+        rewrite it once (atomically); later lines are appended."""
         path = self.file(METRICS)
         lines = path.read_text().splitlines() if path.is_file() else []
         kept = []
-        for line in lines:
-            record = json.loads(line)
+        for n, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines) - 1:  # a line torn by the kill
+                    continue
+                raise VitkitError(f"{path}, line {n + 1}, is not JSON: repair or delete it, then resume") from None
             if "best_val_top1" in record:  # the closing line: written again at the end
                 continue
             if "step" in record and record["step"] > upto_step:
@@ -65,26 +73,37 @@ class RunFolder:
                 continue
             kept.append(record)
         self.records = kept
-        self._flush()
+        self._close_metrics()
+        if self.enabled:
+            write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            self._metrics = path.open("a")
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one line to metrics.jsonl (rewritten atomically) and send it to the trackers."""
+        """Append one line to metrics.jsonl and send it to the trackers. Each line reaches the OS at
+        once (readers see it); an epoch line (no "step") is also synced to the disk."""
         if not self.enabled:
             return
         self.records.append(record)
-        self._flush()
+        if self._metrics is None:  # a new run: replace what an earlier run in this folder left
+            self._metrics = self.file(METRICS).open("w")
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if "step" not in record:
+            os.fsync(self._metrics.fileno())
         for tracker in self.trackers:
             tracker.log(record)
 
-    def _flush(self) -> None:
-        if self.enabled:
-            write_text(self.file(METRICS), "".join(json.dumps(r) + "\n" for r in self.records))
+    def _close_metrics(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
 
     def epoch_records(self) -> list[dict[str, Any]]:
         return [r for r in self.records if "step" not in r and "epoch" in r]
 
     def close(self) -> None:
-        """Finish the trackers; MLflow gets the curves and the best weights as artifacts."""
+        """Close metrics.jsonl and finish the trackers; MLflow gets the curves and the best weights as artifacts."""
+        self._close_metrics()
         artifacts = [self.file(n) for n in (CURVES, BEST) if self.file(n).is_file()]
         for tracker in self.trackers:
             tracker.close(artifacts)

@@ -95,6 +95,7 @@ class Run:
     folder: RunFolder = field(init=False)
     info: dict[str, Any] = field(default_factory=dict)
     global_step: int = 0
+    nonfinite_skips: int = 0  # steps skipped so far (on_nonfinite=skip), over the whole run
 
     def say(self, *args: Any, **kwargs: Any) -> None:
         """print, on rank 0 only."""
@@ -259,6 +260,7 @@ def _resume(task: RunTask, run: Run) -> int:
     run.state.load_state_dict(saved)
     task.restore(saved)
     run.global_step = saved["global_step"]
+    run.nonfinite_skips = saved.get("nonfinite_skips", 0)
     run.folder.load_metrics(upto_epoch=saved["epoch"], upto_step=run.global_step)
     # last: nothing above may draw random numbers afterwards. Each rank continues its own
     # generators; a rank the saved run did not have starts from seed + rank and the epoch
@@ -282,13 +284,16 @@ def _train_epoch(task: RunTask, run: Run, epoch: int) -> dict[str, float]:
             device=run.device, scheduler=state.scheduler, ema=state.ema, amp_dtype=run.amp_dtype,
             scaler=state.scaler, grad_accum=config.grad_accum, clip_grad=config.clip_grad, epoch=epoch,
             start_step=run.global_step, log_every=config.log_every, on_log=run.folder.log, progress=progress,
+            on_nonfinite=config.on_nonfinite, max_skips=config.max_nonfinite_skips - run.nonfinite_skips,
         )
     except NonFiniteError as err:
         run.info.update(status=f"stopped: {err}", end_time=now())
         run.folder.write_run_info(run.info)
+        run.folder.close()  # metrics.jsonl and the trackers
         kept = f"the checkpoint of epoch {epoch - 1} in {run.run_dir} is intact" if epoch > 1 else "no checkpoint yet"
         raise NonFiniteError(
-            f"{err}; {task.noun} stopped ({kept}): lower the learning rate or set clip_grad, e.g. --set clip_grad=1.0"
+            f"{err}; {task.noun} stopped ({kept}): lower the learning rate, set clip_grad (e.g. --set clip_grad=1.0) "
+            f"or skip such steps: --resume {run.run_dir} --on-nonfinite skip"
         ) from None
     finally:
         progress.close()
@@ -298,6 +303,9 @@ def _epoch(task: RunTask, run: Run, epoch: int) -> None:
     stats = _train_epoch(task, run, epoch)
     run.global_step += int(stats["steps"])
     record = task.validate(run, epoch, stats)
+    run.nonfinite_skips += int(stats["nonfinite_skips"])
+    if run.config.on_nonfinite == "skip":
+        record["nonfinite_skips"] = int(stats["nonfinite_skips"])
     # metrics are reduced over ranks, so every rank decides alike; under FSDP the gathers are
     # collectives (every rank calls them) and only rank 0 writes. Order matters: state.pt last,
     # so everything it claims exists
@@ -307,7 +315,7 @@ def _epoch(task: RunTask, run: Run, epoch: int) -> None:
     if run.main:
         run.folder.log(record)
         save_state(run.run_dir / STATE, {**saved_state, "epoch": epoch, "global_step": run.global_step,
-                                         "rng": rngs[0], "rng_ranks": rngs})
+                                         "rng": rngs[0], "rng_ranks": rngs, "nonfinite_skips": run.nonfinite_skips})
     task.after_epoch(run, epoch)
     run.say(task.epoch_line(run, epoch, record), flush=True)
 

@@ -21,8 +21,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-from vitkit.data.mixup import MixupCutmix
+from vitkit.core.errors import VitkitError
 from vitkit.data.datasets import LoadedData, image_spec, load_data
+from vitkit.data.mixup import MixupCutmix
 from vitkit.data.samplers import even_batches
 from vitkit.train import parallel
 from vitkit.train.config import RUNTIME_FIELDS, TrainConfig, check_resume_compatible, load_run_config
@@ -32,7 +33,7 @@ from vitkit.train.fields import apply_fields
 from vitkit.train.finetune import load_finetune_weights
 from vitkit.train.losses import build_criterion
 from vitkit.train.modeling import build_model, load_weights, save_weights
-from vitkit.train.optim import build_adamw, build_optimizer, build_scheduler, scaled_lr
+from vitkit.train.optim import build_optimizer, build_scheduler, scaled_lr
 from vitkit.train.run_folder import BEST, LAST
 from vitkit.train.run_loop import Run, RunTask, TrainingState, build_loaders, run_task
 from vitkit.train.runtime import amp_dtype_for
@@ -81,22 +82,21 @@ def build_training_state(config: TrainConfig, steps_per_epoch: int, device: torc
     if config.fsdp_offload:  # before the world-size check: more processes would not help
         parallel.check_offload(device)
     if config.fsdp and parallel.get_world_size() == 1:
-        raise ValueError("--fsdp shards the model over several processes: add --nproc N or start with torchrun")
+        raise VitkitError("--fsdp shards the model over several processes: add --nproc N or start with torchrun")
     strategy = "fsdp" if config.fsdp else "ddp"
     plain = copy.deepcopy(model).cpu() if config.fsdp and parallel.is_main() else None
     wrapped = parallel.wrap(model, device, strategy, offload=config.fsdp_offload)  # FSDP shards `model` in place
     parallel.wrap_ema(ema, device, strategy, offload=config.fsdp_offload)
     lr = scaled_lr(config.lr, config.batch_size, config.lr_batch)
-    if config.layer_decay is not None:
-        optimizer = build_adamw(model, lr, config.weight_decay, tuple(config.betas), config.layer_decay)
-    else:
-        optimizer = build_optimizer(model, lr, config.weight_decay, config.betas, config.optimizer)
+    # layer decay: AdamW or LAMB over per-layer groups, each scheduled on its own lr
+    optimizer = build_optimizer(model, lr, config.weight_decay, config.betas, config.optimizer, config.layer_decay)
     scheduler = build_scheduler(
         optimizer,
         total_steps=config.epochs * steps_per_epoch,
         warmup_steps=round(config.warmup_epochs * steps_per_epoch),
         warmup_lr=config.warmup_lr,
         min_lr=config.min_lr,
+        peak_lr=lr,
     )
     fp16 = amp_dtype_for(config.amp, device) == torch.float16
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
