@@ -64,6 +64,7 @@ class SimMIMTask(RunTask[PretrainResult]):
     saved each epoch with a figure of reconstructions."""
 
     noun = "pre-training"
+    command = "pretrain"
 
     def __init__(self, pre: PretrainConfig) -> None:
         self.pre = pre
