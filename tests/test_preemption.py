@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import vitkit
 from test_data import write_idx
 from vitkit.cli import main
 from vitkit.train.preemption import Preempted, StopRequest
@@ -193,3 +194,49 @@ def test_two_processes_agree_on_the_stopping_step_and_resume(env, tmp_path):
     resume(env, run, "--nproc", "2")
     steps = [json.loads(x).get("step") for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in steps if s is not None] == list(range(1, 13))  # 6 steps an epoch on each rank
+
+
+def _stub(bin_dir: Path, name: str, body: str) -> None:
+    (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+    (bin_dir / name).chmod(0o755)
+
+
+def test_requeue_script_saves_requeues_and_resumes(reference, env, tmp_path):
+    """The sbatch script of `vitkit submit --requeue`, run by bash with stand-ins for srun, scontrol
+    and torchrun (which starts one real `python -m vitkit train`): Slurm's SIGTERM to the script
+    stops the run with a saved state, the job requeues itself, and run again it resumes and finishes."""
+    bin_dir, run, script = tmp_path / "bin", tmp_path / "run", tmp_path / "job.sbatch"
+    bin_dir.mkdir()
+    _stub(bin_dir, "srun", 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"')
+    _stub(bin_dir, "scontrol", f'[[ "$1" == requeue ]] && echo "$@" >> {tmp_path}/requeued\n'
+                               '[[ "$1 $2" == "show hostnames" ]] && echo node1\ntrue')
+    _stub(bin_dir, "torchrun", f'while [[ "$1" != -m ]]; do shift; done\nshift\nexec {sys.executable} -m "$@"')
+    assert main(["submit", "--nodes", "1", "--gpus-per-node", "1", "--requeue", "--no-submit", "--output",
+                 str(script), "--", "--output", str(run), *TINY]) == 0
+    text = script.read_text()
+    assert "#SBATCH --requeue\n" in text and "#SBATCH --signal=B:TERM@120\n" in text
+    src = str(Path(vitkit.__file__).parents[1])  # this vitkit, though the job runs in another folder
+    job_env = {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+               "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
+               "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1"}
+    job = subprocess.Popen(["bash", str(script)], env={**os.environ, **job_env}, cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run, job, 3)
+    job.send_signal(signal.SIGTERM)  # what --signal=B:TERM sends: to the batch script only
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err[-2000:]
+    assert "training exited with 143; requeueing job 4242" in out
+    assert (tmp_path / "requeued").read_text() == "requeue 4242\n"
+    assert torch.load(run / "state.pt", weights_only=True)["epoch_position"] > 0
+
+    again = subprocess.run(["bash", str(script)], env={**os.environ, **job_env}, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)  # the requeued job
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming {run} in epoch" in again.stdout
+    assert same_weights(reference, run)
+
+
+def test_requeue_needs_the_run_folder(tmp_path, capsys):
+    assert main(["submit", "--nodes", "1", "--gpus-per-node", "1", "--requeue", "--no-submit",
+                 "--output", str(tmp_path / "j.sbatch"), "--", "--epochs", "3"]) == 2
+    assert "--requeue resumes from the run folder" in capsys.readouterr().err

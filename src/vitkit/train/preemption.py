@@ -9,6 +9,7 @@ files are written atomically, so the previous checkpoint stays intact.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -76,8 +77,6 @@ class StopRequest:
 def resume_command(command: str, run_dir: os.PathLike | str) -> str:
     """The command that continues the run in `run_dir`: `vitkit COMMAND --resume DIR`, with `--nproc N`
     when `vitkit --nproc` started this run (under a bare torchrun, torchrun's own flags go first)."""
-    import shlex
-
     words = ["vitkit", command, "--resume", str(run_dir)]
     nproc = os.environ.get("VITKIT_NPROC")
     if nproc:

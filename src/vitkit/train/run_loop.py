@@ -395,7 +395,8 @@ def _save_stopped(task: RunTask, run: Run, epoch: int, signum: int, position: in
     run.info.update(status=f"stopped by {name} {where}", end_time=now())
     run.folder.write_run_info(run.info)
     run.folder.close()
-    message = f"{task.noun} stopped by {name} {where}, state saved; continue with: {resume_command(task.command, run.run_dir)}"
+    command = resume_command(task.command, run.run_dir)
+    message = f"{task.noun} stopped by {name} {where}, state saved; continue with: {command}"
     run.say(message, file=sys.stderr, flush=True)
     raise Preempted(signum, message)
 
