@@ -240,3 +240,39 @@ def test_requeue_needs_the_run_folder(tmp_path, capsys):
     assert main(["submit", "--nodes", "1", "--gpus-per-node", "1", "--requeue", "--no-submit",
                  "--output", str(tmp_path / "j.sbatch"), "--", "--epochs", "3"]) == 2
     assert "--requeue resumes from the run folder" in capsys.readouterr().err
+
+
+def test_pretraining_stops_on_sigterm_and_resumes_identically(tmp_path, monkeypatch, capsys):
+    """SimMIM runs through the same loop: a SIGTERM (sent by this process to itself in its second
+    batch) stops it mid-epoch with exit code 143; `vitkit pretrain --resume` then gives the same encoder."""
+    from test_simmim import TINY_VIT_ARGS, _write_unlabelled_folder
+    from vitkit.pretrain.pretraining import SimMIMTask
+
+    data = tmp_path / "unlabelled"
+    _write_unlabelled_folder(data)
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["pretrain", "--data", str(data), "--epochs", "2", *TINY_VIT_ARGS]
+    assert main([*args, "--output", str(full)]) == 0
+
+    batch_loss, calls = SimMIMTask.batch_loss, []
+
+    def signalled(self, run, epoch):
+        inner = batch_loss(self, run, epoch)
+
+        def loss(model, batch):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return inner(model, batch)
+        return loss
+
+    monkeypatch.setattr(SimMIMTask, "batch_loss", signalled)
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--output", str(part)])
+    assert stopped.value.code == 143
+    assert f"continue with: vitkit pretrain --resume {part}" in capsys.readouterr().err
+    assert torch.load(part / "state.pt", weights_only=True)["epoch_position"] == 2
+    monkeypatch.setattr(SimMIMTask, "batch_loss", batch_loss)
+    assert main(["pretrain", "--resume", str(part), "--threads", "1"]) == 0
+    a, b = load_file(full / "encoder.safetensors"), load_file(part / "encoder.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
