@@ -276,3 +276,33 @@ def test_pretraining_stops_on_sigterm_and_resumes_identically(tmp_path, monkeypa
     assert main(["pretrain", "--resume", str(part), "--threads", "1"]) == 0
     a, b = load_file(full / "encoder.safetensors"), load_file(part / "encoder.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stream_that_cannot_skip_draws_and_drops_with_the_random_state_kept():
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from vitkit.train.run_loop import StoppableBatches
+
+    class Stream(IterableDataset):  # augments with the global RNG, like a stream with --workers 0
+        def __iter__(self):
+            for i in range(10):
+                yield torch.tensor(i), torch.rand(())
+
+        def __len__(self):
+            return 10
+
+    loader = DataLoader(Stream(), batch_size=2)
+    run = SimpleNamespace(stop=StopRequest(), device=torch.device("cpu"), config=SimpleNamespace(grad_accum=1))
+    torch.manual_seed(0)
+    full = list(StoppableBatches(loader, run, 0))
+    torch.manual_seed(0)  # the state a run stopped after 2 batches would restore
+    part = StoppableBatches(loader, run, 2)
+    assert not part.skips_itself and len(part) == 3
+    got = list(part)
+    assert [b[0].tolist() for b in got] == [b[0].tolist() for b in full[2:]]  # the same samples go on
+    assert torch.equal(got[0][1], full[0][1])  # drawn from the restored state, not after the dropped batches
+    run.stop.signum = signal.SIGTERM
+    stopped = StoppableBatches(loader, run, 0)
+    assert len(list(stopped)) == 1 and stopped.stopped == signal.SIGTERM  # one step, then the boundary
