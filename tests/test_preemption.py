@@ -95,6 +95,8 @@ def test_signal_stops_mid_epoch_and_resume_is_bit_identical(reference, env, tmp_
     info = json.loads((run / "run.json").read_text())
     assert info["status"].startswith(f"stopped by {signal.Signals(signum).name} in epoch")
     assert not list(run.glob(".*.tmp"))
+    if signum == signal.SIGINT:  # resuming is the same as after SIGTERM: checked once, to keep the suite short
+        return
 
     out = resume(env, run, "--threads", "1").stdout
     assert f"resuming {run} in epoch {state['epoch'] + 1}, after {state['epoch_position']} batches" in out
@@ -120,6 +122,7 @@ def test_second_signal_exits_at_once(monkeypatch):
     assert Preempted(15, "x").code == 143 and Preempted(2, "x").code == 130
 
 
+@pytest.mark.slow  # the handler's second-signal exit is checked in-process above
 def test_two_signals_leave_a_loadable_checkpoint(env, tmp_path):
     run = tmp_path / "run"
     proc = start(env, "--output", str(run), *TINY)
