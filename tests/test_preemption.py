@@ -194,6 +194,9 @@ def test_two_processes_agree_on_the_stopping_step_and_resume(env, tmp_path):
     assert f"continue with: vitkit train --resume {run} --nproc 2" in err
     state = torch.load(run / "state.pt", weights_only=True)
     assert state["epoch_position"] > 0 and len(state["rng_ranks"]) == 2
+    one = subprocess.run([sys.executable, "-m", "vitkit", "train", "--resume", str(run)], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode in (1, 2) and "stopped mid-epoch with 2 process(es): resume it with --nproc 2" in one.stderr
     resume(env, run, "--nproc", "2")
     steps = [json.loads(x).get("step") for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in steps if s is not None] == list(range(1, 13))  # 6 steps an epoch on each rank

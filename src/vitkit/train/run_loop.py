@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from vitkit.core.errors import NonFiniteError
+from vitkit.core.errors import NonFiniteError, VitkitError
 from vitkit.data.datasets import LoadedData, build_dataset, resolve_data_fields
 from vitkit.data.samplers import build_loader, set_loader_epoch, set_loader_position
 from vitkit.train import parallel
@@ -274,6 +274,10 @@ def _resume(task: RunTask, run: Run) -> int:
     task.restore(saved)
     run.global_step = saved["global_step"]
     run.position, run.partial = saved.get("epoch_position", 0), saved.get("epoch_partial")
+    saved_world = len(saved.get("rng_ranks") or [saved["rng"]])
+    if run.position and saved_world != parallel.get_world_size():  # positions count this many ranks' batches
+        raise VitkitError(f"{run.run_dir} stopped mid-epoch with {saved_world} process(es): resume it with "
+                          f"--nproc {saved_world} (the process count may change at an epoch boundary)")
     run.folder.load_metrics(upto_epoch=saved["epoch"], upto_step=run.global_step)
     # last: nothing above may draw random numbers afterwards. Each rank continues its own
     # generators; a rank the saved run did not have starts from seed + rank and the epoch
