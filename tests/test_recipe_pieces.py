@@ -382,6 +382,6 @@ def test_recipe_fields_reach_transforms_sampler_and_criterion():
     data = TensorImageDataset(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
     loader = build_loader(data, train=True, batch_size=4, repeats=config.repeated_aug,
                           repeat_epoch=config.repeated_aug_epoch)
-    assert isinstance(loader.sampler, RepeatedAugSampler) and len(loader.sampler) == 10
+    assert isinstance(loader.sampler.sampler, RepeatedAugSampler) and len(loader.sampler) == 10  # in a ResumableSampler
     assert isinstance(build_criterion(config), BinaryCrossEntropy)
     assert augment(build_config("deit")).auto_augment == "rand-m9-mstd0.5-inc1"

@@ -6,6 +6,7 @@ resumed or re-sharded run draws the same order; workers are seeded from the same
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterator
@@ -54,6 +55,30 @@ class ShardedSampler(Sampler[int]):
         if self.pad:
             return math.ceil(self.size / self.world_size)
         return len(range(self.rank, self.size, self.world_size))
+
+
+class ResumableSampler(Sampler[int]):
+    """`sampler` from position `start` on (`set_start`): a run stopped mid-epoch continues where it
+    stopped, without loading the samples it already trained on. `set_epoch` goes back to position 0."""
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler, self.start = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.start = 0
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def set_start(self, start: int) -> None:
+        if not 0 <= start <= len(self.sampler):  # type: ignore[arg-type]
+            raise ValueError(f"a sampler of {len(self.sampler)} indices cannot start at {start}")  # type: ignore[arg-type]
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.start, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.start  # type: ignore[arg-type]
 
 
 def build_sampler(
@@ -109,6 +134,8 @@ def build_loader(
                               workers=default_workers(dataset) if workers is None else workers)
     sampler = build_sampler(dataset, train=train, seed=seed, rank=rank, world_size=world_size, repeats=repeats,
                             repeat_epoch=repeat_epoch)
+    if train:  # a run stopped mid-epoch resumes at its position in the epoch (`set_loader_position`)
+        sampler = ResumableSampler(sampler)
     workers = default_workers(dataset) if workers is None else workers
     batched = isinstance(dataset, TensorImageDataset)
     return DataLoader(
@@ -141,6 +168,19 @@ def set_loader_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
             owner.set_epoch(epoch)
     if loader.generator is not None:
         loader.generator.manual_seed(seed * 100_003 + epoch)
+
+
+def set_loader_position(loader: DataLoader, batches: int) -> bool:
+    """Start the current epoch of `loader` after its first `batches` batches (call after
+    `set_loader_epoch`). False when the loader cannot skip by itself (a stream): the caller then
+    draws and drops those batches."""
+    sampler = loader.sampler
+    if batches == 0:
+        return True
+    if not isinstance(sampler, ResumableSampler):
+        return False
+    sampler.set_start(batches * loader.batch_size)  # type: ignore[operator]
+    return True
 
 
 class EvenBatchSampler(Sampler[list[int]]):

@@ -65,11 +65,14 @@ class SimMIMTask(RunTask[PretrainResult]):
     saved each epoch with a figure of reconstructions."""
 
     noun = "pre-training"
+    command = "pretrain"
 
     def __init__(self, pre: PretrainConfig) -> None:
         self.pre = pre
         self.masks: MaskGenerator | None = None  # built in prepare(), once the image size is known
         self.shown = self.shown_mask = torch.empty(0)  # the validation images of the figure, and their masks
+        self.mask_rng: torch.Generator | None = None  # the current epoch's mask generator
+        self.resumed_mask_rng: torch.Tensor | None = None  # its state in a run stopped mid-epoch
 
     def load_data(self, config: TrainConfig) -> LoadedData:
         return load_images(config)
@@ -135,7 +138,20 @@ class SimMIMTask(RunTask[PretrainResult]):
     def batch_loss(self, run: Run, epoch: int) -> BatchLoss:
         # masks of an epoch depend on (seed, rank, epoch) alone, so a resumed run draws the same ones
         generator = torch.Generator().manual_seed(parallel.rank_seed(run.config.seed) * 100_003 + epoch + 7)
+        if run.position and self.resumed_mask_rng is not None:  # resumed mid-epoch: the masks continue
+            generator.set_state(self.resumed_mask_rng)
+        self.mask_rng, self.resumed_mask_rng = generator, None
         return masked_image_loss(self.masks, generator, run.device)
+
+    def extra_state(self) -> dict[str, Any]:
+        # every rank's mask generator (a collective: every rank calls extra_state)
+        states = parallel.gather_objects(self.mask_rng.get_state() if self.mask_rng is not None else None)
+        return {"mask_rng_ranks": states}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        states = saved.get("mask_rng_ranks") or []
+        rank = parallel.get_rank()
+        self.resumed_mask_rng = states[rank] if rank < len(states) else None
 
     def validate(self, run: Run, epoch: int, stats: dict[str, float]) -> dict[str, Any]:
         metrics = MaskedL1Metrics(self.masks, run.config.seed, run.device)

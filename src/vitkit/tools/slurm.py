@@ -31,6 +31,8 @@ class SlurmJob:
     setup: tuple[str, ...] = ()  # shell lines run first, e.g. "source ~/venv/bin/activate"
     port: int = 29500  # rendezvous port on the first node
     log: str = "%x-%j.out"  # Slurm's --output pattern (%x job name, %j job id)
+    requeue: bool = False  # on Slurm's warning signal: save, requeue, resume from the run folder
+    signal_lead: int = 120  # seconds before the time limit (or preemption) at which Slurm warns
 
     def validate(self) -> None:
         if self.nodes < 1:
@@ -51,6 +53,21 @@ class SlurmJob:
             raise ValueError("give the arguments of `vitkit train` after `--`, without the word `train`")
         if any(a == "--nproc" or a.startswith("--nproc=") for a in self.train_args):
             raise ValueError("--nproc is for one machine: the script starts --gpus-per-node processes per node")
+        if self.requeue and run_folder(self.train_args) is None:
+            raise ValueError("--requeue resumes from the run folder: give it in the train arguments, "
+                             "e.g. -- --output runs/deit")
+        if self.requeue and not 10 <= self.signal_lead <= 3600:
+            raise ValueError(f"--signal-lead must be in 10..3600 seconds, got {self.signal_lead}")
+
+
+def run_folder(train_args: tuple[str, ...]) -> str | None:
+    """The `--output DIR` of `vitkit train` arguments, or None."""
+    for i, arg in enumerate(train_args):
+        if arg == "--output" and i + 1 < len(train_args):
+            return train_args[i + 1]
+        if arg.startswith("--output="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def sbatch_script(job: SlurmJob) -> str:
@@ -67,6 +84,8 @@ def sbatch_script(job: SlurmJob) -> str:
                         ("time", job.time), ("account", job.account)):
         if value is not None:
             directives.append(f"--{flag}={value}")
+    if job.requeue:  # SIGTERM to this script `signal_lead` s ahead; the log continues across requeues
+        directives += ["--requeue", f"--signal=B:TERM@{job.signal_lead}", "--open-mode=append"]
     # $-variables stay quoted for the job's shell; the train arguments are quoted as given
     parts = [
         "torchrun",
@@ -77,7 +96,9 @@ def sbatch_script(job: SlurmJob) -> str:
         f'--rdzv_endpoint "$head_node:{job.port}"',
         "-m vitkit train",
     ]
-    if job.train_args:
+    if job.requeue:
+        parts.append('"${train_args[@]}"')
+    elif job.train_args:
         parts.append(shlex.join(job.train_args))
     command = " \\\n    ".join(parts)
     lines = [
@@ -92,10 +113,40 @@ def sbatch_script(job: SlurmJob) -> str:
         "# (sed, not head: head would close the pipe early, a failure under pipefail)",
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
         "",
-        f"srun --kill-on-bad-exit=1 {command}",
+        *(_requeue_lines(job, command) if job.requeue else [f"srun --kill-on-bad-exit=1 {command}"]),
         "",
     ]
     return "\n".join(lines)
+
+
+def _requeue_lines(job: SlurmJob, command: str) -> list[str]:
+    # Slurm signals only this script (B:); the trap relays SIGTERM to srun, srun to torchrun, torchrun
+    # to every rank: they agree on a step, save state.pt and exit 143. Then the job requeues itself
+    # and, started again, resumes from the run folder
+    folder = shlex.quote(run_folder(job.train_args) or "")
+    return [
+        f"run_dir={folder}",
+        'if [ -f "$run_dir/config.yaml" ]; then',
+        '    train_args=(--resume "$run_dir")  # requeued: continue the run',
+        "else",
+        f"    train_args=({shlex.join(job.train_args)})",
+        "fi",
+        "stopping=0",
+        'trap \'stopping=1; echo "SIGTERM: saving $run_dir, then requeueing"; '
+        'kill -TERM "$child" 2>/dev/null || true\' TERM',
+        f"srun --kill-on-bad-exit=1 {command} &",
+        "child=$!",
+        "status=0",
+        'wait "$child" || status=$?',
+        'if [ "$stopping" = 1 ]; then',
+        '    status=0',
+        '    wait "$child" || status=$?  # the first wait returned when the trap ran: wait for the save',
+        '    echo "training exited with $status; requeueing job $SLURM_JOB_ID"',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "    exit 0",
+        "fi",
+        'exit "$status"',
+    ]
 
 
 def default_script_path(job_name: str) -> Path:

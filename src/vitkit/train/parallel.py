@@ -363,8 +363,13 @@ def launch(nproc: int, argv: Sequence[str], module: str = "vitkit") -> int:
     args = get_args_parser().parse_args(
         ["--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc), "--module", module, *argv]
     )
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    os.environ["VITKIT_NPROC"] = str(nproc)  # the workers' resume hint repeats --nproc
     try:
         run(args)
+    except SignalException as err:  # torchrun relayed SIGTERM / Ctrl-C to the workers, which saved and left
+        return 128 + int(err.sigval)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         raise RuntimeError(f"process {rank} of {nproc} failed with exit code {failure.exitcode}") from None

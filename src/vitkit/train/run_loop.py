@@ -7,6 +7,7 @@ validates and which weights it writes each epoch, and its closing pass and resul
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,18 +19,19 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from vitkit.core.errors import NonFiniteError
+from vitkit.core.errors import NonFiniteError, VitkitError
 from vitkit.data.datasets import LoadedData, build_dataset, resolve_data_fields
-from vitkit.data.samplers import build_loader, set_loader_epoch
+from vitkit.data.samplers import build_loader, set_loader_epoch, set_loader_position
 from vitkit.train import parallel
 from vitkit.train.config import TrainConfig
 from vitkit.train.engine import BatchLoss, train_one_epoch
 from vitkit.train.modeling import default_img_size
 from vitkit.train.plots import plot_curves
+from vitkit.train.preemption import Preempted, StopRequest, resume_command
 from vitkit.train.progress import Progress
 from vitkit.train.run_folder import CURVES, STATE, RunFolder
 from vitkit.train.runtime import amp_dtype_for, now, prepare_run, provenance, runtime, seed_everything
-from vitkit.train.state_file import capture_rng, load_state, restore_rng, save_state
+from vitkit.train.state_file import capture_rng, load_state, remove_stale_temporaries, restore_rng, save_state
 
 R = TypeVar("R")
 
@@ -96,6 +98,9 @@ class Run:
     info: dict[str, Any] = field(default_factory=dict)
     global_step: int = 0
     nonfinite_skips: int = 0  # steps skipped so far (on_nonfinite=skip), over the whole run
+    stop: StopRequest = field(default_factory=StopRequest)
+    position: int = 0  # batches of the current epoch already trained (a run resumed mid-epoch)
+    partial: dict[str, float] | None = None  # those batches' loss sum, images and steps
 
     def say(self, *args: Any, **kwargs: Any) -> None:
         """print, on rank 0 only."""
@@ -107,6 +112,7 @@ class RunTask(ABC, Generic[R]):
     """What a kind of run adds to the skeleton; hooks are called in the order listed."""
 
     noun = "training"  # in messages: "training stopped"
+    command = "train"  # `vitkit COMMAND --resume DIR` continues a stopped run
 
     @abstractmethod
     def load_data(self, config: TrainConfig) -> LoadedData: ...
@@ -222,14 +228,22 @@ def run_task(task: RunTask[R], config: TrainConfig, *, resume: bool = False) -> 
     rank 0 decides the run folder and the seed, and only rank 0 writes.
     """
     device, run_dir, config, deterministic = prepare_run(config, resume)
+    # a run killed before its first checkpoint has a config but no state.pt: it restarts in place
+    restart = resume and not parallel.broadcast_object((run_dir / STATE).is_file())
     with runtime(config.threads, deterministic):
-        run = Run(config, run_dir, device, resume)
+        run = Run(config, run_dir, device, resume and not restart)
+        if run.main and resume:
+            remove_stale_temporaries(run_dir)  # what a killed write left beside its target
         _start(task, run)
-        start_epoch = _resume(task, run) if resume else 1
+        if restart:
+            run.folder.load_metrics(upto_epoch=0, upto_step=0)  # lines the killed run logged
+            run.say(f"{run_dir} has no checkpoint yet: starting it again from the beginning")
+        start_epoch = _resume(task, run) if run.resume else 1
         run.say(task.announce(run))
         task.before_loop(run)
-        for epoch in range(start_epoch, run.config.epochs + 1):
-            _epoch(task, run, epoch)
+        with run.stop.installed():
+            for epoch in range(start_epoch, run.config.epochs + 1):
+                _epoch(task, run, epoch)
         parallel.barrier()
         return _finish(task, run)
 
@@ -261,6 +275,11 @@ def _resume(task: RunTask, run: Run) -> int:
     task.restore(saved)
     run.global_step = saved["global_step"]
     run.nonfinite_skips = saved.get("nonfinite_skips", 0)
+    run.position, run.partial = saved.get("epoch_position", 0), saved.get("epoch_partial")
+    saved_world = len(saved.get("rng_ranks") or [saved["rng"]])
+    if run.position and saved_world != parallel.get_world_size():  # positions count this many ranks' batches
+        raise VitkitError(f"{run.run_dir} stopped mid-epoch with {saved_world} process(es): resume it with "
+                          f"--nproc {saved_world} (the process count may change at an epoch boundary)")
     run.folder.load_metrics(upto_epoch=saved["epoch"], upto_step=run.global_step)
     # last: nothing above may draw random numbers afterwards. Each rank continues its own
     # generators; a rank the saved run did not have starts from seed + rank and the epoch
@@ -269,23 +288,57 @@ def _resume(task: RunTask, run: Run) -> int:
         restore_rng(rngs[parallel.get_rank()])
     else:
         seed_everything(parallel.rank_seed(run.config.seed) * 100_003 + saved["epoch"])
-    run.say(f"resuming {run.run_dir} after epoch {saved['epoch']}")
+    where = f"in epoch {saved['epoch'] + 1}, after {run.position} batches" if run.position else \
+        f"after epoch {saved['epoch']}"
+    run.say(f"resuming {run.run_dir} {where}")
     return saved["epoch"] + 1
 
 
-def _train_epoch(task: RunTask, run: Run, epoch: int) -> dict[str, float]:
+class StoppableBatches:
+    """The training loader's batches for one epoch, from `position` on, ending early when a stop is
+    agreed at an optimiser step boundary (before the next group's first batch is drawn, so the saved
+    random state is the one the next batch would have used)."""
+
+    def __init__(self, loader: DataLoader, run: Run, position: int) -> None:
+        self.loader, self.run, self.start = loader, run, position
+        self.skips_itself = set_loader_position(loader, position)  # a stream drops its first batches below
+        self.trained, self.stopped = 0, 0  # batches yielded; the signal that ended the epoch early (0: none)
+
+    def __len__(self) -> int:
+        return len(self.loader) - (0 if self.skips_itself else self.start)
+
+    def __iter__(self) -> Any:
+        batches = iter(self.loader)
+        if not self.skips_itself:
+            rng = capture_rng()  # the dropped batches' augmentation must not draw from the saved state
+            for _ in range(self.start):
+                next(batches)
+            restore_rng(rng)
+        total, accum = len(self), self.run.config.grad_accum
+        for i in range(total):
+            # i > 0: the engine trains at least one step per call (a stop before it is `_epoch`'s)
+            if i > 0 and i % accum == 0:
+                signum = self.run.stop.agreed(self.run.device)
+                if signum:
+                    self.stopped = self.run.stop.signum or signum  # a peer's signal when not this rank's own
+                    return
+            yield next(batches)
+            self.trained += 1
+
+
+def _train_epoch(task: RunTask, run: Run, epoch: int) -> tuple[dict[str, float], StoppableBatches]:
     config, state = run.config, run.state
     set_loader_epoch(run.loaders["train"], epoch, parallel.rank_seed(config.seed))
-    progress = Progress(len(run.loaders["train"]), f"epoch {epoch}/{config.epochs}", enabled=run.main,
-                        every=config.log_every)
+    batches = StoppableBatches(run.loaders["train"], run, run.position)
+    progress = Progress(len(batches), f"epoch {epoch}/{config.epochs}", enabled=run.main, every=config.log_every)
     try:
         return train_one_epoch(
-            run.train_model, task.batch_loss(run, epoch), run.loaders["train"], state.optimizer,
+            run.train_model, task.batch_loss(run, epoch), batches, state.optimizer,
             device=run.device, scheduler=state.scheduler, ema=state.ema, amp_dtype=run.amp_dtype,
             scaler=state.scaler, grad_accum=config.grad_accum, clip_grad=config.clip_grad, epoch=epoch,
             start_step=run.global_step, log_every=config.log_every, on_log=run.folder.log, progress=progress,
             on_nonfinite=config.on_nonfinite, max_skips=config.max_nonfinite_skips - run.nonfinite_skips,
-        )
+        ), batches
     except NonFiniteError as err:
         run.info.update(status=f"stopped: {err}", end_time=now())
         run.folder.write_run_info(run.info)
@@ -300,10 +353,19 @@ def _train_epoch(task: RunTask, run: Run, epoch: int) -> dict[str, float]:
 
 
 def _epoch(task: RunTask, run: Run, epoch: int) -> None:
-    stats = _train_epoch(task, run, epoch)
+    signum = run.stop.agreed(run.device)
+    if signum:  # stopped between epochs (in validation or a save): nothing new to train on
+        _save_stopped(task, run, epoch, run.stop.signum or signum, run.position, run.partial)  # always raises
+    stats, batches = _train_epoch(task, run, epoch)
     run.global_step += int(stats["steps"])
-    record = task.validate(run, epoch, stats)
+    stats = _with_partial(run, stats)
     run.nonfinite_skips += int(stats["nonfinite_skips"])
+    if batches.stopped:
+        partial = {"loss_sum": stats["train_loss"] * stats["images"], "images": stats["images"],
+                   "steps": stats["steps"]}
+        _save_stopped(task, run, epoch, batches.stopped, batches.start + batches.trained, partial)
+    run.position, run.partial = 0, None
+    record = task.validate(run, epoch, stats)
     if run.config.on_nonfinite == "skip":
         record["nonfinite_skips"] = int(stats["nonfinite_skips"])
     # metrics are reduced over ranks, so every rank decides alike; under FSDP the gathers are
@@ -318,6 +380,37 @@ def _epoch(task: RunTask, run: Run, epoch: int) -> None:
                                          "rng": rngs[0], "rng_ranks": rngs, "nonfinite_skips": run.nonfinite_skips})
     task.after_epoch(run, epoch)
     run.say(task.epoch_line(run, epoch, record), flush=True)
+
+
+def _with_partial(run: Run, stats: dict[str, float]) -> dict[str, float]:
+    """The epoch's stats, counting the batches trained before a mid-epoch resume."""
+    if run.partial is None:
+        return stats
+    done = run.partial
+    images = stats["images"] + done["images"]
+    loss_sum = stats["train_loss"] * stats["images"] + done["loss_sum"]
+    return {**stats, "train_loss": loss_sum / images, "images": images, "steps": stats["steps"] + done["steps"]}
+
+
+def _save_stopped(task: RunTask, run: Run, epoch: int, signum: int, position: int,
+                  partial: dict[str, float] | None) -> None:
+    """Save a mid-epoch state.pt (every rank calls it: gathers are collectives), then raise Preempted."""
+    saved_state = {**run.state.state_dict(), **task.extra_state()}
+    rngs = parallel.gather_objects(capture_rng())
+    if run.main:
+        save_state(run.run_dir / STATE, {**saved_state, "epoch": epoch - 1, "global_step": run.global_step,
+                                         "epoch_position": position, "epoch_partial": partial,
+                                         "rng": rngs[0], "rng_ranks": rngs, "nonfinite_skips": run.nonfinite_skips})
+    parallel.barrier()  # every rank leaves after the file is complete
+    name = {2: "SIGINT", 15: "SIGTERM"}.get(signum, f"signal {signum}")
+    where = f"in epoch {epoch} after {position} batches"
+    run.info.update(status=f"stopped by {name} {where}", end_time=now())
+    run.folder.write_run_info(run.info)
+    run.folder.close()
+    command = resume_command(task.command, run.run_dir)
+    message = f"{task.noun} stopped by {name} {where}, state saved; continue with: {command}"
+    run.say(message, file=sys.stderr, flush=True)
+    raise Preempted(signum, message)
 
 
 def _finish(task: RunTask[R], run: Run) -> R:

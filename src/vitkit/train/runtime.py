@@ -24,7 +24,7 @@ import torch
 from vitkit.core.version import __version__
 from vitkit.train import parallel
 from vitkit.train.config import TrainConfig
-from vitkit.train.run_folder import CONFIG, STATE
+from vitkit.train.run_folder import CONFIG
 
 
 def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
@@ -123,8 +123,9 @@ def prepare_run(config: TrainConfig, resume: bool) -> tuple[torch.device, Path, 
         problem = ValueError(
             f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --output"
         )
-    if parallel.is_main() and resume and not (run_dir / STATE).is_file():
-        problem = FileNotFoundError(f"{run_dir / STATE} does not exist: the run has no finished epoch to resume from")
+    # a run folder without state.pt (killed before its first checkpoint) restarts in place
+    if parallel.is_main() and resume and not (run_dir / CONFIG).is_file():
+        problem = FileNotFoundError(f"{run_dir} holds no run to resume (no {CONFIG}): start it again without --resume")
     problem = parallel.broadcast_object(problem)  # every rank stops, not only rank 0
     if problem is not None:
         raise problem

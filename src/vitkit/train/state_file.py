@@ -6,6 +6,7 @@ Everything is tensors, numbers, strings, lists and dicts, so it loads with
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitkit.core.errors import VitkitError
 from vitkit.core.files import atomic_path
 
 
@@ -46,9 +48,34 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """torch.save `state` atomically (a crash leaves the previous file intact)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """torch.save `state` atomically: a crash, a kill or a full disk leaves the previous file intact.
+    A full disk (or a file size limit) is a one-line VitkitError naming the file."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: write errors keep their errno
+            torch.save(state, f)
+    except (OSError, RuntimeError) as err:
+        full = _no_space(err)
+        if full is None:
+            raise
+        raise VitkitError(f"cannot write {path}: {full.strerror} (disk full or over a file size limit); "
+                          f"the previous {Path(path).name} is intact: free space and resume the run") from None
+
+
+def _no_space(err: BaseException | None) -> OSError | None:
+    # torch's zip writer reports a failed write as a RuntimeError whose context is the OSError
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (`.NAME.*.tmp`) that writes killed mid-way left in `folder`; returns them."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return stale
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
