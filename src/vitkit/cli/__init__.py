@@ -19,6 +19,7 @@ COMMANDS = {
     "predict": "predict",
     "submit": "submit",
     "convert": "convert",
+    "quantize": "quantize",
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vitkit.train.config import TTA_MODES
+from vitkit.cli.choices import TTA_MODES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,9 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="a run folder written by `vitkit train` (its best weights)")
     src.add_argument("--checkpoint", metavar="FILE", help="a .safetensors file written by vitkit")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--tta", choices=TTA_MODES,
-                   help="hflip: average the probabilities of each image and its mirror (default: the run's own "
-                   "setting, else none)")
+    p.add_argument("--tta", choices=TTA_MODES, metavar="MODE",
+                   help="test-time augmentation (%(choices)s): hflip averages the probabilities of each image and "
+                   "its mirror (default: the run's own setting, else none)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", action="store_true", help="print JSON instead of lines")
     p.set_defaults(run=run)
