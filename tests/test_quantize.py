@@ -73,9 +73,16 @@ def test_the_gate_refuses_a_model_that_drops_too_much(run, tmp_path, capsys):
     assert not target.exists() and not list(tmp_path.glob(".refused*"))
 
 
-def test_a_checkpoint_needs_data_for_the_gate(run, tmp_path, capsys):
+def test_a_checkpoint_with_data_is_quantised_beside_it(run, tmp_path, capsys):
     assert main(["quantize", "--checkpoint", str(run / "best.safetensors")]) == 2
     assert "--checkpoint needs --data" in capsys.readouterr().err
+    checkpoint = tmp_path / "weights.safetensors"
+    checkpoint.write_bytes((run / "best.safetensors").read_bytes())
+    assert main(["quantize", "--checkpoint", str(checkpoint), "--data", "fashion-mnist", "--max-drop", "100",
+                 "--scheme", "per-tensor"]) == 0
+    written = tmp_path / "weights.int8.safetensors"
+    assert str(written) in capsys.readouterr().out and read_metadata(written)["scheme"] == "per-tensor"
+    assert load_quantized(written).int8_metadata["source"] == str(checkpoint)
 
 
 @pytest.mark.parametrize("name,fields", [
