@@ -8,7 +8,8 @@ import struct
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_data import write_idx
+from PIL import Image
+from test_data import fake_images, write_idx
 
 from vitkit.cli import main
 from vitkit.core.errors import VitkitError
@@ -62,6 +63,17 @@ def test_quantize_run_writes_a_file_that_predicts_as_the_in_memory_int8_model(ru
     images = torch.rand(16, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(loaded(images), in_memory(images))
+
+    # eval and predict take the int8 file: the test figure is the gate's, the class names the run's
+    assert main(["eval", "--checkpoint", str(target), "--data", "fashion-mnist", "--split", "test",
+                 "--out", str(tmp_path / "test.json")]) == 0
+    assert json.loads((tmp_path / "test.json").read_text())["top1"] == gate["test"]["int8_top1"]
+    image, _ = fake_images(1, seed=3)
+    Image.fromarray(image[0].numpy()).save(tmp_path / "shoe.png")
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "shoe.png"), "--checkpoint", str(target), "--json", "--top-k", "2"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert len(entry["top"]) == 2 and entry["top"][0]["class"] in fashion_mnist.CLASSES
 
 
 def test_the_gate_refuses_a_model_that_drops_too_much(run, tmp_path, capsys):

@@ -42,16 +42,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitkit.core.files import write_text
     from vitkit.tools.evaluate import evaluate_split, load_inference
+    from vitkit.tools.quantize import int8_inference
     from vitkit.train.plots import plot_confusion
     from vitkit.train.parallel import resolve_device
+    from vitkit.weights.quantized import is_quantized_file
 
     if args.pretrained and not args.model:
         raise ValueError("--pretrained goes with --model NAME")
     if args.run_dir is None and args.data is None:
         raise ValueError("--checkpoint and --model need --data (fashion-mnist or an image folder)")
-    device = resolve_device(args.device)
-    inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, model=args.model,
-                               pretrained=args.pretrained, device=device)
+    if args.checkpoint and is_quantized_file(args.checkpoint):  # `vitkit quantize` output: CPU, no autocast
+        inference, device = int8_inference(args.checkpoint, args.device), resolve_device("cpu")
+    else:
+        device = resolve_device(args.device)
+        inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, model=args.model,
+                                   pretrained=args.pretrained, device=device)
     split = args.split or ("val" if args.val_samples is not None else "test" if args.test_samples is not None else None)
     if (split == "test" and args.val_samples is not None) or (split == "val" and args.test_samples is not None):
         raise ValueError(f"--split {split} takes --{split}-samples, not the other split's")

@@ -32,10 +32,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitkit.tools.evaluate import load_inference
     from vitkit.tools.predict import predict
+    from vitkit.tools.quantize import int8_inference
     from vitkit.train.parallel import resolve_device
+    from vitkit.weights.quantized import is_quantized_file
 
-    device = resolve_device(args.device)
-    inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, device=device)
+    if args.checkpoint and is_quantized_file(args.checkpoint):  # `vitkit quantize` output: CPU, no autocast
+        inference, device = int8_inference(args.checkpoint, args.device), resolve_device("cpu")
+    else:
+        device = resolve_device(args.device)
+        inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, device=device)
     results = predict(inference.model, args.images, inference.spec, inference.classes, top_k=args.top_k, device=device,
                       tta=args.tta or inference.config.tta)
     if args.json:

@@ -91,6 +91,24 @@ def _top1(inference: Inference, split: str, **options: Any) -> tuple[float, int]
     return float(result["top1"]), int(result["samples"])
 
 
+def int8_inference(path: str | os.PathLike, device: str = "auto") -> Inference:
+    """An int8 file (`vitkit quantize`) ready for `evaluate_split` / `predict`: the model on the CPU, its
+    recorded input spec and classes, and amp off (torch's int8 layers refuse bf16 autocast)."""
+    from vitkit.tools.evaluate import _spec_from_model
+    from vitkit.train.config import TrainConfig
+    from vitkit.train.modeling import input_spec
+    from vitkit.weights.quantized import load_quantized
+
+    if device not in ("auto", "cpu"):
+        raise VitkitError(f"{path} is an int8 model, which runs on the CPU only: use --device cpu")
+    model = load_quantized(path)
+    recorded = input_spec(model.int8_metadata)
+    spec, classes = recorded if recorded else (_spec_from_model(model), None)
+    config = TrainConfig(img_size=spec.img_size, in_chans=spec.in_chans, mean=list(spec.mean), std=list(spec.std),
+                         crop_pct=spec.crop_pct, interpolation=spec.interpolation, seed=None, amp="off")
+    return Inference(model, spec, classes, config, str(path))
+
+
 def default_output(run: str | Path | None, checkpoint: str | Path | None) -> Path:
     """Where `quantize` writes by default: RUN/int8.safetensors, or NAME.int8.safetensors beside FILE."""
     if run is not None:
