@@ -146,6 +146,7 @@ def test_hostile_or_garbled_files_give_one_line_errors(tmp_path):
     assert "not a Linear layer" in hostile(tmp_path, tensors, {**meta, "quantized": json.dumps(["norm"])})
     assert "unknown model" in hostile(tmp_path, tensors, {**meta, "model": "os.system"})
     assert "cannot load" in hostile(tmp_path, tensors, {**meta, "config": json.dumps({"depth": -3})})
+    assert "not a JSON object" in hostile(tmp_path, tensors, {**meta, "config": "[1, 2]"})
     name = int8_layer_names(fp32)[0]
     nan_scale = {**tensors, f"{name}.weight_scale": torch.full_like(tensors[f"{name}.weight_scale"], float("nan"))}
     assert "non-finite scale" in hostile(tmp_path, nan_scale, meta)

@@ -221,7 +221,8 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     names = _json(meta, "quantized", path)
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise VitkitError(f"{path}: its 'quantized' entry is not a list of layer names; quantise the model again")
-    _json(meta, "config", path)
+    if not isinstance(_json(meta, "config", path), dict):
+        raise VitkitError(f"{path}: its 'config' entry is not a JSON object; quantise the model again")
     try:
         model = create_model(meta.get("model", ""), **config_fields(meta))
         tensors = load_file(str(path), device="cpu")
