@@ -26,6 +26,7 @@ import vitkit.models  # noqa: F401  (registers the families)
 from vitkit.registry import count_parameters, get_variant, resolve_config, variant_names
 from vitkit.weights.pretrained import load_pretrained
 from vitkit.weights.checkpoint import load_checkpoint
+from vitkit.weights.quantized import is_quantized_file, load_quantized
 from vitkit.weights.timm_hub import folder_kind, read_timm_folder
 from vitkit.weights.vitkit_format import FORMAT_NAME, config_fields, read_metadata
 
@@ -168,6 +169,10 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if is_quantized_file(path):  # `vitkit quantize`: torch.ao int8 layers, CPU only
+        if torch.device(device).type != "cpu":
+            raise VitkitError(f"{path} is an int8 model, which runs on the CPU only: use --device cpu")
+        return load_quantized(path, create_model)
     meta = read_metadata(path)
     name = meta.get("model", "")
     if is_torchvision(name):

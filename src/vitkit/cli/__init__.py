@@ -33,6 +33,7 @@ COMMANDS = {
     "convert": "convert",
     "data": "data",
     "serve": "serve",
+    "quantize": "quantize",
 }
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 1, 130, 141

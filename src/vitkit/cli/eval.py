@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vitkit.train.config import TTA_MODES
+from vitkit.cli.choices import TTA_MODES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,9 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, help="input size (default: the model's)")
     p.add_argument("--crop-pct", type=float, help="resize to img_size / crop_pct, centre-crop img_size")
     p.add_argument("--batch-size", type=int, help="default: the run's eval batch size")
-    p.add_argument("--tta", choices=TTA_MODES,
-                   help="test-time augmentation: hflip averages the probabilities of each image and its mirror "
-                   "(default: the run's own setting, else none)")
+    p.add_argument("--tta", choices=TTA_MODES, metavar="MODE",
+                   help="test-time augmentation (%(choices)s): hflip averages the probabilities of each image and "
+                   "its mirror (default: the run's own setting, else none)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--workers", type=int, help="data-loading processes")
     p.add_argument("--out", metavar="FILE.json", help="also write the metrics as JSON")
@@ -41,15 +41,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vitkit.core.files import write_text
-    from vitkit.tools.inference import evaluate_split, load_inference
-    from vitkit.train.parallel import resolve_device
+    from vitkit.tools.inference import evaluate_split, inference_device, load_inference
     from vitkit.train.plots import plot_confusion
 
     if args.pretrained and not args.model:
         raise ValueError("--pretrained goes with --model NAME")
     if args.run_dir is None and args.data is None:
         raise ValueError("--checkpoint and --model need --data (fashion-mnist or an image folder)")
-    device = resolve_device(args.device)
+    device = inference_device(args.device, args.checkpoint)  # an int8 file: the CPU
     inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, model=args.model,
                                pretrained=args.pretrained, device=device)
     split = args.split or ("val" if args.val_samples is not None else "test" if args.test_samples is not None else None)

@@ -1,10 +1,23 @@
 """`vitkit models [PATTERN] [--json] [--pretrained]`: the variant table (MACs per image: 1 MAC = 2 FLOPs),
-or with --pretrained the variants that have weight records and their default record."""
+or with --pretrained the variants that have weight records and their default record.
+
+The table is data (vitkit/models/variants.json, written by scripts/make_variant_table.py and checked
+against the builders by tests/test_cli_startup.py), so listing the variants needs no torch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+from pathlib import Path
+from typing import Any
+
+from vitkit.core.errors import VitkitError
+
+# beside the model code, read as a file: importing vitkit.models would import torch
+TABLE = Path(__file__).resolve().parents[1] / "models" / "variants.json"
+FIELDS = ("name", "family", "params", "macs", "img_size", "num_classes")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def row(name: str) -> dict:
+def measure_variant(name: str) -> dict[str, Any]:
+    """A variant's row of the table, counted from its builder on the meta device (imports torch)."""
     import torch
 
     from vitkit.factory import count_parameters, get_variant
@@ -38,10 +52,14 @@ def row(name: str) -> dict:
     }
 
 
-def rows(pattern: str) -> list[dict]:
-    from vitkit.factory import list_models
-
-    return [row(name) for name in list_models(pattern)]
+def variant_table() -> list[dict[str, Any]]:
+    """Every variant's row (FIELDS), sorted by name, from the shipped table; no torch."""
+    try:
+        rows = json.loads(TABLE.read_text())["variants"]
+    except (OSError, ValueError, KeyError) as err:
+        raise VitkitError(f"the variant table {TABLE} is missing or unreadable ({err}): reinstall vitkit, "
+                           "or regenerate it with scripts/make_variant_table.py") from None
+    return sorted(rows, key=lambda r: r["name"])
 
 
 def pretrained_rows(names: list[str]) -> list[dict]:
@@ -75,24 +93,20 @@ def run_pretrained(names: list[str], as_json: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.factory import list_models
-
-    names = list_models(args.pattern)
-    if not names:
+    table = [r for r in variant_table() if fnmatch.fnmatchcase(r["name"], args.pattern)]
+    if not table:
         raise ValueError(f"no model matches {args.pattern!r}: try `vitkit models` for the full list")
     if getattr(args, "pretrained", False):
-        return run_pretrained(names, args.json)
+        return run_pretrained([r["name"] for r in table], args.json)
     if args.json:
-        print(json.dumps([row(name) for name in names], indent=2))
+        print(json.dumps(table, indent=2))
         return 0
-    width = max(len(name) for name in names)
+    width = max(len(r["name"]) for r in table)
     print(f"{'name':<{width}}  {'family':<7} {'params (M)':>10} {'MACs (G)':>9}  {'input':>9}  {'classes':>7}")
-    for name in names:  # a row as soon as it is counted
-        r = row(name)
+    for r in table:
         size = "x".join(str(s) for s in r["img_size"])
         print(
             f"{r['name']:<{width}}  {r['family']:<7} {r['params'] / 1e6:>10.2f} {r['macs'] / 1e9:>9.2f}"
-            f"  {size:>9}  {r['num_classes']:>7}",
-            flush=True,
+            f"  {size:>9}  {r['num_classes']:>7}"
         )
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from vitkit.train.config import TTA_MODES
+from vitkit.cli.choices import TTA_MODES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,9 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="a run folder written by `vitkit train` (its best weights)")
     src.add_argument("--checkpoint", metavar="FILE", help="a .safetensors file written by vitkit")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--tta", choices=TTA_MODES,
-                   help="hflip: average the probabilities of each image and its mirror (default: the run's own "
-                   "setting, else none)")
+    p.add_argument("--tta", choices=TTA_MODES, metavar="MODE",
+                   help="test-time augmentation (%(choices)s): hflip averages the probabilities of each image and "
+                   "its mirror (default: the run's own setting, else none)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch-size", type=int, default=64, help="images classified together (default 64)")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (default 2; 0: in this one)")
@@ -40,13 +40,12 @@ def _line(entry: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.tools.inference import load_inference
+    from vitkit.tools.inference import inference_device, load_inference
     from vitkit.tools.predict import PredictStats, check_options, expand_images, iter_predictions
-    from vitkit.train.parallel import resolve_device
 
     check_options(args.top_k, args.tta or "none", args.batch_size, args.workers)  # flags first, before any loading
     paths = expand_images(args.images)  # a mistyped path fails before the model loads
-    device = resolve_device(args.device)
+    device = inference_device(args.device, args.checkpoint)  # an int8 file: the CPU
     inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, device=device)
     stats = PredictStats()
     results = iter_predictions(inference.model, paths, inference.spec, inference.classes, top_k=args.top_k,

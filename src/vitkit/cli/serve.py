@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from vitkit.serve import Predictor, load_served_model
-    from vitkit.train.parallel import resolve_device
+    from vitkit.tools.inference import inference_device
 
     if args.max_bytes < 1:
         raise ValueError(f"--max-bytes must be >= 1, got {args.max_bytes}")
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     sock = _listen(args.host, args.port)  # before loading the model: a taken port fails at once
     with sock:
-        device = resolve_device(args.device)
+        device = inference_device(args.device, args.checkpoint)  # an int8 file: the CPU
         served = load_served_model(run=args.run_dir, checkpoint=args.checkpoint, device=device)
         predictor = Predictor(served, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                               max_queue=args.max_queue, max_pixels=args.max_pixels, device=device)

@@ -24,7 +24,9 @@ from vitkit.train.config import TTA_MODES, AmpMode, TrainConfig, TtaMode, load_r
 from vitkit.train.engine import evaluate
 from vitkit.train.modeling import input_spec, load_weights
 from vitkit.train.run_folder import BEST
+from vitkit.train.parallel import resolve_device
 from vitkit.train.runtime import amp_dtype_for, runtime
+from vitkit.weights.quantized import is_quantized_file
 
 
 @dataclass(frozen=True)
@@ -93,10 +95,13 @@ def load_inference(
         spec = image_spec(config)
         return Inference(net, spec, recorded[1] if recorded else None, config, str(Path(run) / BEST),
                          EvalSettings.of_run(config))
+    settings = EvalSettings()
     if checkpoint is not None:
         net, meta = load_weights(checkpoint, device=device)
         recorded = input_spec(meta)
         spec, classes = recorded if recorded else (default_spec(net), None)
+        if is_quantized_file(checkpoint):  # torch's int8 layers refuse bf16 autocast
+            settings = dataclasses.replace(settings, amp="off")
     else:
         if not pretrained:
             raise ValueError("--model NAME evaluates pretrained weights: add --pretrained (or give --run/--checkpoint)")
@@ -104,7 +109,14 @@ def load_inference(
         spec, classes = default_spec(net), None
     config = DataConfig(img_size=spec.img_size, in_chans=spec.in_chans, mean=list(spec.mean), std=list(spec.std),
                         crop_pct=spec.crop_pct, interpolation=spec.interpolation)
-    return Inference(net, spec, classes, config, str(checkpoint or model))
+    return Inference(net, spec, classes, config, str(checkpoint or model), settings)
+
+
+def inference_device(choice: str, checkpoint: str | Path | None = None) -> torch.device:
+    """The device `--device` names; an int8 checkpoint (`vitkit quantize`) runs on the CPU under `auto`."""
+    if choice == "auto" and checkpoint is not None and is_quantized_file(checkpoint):
+        return torch.device("cpu")
+    return resolve_device(choice)
 
 
 def evaluate_split(

@@ -1,0 +1,163 @@
+"""`vitkit quantize`: int8 models behind an accuracy gate, in a file whose loading executes nothing."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from PIL import Image
+from test_data import fake_images, write_idx
+
+from vitkit.cli import main
+from vitkit.core.errors import VitkitError
+from vitkit.data import fashion_mnist
+from vitkit.factory import create_model
+from vitkit.tools.quantize import int8_layer_names, quantize_model
+from vitkit.train.modeling import load_weights
+from vitkit.weights.vitkit_format import read_metadata, save_model
+from vitkit.weights.quantized import FORMAT_NAME, is_quantized_file, load_quantized, quantized_linears, save_quantized
+
+# int8 vs fp32 on random-weight models: the largest logit difference, relative to the largest fp32 logit
+INT8_TOLERANCE = 0.1
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-epoch run of a one-block ViT on tiny IDX files."""
+    tmp = tmp_path_factory.mktemp("quantize")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp / "cache"))
+        mp.setenv("VITKIT_OFFLINE", "1")
+        mp.setenv("VITKIT_DATA", str(write_idx(tmp / "idx", n_train=300, n_test=40)))
+        mp.setattr(fashion_mnist, "DEBIAN_DIR", tmp / "no-debian")
+        out = tmp / "run"
+        code = main(["train", "--output", str(out), "--seed", "1", "--epochs", "2", "--patch-size", "7",
+                     "--batch-size", "32", "--threads", "1", "--val-samples", "40", "--set", "model_args.depth=1",
+                     "--set", "model_args.embed_dim=32", "--set", "model_args.num_heads=2", "--set", "lr=3e-3"])
+        assert code == 0
+        yield out
+
+
+def test_quantize_run_writes_a_file_that_predicts_as_the_in_memory_int8_model(run, tmp_path, capsys):
+    target = tmp_path / "int8.safetensors"
+    assert main(["quantize", "--run", str(run), "--out", str(target), "--max-drop", "100", "--test"]) == 0
+    printed = capsys.readouterr().out
+    assert "val top-1: fp32" in printed and "test top-1: fp32" in printed and str(target) in printed
+    assert is_quantized_file(target) and not is_quantized_file(run / "best.safetensors")
+
+    meta = read_metadata(target)
+    assert meta["format"] == FORMAT_NAME and meta["inputs"] == read_metadata(run / "best.safetensors")["inputs"]
+    gate = json.loads(meta["gate"])
+    # the gate's fp32 figure is the one `vitkit eval --run DIR --split val` gives (amp is off on the CPU)
+    assert main(["eval", "--run", str(run), "--split", "val", "--out", str(tmp_path / "val.json")]) == 0
+    evaluated = json.loads((tmp_path / "val.json").read_text())
+    assert (gate["fp32_top1"], gate["samples"]) == (evaluated["top1"], evaluated["samples"])
+
+    fp32, _ = load_weights(run / "best.safetensors")
+    in_memory = quantize_model(fp32)
+    loaded = load_quantized(target, create_model)
+    assert set(quantized_linears(loaded)) == set(int8_layer_names(fp32)) == set(quantized_linears(in_memory))
+    images = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), in_memory(images))
+
+    # eval and predict take the int8 file: the test figure is the gate's, the class names the run's
+    assert main(["eval", "--checkpoint", str(target), "--data", "fashion-mnist", "--split", "test",
+                 "--out", str(tmp_path / "test.json")]) == 0
+    assert json.loads((tmp_path / "test.json").read_text())["top1"] == gate["test"]["int8_top1"]
+    image, _ = fake_images(1, seed=3)
+    Image.fromarray(image[0].numpy()).save(tmp_path / "shoe.png")
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "shoe.png"), "--checkpoint", str(target), "--json", "--top-k", "2"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert len(entry["top"]) == 2 and entry["top"][0]["class"] in fashion_mnist.CLASSES
+
+
+def test_the_gate_refuses_a_model_that_drops_too_much(run, tmp_path, capsys):
+    target = tmp_path / "refused.safetensors"
+    assert main(["quantize", "--run", str(run), "--out", str(target), "--max-drop", "-100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing written" in err and "--max-drop -100" in err
+    assert err.count("%") == 2 and "int8 top-1" in err and "fp32" in err  # both figures are named
+    assert not target.exists() and not list(tmp_path.glob(".refused*"))
+
+
+def test_a_checkpoint_with_data_is_quantised_beside_it(run, tmp_path, capsys):
+    assert main(["quantize", "--checkpoint", str(run / "best.safetensors")]) == 2
+    assert "--checkpoint needs --data" in capsys.readouterr().err
+    checkpoint = tmp_path / "weights.safetensors"
+    checkpoint.write_bytes((run / "best.safetensors").read_bytes())
+    assert main(["quantize", "--checkpoint", str(checkpoint), "--data", "fashion-mnist", "--max-drop", "100",
+                 "--scheme", "per-tensor"]) == 0
+    written = tmp_path / "weights.int8.safetensors"
+    assert str(written) in capsys.readouterr().out and read_metadata(written)["scheme"] == "per-tensor"
+    assert load_quantized(written, create_model).int8_metadata["source"] == str(checkpoint)
+
+
+@pytest.mark.parametrize("name,fields", [
+    ("vit_tiny_patch16_224", dict(depth=1, img_size=32, patch_size=8)),
+    ("deit_tiny_distilled_patch16_224", dict(depth=1, img_size=32, patch_size=8)),
+    ("deit3_small_patch16_224", dict(depth=1, img_size=32, patch_size=8)),
+    ("swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1), img_size=56)),
+    ("swinv2_tiny_window8_256", dict(depths=(1, 1, 1, 1), img_size=64, window_size=4)),
+])
+def test_every_family_round_trips_and_stays_near_fp32(name, fields, tmp_path):
+    fp32 = create_model(name, num_classes=7, **fields).eval()
+    for scheme in ("per-channel", "per-tensor"):
+        int8 = quantize_model(fp32, scheme)
+        save_quantized(int8, tmp_path / "m.safetensors")
+        loaded = load_quantized(tmp_path / "m.safetensors", create_model)
+        x = torch.randn(3, 3, *fp32.config.img_size)
+        with torch.no_grad():
+            ref, out = fp32(x), int8(x)
+            assert torch.equal(loaded(x), out)
+        assert (out - ref).abs().max() <= INT8_TOLERANCE * ref.abs().max()
+    assert loaded.variant_name == name and not loaded.training
+
+
+def hostile(tmp_path, tensors: dict, meta: dict) -> str:
+    path = tmp_path / "hostile.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(VitkitError) as err:
+        load_quantized(path, create_model)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    return str(err.value)
+
+
+def test_hostile_or_garbled_files_give_one_line_errors(tmp_path):
+    fp32 = create_model("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, num_classes=3).eval()
+    good = tmp_path / "good.safetensors"
+    save_quantized(quantize_model(fp32), good)
+    tensors, meta = load_file(str(good)), read_metadata(good)
+
+    garbled = tmp_path / "garbled.safetensors"
+    garbled.write_bytes(struct.pack("<Q", 2**40) + b"{not json")
+    assert not is_quantized_file(garbled)
+    with pytest.raises(VitkitError, match="not a valid safetensors file"):
+        load_quantized(garbled, create_model)
+    save_model(fp32, tmp_path / "fp32.safetensors")
+    with pytest.raises(VitkitError, match="is not a vitkit int8 model"):
+        load_quantized(tmp_path / "fp32.safetensors", create_model)
+
+    assert "'quantized' entry" in hostile(tmp_path, tensors, {**meta, "quantized": "import os"})
+    assert "not a Linear layer" in hostile(tmp_path, tensors, {**meta, "quantized": json.dumps(["norm"])})
+    assert "unknown model" in hostile(tmp_path, tensors, {**meta, "model": "os.system"})
+    assert "cannot load" in hostile(tmp_path, tensors, {**meta, "config": json.dumps({"depth": -3})})
+    assert "not a JSON object" in hostile(tmp_path, tensors, {**meta, "config": "[1, 2]"})
+    name = int8_layer_names(fp32)[0]
+    nan_scale = {**tensors, f"{name}.weight_scale": torch.full_like(tensors[f"{name}.weight_scale"], float("nan"))}
+    assert "non-finite scale" in hostile(tmp_path, nan_scale, meta)
+    as_float = {**tensors, f"{name}.weight_int8": tensors[f"{name}.weight_int8"].float()}
+    assert "expected int8" in hostile(tmp_path, as_float, meta)
+    missing = {k: v for k, v in tensors.items() if k != "norm.weight"}
+    assert "do not match" in hostile(tmp_path, missing, meta)
+    assert "format version" in hostile(tmp_path, tensors, {**meta, "format_version": "99"})
+
+
+def test_the_scheme_choices_are_checked_when_parsed(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--run", "x", "--scheme", "per-row"])
+    assert "'per-channel', 'per-tensor'" in capsys.readouterr().err
