@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from vitkit.registry import create_model
+from vitkit.factory import create_model
 from vitkit.tools.quantize import SCHEMES, quantize_model
 
 

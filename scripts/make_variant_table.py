@@ -14,7 +14,7 @@ import sys
 
 from vitkit.cli.models import TABLE, measure_variant
 from vitkit.core.files import write_text
-from vitkit.registry import list_models
+from vitkit.factory import list_models
 
 
 def render() -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from vitkit.cli import COMMANDS, build_parser
 from vitkit.cli.models import FIELDS, measure_variant, variant_table
-from vitkit.registry import list_models
+from vitkit.factory import list_models
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -65,7 +65,7 @@ def test_the_table_lists_every_variant_with_the_builders_counts():
     for name, row in table.items():
         assert tuple(row) == FIELDS
     # parameters (and family, size, classes) for every variant; MACs for the small ones (the rest: --run-slow)
-    from vitkit.registry import model_info
+    from vitkit.factory import model_info
 
     for name, row in table.items():
         info = model_info(name)

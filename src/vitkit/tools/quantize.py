@@ -82,8 +82,8 @@ class GateResult:
 
 def _fp32(inference: Inference, model: nn.Module) -> Inference:
     # the gate compares plain fp32 with int8: no autocast on either side
-    config = dataclasses.replace(inference.config, amp="off")
-    return dataclasses.replace(inference, model=model, config=config)
+    settings = dataclasses.replace(inference.settings, amp="off")
+    return dataclasses.replace(inference, model=model, settings=settings)
 
 
 def _top1(inference: Inference, split: str, **options: Any) -> tuple[float, int]:
