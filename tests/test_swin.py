@@ -11,8 +11,8 @@ import torch
 from timm.models._manipulate import reinit_non_persistent_buffers
 
 import vitkit
-from vitkit.models.swin import SwinTransformer, fit_window, shifted_window_mask
 from vitkit.factory import get_variant
+from vitkit.models.swin import SwinTransformer, fit_window, shifted_window_mask
 
 SWIN_FAMILY = [n for n in vitkit.list_models() if get_variant(n).family in ("swin", "swinv2")]
 TIMM_NAMED = [n for n in SWIN_FAMILY if n in timm.list_models()]

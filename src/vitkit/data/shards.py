@@ -35,6 +35,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
 from vitkit.core.errors import VitkitError
+from vitkit.core.files import atomic_path, write_text
+from vitkit.data.folder import GREY_MODES
+from vitkit.data.splits import LoadedData, SplitData
+from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 INDEX = "index.json"
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
@@ -327,8 +331,6 @@ def write_split(items: Iterator[tuple[Image.Image | bytes, int]], output: Path, 
 
     Each shard is encoded in memory and written through a temporary file, so none is ever half-written.
     """
-    from vitkit.core.files import atomic_path
-
     names: list[str] = []
     counts: list[int] = []
     items = iter(items)
@@ -347,8 +349,6 @@ def write_split(items: Iterator[tuple[Image.Image | bytes, int]], output: Path, 
 
 def write_index(output: Path, classes: list[str], in_chans: int,
                 splits: dict[str, tuple[list[str], list[int]]]) -> None:
-    from vitkit.core.files import write_text
-
     index = {"format": "webdataset", "classes": classes, "in_chans": in_chans,
              "splits": {name: {"shards": names, "counts": counts} for name, (names, counts) in splits.items()}}
     write_text(output / INDEX, json.dumps(index, indent=1) + "\n")
@@ -356,10 +356,6 @@ def write_index(output: Path, classes: list[str], in_chans: int,
 
 def load(config: Any, splits: tuple[str, ...]) -> Any:
     """`LoadedData` of `wds:...` (`config.data`). Streams cannot hold out val: shard it as a split."""
-    from vitkit.data.folder import GREY_MODES
-    from vitkit.data.splits import LoadedData, SplitData
-    from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     source = open_source(config.data)
     classes = source.classes
     if classes is None:  # no index: classes 0..K-1 from the labels of every split

@@ -170,10 +170,10 @@ def save_overlay(
     image: torch.Tensor, amap: AttentionMap, path: str | os.PathLike, title: str | None = None
 ) -> None:
     """Write a PNG: the image (C, H, W in [0, 1]) beside it with the upsampled map overlaid."""
-    import matplotlib  # about a second of start-up: only when a figure is drawn
+    import matplotlib  # noqa: PLC0415  about a second of start-up: only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  after matplotlib.use
 
     h, w = image.shape[-2:]
     heat = upsample(amap.heat, (h, w))

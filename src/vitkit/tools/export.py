@@ -176,9 +176,9 @@ def export_model(
 def require_onnx() -> None:
     """Raise a one-line RuntimeError naming the install command when the export extra is missing."""
     try:
-        import onnx  # noqa: F401  (the optional export extra: imported only to check it is there)
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
+        import onnx  # noqa: F401, PLC0415  the optional export extra: imported only to check it is there
+        import onnxruntime  # noqa: F401, PLC0415
+        import onnxscript  # noqa: F401, PLC0415
     except ImportError as err:
         raise RuntimeError(
             f"ONNX export needs onnx, onnxscript and onnxruntime ({err.name} is missing): {EXPORT_EXTRA}"
@@ -202,7 +202,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, dynamic_shapes, target
 
 
 def _onnx_runner(path: Path):
-    import onnxruntime as ort  # the optional export extra
+    import onnxruntime as ort  # noqa: PLC0415  the optional export extra
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name

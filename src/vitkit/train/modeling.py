@@ -24,7 +24,7 @@ from vitkit.factory import (
     load_model,
     model_metadata,
 )
-from vitkit.weights.vitkit_format import read_metadata, recorded_inputs, save_model
+from vitkit.weights.vitkit_format import recorded_inputs, save_model
 
 __all__ = ["build_model", "build_torchvision", "default_img_size", "input_spec", "is_torchvision", "load_weights",
            "save_weights"]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 if TYPE_CHECKING:
     from torchvision.transforms import v2
@@ -70,8 +71,6 @@ def _check_hash(path: Path, record: WeightRecord, shown: Path) -> None:
 
 
 def _download(record: WeightRecord, dest: Path) -> None:
-    from tqdm import tqdm  # only when downloading
-
     with urllib.request.urlopen(record.url, timeout=DOWNLOAD_TIMEOUT_S) as response, atomic_path(dest) as tmp:
         total = int(response.headers.get("Content-Length") or 0) or None
         with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar:
@@ -125,7 +124,7 @@ def eval_transform(model_or_name: nn.Module | str) -> v2.Compose:
     `create_transform(**resolve_data_config({}, model=...))` gives. For a model, `size` is the model's
     own input size; variants without a record get timm's defaults for their family.
     """
-    from torchvision.transforms import InterpolationMode, v2  # torchvision costs start-up: only when asked for
+    from torchvision.transforms import InterpolationMode, v2  # noqa: PLC0415  torchvision costs start-up: only when asked for
 
     if isinstance(model_or_name, str):
         name, size = model_or_name, tuple(get_variant(model_or_name).config.img_size)

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 from vitkit.core.errors import VitkitError
