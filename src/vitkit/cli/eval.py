@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from vitkit.core.files import write_text
 from vitkit.train.config import TTA_MODES
 
 
@@ -40,10 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.core.files import write_text
-    from vitkit.tools.inference import evaluate_split, load_inference
-    from vitkit.train.parallel import resolve_device
-    from vitkit.train.plots import plot_confusion
+    from vitkit.tools.inference import evaluate_split, load_inference  # noqa: PLC0415  fast CLI start-up
+    from vitkit.train.parallel import resolve_device  # noqa: PLC0415  fast CLI start-up
+    from vitkit.train.plots import plot_confusion  # noqa: PLC0415  fast CLI start-up
 
     if args.pretrained and not args.model:
         raise ValueError("--pretrained goes with --model NAME")

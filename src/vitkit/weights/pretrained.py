@@ -124,7 +124,7 @@ def eval_transform(model_or_name: nn.Module | str) -> v2.Compose:
     `create_transform(**resolve_data_config({}, model=...))` gives. For a model, `size` is the model's
     own input size; variants without a record get timm's defaults for their family.
     """
-    from torchvision.transforms import InterpolationMode, v2  # noqa: PLC0415  torchvision costs start-up: only when asked for
+    from torchvision.transforms import InterpolationMode, v2  # noqa: PLC0415  start-up cost: only when used
 
     if isinstance(model_or_name, str):
         name, size = model_or_name, tuple(get_variant(model_or_name).config.img_size)
