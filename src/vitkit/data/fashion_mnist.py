@@ -92,7 +92,7 @@ def find_fashion_mnist(download: bool | None = None) -> Path:
                 return root
     if download is None:
         download = os.environ.get("VITKIT_OFFLINE", "") in ("", "0")
-    reason = "download off (VITKIT_OFFLINE=1)"
+    reason: str | None = "download off (VITKIT_OFFLINE=1)"
     if download:
         reason = _try_download(cache_dir())
         if reason is None:

@@ -43,6 +43,8 @@ from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 INDEX = "index.json"
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
 MAX_MEMBER_BYTES = 64 << 20  # one image member; larger is not an image we decode
+# one sample: "__key__" (str, the shared name) and the bytes of each member by extension ("png", "cls")
+Sample = dict[str, Any]
 
 
 @dataclass
@@ -141,12 +143,12 @@ def _safe_name(name: str, shard: Path) -> str:
     return name
 
 
-def iter_samples(shard: Path, decode_keys: tuple[str, ...] | None = None) -> Iterator[dict[str, bytes]]:
+def iter_samples(shard: Path, decode_keys: tuple[str, ...] | None = None) -> Iterator[Sample]:
     """The samples of one shard in order: {"__key__": key, extension: bytes, ...}, read without extracting.
 
     `decode_keys` keeps only those extensions (e.g. ("cls",) to count or label without reading images).
     """
-    sample: dict[str, bytes] = {}
+    sample: Sample = {}
     try:
         with tarfile.open(shard, mode="r|*") as tar:  # a stream: one pass, no seeking
             for member in tar:
@@ -173,7 +175,7 @@ def iter_samples(shard: Path, decode_keys: tuple[str, ...] | None = None) -> Ite
         yield sample
 
 
-def parse_label(sample: dict[str, bytes], shard: Path) -> int:
+def parse_label(sample: Sample, shard: Path) -> int:
     raw = sample.get("cls")
     if raw is None:
         raise VitkitError(f"shard {shard}: sample {sample['__key__']} has no .cls member (its class index)")
@@ -183,7 +185,7 @@ def parse_label(sample: dict[str, bytes], shard: Path) -> int:
         raise VitkitError(f"shard {shard}: sample {sample['__key__']} has label {raw[:20]!r}, not an integer") from None
 
 
-def decode_image(sample: dict[str, bytes], shard: Path, mode: str | None) -> Image.Image:
+def decode_image(sample: Sample, shard: Path, mode: str | None) -> Image.Image:
     """The sample's image converted to `mode` ("L" or "RGB"; None: as stored)."""
     ext = next((k for k in IMAGE_KEYS if k in sample), None)
     if ext is None:

@@ -162,7 +162,9 @@ class _PilItems(Dataset):
             image, label = self.split.source.row(index)
             image = image.convert(self.mode)
         else:
-            image, label = _from_tensor(self.split.images[index]), int(self.split.targets[index])
+            images, targets = self.split.images, self.split.targets
+            assert images is not None and targets is not None, "a SplitData holds one of its three forms"
+            image, label = _from_tensor(images[index]), int(targets[index])
         return (self.transform(image) if self.transform else image), label
 
 

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -79,10 +79,11 @@ def load_for_export(
     if name is not None:
         return _create(name, extra).eval()
     model = load_model(checkpoint)
-    if not dataclasses.is_dataclass(getattr(model, "config", None)):
+    config: Any = getattr(model, "config", None)  # ViTConfig or SwinConfig
+    if not dataclasses.is_dataclass(config):
         raise ValueError(f"{checkpoint} holds {model.variant_name}: export takes vitkit models only")
     if dynamic_size:  # the same weights in a model built for any input size
-        dynamic = _create(model.variant_name, dataclasses.asdict(model.config) | extra)
+        dynamic = _create(model.variant_name, dataclasses.asdict(config) | extra)
         dynamic.load_state_dict(model.state_dict(), strict=True)
         model = dynamic
     return model.eval()
@@ -99,7 +100,7 @@ def _create(name: str, fields: dict) -> nn.Module:
 
 def _stride(model: nn.Module) -> int:
     """Pixels per token of the last stage: the patch for ViT, patch * 2^(stages - 1) for Swin."""
-    config = model.config
+    config: Any = model.config  # ViTConfig or SwinConfig
     return config.patch_size * 2 ** (len(config.depths) - 1) if hasattr(config, "depths") else config.patch_size
 
 
@@ -218,7 +219,7 @@ def _check_shapes(
     in_chans: int, size: tuple[int, int], stride: int, dynamic_batch: bool, dynamic_size: bool, example: torch.Tensor
 ) -> list[tuple[int, ...]]:
     batches = (1, 3) if dynamic_batch else (example.shape[0],)
-    shapes = [(b, in_chans, *size) for b in batches]
+    shapes: list[tuple[int, ...]] = [(b, in_chans, *size) for b in batches]
     if dynamic_size:
         # one last-stage cell smaller: for Swin the same stages still fit in one window, which a
         # torch.export program is specialised on (ONNX is not)

@@ -102,9 +102,9 @@ def load_inference(
             raise ValueError("--model NAME evaluates pretrained weights: add --pretrained (or give --run/--checkpoint)")
         net = create_model(model, pretrained=pretrained).to(device)
         spec, classes = default_spec(net), None
-    config = DataConfig(img_size=spec.img_size, in_chans=spec.in_chans, mean=list(spec.mean), std=list(spec.std),
-                        crop_pct=spec.crop_pct, interpolation=spec.interpolation)
-    return Inference(net, spec, classes, config, str(checkpoint or model))
+    data = DataConfig(img_size=spec.img_size, in_chans=spec.in_chans, mean=list(spec.mean), std=list(spec.std),
+                      crop_pct=spec.crop_pct, interpolation=spec.interpolation)
+    return Inference(net, spec, classes, data, str(checkpoint or model))
 
 
 def evaluate_split(

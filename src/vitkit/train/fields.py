@@ -198,7 +198,7 @@ def _comments(klass: type) -> dict[str, str]:
         if i in comments:
             out[match.group(1)] = comments[i]
             continue
-        above = []
+        above: list[str] = []
         for j in range(i - 1, -1, -1):  # the comment block right above the field
             if not lines[j].lstrip().startswith("#") or comments.get(j, "").startswith("--"):
                 break

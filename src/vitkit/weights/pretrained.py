@@ -106,7 +106,7 @@ def load_pretrained(model: nn.Module, name: str, pretrained: bool | str | os.Pat
     if pretrained is True:
         record = get_record(name)
         report = load_checkpoint(model, fetch(record), format=record.format)
-        model.pretrained_record = record
+        model.pretrained_record = record  # type: ignore[assignment]  # nn.Module types every attribute as Tensor | Module
     else:
         report = load_checkpoint(model, pretrained)
     log.info("%s", report)
@@ -129,11 +129,11 @@ def eval_transform(model_or_name: nn.Module | str) -> v2.Compose:
     if isinstance(model_or_name, str):
         name, size = model_or_name, tuple(get_variant(model_or_name).config.img_size)
     else:
-        name = getattr(model_or_name, "variant_name", None)
+        variant = getattr(model_or_name, "variant_name", None)
         config = getattr(model_or_name, "config", None)
-        if name is None or config is None:
+        if variant is None or config is None:
             raise ValueError(f"{type(model_or_name).__name__} is not a vitkit model: pass a model name instead")
-        size = tuple(config.img_size)
+        name, size = variant, tuple(config.img_size)
     record = _BY_MODEL.get(name)
     if record is not None:
         crop, interpolation, mean, std = record.crop_pct, record.interpolation, record.mean, record.std
