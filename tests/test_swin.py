@@ -57,6 +57,7 @@ def _ours_from(name: str, ref: torch.nn.Module, **kwargs) -> SwinTransformer:
     """Our model holding timm's weights: built on meta, timm's state dict assigned, buffers computed."""
     with torch.device("meta"):
         ours = vitkit.create_model(name, **kwargs)
+    assert isinstance(ours, SwinTransformer)
     ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
     ours.init_buffers()
     ref.load_state_dict(ours.state_dict(), strict=True)  # and back: the same keys and shapes

@@ -9,6 +9,7 @@ from __future__ import annotations
 import marshal
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,7 +69,8 @@ def _timm_pair(name: str, **extra):
     kwargs = TIMM_CASES[name] | extra
     ref = _randomise(timm.create_model(name, **kwargs))
     ours = _vitkit(name, **kwargs)
-    return ref, ours, torch.randn(2, 3, *ours.config.img_size)
+    config: Any = ours.config  # (a ViTConfig or SwinConfig: nn.Module types attributes as Tensor | Module)
+    return ref, ours, torch.randn(2, 3, *config.img_size)
 
 
 # -- timm and the vitkit round trip ------------------------------------------------------------------

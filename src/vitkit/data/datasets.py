@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch.utils.data import Dataset
@@ -28,6 +29,8 @@ from vitkit.data.transforms import (
     eval_transform,
     train_transform,
 )
+
+ConfigT = TypeVar("ConfigT", bound=DataConfig)  # a DataConfig, or a TrainConfig that extends it
 
 
 class TensorImageDataset(Dataset):
@@ -154,7 +157,7 @@ def _load_folder(config: DataConfig, splits: Sequence[Split]) -> LoadedData:
     )
 
 
-def resolve_data_fields(config: DataConfig, data: LoadedData, default_img_size: int) -> DataConfig:
+def resolve_data_fields(config: ConfigT, data: LoadedData, default_img_size: int) -> ConfigT:
     """Fill the config fields the data decides (channels, classes, size, statistics)."""
     num_classes = config.num_classes or len(data.classes)
     if num_classes < len(data.classes):
