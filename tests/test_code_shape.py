@@ -49,7 +49,7 @@ def long_functions(modules: list[tuple[str, ast.Module]], limit: int = MAX_LINES
     found = []
     for module, tree in modules:
         for name, node, _ in _functions(tree):
-            lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]  # set by ast.parse
+            lines = (node.end_lineno or node.lineno) - node.lineno + 1  # end_lineno: always set by ast.parse
             if lines > limit and not _is_argparse_table(module, name):
                 found.append(f"{module}::{name} ({lines} lines)")
     return found
