@@ -70,7 +70,7 @@ def create_model(
     fields = {k: v for k, v in given.items() if v is not None} | overrides
     config = resolve_config(name, **fields)
     model = get_variant(name).build(config)
-    model.variant_name = name  # type: ignore[assignment]  # nn.Module types every attribute as Tensor | Module
+    model.variant_name = name  # type: ignore[assignment]  # Module types attributes as Tensor | Module
     if pretrained:
         load_pretrained(model, name, pretrained)
     return model

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from vitkit.data.transforms import ImageSpec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace, device):
+def _load(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, ImageSpec, list[str] | None, str]:
     from vitkit.tools.inference import default_spec, load_inference  # noqa: PLC0415  fast CLI start-up
 
     if args.model is None or args.pretrained:

@@ -16,6 +16,7 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,7 @@ from torch.export import Dim
 from vitkit.factory import create_model, load_model
 
 Format = Literal["onnx", "torch-export"]
+Runner = Callable[[torch.Tensor], torch.Tensor]  # an exported model, called like the eager one
 EXPORT_EXTRA = "pip install 'vitkit[export]'"
 
 
@@ -186,7 +188,8 @@ def require_onnx() -> None:
         ) from err
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, dynamic_shapes, target: Path, opset: int | None) -> None:
+def _export_onnx(model: nn.Module, example: torch.Tensor, dynamic_shapes: tuple[dict[int, Dim]] | None, target: Path,
+                 opset: int | None) -> None:
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet):  # the exporter reports its progress on stdout
         program = torch.onnx.export(
@@ -202,7 +205,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, dynamic_shapes, target
         program.save(str(target))
 
 
-def _onnx_runner(path: Path):
+def _onnx_runner(path: Path) -> Runner:
     import onnxruntime as ort  # noqa: PLC0415  the optional export extra
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -210,7 +213,7 @@ def _onnx_runner(path: Path):
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
 
-def _program_runner(path: Path):
+def _program_runner(path: Path) -> Runner:
     module = torch.export.load(str(path)).module()
     return lambda x: module(x)
 
@@ -228,7 +231,7 @@ def _check_shapes(
     return shapes
 
 
-def _check(model: nn.Module, run, shape: tuple[int, ...]) -> ExportCheck:
+def _check(model: nn.Module, run: Runner, shape: tuple[int, ...]) -> ExportCheck:
     x = torch.randn(*shape)
     with torch.no_grad():
         want = model(x)

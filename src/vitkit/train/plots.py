@@ -10,7 +10,7 @@ import torch
 from vitkit.core.files import save_figure
 
 
-def _pyplot():
+def _pyplot() -> Any:
     import matplotlib  # noqa: PLC0415  about a second of start-up: only when a figure is drawn
 
     matplotlib.use("Agg")

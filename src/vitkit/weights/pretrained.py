@@ -106,7 +106,7 @@ def load_pretrained(model: nn.Module, name: str, pretrained: bool | str | os.Pat
     if pretrained is True:
         record = get_record(name)
         report = load_checkpoint(model, fetch(record), format=record.format)
-        model.pretrained_record = record  # type: ignore[assignment]  # nn.Module types every attribute as Tensor | Module
+        model.pretrained_record = record  # type: ignore[assignment]  # Module types attributes as Tensor | Module
     else:
         report = load_checkpoint(model, pretrained)
     log.info("%s", report)

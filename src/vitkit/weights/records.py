@@ -56,18 +56,20 @@ _SWIN = "https://github.com/SwinTransformer/storage/releases/download/"
 _V1, _V2 = _SWIN + "v1.0.0/", _SWIN + "v2.0.0/"
 
 
-def _vit(model, tag, size, crop, top1=None, origin=None, url=None, fmt="timm", sha=None, classes=1000) -> WeightRecord:
+def _vit(model: str, tag: str, size: int, crop: float, top1: float | None = None, origin: str | None = None,
+         url: str | None = None, fmt: str = "timm", sha: str | None = None, classes: int = 1000) -> WeightRecord:
     return WeightRecord(model, tag, url or _hub(model, tag), fmt, classes, (size, size), crop, "bicubic",
                         INCEPTION_MEAN, INCEPTION_STD, top1, "apache-2.0", sha, origin)  # fmt: skip
 
 
-def _fb(model, tag, size, top1, url=None, fmt="timm", sha=None, origin=None) -> WeightRecord:
+def _fb(model: str, tag: str, size: int, top1: float | None, url: str | None = None, fmt: str = "timm",
+        sha: str | None = None, origin: str | None = None) -> WeightRecord:
     crop = 0.9 if size == 224 else 1.0
     return WeightRecord(model, tag, url or _hub(model, tag), fmt, 1000, (size, size), crop, "bicubic",
                         IMAGENET_MEAN, IMAGENET_STD, top1, "apache-2.0", sha, origin)  # fmt: skip
 
 
-def _ms(model, tag, size, top1, origin, classes=1000) -> WeightRecord:
+def _ms(model: str, tag: str, size: int, top1: float, origin: str, classes: int = 1000) -> WeightRecord:
     crop = 1.0 if size == 384 else 0.9
     return WeightRecord(model, tag, _hub(model, tag), "timm", classes, (size, size), crop, "bicubic",
                         IMAGENET_MEAN, IMAGENET_STD, top1, "mit", None, origin)  # fmt: skip
