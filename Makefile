@@ -52,4 +52,4 @@ demo: venv
 	$(PY) scripts/demo.py summary $(DEMO_RUN)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
