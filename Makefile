@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: test test-all demo venv venv-dev browser clean
+.PHONY: test test-all lint demo venv venv-dev browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,17 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 venv: $(VENV)/.installed
 venv-dev: $(VENV)/.installed-dev
 
-test: venv-dev browser
-	$(PY) -m pytest -q
+# ruff (lint and format), mypy, and the import-linter contracts (layers, no cycles) of pyproject.toml
+LINT_PATHS := src tests scripts hubconf.py
+lint: venv-dev
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+# --durations=15: the 15 slowest tests, to keep the suite under 15 minutes on 2 cores
+test: lint browser
+	$(PY) -m pytest -q --durations=15
 
 # the `vitkit serve` page test drives Debian's chromium (no browser download is possible) on a Fashion-MNIST
 # test image: as root, install both once; elsewhere that test skips and says why
@@ -38,8 +47,8 @@ browser:
 	fi
 
 # full-size parity for every variant (slow: large, huge and giant models at full depth)
-test-all: venv-dev
-	$(PY) -m pytest -q --run-slow
+test-all: lint
+	$(PY) -m pytest -q --run-slow --durations=15
 
 # Fashion-MNIST end to end: data (the Debian package when root), training of the fmnist_demo recipe
 # (a ViT, about 6 minutes on 2 CPU cores), test evaluation, predictions for a few test images
@@ -56,4 +65,4 @@ demo: venv
 	$(PY) scripts/demo.py summary $(DEMO_RUN)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

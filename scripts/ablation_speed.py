@@ -1,8 +1,8 @@
 """Training speed of the Fashion-MNIST ablation's configurations (docs/RESULTS.md).
 
 Images/s of a training step (forward, label-smoothed loss, backward, gradient clipping, AdamW step) on
-random 28x28x1 images with 2 threads, median of 5 interleaved rounds of 1,024 images each. The distilled row adds the frozen teacher's
-forward pass: `python scripts/ablation_speed.py --teacher runs/teacher`.
+random 28x28x1 images with 2 threads, median of 5 interleaved rounds of 1,024 images each. The distilled
+row adds the frozen teacher's forward pass: `python scripts/ablation_speed.py --teacher runs/teacher`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-
 from pathlib import Path
 
 import torch

@@ -24,7 +24,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model, meta = load_weights(args.weights)
-    spec, _ = input_spec(meta)
+    recorded = input_spec(meta)
+    if recorded is None:
+        raise SystemExit(f"{args.weights} records no input spec: give a file written by vitkit train")
+    spec, _ = recorded
     images, _ = load_fashion_mnist(train=False)
     images = images[: args.images]
     x = (images.float() / 255 - spec.mean[0]) / spec.std[0]

@@ -95,7 +95,7 @@ def test_trained_vit_looks_at_the_object():
     x_train, y_train, _ = _bright_object_images(2048, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
     model.train()
-    for step in range(150):
+    for _ in range(150):
         idx = torch.randint(0, len(x_train), (64,))
         loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
         opt.zero_grad()

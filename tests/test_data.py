@@ -20,9 +20,9 @@ from vitkit.data.transforms import (
     BatchTrainTransform,
     ImageSpec,
     eval_transform,
-    train_transform,
     random_pad_crop,
     random_resized_crop,
+    train_transform,
 )
 from vitkit.train.config import TrainConfig
 
@@ -342,10 +342,12 @@ def test_random_crop_takes_a_window_of_the_eval_resize_and_eval_takes_its_centre
     full = images.float() / 255
     offsets = set()
     for i in range(64):
-        found = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], full[i, :, dy : dy + 24, dx : dx + 24])]
+        windows = {(dy, dx): full[i, :, dy : dy + 24, dx : dx + 24] for dy in range(5) for dx in range(5)}
+        found = [offset for offset, window in windows.items() if torch.equal(out[i], window)]
         assert found, f"image {i} is not a window of its image"
         offsets.add(found[0])
     assert len(offsets) > 10  # each image draws its own shift
     assert torch.allclose(eval_transform(spec)(images), full[:, :, 2:26, 2:26], atol=1e-6)
     per_image = train_transform(spec, aug)(images[0])
-    assert any(torch.allclose(per_image, full[0, :, dy : dy + 24, dx : dx + 24], atol=1e-6) for dy in range(5) for dx in range(5))
+    windows = [full[0, :, dy : dy + 24, dx : dx + 24] for dy in range(5) for dx in range(5)]
+    assert any(torch.allclose(per_image, window, atol=1e-6) for window in windows)

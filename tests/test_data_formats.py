@@ -11,8 +11,8 @@ import tarfile
 
 import pytest
 import torch
-from test_data import write_idx
 
+from test_data import write_idx
 from vitkit.cli import main
 from vitkit.data import fashion_mnist
 from vitkit.data.config import DataConfig

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ BATCH = 2  # per process; the single-process reference uses WORLD * BATCH
 STEPS = 3
 TRAIN_SAMPLES = 16
 EVAL_SAMPLES = 7  # odd: the ranks' shares differ by one image
-CASES = {  # name -> (model, overrides): a depth-reduced ViT-H and Swin V2-G with tiny widths
+# name -> (model, overrides): a depth-reduced ViT-H and Swin V2-G with tiny widths
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "vit_h": ("vit_huge_patch14_224", dict(depth=2, embed_dim=64, num_heads=4, img_size=28)),
     "swinv2_g": (
         "swinv2_giant_window12_192",
@@ -58,7 +60,8 @@ def _loader(case: str, *, train: bool, batch: int):
     loader = build_loader(data, train=train, batch_size=batch, seed=3, workers=0, rank=get_rank(),
                           world_size=get_world_size())
     if train:
-        loader.sampler.set_epoch(1)
+        sampler: Any = loader.sampler  # the sharded training sampler
+        sampler.set_epoch(1)
     return loader
 
 
@@ -91,7 +94,7 @@ def _worker(rank: int, out: str, port: int) -> None:
     results: dict[str, object] = {"rank": get_rank(), "world": get_world_size()}
     try:
         # the training shares: disjoint, covering the set
-        shares = [None] * WORLD
+        shares: list[Any] = [None] * WORLD
         torch.distributed.all_gather_object(shares, list(_loader("vit_h", train=True, batch=BATCH).sampler))
         results["shares"] = shares
         # the engine's metrics over the whole validation set (plain model, the same on every rank)

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 from PIL import Image
-from test_data import fake_images, write_folder, write_idx
 
+from test_data import fake_images, write_folder, write_idx
 from vitkit.cli import main
 from vitkit.data import fashion_mnist
 from vitkit.data.datasets import build_dataset, load_data
@@ -107,7 +107,8 @@ def test_a_run_with_flip_tta_logs_mean_probability_figures_that_eval_and_predict
     final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     result = eval_json(tmp_path, "--run", str(out))  # the run's own tta
     assert result["tta"] == "hflip"
-    assert (result["top1"], result["top5"], result["loss"]) == (final["test_top1"], final["test_top5"], final["test_loss"])
+    logged = (final["test_top1"], final["test_top5"], final["test_loss"])
+    assert (result["top1"], result["top5"], result["loss"]) == logged
     # what was logged is the mean of the image's and its mirror's probabilities, computed here by hand
     inference = load_inference(run=out)
     data = load_data(inference.config, splits=("test",))

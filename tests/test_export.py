@@ -15,7 +15,6 @@ from vitkit.tools.export import export_model, load_for_export
 from vitkit.weights.vitkit_format import save_model
 
 
-
 def _small_swin(name: str) -> torch.nn.Module:
     """Two stages at 2 windows per side then 1 (as Swin-T's last stage), a shifted block in stage 1:
     every code path of the full model, exported in seconds instead of minutes."""

@@ -9,9 +9,9 @@ import pytest
 import timm
 import torch
 import yaml
-from test_data import offline, write_idx  # noqa: F401  (offline is a fixture)
 
 import vitkit
+from test_data import offline, write_idx  # noqa: F401  (offline is a fixture)
 from vitkit.cli import main
 from vitkit.data.transforms import ImageSpec
 from vitkit.layers import resample_abs_pos_embed

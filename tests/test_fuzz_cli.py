@@ -98,8 +98,8 @@ def harness(monkeypatch):
         return real_create(name, *args, **kwargs)
 
     def train(config, resume=False):
-        from vitkit.data.datasets import load_data
         from vitkit.data.config import is_fashion_mnist
+        from vitkit.data.datasets import load_data
 
         config.validate()
         if not is_fashion_mnist(config.data):  # an image folder: scanned for real (Fashion-MNIST is not read)

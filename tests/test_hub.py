@@ -8,13 +8,13 @@ import json
 import pytest
 import timm
 import torch
+
 from test_data import offline, write_idx  # noqa: F401  (offline is a fixture)
 from test_train import TINY
-
 from vitkit.cli import main
+from vitkit.factory import load_model
 from vitkit.train.modeling import load_weights
 from vitkit.weights.checkpoint import save_checkpoint
-from vitkit.factory import load_model
 from vitkit.weights.timm_hub import folder_kind
 
 

@@ -7,18 +7,18 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from PIL import Image
-from test_data import fake_images, write_idx
+from safetensors.torch import load_file, save_file
 
+from test_data import fake_images, write_idx
 from vitkit.cli import main
 from vitkit.core.errors import VitkitError
 from vitkit.data import fashion_mnist
 from vitkit.factory import create_model
 from vitkit.tools.quantize import int8_layer_names, quantize_model
 from vitkit.train.modeling import load_weights
-from vitkit.weights.vitkit_format import read_metadata, save_model
 from vitkit.weights.quantized import FORMAT_NAME, is_quantized_file, load_quantized, quantized_linears, save_quantized
+from vitkit.weights.vitkit_format import read_metadata, save_model
 
 # int8 vs fp32 on random-weight models: the largest logit difference, relative to the largest fp32 logit
 INT8_TOLERANCE = 0.1

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
 import torch.nn.functional as F
-from test_data import offline, write_idx  # noqa: F401  (offline is a fixture)
+import yaml
 from torch import nn
 
 import vitkit
+from test_data import offline, write_idx  # noqa: F401  (offline is a fixture)
 from vitkit.cli import main
 from vitkit.data.augment_spec import RA_OPS, RandAugmentSpec
 from vitkit.data.batch_augment import BatchAugment, apply_rand_op, batch_random_erasing, batch_three_augment
@@ -21,8 +21,8 @@ from vitkit.data.mixup import MixupCutmix
 from vitkit.data.repeated_aug import RepeatedAugSampler
 from vitkit.data.transforms import Augment, BatchTrainTransform, ImageSpec, train_transform
 from vitkit.train.distill import BinaryCrossEntropy, DistillationLoss, build_distillation, soft_distillation
-from vitkit.train.recipes import build_config
 from vitkit.train.losses import CrossEntropy
+from vitkit.train.recipes import build_config
 from vitkit.train.teacher import FrozenTeacher, TeacherInputs, load_teacher
 from vitkit.weights.vitkit_format import save_model
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+
 from test_data import fake_images, write_idx
 
 pytest.importorskip("fastapi", reason="vitkit serve needs the serve extra: pip install 'vitkit[serve]'")

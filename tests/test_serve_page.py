@@ -13,7 +13,6 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="vitkit serve needs the serve extra: pip install 'vitkit[serve]'")
 
 from test_serve import serve, tiny_run
-
 from vitkit.cli import main
 from vitkit.data import fashion_mnist
 

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import vitkit
-from vitkit.pretrain import MaskGenerator, SimMIM, build_simmim, load_encoder, masked_l1_loss, save_encoder
 from vitkit.factory import load_model
+from vitkit.pretrain import MaskGenerator, SimMIM, build_simmim, load_encoder, masked_l1_loss, save_encoder
 from vitkit.pretrain.simmim import MaskedL1Metrics, masked_image_loss, save_reconstructions, upsample_mask
 from vitkit.train.engine import evaluate, train_one_epoch
 from vitkit.train.optim import build_adamw, layer_decay_groups, layer_id, warmup_schedule
@@ -214,9 +214,11 @@ def test_layer_decay_groups():
     assert [layer_id(n, cfg) for n in ("cls_token", "pos_embed", "patch_embed.proj.weight")] == [0, 0, 0]
     assert [layer_id(n, cfg) for n in ("blocks.0.attn.qkv.weight", "blocks.1.norm1.weight")] == [1, 2]
     assert [layer_id(n, cfg) for n in ("norm.weight", "head.weight")] == [3, 3]
-    swin = vitkit.create_model("swin_tiny_patch4_window7_224", **(TINY["swin_tiny_patch4_window7_224"] | {"depths": (2, 2, 1, 1)}))
+    swin_args = TINY["swin_tiny_patch4_window7_224"] | {"depths": (2, 2, 1, 1)}
+    swin = vitkit.create_model("swin_tiny_patch4_window7_224", **swin_args)
     cfg = swin.config  # 6 blocks: ids 1..6; a merging shares the id of the block before it
-    names = ("layers.0.blocks.1.mlp.fc1.weight", "layers.1.downsample.reduction.weight", "layers.1.blocks.0.norm1.weight")
+    names = ("layers.0.blocks.1.mlp.fc1.weight", "layers.1.downsample.reduction.weight",
+             "layers.1.blocks.0.norm1.weight")
     assert [layer_id(n, cfg) for n in names] == [2, 2, 3]
     assert layer_id("layers.3.blocks.0.attn.qkv.weight", cfg) == 6 and layer_id("head.fc.weight", cfg) == 7
 
@@ -254,7 +256,8 @@ def test_pretraining_lowers_the_masked_loss(tmp_path):
     sched = warmup_schedule(opt, total_steps=epochs * len(train), warmup_steps=len(train), warmup_lr_ratio=0.01)
     cpu = torch.device("cpu")
     before = evaluate(model, val, device=cpu, metrics=MaskedL1Metrics(masks))["val_loss"]
-    history = [train_one_epoch(model, masked_image_loss(masks, g), train, opt, device=cpu, scheduler=sched)["train_loss"]
+    loss_fn = masked_image_loss(masks, g)
+    history = [train_one_epoch(model, loss_fn, train, opt, device=cpu, scheduler=sched)["train_loss"]
                for _ in range(epochs)]
     after = evaluate(model, val, device=cpu, metrics=MaskedL1Metrics(masks))["val_loss"]
     assert history[-1] < history[0] and after < 0.75 * before, (before, history, after)
@@ -329,7 +332,8 @@ def test_pretrain_cli_runs_resumes_and_saves_the_encoder(tmp_path, capsys, monke
     assert main(["pretrain", "--resume", str(part), "--threads", "1"]) == 0
     a, b = load_file(str(full / "encoder.safetensors")), load_file(str(part / "encoder.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    losses = [[(r["epoch"], r["train_loss"], r["val_loss"]) for r in read_metrics(d) if "step" not in r] for d in (full, part)]
+    losses = [[(r["epoch"], r["train_loss"], r["val_loss"]) for r in read_metrics(d) if "step" not in r]
+              for d in (full, part)]
     assert losses[0] == losses[1] and len(losses[0]) == 2
 
     # the encoder fine-tunes: only the head is missing

@@ -11,8 +11,8 @@ import torch
 from timm.models._manipulate import reinit_non_persistent_buffers
 
 import vitkit
-from vitkit.models.swin import SwinTransformer, fit_window, shifted_window_mask
 from vitkit.factory import get_variant
+from vitkit.models.swin import SwinTransformer, fit_window, shifted_window_mask
 
 SWIN_FAMILY = [n for n in vitkit.list_models() if get_variant(n).family in ("swin", "swinv2")]
 TIMM_NAMED = [n for n in SWIN_FAMILY if n in timm.list_models()]
@@ -57,6 +57,7 @@ def _ours_from(name: str, ref: torch.nn.Module, **kwargs) -> SwinTransformer:
     """Our model holding timm's weights: built on meta, timm's state dict assigned, buffers computed."""
     with torch.device("meta"):
         ours = vitkit.create_model(name, **kwargs)
+    assert isinstance(ours, SwinTransformer)
     ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
     ours.init_buffers()
     ref.load_state_dict(ours.state_dict(), strict=True)  # and back: the same keys and shapes

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from test_data import offline, write_idx  # noqa: F401  (offline is a fixture)
 from test_train import TINY
-
 from vitkit.cli import main
 from vitkit.train.run_folder import read_metrics
 from vitkit.train.tracking import MLFLOW_RUN_FILE, build_trackers, parse_log, scalars

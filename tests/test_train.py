@@ -17,9 +17,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_data import offline, write_folder, write_idx  # noqa: F401  (offline is a fixture)
 
 import vitkit
+from test_data import offline, write_folder, write_idx  # noqa: F401  (offline is a fixture)
 from vitkit.cli import main
 from vitkit.core.errors import NonFiniteError
 from vitkit.train import supervised

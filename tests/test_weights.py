@@ -9,6 +9,7 @@ from __future__ import annotations
 import marshal
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,7 +69,8 @@ def _timm_pair(name: str, **extra):
     kwargs = TIMM_CASES[name] | extra
     ref = _randomise(timm.create_model(name, **kwargs))
     ours = _vitkit(name, **kwargs)
-    return ref, ours, torch.randn(2, 3, *ours.config.img_size)
+    config: Any = ours.config  # (a ViTConfig or SwinConfig: nn.Module types attributes as Tensor | Module)
+    return ref, ours, torch.randn(2, 3, *config.img_size)
 
 
 # -- timm and the vitkit round trip ------------------------------------------------------------------
@@ -235,7 +237,8 @@ def _mm_swin(state: dict, stages: int) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["vit_small_patch16_224", "deit_tiny_distilled_patch16_224", "swin_tiny_patch4_window7_224"])  # fmt: skip
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "deit_tiny_distilled_patch16_224",
+                                  "swin_tiny_patch4_window7_224"])  # fmt: skip
 def test_mmpretrain(name, tmp_path):
     ref, ours, x = _timm_pair(name)
     state = _mm_swin(ref.state_dict(), 2) if name.startswith("swin") else _mm_vit(ref.state_dict())
@@ -332,8 +335,8 @@ def test_resample_like_timm(name, kwargs, new, tmp_path):
     ref = _randomise(timm.create_model(name, **kwargs))
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "small.safetensors")
     # timm's own loader (its checkpoint_filter_fn) on the same file, into the bigger model
-    timm_big = timm.create_model(name, **kwargs | new, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=str(tmp_path / "small.safetensors"))).eval()  # fmt: skip
+    overlay = dict(file=str(tmp_path / "small.safetensors"))
+    timm_big = timm.create_model(name, **kwargs | new, pretrained=True, pretrained_cfg_overlay=overlay).eval()
     ours = _vitkit(name, **kwargs | new)
     report = vitkit.load_checkpoint(ours, tmp_path / "small.safetensors")
     assert report.resampled and report.ok

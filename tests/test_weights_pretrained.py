@@ -145,7 +145,8 @@ def test_cli_convert_and_pretrained_listing(tmp_path, capsys):
     ref = timm.create_model("deit_tiny_patch16_224", **TINY).eval()
     torch.save({"model": ref.state_dict()}, tmp_path / "deit.pth")
     tiny = [item for k, v in TINY.items() for item in ("--set", f"{k}={v}")]
-    cmd = ["convert", str(tmp_path / "deit.pth"), str(tmp_path / "hf"), "--model", "deit_tiny_patch16_224", "--to", "hf"]  # fmt: skip
+    cmd = ["convert", str(tmp_path / "deit.pth"), str(tmp_path / "hf"),
+           "--model", "deit_tiny_patch16_224", "--to", "hf"]  # fmt: skip
     assert main(cmd + tiny) == 0
     out = capsys.readouterr().out
     assert "format timm" in out and (tmp_path / "hf" / "config.json").is_file()

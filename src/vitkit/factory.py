@@ -21,11 +21,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from vitkit.core.errors import FileFormatError, VitkitError
 import vitkit.models  # noqa: F401  (registers the families)
+from vitkit.core.errors import FileFormatError, VitkitError
 from vitkit.registry import count_parameters, get_variant, resolve_config, variant_names
-from vitkit.weights.pretrained import load_pretrained
 from vitkit.weights.checkpoint import load_checkpoint
+from vitkit.weights.pretrained import load_pretrained
 from vitkit.weights.quantized import is_quantized_file, load_quantized
 from vitkit.weights.timm_hub import folder_kind, read_timm_folder
 from vitkit.weights.vitkit_format import FORMAT_NAME, config_fields, read_metadata
@@ -72,7 +72,7 @@ def create_model(
     fields = {k: v for k, v in given.items() if v is not None} | overrides
     config = resolve_config(name, **fields)
     model = get_variant(name).build(config)
-    model.variant_name = name
+    model.variant_name = name  # type: ignore[assignment]  # Module types attributes as Tensor | Module
     if pretrained:
         load_pretrained(model, name, pretrained)
     return model
@@ -110,7 +110,7 @@ def is_torchvision(name: str) -> bool:
 def build_torchvision(name: str, *, num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
     """A torchvision classification model with `num_classes` outputs and its first convolution
     taking `in_chans` channels (random weights). `name` is torchvision's, without the prefix."""
-    import torchvision  # a second of start-up: only when a torchvision model is asked for
+    import torchvision  # noqa: PLC0415  a second of start-up: only when a torchvision model is asked for
 
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
@@ -157,7 +157,9 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     if path.is_dir() and folder_kind(path) == "timm":  # a Hub folder (`vitkit export --format hub`, or timm's)
         arch, args, weights, _ = read_timm_folder(path)
         if arch not in variant_names():
-            raise VitkitError(f"{path} holds timm's {arch}, which vitkit does not build: load it with timm.create_model")
+            raise VitkitError(
+                f"{path} holds timm's {arch}, which vitkit does not build: load it with timm.create_model"
+            )
         model = create_model(arch, **args)
         load_checkpoint(model, weights, strict=True)
         return model.to(device)

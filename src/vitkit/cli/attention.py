@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from vitkit.data.transforms import ImageSpec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,13 +42,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from torchvision.transforms.v2 import functional as TF
+    import torch  # noqa: PLC0415  fast CLI start-up
+    from torchvision.transforms.v2 import functional as TF  # noqa: PLC0415  fast CLI start-up
 
-    from vitkit.data.folder import load_image
-    from vitkit.data.transforms import eval_transform
-    from vitkit.tools.attention import attention_map, default_method, save_overlay
-    from vitkit.train.parallel import resolve_device
+    from vitkit.data.folder import load_image  # noqa: PLC0415  fast CLI start-up
+    from vitkit.data.transforms import eval_transform  # noqa: PLC0415  fast CLI start-up
+    from vitkit.tools.attention import attention_map, default_method, save_overlay  # noqa: PLC0415  fast CLI start-up
+    from vitkit.train.parallel import resolve_device  # noqa: PLC0415  fast CLI start-up
 
     if args.pretrained and args.model is None:
         raise ValueError("--pretrained goes with --model NAME")
@@ -68,14 +75,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace, device):
-    from vitkit.tools.inference import default_spec, load_inference
+def _load(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, ImageSpec, list[str] | None, str]:
+    from vitkit.tools.inference import default_spec, load_inference  # noqa: PLC0415  fast CLI start-up
 
     if args.model is None or args.pretrained:
         inf = load_inference(run=args.run_dir, checkpoint=args.checkpoint, model=args.model,
                              pretrained=args.pretrained, device=device)
         return inf.model.eval(), inf.spec, inf.classes, ""
-    from vitkit.factory import create_model
+    from vitkit.factory import create_model  # noqa: PLC0415  fast CLI start-up
 
     model = create_model(args.model).to(device).eval()
     return model, default_spec(model), None, " [random weights: the map shows nothing learned]"

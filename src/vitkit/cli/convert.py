@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -39,8 +41,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def parse_overrides(items: list[str]) -> dict:
     """FIELD=VALUE pairs; values are read as YAML scalars / lists (`depth=6`, `depths=[2,2,6,2]`)."""
-    import yaml
-
     fields = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -52,8 +52,8 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.factory import create_model
-    from vitkit.weights import load_checkpoint, save_checkpoint
+    from vitkit.factory import create_model  # noqa: PLC0415  fast CLI start-up
+    from vitkit.weights import load_checkpoint, save_checkpoint  # noqa: PLC0415  fast CLI start-up
 
     fields = parse_overrides(args.set)
     fields.update({k: getattr(args, k) for k in ("num_classes", "img_size") if getattr(args, k) is not None})

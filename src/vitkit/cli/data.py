@@ -46,7 +46,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.tools import data_tools
+    from vitkit.tools import data_tools  # noqa: PLC0415  fast CLI start-up
 
     if args.data_command == "shard":
         report = data_tools.write_shards(args.source, args.output, args.shard_size, val_split=args.val_split)

@@ -40,9 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.core.files import write_text
-    from vitkit.tools.inference import evaluate_split, inference_device, load_inference
-    from vitkit.train.plots import plot_confusion
+    from vitkit.core.files import write_text  # noqa: PLC0415  fast CLI start-up
+    from vitkit.tools.inference import evaluate_split, inference_device, load_inference  # noqa: PLC0415  fast CLI start-up
+    from vitkit.train.plots import plot_confusion  # noqa: PLC0415  fast CLI start-up
 
     if args.pretrained and not args.model:
         raise ValueError("--pretrained goes with --model NAME")

@@ -39,7 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.format == "hub" or args.run_dir is not None:
         return _run_hub(args)
-    from vitkit.tools.export import describe, export_model, load_for_export, require_onnx
+    from vitkit.tools.export import (  # noqa: PLC0415  fast CLI start-up
+        describe,
+        export_model,
+        load_for_export,
+        require_onnx,
+    )
 
     if args.format == "onnx":
         require_onnx()  # before building anything
@@ -57,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_hub(args: argparse.Namespace) -> int:
-    from vitkit.tools.hub import export_hub
+    from vitkit.tools.hub import export_hub  # noqa: PLC0415  fast CLI start-up
 
     if args.format != "hub" or args.run_dir is None or args.model or args.checkpoint:
         raise ValueError("a hub folder is exported from a run: vitkit export --format hub --run DIR --output OUT")

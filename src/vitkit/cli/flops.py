@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.tools.flops import macs_report
+    from vitkit.tools.flops import macs_report  # noqa: PLC0415  fast CLI start-up
 
     report = macs_report(args.model, img_size=args.img_size, levels=args.levels)
     if args.json:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from vitkit.cli.config_flags import add_config_flags, requested_fields
-from vitkit.pretrain.settings import MASK_RULE, PretrainConfig
+from vitkit.cli.train import without_nproc
+from vitkit.pretrain.settings import MASK_RULE, PretrainConfig, build_configs, prepare_resume
 from vitkit.train.config import TrainConfig
 
 
@@ -34,12 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.pretrain.pretraining import pretrain
-    from vitkit.pretrain.settings import build_configs, prepare_resume
+    from vitkit.pretrain.pretraining import pretrain  # noqa: PLC0415  fast CLI start-up
 
     if args.nproc is not None:  # the same command in N processes, through torchrun
-        from vitkit.cli.train import without_nproc
-        from vitkit.train.parallel import launch
+        from vitkit.train.parallel import launch  # noqa: PLC0415  fast CLI start-up
 
         return launch(args.nproc, without_nproc(args.argv))
     fields = requested_fields(args, PretrainConfig, TrainConfig)
@@ -52,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         config, pre = build_configs(args.recipe, fields, smoke=args.smoke)
         resume = False
-    from vitkit.train import parallel
+    from vitkit.train import parallel  # noqa: PLC0415  fast CLI start-up
 
     try:
         result = pretrain(config, pre, resume=resume)

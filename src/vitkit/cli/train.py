@@ -8,6 +8,7 @@ from typing import Any
 
 from vitkit.cli.config_flags import add_config_flags, requested_fields
 from vitkit.train.config import TrainConfig
+from vitkit.train.recipes import build_config, list_recipes, load_recipe
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,11 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.train.recipes import list_recipes, load_recipe
-    from vitkit.train.supervised import prepare_resume, train
+    from vitkit.train.supervised import prepare_resume, train  # noqa: PLC0415  fast CLI start-up
 
     if args.nproc is not None:  # the same command in N processes, through torchrun
-        from vitkit.train.parallel import launch
+        from vitkit.train.parallel import launch  # noqa: PLC0415  fast CLI start-up
 
         return launch(args.nproc, without_nproc(args.argv))
     if args.list_recipes:
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         resume = True
     else:
         config, resume = new_run_config(args, fields), False
-    from vitkit.train import parallel
+    from vitkit.train import parallel  # noqa: PLC0415  fast CLI start-up
 
     try:
         result = train(config, resume=resume)
@@ -78,11 +78,9 @@ def run(args: argparse.Namespace) -> int:
 def new_run_config(args: argparse.Namespace, fields: dict[str, Any]) -> TrainConfig:
     """The config of a new run: recipe, --smoke, the given fields, and with --finetune the source's
     architecture unless the command line says otherwise."""
-    from vitkit.train.recipes import build_config
-
     pretrained = None
     if args.finetune:
-        from vitkit.train.finetune import finetune_fields
+        from vitkit.train.finetune import finetune_fields  # noqa: PLC0415  fast CLI start-up
 
         pretrained = finetune_fields(args.finetune) or None
         if pretrained is None and "model" not in fields:

@@ -1,9 +1,36 @@
-"""Data sets, transforms and samplers: Fashion-MNIST found offline, image folders, seeded splits."""
+"""Data sets, transforms and samplers: Fashion-MNIST found offline, image folders, seeded splits.
 
-from vitkit.data.datasets import LoadedData, TensorImageDataset, build_dataset, load_data
-from vitkit.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist
-from vitkit.data.samplers import ShardedSampler, build_loader, build_sampler, set_loader_epoch
-from vitkit.data.transforms import Augment, ImageSpec, eval_transform, train_transform
+The names below load on first use (PEP 562): `vitkit.data.config` is read when the CLI builds its flags,
+and importing it must not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vitkit.data.datasets import LoadedData, TensorImageDataset, build_dataset, load_data
+    from vitkit.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist
+    from vitkit.data.samplers import ShardedSampler, build_loader, build_sampler, set_loader_epoch
+    from vitkit.data.transforms import Augment, ImageSpec, eval_transform, train_transform
+
+_HOMES = {
+    "LoadedData": "datasets",
+    "TensorImageDataset": "datasets",
+    "build_dataset": "datasets",
+    "load_data": "datasets",
+    "find_fashion_mnist": "fashion_mnist",
+    "load_fashion_mnist": "fashion_mnist",
+    "ShardedSampler": "samplers",
+    "build_loader": "samplers",
+    "build_sampler": "samplers",
+    "set_loader_epoch": "samplers",
+    "Augment": "transforms",
+    "ImageSpec": "transforms",
+    "eval_transform": "transforms",
+    "train_transform": "transforms",
+}
 
 __all__ = [
     "Augment",
@@ -21,3 +48,15 @@ __all__ = [
     "set_loader_epoch",
     "train_transform",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        value = getattr(importlib.import_module(f"vitkit.data.{_HOMES[name]}"), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'vitkit.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

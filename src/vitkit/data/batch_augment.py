@@ -7,6 +7,7 @@ what makes augmentation cheap on a 2-core CPU. Same steps and parameters as `vit
 from __future__ import annotations
 
 import math
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +146,10 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.view(b, c, h, w)
 
 
+@overload
+def batch_three_augment(x: torch.Tensor, return_choice: Literal[False] = False) -> torch.Tensor: ...
+@overload
+def batch_three_augment(x: torch.Tensor, return_choice: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
 def batch_three_augment(
     x: torch.Tensor, return_choice: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

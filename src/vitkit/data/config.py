@@ -70,7 +70,7 @@ class DataConfig:
         if not 0.0 <= self.reprob <= 1.0:
             raise ValueError(f"reprob must be a probability in [0, 1], got {self.reprob}")
         if self.auto_augment:
-            from vitkit.data.augment_spec import RandAugmentSpec  # imports torch: only when used
+            from vitkit.data.augment_spec import RandAugmentSpec  # noqa: PLC0415  imports torch: only when used
 
             RandAugmentSpec.parse(self.auto_augment)
             if self.three_augment:

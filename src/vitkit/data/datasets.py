@@ -9,13 +9,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch.utils.data import Dataset
 
-from vitkit.data import fashion_mnist
+from vitkit.data import fashion_mnist, hf_dataset, manifest, shards
 from vitkit.data.config import DataConfig, is_fashion_mnist
 from vitkit.data.folder import SPLITS, ImageFolderDataset, class_names, detect_channels, scan_split
+from vitkit.data.hf_dataset import HFImageDataset, HFSplit
+from vitkit.data.shards import ShardStream
 from vitkit.data.splits import LoadedData, Split, SplitData, holdout, subset
 from vitkit.data.transforms import (
     IMAGENET_MEAN,
@@ -26,6 +29,8 @@ from vitkit.data.transforms import (
     eval_transform,
     train_transform,
 )
+
+ConfigT = TypeVar("ConfigT", bound=DataConfig)  # a DataConfig, or a TrainConfig that extends it
 
 
 class TensorImageDataset(Dataset):
@@ -67,8 +72,6 @@ def load_data(config: DataConfig, splits: Sequence[Split] = SPLITS) -> LoadedDat
     if is_fashion_mnist(config.data):
         data = _load_fashion_mnist(config, splits)
     elif config.data.startswith(("wds:", "hf:")) or config.data.lower().endswith(".csv"):
-        from vitkit.data import hf_dataset, manifest, shards  # CSV manifests, WebDataset shards, HF datasets
-
         kind = shards if config.data.startswith("wds:") else hf_dataset if config.data.startswith("hf:") else manifest
         data = kind.load(config, tuple(splits))
     else:
@@ -154,7 +157,7 @@ def _load_folder(config: DataConfig, splits: Sequence[Split]) -> LoadedData:
     )
 
 
-def resolve_data_fields(config: DataConfig, data: LoadedData, default_img_size: int) -> DataConfig:
+def resolve_data_fields(config: ConfigT, data: LoadedData, default_img_size: int) -> ConfigT:
     """Fill the config fields the data decides (channels, classes, size, statistics)."""
     num_classes = config.num_classes or len(data.classes)
     if num_classes < len(data.classes):
@@ -203,9 +206,6 @@ def build_dataset(data: LoadedData, split: Split, config: DataConfig, train: boo
     spec = image_spec(config)
     train = split == "train" if train is None else train
     if part.source is not None:  # hf: random access; wds: a stream the loader configures
-        from vitkit.data.hf_dataset import HFImageDataset, HFSplit
-        from vitkit.data.shards import ShardStream
-
         transform = train_transform(spec, augment(config)) if train else eval_transform(spec)
         kind = HFImageDataset if isinstance(part.source, HFSplit) else ShardStream
         return kind(part.source, spec.in_chans, transform)

@@ -101,7 +101,7 @@ def find_fashion_mnist(download: bool | None = None) -> Path:
                 return root
     if download is None:
         download = os.environ.get("VITKIT_OFFLINE", "") in ("", "0")
-    reason = "download off (VITKIT_OFFLINE=1)"
+    reason: str | None = "download off (VITKIT_OFFLINE=1)"
     if download:
         reason = _try_download(cache_dir())
         if reason is None:
@@ -116,7 +116,7 @@ def find_fashion_mnist(download: bool | None = None) -> Path:
 
 def _try_download(root: Path) -> str | None:
     """None on success, else the reason it failed (one line)."""
-    from torchvision.datasets import FashionMNIST  # torchvision's data sets cost start-up: only when used
+    from torchvision.datasets import FashionMNIST  # noqa: PLC0415  start-up cost: only when used
 
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)  # an offline machine must not hang here
@@ -133,7 +133,7 @@ def _try_download(root: Path) -> str | None:
 
 def load_fashion_mnist(train: bool, root: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 (N, 1, 28, 28), labels int64 (N,)) of the train (60k) or test (10k) split."""
-    from torchvision.datasets import FashionMNIST  # torchvision's data sets cost start-up: only when used
+    from torchvision.datasets import FashionMNIST  # noqa: PLC0415  start-up cost: only when used
 
     root = root or find_fashion_mnist()
     try:

@@ -19,6 +19,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from vitkit.core.errors import VitkitError
+from vitkit.data.folder import GREY_MODES
+from vitkit.data.splits import LoadedData, SplitData, holdout
+from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "valid": "val", "test": "test"}
 
@@ -26,7 +29,7 @@ SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "valid": "va
 def _require_datasets() -> Any:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a saved dataset never needs the network
     try:
-        import datasets
+        import datasets  # noqa: PLC0415  the optional data extra
     except ImportError:
         raise VitkitError("--data hf:PATH needs the datasets package: pip install 'vitkit[data]'") from None
     return datasets
@@ -119,10 +122,6 @@ class HFImageDataset(Dataset):
 
 def load(config: Any, splits: tuple[str, ...]) -> Any:
     """`LoadedData` of `hf:PATH` (`config.data`); val is held out of train when the dataset has none."""
-    from vitkit.data.folder import GREY_MODES
-    from vitkit.data.splits import LoadedData, SplitData, holdout
-    from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     parts, classes = open_hf(config.data)
     if "val" not in parts and "train" in parts:
         if config.val_split <= 0:

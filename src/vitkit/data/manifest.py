@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from vitkit.core.errors import VitkitError
+from vitkit.data.folder import detect_channels
+from vitkit.data.splits import LoadedData, SplitData, holdout
+from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
 
@@ -71,10 +74,6 @@ def read_manifest(path: str | Path) -> Manifest:
 
 def load(config: Any, splits: tuple[str, ...]) -> Any:
     """`LoadedData` of a manifest (`config.data`); val is held out of train when no line is val."""
-    from vitkit.data.folder import detect_channels
-    from vitkit.data.splits import LoadedData, SplitData, holdout
-    from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     manifest = read_manifest(config.data)
     parts = {name: SplitData(samples=samples) for name, samples in manifest.splits.items()}
     if "train" not in parts:

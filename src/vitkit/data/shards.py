@@ -35,10 +35,16 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
 from vitkit.core.errors import VitkitError
+from vitkit.core.files import atomic_path, write_text
+from vitkit.data.folder import GREY_MODES
+from vitkit.data.splits import LoadedData, SplitData
+from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 INDEX = "index.json"
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
 MAX_MEMBER_BYTES = 64 << 20  # one image member; larger is not an image we decode
+# one sample: "__key__" (str, the shared name) and the bytes of each member by extension ("png", "cls")
+Sample = dict[str, Any]
 
 
 @dataclass
@@ -137,12 +143,12 @@ def _safe_name(name: str, shard: Path) -> str:
     return name
 
 
-def iter_samples(shard: Path, decode_keys: tuple[str, ...] | None = None) -> Iterator[dict[str, bytes]]:
+def iter_samples(shard: Path, decode_keys: tuple[str, ...] | None = None) -> Iterator[Sample]:
     """The samples of one shard in order: {"__key__": key, extension: bytes, ...}, read without extracting.
 
     `decode_keys` keeps only those extensions (e.g. ("cls",) to count or label without reading images).
     """
-    sample: dict[str, bytes] = {}
+    sample: Sample = {}
     try:
         with tarfile.open(shard, mode="r|*") as tar:  # a stream: one pass, no seeking
             for member in tar:
@@ -169,7 +175,7 @@ def iter_samples(shard: Path, decode_keys: tuple[str, ...] | None = None) -> Ite
         yield sample
 
 
-def parse_label(sample: dict[str, bytes], shard: Path) -> int:
+def parse_label(sample: Sample, shard: Path) -> int:
     raw = sample.get("cls")
     if raw is None:
         raise VitkitError(f"shard {shard}: sample {sample['__key__']} has no .cls member (its class index)")
@@ -179,7 +185,7 @@ def parse_label(sample: dict[str, bytes], shard: Path) -> int:
         raise VitkitError(f"shard {shard}: sample {sample['__key__']} has label {raw[:20]!r}, not an integer") from None
 
 
-def decode_image(sample: dict[str, bytes], shard: Path, mode: str | None) -> Image.Image:
+def decode_image(sample: Sample, shard: Path, mode: str | None) -> Image.Image:
     """The sample's image converted to `mode` ("L" or "RGB"; None: as stored)."""
     ext = next((k for k in IMAGE_KEYS if k in sample), None)
     if ext is None:
@@ -327,8 +333,6 @@ def write_split(items: Iterator[tuple[Image.Image | bytes, int]], output: Path, 
 
     Each shard is encoded in memory and written through a temporary file, so none is ever half-written.
     """
-    from vitkit.core.files import atomic_path
-
     names: list[str] = []
     counts: list[int] = []
     items = iter(items)
@@ -347,8 +351,6 @@ def write_split(items: Iterator[tuple[Image.Image | bytes, int]], output: Path, 
 
 def write_index(output: Path, classes: list[str], in_chans: int,
                 splits: dict[str, tuple[list[str], list[int]]]) -> None:
-    from vitkit.core.files import write_text
-
     index = {"format": "webdataset", "classes": classes, "in_chans": in_chans,
              "splits": {name: {"shards": names, "counts": counts} for name, (names, counts) in splits.items()}}
     write_text(output / INDEX, json.dumps(index, indent=1) + "\n")
@@ -356,10 +358,6 @@ def write_index(output: Path, classes: list[str], in_chans: int,
 
 def load(config: Any, splits: tuple[str, ...]) -> Any:
     """`LoadedData` of `wds:...` (`config.data`). Streams cannot hold out val: shard it as a split."""
-    from vitkit.data.folder import GREY_MODES
-    from vitkit.data.splits import LoadedData, SplitData
-    from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     source = open_source(config.data)
     classes = source.classes
     if classes is None:  # no index: classes 0..K-1 from the labels of every split

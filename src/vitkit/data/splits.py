@@ -31,6 +31,7 @@ class SplitData:
             return SplitData(source=self.source.select(index))
         if self.samples is not None:
             return SplitData(samples=[self.samples[i] for i in index.tolist()])
+        assert self.images is not None and self.targets is not None, "a SplitData holds one of its three forms"
         return SplitData(images=self.images[index], targets=self.targets[index])
 
 

@@ -25,10 +25,10 @@ from vitkit.layers import (
     sincos_2d_pos_embed,
     trunc_normal_,
 )
-from vitkit.layers.pos_embed import same_size
 from vitkit.layers.features import take_indices
 from vitkit.layers.patch_dropout import PatchDropout
 from vitkit.layers.patch_embed import check_input_size
+from vitkit.layers.pos_embed import same_size
 from vitkit.registry import register, to_2tuple
 
 

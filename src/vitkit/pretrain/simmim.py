@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from vitkit.core.files import save_figure
-from vitkit.layers import trunc_normal_
 from vitkit.factory import create_model
+from vitkit.layers import trunc_normal_
 from vitkit.registry import to_2tuple
 from vitkit.train.engine import BatchLoss
 from vitkit.train.parallel import all_reduce_sum, unwrap

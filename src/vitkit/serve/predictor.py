@@ -27,7 +27,6 @@ from vitkit.serve.loading import ServedModel
 from vitkit.tools.attention import attention_map
 from vitkit.train.engine import mirror_averaged_log_probs
 
-
 # the decoders an upload may reach: no EPS (it runs Ghostscript) nor other rarely used plugins
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 

@@ -170,14 +170,14 @@ def save_overlay(
     image: torch.Tensor, amap: AttentionMap, path: str | os.PathLike, title: str | None = None
 ) -> None:
     """Write a PNG: the image (C, H, W in [0, 1]) beside it with the upsampled map overlaid."""
-    import matplotlib  # about a second of start-up: only when a figure is drawn
+    import matplotlib  # noqa: PLC0415  about a second of start-up: only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  after matplotlib.use
 
     h, w = image.shape[-2:]
     heat = upsample(amap.heat, (h, w))
-    heat = (heat / heat.max()).numpy()
+    heat_image = (heat / heat.max()).numpy()
     pixels = image.permute(1, 2, 0).clamp(0, 1).numpy()
     grey = pixels.shape[-1] == 1
     pixels = pixels[..., 0] if grey else pixels
@@ -185,7 +185,7 @@ def save_overlay(
     for ax in axes:
         ax.imshow(pixels, cmap="gray" if grey else None, vmin=0, vmax=1)
         ax.axis("off")
-    axes[1].imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    axes[1].imshow(heat_image, cmap="jet", alpha=0.5, vmin=0, vmax=1)
     axes[0].set_title("input")
     axes[1].set_title(title or f"{amap.method} (class {amap.class_index})")
     fig.tight_layout()

@@ -14,15 +14,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from vitkit.core.errors import VitkitError
 from vitkit.data.config import DataConfig
-from vitkit.data.datasets import LoadedData, SplitData, load_data
+from vitkit.data.datasets import LoadedData, SplitData, build_dataset, load_data, resolve_data_fields
 from vitkit.data.folder import load_image
 from vitkit.data.hf_dataset import HFSplit
+from vitkit.data.samplers import build_loader
 from vitkit.data.shards import ShardSet, decode_image, iter_samples, parse_label, write_index, write_split
 
 
@@ -139,8 +141,6 @@ def _mean_std(data: LoadedData, split: SplitData, limit: int) -> tuple[list[floa
 
 
 def _array(image: Image.Image) -> Any:
-    import numpy as np
-
     return np.array(image)  # a writable copy
 
 
@@ -162,7 +162,9 @@ class _PilItems(Dataset):
             image, label = self.split.source.row(index)
             image = image.convert(self.mode)
         else:
-            image, label = _from_tensor(self.split.images[index]), int(self.split.targets[index])
+            images, targets = self.split.images, self.split.targets
+            assert images is not None and targets is not None, "a SplitData holds one of its three forms"
+            image, label = _from_tensor(images[index]), int(targets[index])
         return (self.transform(image) if self.transform else image), label
 
 
@@ -191,9 +193,6 @@ def data_bench(source: str, *, workers: tuple[int, ...] = (0, 1, 2), images: int
     """Images per second of the eval-transform loader over the first `images` train images, per worker
     count, for vitkit's loader and (random-access sources) timm's `create_loader` with the same transform;
     the best of `rounds` passes each, in alternating order."""
-    from vitkit.data.datasets import build_dataset, resolve_data_fields
-    from vitkit.data.samplers import build_loader
-
     config = DataConfig(data=source, **fields)
     data = load_data(config, splits=("train",))
     config = resolve_data_fields(config, data, 224)
@@ -219,7 +218,7 @@ def data_bench(source: str, *, workers: tuple[int, ...] = (0, 1, 2), images: int
 
 def _timm_loader(data: LoadedData, config: DataConfig, batch_size: int, workers: int) -> Any:
     try:
-        from timm.data import create_loader
+        from timm.data import create_loader  # noqa: PLC0415  timm is optional (a dev dependency)
     except ImportError:
         raise VitkitError("the timm column needs timm: pip install timm (or pass --no-timm)") from None
     mode = "L" if config.in_chans == 1 else "RGB"

@@ -16,9 +16,10 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from torch.export import Dim
 from vitkit.factory import create_model, load_model
 
 Format = Literal["onnx", "torch-export"]
+Runner = Callable[[torch.Tensor], torch.Tensor]  # an exported model, called like the eager one
 EXPORT_EXTRA = "pip install 'vitkit[export]'"
 
 
@@ -79,10 +81,11 @@ def load_for_export(
     if name is not None:
         return _create(name, extra).eval()
     model = load_model(checkpoint)
-    if not dataclasses.is_dataclass(getattr(model, "config", None)):
+    config: Any = getattr(model, "config", None)  # ViTConfig or SwinConfig
+    if not dataclasses.is_dataclass(config):
         raise ValueError(f"{checkpoint} holds {model.variant_name}: export takes vitkit models only")
     if dynamic_size:  # the same weights in a model built for any input size
-        dynamic = _create(model.variant_name, dataclasses.asdict(model.config) | extra)
+        dynamic = _create(model.variant_name, dataclasses.asdict(config) | extra)
         dynamic.load_state_dict(model.state_dict(), strict=True)
         model = dynamic
     return model.eval()
@@ -99,7 +102,7 @@ def _create(name: str, fields: dict) -> nn.Module:
 
 def _stride(model: nn.Module) -> int:
     """Pixels per token of the last stage: the patch for ViT, patch * 2^(stages - 1) for Swin."""
-    config = model.config
+    config: Any = model.config  # ViTConfig or SwinConfig
     return config.patch_size * 2 ** (len(config.depths) - 1) if hasattr(config, "depths") else config.patch_size
 
 
@@ -176,16 +179,17 @@ def export_model(
 def require_onnx() -> None:
     """Raise a one-line RuntimeError naming the install command when the export extra is missing."""
     try:
-        import onnx  # noqa: F401  (the optional export extra: imported only to check it is there)
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
+        import onnx  # noqa: F401, PLC0415  the optional export extra: imported only to check it is there
+        import onnxruntime  # noqa: F401, PLC0415
+        import onnxscript  # noqa: F401, PLC0415
     except ImportError as err:
         raise RuntimeError(
             f"ONNX export needs onnx, onnxscript and onnxruntime ({err.name} is missing): {EXPORT_EXTRA}"
         ) from err
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, dynamic_shapes, target: Path, opset: int | None) -> None:
+def _export_onnx(model: nn.Module, example: torch.Tensor, dynamic_shapes: tuple[dict[int, Dim]] | None, target: Path,
+                 opset: int | None) -> None:
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet):  # the exporter reports its progress on stdout
         program = torch.onnx.export(
@@ -201,15 +205,15 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, dynamic_shapes, target
         program.save(str(target))
 
 
-def _onnx_runner(path: Path):
-    import onnxruntime as ort  # the optional export extra
+def _onnx_runner(path: Path) -> Runner:
+    import onnxruntime as ort  # noqa: PLC0415  the optional export extra
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
 
-def _program_runner(path: Path):
+def _program_runner(path: Path) -> Runner:
     module = torch.export.load(str(path)).module()
     return lambda x: module(x)
 
@@ -218,7 +222,7 @@ def _check_shapes(
     in_chans: int, size: tuple[int, int], stride: int, dynamic_batch: bool, dynamic_size: bool, example: torch.Tensor
 ) -> list[tuple[int, ...]]:
     batches = (1, 3) if dynamic_batch else (example.shape[0],)
-    shapes = [(b, in_chans, *size) for b in batches]
+    shapes: list[tuple[int, ...]] = [(b, in_chans, *size) for b in batches]
     if dynamic_size:
         # one last-stage cell smaller: for Swin the same stages still fit in one window, which a
         # torch.export program is specialised on (ONNX is not)
@@ -227,7 +231,7 @@ def _check_shapes(
     return shapes
 
 
-def _check(model: nn.Module, run, shape: tuple[int, ...]) -> ExportCheck:
+def _check(model: nn.Module, run: Runner, shape: tuple[int, ...]) -> ExportCheck:
     x = torch.randn(*shape)
     with torch.no_grad():
         want = model(x)

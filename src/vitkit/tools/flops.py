@@ -9,9 +9,10 @@ device by default: exact shapes, no arithmetic, no memory.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,14 +25,19 @@ aten = torch.ops.aten
 
 
 # -- the CPU attention kernel that FlopCounterMode does not know -------------------------------------
-def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+Shape = tuple[int, ...]  # FlopCounterMode passes the shapes of an op's tensors
+
+
+def _cpu_attention_flops(query: Shape, key: Shape, value: Shape, *args: Any, out_shape: Any = None,
+                         **kwargs: Any) -> int:
     # (B, h, Nq, d) @ (B, h, d, Nk) -> scores, then (B, h, Nq, Nk) @ (B, h, Nk, dv)
     b, h, nq, d = query
     nk, dv = key[-2], value[-1]
     return 2 * b * h * nq * nk * (d + dv)
 
 
-def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+def _cpu_attention_backward_flops(grad_out: Shape, query: Shape, key: Shape, value: Shape, *args: Any,
+                                  out_shape: Any = None, **kwargs: Any) -> int:
     # recompute the scores (d), then grads of scores (dv), V (dv), Q (d) and K (d): torch's count
     # for the CUDA kernels' backward
     b, h, nq, d = query

@@ -18,11 +18,11 @@ from vitkit.core.errors import VitkitError
 from vitkit.core.version import __version__
 from vitkit.train.config import TrainConfig, load_run_config
 from vitkit.train.modeling import input_spec, load_weights
-from vitkit.train.run_folder import BEST, CONFIG, RUN_INFO
-from vitkit.weights.vitkit_format import save_model
+from vitkit.train.run_folder import BEST, CONFIG, RUN_INFO, read_metrics
 from vitkit.weights.timm_hub import CONFIG as HUB_CONFIG
 from vitkit.weights.timm_hub import WEIGHTS as HUB_WEIGHTS
 from vitkit.weights.timm_hub import timm_config
+from vitkit.weights.vitkit_format import save_model
 
 LICENSE = "apache-2.0"
 
@@ -79,8 +79,6 @@ def _percent(value: Any) -> str:
 
 
 def _final_record(run: Path) -> dict[str, Any]:
-    from vitkit.train.run_folder import read_metrics
-
     try:
         records = read_metrics(run)
     except FileNotFoundError:

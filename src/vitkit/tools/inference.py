@@ -23,8 +23,8 @@ from vitkit.factory import create_model
 from vitkit.train.config import TTA_MODES, AmpMode, TrainConfig, TtaMode, load_run_config
 from vitkit.train.engine import evaluate
 from vitkit.train.modeling import input_spec, load_weights
-from vitkit.train.run_folder import BEST
 from vitkit.train.parallel import resolve_device
+from vitkit.train.run_folder import BEST
 from vitkit.train.runtime import amp_dtype_for, runtime
 from vitkit.weights.quantized import is_quantized_file
 

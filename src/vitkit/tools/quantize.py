@@ -22,8 +22,8 @@ from torch import nn
 
 from vitkit.core.errors import VitkitError
 from vitkit.tools.inference import Inference, evaluate_split, load_inference
-from vitkit.weights.vitkit_format import read_metadata
 from vitkit.weights.quantized import quantized_tensor_warnings_off, save_quantized
+from vitkit.weights.vitkit_format import read_metadata
 
 Scheme = Literal["per-channel", "per-tensor"]
 SCHEMES: tuple[str, ...] = ("per-channel", "per-tensor")

@@ -1,1 +1,2 @@
-"""Supervised training: config, recipes, the engine, the run loop, optimisers, losses, distillation, several processes."""
+"""Supervised training: config, recipes, the engine, the run loop, optimisers, losses, distillation and
+several processes."""

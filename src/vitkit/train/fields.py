@@ -8,10 +8,10 @@ the type its field declares (int, float, bool, str, Literal, optional, list[...]
 from __future__ import annotations
 
 import dataclasses
-import math
 import difflib
 import inspect
 import io
+import math
 import re
 import tokenize
 import types
@@ -209,7 +209,7 @@ def _comments(klass: type) -> dict[str, str]:
         if i in comments:
             out[match.group(1)] = comments[i]
             continue
-        above = []
+        above: list[str] = []
         for j in range(i - 1, -1, -1):  # the comment block right above the field
             if not lines[j].lstrip().startswith("#") or comments.get(j, "").startswith("--"):
                 break

@@ -9,6 +9,7 @@ and for parameters with weight decay the update is rescaled by the trust ratio |
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import overload
 
 import torch
 
@@ -40,6 +41,10 @@ class Lamb(torch.optim.Optimizer):
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         return (norm / self.max_grad_norm).clamp(min=1.0)
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None

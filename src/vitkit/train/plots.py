@@ -10,11 +10,11 @@ import torch
 from vitkit.core.files import save_figure
 
 
-def _pyplot():
-    import matplotlib
+def _pyplot() -> Any:
+    import matplotlib  # noqa: PLC0415  about a second of start-up: only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  after matplotlib.use
 
     return plt
 

@@ -6,6 +6,8 @@ import sys
 import time
 from typing import TextIO
 
+from tqdm import tqdm
+
 
 def _clock(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -24,8 +26,6 @@ class Progress:
         self.start = time.perf_counter()
         self.bar = None
         if enabled and self.stream.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, desc=desc, unit="batch", file=self.stream, dynamic_ncols=True, leave=False)
 
     def __call__(self, *, images: int, loss: float, lr: float) -> None:

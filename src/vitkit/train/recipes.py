@@ -16,7 +16,6 @@ from typing import Any, Literal
 import yaml
 
 from vitkit.core.errors import UsageError
-
 from vitkit.train.config import TrainConfig
 from vitkit.train.fields import merge_fields
 
@@ -122,7 +121,7 @@ def smoke_model_args(model: str) -> dict[str, Any]:
     """Overrides that make the named model tiny (depth 1, narrow); none for torchvision models."""
     if model.startswith("torchvision:"):
         return {}
-    from vitkit.factory import get_variant
+    from vitkit.factory import get_variant  # noqa: PLC0415  imports torch: only when used
 
     variant_config = get_variant(model).config
     fields = {f.name: getattr(variant_config, f.name) for f in dataclasses.fields(variant_config)}

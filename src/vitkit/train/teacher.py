@@ -92,7 +92,7 @@ def _from_file(path: Path, device: torch.device) -> tuple[nn.Module, TeacherInpu
 
 
 def _from_torchvision(name: str) -> nn.Module:
-    import torchvision
+    import torchvision  # noqa: PLC0415  a second of start-up: only when a torchvision teacher is asked for
 
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:

@@ -8,6 +8,7 @@ curves and the best weights as artifacts.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vitkit.core.errors import VitkitError
+from vitkit.core.files import write_text
 
 TRACKERS = ("tensorboard", "mlflow")
 LOG_CHOICES = ("auto", "none", *TRACKERS)  # auto: TensorBoard when it is installed
@@ -58,7 +60,7 @@ class TensorBoardTracker:
     """Scalars into RUN/tensorboard with torch's SummaryWriter."""
 
     def __init__(self, run_dir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415  the optional track extra
 
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
@@ -78,7 +80,7 @@ class MlflowTracker:
     """One MLflow run per training run, through MlflowClient (no global "active run" state)."""
 
     def __init__(self, run_dir: Path, uri: str | None) -> None:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # noqa: PLC0415  the optional track extra
 
         self.uri = uri or DEFAULT_MLFLOW_URI
         if self.uri.startswith("sqlite:///"):
@@ -96,12 +98,10 @@ class MlflowTracker:
         else:
             experiment_id = experiment.experiment_id
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
-        from vitkit.core.files import write_text
-
         write_text(id_file, json.dumps({"tracking_uri": self.uri, "run_id": self.run_id}) + "\n")
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # noqa: PLC0415  the optional track extra
 
         flat = [Param(k, str(v)) for k, v in _flatten(params).items()]
         existing = self.client.get_run(self.run_id).data.params
@@ -110,7 +110,7 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, params=flat[i : i + 100])
 
     def log(self, record: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # noqa: PLC0415  the optional track extra
 
         now = int(time.time() * 1000)
         metrics = [Metric(name, value, now, step) for name, value, step in scalars(record)]
@@ -141,8 +141,6 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _installed(module: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(module) is not None
 
 

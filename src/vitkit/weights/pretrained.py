@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 if TYPE_CHECKING:
     from torchvision.transforms import v2
@@ -70,8 +71,6 @@ def _check_hash(path: Path, record: WeightRecord, shown: Path) -> None:
 
 
 def _download(record: WeightRecord, dest: Path) -> None:
-    from tqdm import tqdm  # only when downloading
-
     with urllib.request.urlopen(record.url, timeout=DOWNLOAD_TIMEOUT_S) as response, atomic_path(dest) as tmp:
         total = int(response.headers.get("Content-Length") or 0) or None
         with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar:
@@ -107,7 +106,7 @@ def load_pretrained(model: nn.Module, name: str, pretrained: bool | str | os.Pat
     if pretrained is True:
         record = get_record(name)
         report = load_checkpoint(model, fetch(record), format=record.format)
-        model.pretrained_record = record
+        model.pretrained_record = record  # type: ignore[assignment]  # Module types attributes as Tensor | Module
     else:
         report = load_checkpoint(model, pretrained)
     log.info("%s", report)
@@ -125,16 +124,16 @@ def eval_transform(model_or_name: nn.Module | str) -> v2.Compose:
     `create_transform(**resolve_data_config({}, model=...))` gives. For a model, `size` is the model's
     own input size; variants without a record get timm's defaults for their family.
     """
-    from torchvision.transforms import InterpolationMode, v2  # torchvision costs start-up: only when asked for
+    from torchvision.transforms import InterpolationMode, v2  # noqa: PLC0415  start-up cost: only when used
 
     if isinstance(model_or_name, str):
         name, size = model_or_name, tuple(get_variant(model_or_name).config.img_size)
     else:
-        name = getattr(model_or_name, "variant_name", None)
+        variant = getattr(model_or_name, "variant_name", None)
         config = getattr(model_or_name, "config", None)
-        if name is None or config is None:
+        if variant is None or config is None:
             raise ValueError(f"{type(model_or_name).__name__} is not a vitkit model: pass a model name instead")
-        size = tuple(config.img_size)
+        name, size = variant, tuple(config.img_size)
     record = _BY_MODEL.get(name)
     if record is not None:
         crop, interpolation, mean, std = record.crop_pct, record.interpolation, record.mean, record.std

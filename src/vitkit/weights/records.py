@@ -56,18 +56,20 @@ _SWIN = "https://github.com/SwinTransformer/storage/releases/download/"
 _V1, _V2 = _SWIN + "v1.0.0/", _SWIN + "v2.0.0/"
 
 
-def _vit(model, tag, size, crop, top1=None, origin=None, url=None, fmt="timm", sha=None, classes=1000) -> WeightRecord:
+def _vit(model: str, tag: str, size: int, crop: float, top1: float | None = None, origin: str | None = None,
+         url: str | None = None, fmt: str = "timm", sha: str | None = None, classes: int = 1000) -> WeightRecord:
     return WeightRecord(model, tag, url or _hub(model, tag), fmt, classes, (size, size), crop, "bicubic",
                         INCEPTION_MEAN, INCEPTION_STD, top1, "apache-2.0", sha, origin)  # fmt: skip
 
 
-def _fb(model, tag, size, top1, url=None, fmt="timm", sha=None, origin=None) -> WeightRecord:
+def _fb(model: str, tag: str, size: int, top1: float | None, url: str | None = None, fmt: str = "timm",
+        sha: str | None = None, origin: str | None = None) -> WeightRecord:
     crop = 0.9 if size == 224 else 1.0
     return WeightRecord(model, tag, url or _hub(model, tag), fmt, 1000, (size, size), crop, "bicubic",
                         IMAGENET_MEAN, IMAGENET_STD, top1, "apache-2.0", sha, origin)  # fmt: skip
 
 
-def _ms(model, tag, size, top1, origin, classes=1000) -> WeightRecord:
+def _ms(model: str, tag: str, size: int, top1: float, origin: str, classes: int = 1000) -> WeightRecord:
     crop = 1.0 if size == 384 else 0.9
     return WeightRecord(model, tag, _hub(model, tag), "timm", classes, (size, size), crop, "bicubic",
                         IMAGENET_MEAN, IMAGENET_STD, top1, "mit", None, origin)  # fmt: skip
@@ -121,10 +123,14 @@ RECORDS: tuple[WeightRecord, ...] = (
     _vit("vit_huge_patch14_224_in21k", "orig_in21k", 224, 0.9, classes=21843, fmt="jax",
          url=_GOOGLE + "imagenet21k/ViT-H_14.npz"),  # fmt: skip
     # -- DeiT: top-1 from facebookresearch/deit README_deit.md (the paper's Table 7 rounds differently)
-    _fb("deit_tiny_patch16_224", "fb_in1k", 224, 72.2, url=_DEIT + "deit_tiny_patch16_224-a1311bcf.pth", sha="a1311bcf"),
-    _fb("deit_small_patch16_224", "fb_in1k", 224, 79.9, url=_DEIT + "deit_small_patch16_224-cd65a155.pth", sha="cd65a155"),
-    _fb("deit_base_patch16_224", "fb_in1k", 224, 81.8, url=_DEIT + "deit_base_patch16_224-b5f2ef4d.pth", sha="b5f2ef4d"),
-    _fb("deit_base_patch16_384", "fb_in1k", 384, 82.9, url=_DEIT + "deit_base_patch16_384-8de9b5d1.pth", sha="8de9b5d1"),
+    _fb("deit_tiny_patch16_224", "fb_in1k", 224, 72.2,
+        url=_DEIT + "deit_tiny_patch16_224-a1311bcf.pth", sha="a1311bcf"),  # fmt: skip
+    _fb("deit_small_patch16_224", "fb_in1k", 224, 79.9,
+        url=_DEIT + "deit_small_patch16_224-cd65a155.pth", sha="cd65a155"),  # fmt: skip
+    _fb("deit_base_patch16_224", "fb_in1k", 224, 81.8,
+        url=_DEIT + "deit_base_patch16_224-b5f2ef4d.pth", sha="b5f2ef4d"),  # fmt: skip
+    _fb("deit_base_patch16_384", "fb_in1k", 384, 82.9,
+        url=_DEIT + "deit_base_patch16_384-8de9b5d1.pth", sha="8de9b5d1"),  # fmt: skip
     _fb("deit_tiny_distilled_patch16_224", "fb_in1k", 224, 74.5,
         url=_DEIT + "deit_tiny_distilled_patch16_224-b40b3cf7.pth", sha="b40b3cf7"),  # fmt: skip
     _fb("deit_small_distilled_patch16_224", "fb_in1k", 224, 81.2,
@@ -147,10 +153,14 @@ RECORDS: tuple[WeightRecord, ...] = (
     _ms("swin_tiny_patch4_window7_224", "ms_in1k", 224, 81.2, _V1 + "swin_tiny_patch4_window7_224.pth"),
     _ms("swin_small_patch4_window7_224", "ms_in22k_ft_in1k", 224, 83.2,
         _SWIN + "v1.0.8/swin_small_patch4_window7_224_22kto1k_finetune.pth"),  # fmt: skip
-    _ms("swin_base_patch4_window7_224", "ms_in22k_ft_in1k", 224, 85.2, _V1 + "swin_base_patch4_window7_224_22kto1k.pth"),
-    _ms("swin_base_patch4_window12_384", "ms_in22k_ft_in1k", 384, 86.4, _V1 + "swin_base_patch4_window12_384_22kto1k.pth"),
-    _ms("swin_large_patch4_window7_224", "ms_in22k_ft_in1k", 224, 86.3, _V1 + "swin_large_patch4_window7_224_22kto1k.pth"),
-    _ms("swin_large_patch4_window12_384", "ms_in22k_ft_in1k", 384, 87.3, _V1 + "swin_large_patch4_window12_384_22kto1k.pth"),
+    _ms("swin_base_patch4_window7_224", "ms_in22k_ft_in1k", 224, 85.2,
+        _V1 + "swin_base_patch4_window7_224_22kto1k.pth"),  # fmt: skip
+    _ms("swin_base_patch4_window12_384", "ms_in22k_ft_in1k", 384, 86.4,
+        _V1 + "swin_base_patch4_window12_384_22kto1k.pth"),  # fmt: skip
+    _ms("swin_large_patch4_window7_224", "ms_in22k_ft_in1k", 224, 86.3,
+        _V1 + "swin_large_patch4_window7_224_22kto1k.pth"),  # fmt: skip
+    _ms("swin_large_patch4_window12_384", "ms_in22k_ft_in1k", 384, 87.3,
+        _V1 + "swin_large_patch4_window12_384_22kto1k.pth"),  # fmt: skip
     # -- Swin V2: same source -------------------------------------------------------------------
     _ms("swinv2_tiny_window8_256", "ms_in1k", 256, 81.8, _V2 + "swinv2_tiny_patch4_window8_256.pth"),
     _ms("swinv2_tiny_window16_256", "ms_in1k", 256, 82.8, _V2 + "swinv2_tiny_patch4_window16_256.pth"),

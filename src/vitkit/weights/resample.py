@@ -26,8 +26,8 @@ def resample_patch_embed(
     the new kernel w' solves <R x, w'> = <x, w> in the least-squares sense, w' = pinv(R)^T w,
     so a p'-patch model on resized images sees what the p-patch model saw.
     """
-    old_size = tuple(weight.shape[-2:])
-    new_size = tuple(new_size)
+    old_size = (int(weight.shape[-2]), int(weight.shape[-1]))
+    new_size = (int(new_size[0]), int(new_size[1]))  # a list from YAML compares equal to no tuple
     if old_size == new_size:
         return weight
     n_old = old_size[0] * old_size[1]

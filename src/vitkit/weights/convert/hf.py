@@ -205,7 +205,7 @@ def export(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return _export_swin(model, state)
 
 
-def _export_vit(config, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _export_vit(config: ViTConfig, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     distilled = config.distilled
     p = "deit." if distilled else "vit."
     # non-distilled DeiTs are published on the hub as plain ViTForImageClassification
