@@ -63,20 +63,23 @@ def reported_flags(info: dict[str, Any] | None = None) -> list[str]:
 def resolve_amp(
     amp: str, device: "torch.device | str", info: dict[str, Any] | None = None
 ) -> tuple["torch.dtype | None", dict[str, Any]]:
-    """`off | bf16 | auto` on `device` -> (torch.bfloat16 or None for fp32, a record of the choice).
+    """`off | bf16 | auto` (or fp16, CUDA only) on `device` -> (the autocast dtype, None for fp32, and a
+    record of the choice).
 
-    The record: {"requested", "chosen" ("bf16" | "off"), "reason", "device", "cpu", "flags"} with the
+    The record: {"requested", "chosen" ("off" | "bf16" | "fp16"), "reason", "device", "cpu", "flags"} with the
     deciding CPU flags. `info` replaces the /proc/cpuinfo probe (tests).
     """
     import torch
 
-    if amp not in AMP_CHOICES:
-        raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}; got {amp!r}")
+    if amp not in (*AMP_CHOICES, "fp16"):
+        raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)} (or fp16 on CUDA); got {amp!r}")
     device = torch.device(device)
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp=fp16 needs a CUDA device: use amp=bf16 or auto on the CPU, or amp=off")
     info = info or cpu_info()
     deciding = bf16_flags(info)
-    if amp == "off":
-        chosen, reason = "off", "requested"
+    if amp in ("off", "fp16"):
+        chosen, reason = amp, "requested"
     elif amp == "bf16":
         chosen, reason = "bf16", "requested"
         if device.type == "cpu" and not deciding:
@@ -97,10 +100,11 @@ def resolve_amp(
         "cpu": info["model"],
         "flags": deciding if device.type == "cpu" else [],
     }
-    return (torch.bfloat16 if chosen == "bf16" else None), record
+    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[chosen]
+    return dtype, record
 
 
 def describe_amp(record: dict[str, Any]) -> str:
     """One log line for a `resolve_amp` record."""
-    dtype = "bf16" if record["chosen"] == "bf16" else "fp32"
+    dtype = {"off": "fp32"}.get(record["chosen"], record["chosen"])
     return f"amp {record['requested']} -> {dtype} on {record['device']} ({record['reason']}; cpu: {record['cpu']})"
