@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", choices=TTA_MODES,
                    help="test-time augmentation: hflip averages the probabilities of each image and its mirror "
                    "(default: the run's own setting, else none)")
+    p.add_argument("--amp", choices=("off", "bf16", "auto"),
+                   help="bf16: weights and activations in bfloat16; auto: bf16 on CUDA and on CPUs with AMX or "
+                   "AVX512_BF16, else fp32 (default: the run's own setting, so the figures equal those it logged)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--workers", type=int, help="data-loading processes")
     p.add_argument("--out", metavar="FILE.json", help="also write the metrics as JSON")
@@ -40,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vitkit.cli.predict import apply_amp
     from vitkit.core.files import write_text
     from vitkit.tools.evaluate import evaluate_split, load_inference
     from vitkit.train.plots import plot_confusion
@@ -52,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, model=args.model,
                                pretrained=args.pretrained, device=device)
+    if args.amp is not None:
+        apply_amp(inference, args.amp, device)
     split = args.split or ("val" if args.val_samples is not None else "test" if args.test_samples is not None else None)
     if (split == "test" and args.val_samples is not None) or (split == "val" and args.test_samples is not None):
         raise ValueError(f"--split {split} takes --{split}-samples, not the other split's")

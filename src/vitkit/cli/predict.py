@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from vitkit.train.config import TTA_MODES
 
@@ -24,9 +25,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", choices=TTA_MODES,
                    help="hflip: average the probabilities of each image and its mirror (default: the run's own "
                    "setting, else none)")
+    p.add_argument("--amp", choices=("off", "bf16", "auto"),
+                   help="bf16: weights and activations in bfloat16; auto: bf16 on CUDA and on CPUs with AMX or "
+                   "AVX512_BF16, else fp32 (default: off)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", action="store_true", help="print JSON instead of lines")
     p.set_defaults(run=run)
+
+
+def apply_amp(inference: Any, amp: str, device: Any, quiet: bool = False) -> None:
+    """Resolve `--amp` (printing the choice unless quiet); bf16 holds the model's weights in bf16 and
+    sets the config's amp, which `evaluate` autocasts with."""
+    import dataclasses
+
+    import torch
+
+    from vitkit.core.hardware import describe_amp, resolve_amp
+    from vitkit.layers.precision import cast_for_inference
+
+    dtype, record = resolve_amp(amp, device)
+    if not quiet:
+        print(describe_amp(record))
+    cast_for_inference(inference.model, dtype)
+    chosen = "bf16" if dtype == torch.bfloat16 else "off"
+    inference.config = dataclasses.replace(inference.config, amp=chosen)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, device=device)
+    apply_amp(inference, args.amp or "off", device, quiet=args.json)
     results = predict(inference.model, args.images, inference.spec, inference.classes, top_k=args.top_k, device=device,
                       tta=args.tta or inference.config.tta)
     if args.json:
