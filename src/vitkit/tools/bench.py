@@ -336,6 +336,10 @@ def largest_batch(
             return True
         except torch.cuda.OutOfMemoryError:
             return False
+        except RuntimeError as err:  # cuBLAS / cuDNN report running out of memory as a plain error
+            if "out of memory" not in str(err).lower() and "CUBLAS_STATUS_ALLOC_FAILED" not in str(err):
+                raise
+            return False
         finally:
             gc.collect()  # the failed step's tensors, then the cached blocks
             torch.cuda.empty_cache()
