@@ -50,12 +50,13 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
         peaks["bf16"] = matmul_peak(torch.bfloat16)
     rows = []
     for name in args.models:
-        macs = model_macs(name)
+        macs = model_macs(name, args.img_size)
         for mode in args.modes:
             for amp in args.amps:
                 for batch in args.batch_sizes:
-                    opts = BenchOptions(batch_size=batch, mode=mode, device="cpu", amp="bf16" if amp == "bf16" else "off",
-                                        warmup=args.warmup, steps=args.steps)
+                    opts = BenchOptions(batch_size=batch, mode=mode, device="cpu", warmup=args.warmup,
+                                        img_size=(args.img_size,) * 2 if args.img_size else None,
+                                        steps=args.steps, amp="bf16" if amp == "bf16" else "off")
                     cmp = compare_with_timm(name, opts, rounds=args.rounds)
                     flops = 2 * macs * batch * (3 if mode == "train" else 1)
                     gflops = flops / (cmp.ours.step_ms / 1e3) / 1e9
@@ -114,20 +115,22 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
     p.add_argument("--amps", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32])
+    p.add_argument("--img-size", type=int, default=None, help="square input size (default: each model's own)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round and side")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (the ratio is their median)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--out", type=Path, default=DOC, help="the markdown file whose table is replaced")
     args = p.parse_args()
+    text = args.out.read_text() if args.out.exists() else f"# Performance\n\n{START}\n{END}\n"
+    if START not in text or END not in text:
+        raise SystemExit(f"{args.out} has no {START} ... {END} markers to replace: add them where the table goes")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     rows, peaks = measure(args)
     table = render(rows, peaks, args, time.perf_counter() - t0)
-    text = args.out.read_text() if args.out.exists() else f"# Performance\n\n{START}\n{END}\n"
-    if START not in text or END not in text:
-        raise SystemExit(f"{args.out} has no {START} ... {END} markers to replace: add them where the table goes")
+    text = args.out.read_text() if args.out.exists() else text  # edits made while measuring are kept
     head, rest = text.split(START, 1)
     write_text(args.out, head + table + rest.split(END, 1)[1])
     print(f"wrote {args.out}")
