@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.layers.linear import linear
+
 # On the CPU the fused attention kernel's fixed cost per call outweighs what it saves on short
 # sequences: a training step of the Fashion-MNIST ViT (17 tokens) is ~1.18x faster with the attention
 # computed as two matmuls and a softmax, a 37-token one 1.01-1.13x; at 50 tokens the kernel wins.
@@ -48,7 +50,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         # (3, B, heads, N, head_dim)
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = linear(self.qkv, x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         dropout_p = self.attn_drop if self.training else 0.0
         if x.device.type == "cpu" and (N <= CPU_EXPLICIT_MAX_TOKENS or q.dtype in _CPU_EXPLICIT_DTYPES):
@@ -62,4 +64,4 @@ class Attention(nn.Module):
                     self.last_attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(linear(self.proj, x))

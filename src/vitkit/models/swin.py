@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vitkit.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
 from vitkit.layers.features import take_indices
+from vitkit.layers.linear import linear
 from vitkit.layers.patch_embed import check_input_size
 from vitkit.layers.rel_pos import relative_position_index, resize_rel_pos_bias_table
 from vitkit.registry import register, to_2tuple
@@ -263,7 +264,7 @@ class _WindowAttentionBase(nn.Module):
         self._bias_cache: tuple[tuple, torch.Tensor] | None = None
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qkv(x)
+        return linear(self.qkv, x)
 
     def _bias_inputs(self) -> tuple[torch.Tensor, ...]:
         """The tensors `position_bias` reads: a change to any of them invalidates the cache."""
@@ -300,7 +301,7 @@ class _WindowAttentionBase(nn.Module):
             q, k, v = (t.reshape(B_ // nw, nw * heads, N, -1) for t in (q, k, v))
         x = window_sdpa(q, k, v, bias, self.attn_drop if self.training else 0.0, scale)
         x = x.reshape(B_, heads, N, -1).transpose(1, 2).reshape(B_, N, C)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(linear(self.proj, x))
 
 
 class WindowAttention(_WindowAttentionBase):
@@ -402,7 +403,7 @@ class WindowAttentionV2(_WindowAttentionBase):
         if self.q_bias is None:
             return self.qkv(x)
         bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        return F.linear(x, self.qkv.weight, bias)
+        return linear(self.qkv, x, bias=bias)
 
     def _bias_inputs(self) -> tuple[torch.Tensor, ...]:
         return (*self.cpb_mlp.parameters(), self.relative_coords_table, self.relative_position_index)
@@ -573,7 +574,7 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduction(self.norm(merge_2x2(x)))
+        return linear(self.reduction, self.norm(merge_2x2(x)))
 
 
 class PatchMergingV2(nn.Module):
@@ -585,7 +586,7 @@ class PatchMergingV2(nn.Module):
         self.norm = nn.LayerNorm(out_dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.reduction(merge_2x2(x)))
+        return self.norm(linear(self.reduction, merge_2x2(x)))
 
 
 class SwinStage(nn.Module):
