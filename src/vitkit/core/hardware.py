@@ -71,11 +71,13 @@ def resolve_amp(
     """
     import torch
 
+    from vitkit.core.errors import VitkitError
+
     if amp not in (*AMP_CHOICES, "fp16"):
-        raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)} (or fp16 on CUDA); got {amp!r}")
+        raise VitkitError(f"amp must be one of {', '.join(AMP_CHOICES)} (or fp16 on CUDA); got {amp!r}")
     device = torch.device(device)
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp=fp16 needs a CUDA device: use amp=bf16 or auto on the CPU, or amp=off")
+        raise VitkitError("amp=fp16 needs a CUDA device: use amp=bf16 or auto on the CPU, or amp=off")
     info = info or cpu_info()
     deciding = bf16_flags(info)
     if amp in ("off", "fp16"):
