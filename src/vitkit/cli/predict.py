@@ -34,11 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def apply_amp(inference: Any, amp: str, device: Any, quiet: bool = False) -> None:
-    """Resolve `--amp` (printing the choice unless quiet); bf16 holds the model's weights in bf16 and
-    sets the config's amp, which `evaluate` autocasts with."""
-    import dataclasses
+    """Resolve `--amp` (printing the choice unless quiet); bf16 holds the model's weights in bf16.
 
-    import torch
+    The config's amp becomes off either way: a bf16 model needs no autocast, which would only keep
+    its linear layers off the oneDNN path (`vitkit.layers.linear`)."""
+    import dataclasses
 
     from vitkit.core.hardware import describe_amp, resolve_amp
     from vitkit.layers.precision import cast_for_inference
@@ -47,8 +47,7 @@ def apply_amp(inference: Any, amp: str, device: Any, quiet: bool = False) -> Non
     if not quiet:
         print(describe_amp(record))
     cast_for_inference(inference.model, dtype)
-    chosen = "bf16" if dtype == torch.bfloat16 else "off"
-    inference.config = dataclasses.replace(inference.config, amp=chosen)
+    inference.config = dataclasses.replace(inference.config, amp="off")
 
 
 def run(args: argparse.Namespace) -> int:
