@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, device=device)
-    apply_amp(inference, args.amp or "off", device, quiet=args.json)
+    if args.amp is not None:
+        apply_amp(inference, args.amp, device, quiet=args.json)
     results = predict(inference.model, args.images, inference.spec, inference.classes, top_k=args.top_k, device=device,
                       tta=args.tta or inference.config.tta)
     if args.json:
