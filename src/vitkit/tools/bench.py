@@ -37,7 +37,7 @@ class BenchOptions:
     img_size: tuple[int, int] | None = None  # None: the model's own
     mode: Mode = "infer"
     device: str = "cpu"
-    amp: Amp = "off"
+    amp: Amp | None = "off"
     cast_weights: bool = True  # infer with amp: our weights held in bf16 (timm's autocast casts per step)
     compile: bool = False
     channels_last: bool = False
@@ -49,7 +49,7 @@ class BenchOptions:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if self.mode not in ("infer", "train"):
             raise ValueError(f"mode must be infer or train, got {self.mode!r}")
-        if self.amp not in AMP_CHOICES:
+        if self.amp is not None and self.amp not in AMP_CHOICES:  # None: off, as before amp took auto
             raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.warmup < 0 or self.steps < 1:
             raise ValueError(f"need warmup >= 0 and steps >= 1, got {self.warmup} and {self.steps}")
@@ -87,7 +87,7 @@ class BenchResult:
 
 def amp_dtype(opts: BenchOptions) -> tuple[torch.dtype | None, dict[str, Any]]:
     """The autocast dtype that `opts.amp` resolves to on `opts.device`, and the record of why."""
-    return resolve_amp(opts.amp, opts.device)
+    return resolve_amp(opts.amp or "off", opts.device)
 
 
 @dataclass(frozen=True)
