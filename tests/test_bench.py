@@ -26,6 +26,30 @@ def test_train_mode_steps_the_optimizer(extra):
     opts = BenchOptions(batch_size=2, img_size=(64, 64), warmup=0, steps=2, **extra)
     r = benchmark("deit_tiny_distilled_patch16_224", opts, depth=1)
     assert r.mode == "train" and r.throughput > 0
+    assert r.weights == "float32" and r.amp == extra.get("amp")  # training keeps fp32 weights under autocast
+
+
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"])
+def test_swin_bf16_train_and_infer(name):
+    small = dict(embed_dim=32, depths=(2, 2, 2, 1), num_heads=(1, 2, 4, 8))
+    for mode in ("train", "infer"):
+        opts = BenchOptions(batch_size=2, img_size=(64, 64), warmup=0, steps=1, mode=mode, amp="bf16")
+        r = benchmark(name, opts, **small)
+        assert r.amp == "bf16" and r.weights == ("bfloat16" if mode == "infer" else "float32")
+
+
+def test_amp_choice_is_printed_and_timm_autocasts(capsys):
+    argv = ["bench", "deit_tiny_patch16_224", "--vs", "timm", "--batch-size", "1", "--img-size", "32",
+            "--warmup", "0", "--steps", "1", "--rounds", "1", "--device", "cpu", "--amp", "bf16", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["amp_choice"]["chosen"] == "bf16" and result["amp_choice"]["requested"] == "bf16"
+    assert result["ours"]["weights"] == "bfloat16" and result["timm"]["weights"] == "float32"
+    assert result["ours"]["amp"] == result["timm"]["amp"] == "bf16"
+    assert main([*argv[:-1], "--autocast-only", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ours"]["weights"] == "float32"
+    assert main(argv[:-3] + ["--amp", "auto"]) == 0
+    assert capsys.readouterr().out.startswith("amp auto -> ")
 
 
 @pytest.mark.parametrize("name,size", [("deit_tiny_patch16_224", "32"), ("swin_tiny_patch4_window7_224", "64")])

@@ -297,3 +297,73 @@ def test_save_load_round_trip(tmp_path):
     x = torch.randn(1, 3, 160, 96)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+# -- per-forward work: cached bias, broadcast mask, one gather for roll + partition -------------------
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"])
+def test_bias_cached_in_eval_and_invalidated_by_weight_changes(name):
+    model = vitkit.create_model(name, **SMALL).eval()
+    _randomize(model)
+    attn = model.layers[0].blocks[1].attn  # a shifted block: bias and mask combined
+    size = model.config.img_size
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        first = model(x)
+        cached = attn._bias_cache[1]
+        assert cached.shape[:2] == (1, attn.num_heads * model.layers[0].blocks[1].attn_mask.shape[0])
+        assert torch.equal(model(x), first) and attn._bias_cache[1] is cached  # reused, not rebuilt
+    # an in-place optimiser step on the tables: the cache follows, the model learns them
+    model.train()
+    assert attn._bias_cache is None  # train() drops it
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).square().mean().backward()
+    table = getattr(attn, "relative_position_bias_table", None)
+    table = table if table is not None else attn.cpb_mlp[0].weight
+    assert table.grad is not None and table.grad.abs().sum() > 0
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        stepped = model(x)
+        model.eval()  # eval() again keeps the cache (eval -> eval is not a weight change)
+        uncached = _uncached(model, x)
+    torch.testing.assert_close(stepped, uncached, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(stepped, first)
+    # load_state_dict (an in-place copy) invalidates as well
+    fresh = vitkit.create_model(name, **SMALL).eval()
+    model.load_state_dict(fresh.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fresh(x), rtol=1e-5, atol=1e-6)
+
+
+def _uncached(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward with every bias recomputed (gradients on: the cache is bypassed)."""
+    with torch.enable_grad():
+        return model(x).detach()
+
+
+def test_batch_broadcast_and_gather_match_the_batch_one_by_one():
+    # the shift mask broadcast over the batch and the gathered windows: each image as if alone
+    for name in ("swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"):
+        model = vitkit.create_model(name, **SMALL).eval()
+        _randomize(model)
+        x = torch.randn(3, 3, *model.config.img_size)
+        with torch.no_grad():
+            batch = model(x)
+            alone = torch.cat([model(x[i : i + 1]) for i in range(3)])
+        _assert_close(batch, alone)
+        block = model.layers[0].blocks[1]
+        assert block.window_order is not None and block.window_order.shape == (block.resolution[0] ** 2,)
+
+
+def test_window_gather_has_the_gradients_of_roll_and_partition():
+    from vitkit.models.swin import permute_tokens, shifted_window_order, window_partition
+
+    x = torch.randn(2, 14, 14, 5, requires_grad=True)
+    index, inverse = shifted_window_order((14, 14), (7, 7), (3, 3))
+    ref = window_partition(torch.roll(x, shifts=(-3, -3), dims=(1, 2)), (7, 7))
+    out = permute_tokens(x.reshape(2, 196, 5), index, inverse).view(-1, 49, 5)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    (grad_ref,) = torch.autograd.grad(ref, x, g)
+    (grad,) = torch.autograd.grad(out, x, g)
+    assert torch.equal(grad, grad_ref)

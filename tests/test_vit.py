@@ -340,3 +340,39 @@ def test_short_sequences_on_the_cpu_take_the_explicit_attention_path_with_the_sa
         torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
         for g, ref in zip(grads, reference_grads):
             torch.testing.assert_close(g.double(), ref, rtol=0, atol=5e-6 * ref.abs().max().item())
+
+
+# -- the oneDNN linear path (CPU inference) beside F.linear ----------------------------------------------
+@pytest.mark.parametrize("name,kwargs,size", [
+    ("deit_small_patch16_224", {"depth": 2}, 224),
+    ("swin_tiny_patch4_window7_224", {"embed_dim": 32, "depths": (2, 2, 2, 1), "num_heads": (1, 2, 4, 8)}, 224),
+    ("swinv2_tiny_window8_256", {"embed_dim": 32, "depths": (2, 2, 2, 1), "num_heads": (1, 2, 4, 8)}, 256),
+])
+def test_onednn_linear_matches_f_linear(name, kwargs, size):
+    from torch.profiler import profile
+
+    from vitkit.layers.linear import onednn_linear_enabled, set_onednn_linear
+
+    if not onednn_linear_enabled():
+        pytest.skip("this torch build has no oneDNN linear kernel")
+    torch.manual_seed(0)
+    model = vitkit.create_model(name, **kwargs).eval()
+    for p in model.parameters():  # weights far from the init, so every layer shapes the output
+        p.data.normal_(0, p[0].numel() ** -0.5 if p.ndim > 1 else 0.5)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        with profile() as prof:
+            fast = model(x)
+        assert any("_linear_pointwise" in e.key for e in prof.key_averages())  # the fast path ran
+        previous = set_onednn_linear(False)
+        try:
+            with profile() as prof:
+                exact = model(x)
+            assert not any("_linear_pointwise" in e.key for e in prof.key_averages())
+        finally:
+            set_onednn_linear(previous)
+    assert (fast - exact).abs().max() <= 1e-5 * exact.abs().max()
+    # training (gradients on) always takes F.linear: the oneDNN kernel has no backward
+    model.train()
+    model(x).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

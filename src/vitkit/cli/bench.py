@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 
@@ -25,7 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (compilation is in the warm-up)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for input and weights")
-    p.add_argument("--amp", choices=("bf16",), default=None, help="autocast to bfloat16")
+    p.add_argument("--amp", choices=("off", "bf16", "auto"), default="off",
+                   help="bf16: timm autocasts, vitkit holds its inference weights in bf16 (see --autocast-only); "
+                   "auto: bf16 on CUDA and on CPUs with AMX or AVX512_BF16, else fp32 (default off)")
+    p.add_argument("--autocast-only", action="store_true",
+                   help="with --amp bf16: run vitkit under autocast too, its weights in fp32 (as timm)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
     p.add_argument("--steps", type=int, default=30, help="timed steps (per round with --vs timm; default 30)")
     p.add_argument("--vs", choices=("timm",), default=None,
@@ -42,8 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vitkit.factory import get_variant
-    from vitkit.tools.bench import BenchOptions, benchmark, compare_with_timm, largest_batch
+    from vitkit.core.hardware import describe_amp  # noqa: PLC0415  fast CLI start-up
+    from vitkit.factory import get_variant  # noqa: PLC0415  fast CLI start-up
+    from vitkit.tools.bench import BenchOptions, amp_dtype, benchmark, compare_with_timm, largest_batch  # noqa: PLC0415  fast CLI start-up
 
     get_variant(args.model)  # unknown names fail before anything is built
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,21 +59,27 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode,
         device=device,
         amp=args.amp,
+        cast_weights=not args.autocast_only,
         compile=args.compile,
         channels_last=args.channels_last,
         warmup=args.warmup,
         steps=args.steps,
     )
+    opts.validate()
+    _, amp_info = amp_dtype(opts)
+    if not args.json:
+        print(describe_amp(amp_info))
     if args.preset == "deit":
-        opts = BenchOptions(**{**opts.__dict__, "img_size": (224, 224)})
-        batch = largest_batch(args.model, opts)
-        opts = BenchOptions(**{**opts.__dict__, "batch_size": batch})
+        opts = dataclasses.replace(opts, img_size=(224, 224))
+        batch = largest_batch(args.model, opts, vs_timm=args.vs == "timm")
+        opts = dataclasses.replace(opts, batch_size=batch)
         if not args.json:
-            print(f"deit preset: largest batch that fits at 224x224 on {device}: {batch}")
+            both = " (ours and timm's together)" if args.vs == "timm" else ""
+            print(f"deit preset: largest batch that fits at 224x224 on {device}{both}: {batch}")
     if args.vs == "timm":
         cmp = compare_with_timm(args.model, opts, rounds=args.rounds)
         if args.json:
-            print(json.dumps(cmp.to_dict(), indent=2))
+            print(json.dumps({**cmp.to_dict(), "amp_choice": amp_info}, indent=2))
             return 0
         _table([cmp.ours, cmp.timm])
         print(
@@ -77,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result = benchmark(args.model, opts)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({**result.to_dict(), "amp_choice": amp_info}, indent=2))
         return 0
     _table([result])
     return 0
@@ -87,7 +99,7 @@ def _table(results: list) -> None:
     width = max(len(r.model) for r in results)
     print(
         f"{'model':<{width}}  {'impl':<6} {'device':<6} {'mode':<5} {'batch':>5} {'input':>9}  "
-        f"{'step ms':>9} {'p10-p90 ms':>15}  {'images/s':>9}  {'peak MB':>8}"
+        f"{'weights':>8} {'step ms':>9} {'p10-p90 ms':>15}  {'images/s':>9}  {'peak MB':>8}"
     )
     for r in results:
         size = "x".join(str(s) for s in r.img_size)
@@ -95,5 +107,5 @@ def _table(results: list) -> None:
         spread = f"{r.step_ms_p10:.1f}-{r.step_ms_p90:.1f}"
         print(
             f"{r.model:<{width}}  {r.impl:<6} {r.device:<6} {r.mode:<5} {r.batch_size:>5} {size:>9}  "
-            f"{r.step_ms:>9.2f} {spread:>15}  {r.throughput:>9.1f}  {peak:>8}"
+            f"{r.weights:>8} {r.step_ms:>9.2f} {spread:>15}  {r.throughput:>9.1f}  {peak:>8}"
         )

@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", choices=TTA_MODES, metavar="MODE",
                    help="test-time augmentation (%(choices)s): hflip averages the probabilities of each image and "
                    "its mirror (default: the run's own setting, else none)")
+    p.add_argument("--amp", choices=("off", "bf16", "auto"),
+                   help="bf16: weights and activations in bfloat16; auto: bf16 on CUDA and on CPUs with AMX or "
+                   "AVX512_BF16, else fp32 (default: the run's own setting, so the figures equal those it logged)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--workers", type=int, help="data-loading processes")
     p.add_argument("--out", metavar="FILE.json", help="also write the metrics as JSON")
@@ -41,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vitkit.core.files import write_text  # noqa: PLC0415  fast CLI start-up
-    from vitkit.tools.inference import evaluate_split, inference_device, load_inference  # noqa: PLC0415  fast CLI start-up
+    from vitkit.tools.inference import apply_amp, evaluate_split, inference_device, load_inference  # noqa: PLC0415  fast CLI start-up
     from vitkit.train.plots import plot_confusion  # noqa: PLC0415  fast CLI start-up
 
     if args.pretrained and not args.model:
@@ -51,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     device = inference_device(args.device, args.checkpoint)  # an int8 file: the CPU
     inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, model=args.model,
                                pretrained=args.pretrained, device=device)
+    if args.amp is not None:
+        apply_amp(inference, args.amp, device, say=print)
     split = args.split or ("val" if args.val_samples is not None else "test" if args.test_samples is not None else None)
     if (split == "test" and args.val_samples is not None) or (split == "val" and args.test_samples is not None):
         raise ValueError(f"--split {split} takes --{split}-samples, not the other split's")

@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", choices=TTA_MODES, metavar="MODE",
                    help="test-time augmentation (%(choices)s): hflip averages the probabilities of each image and "
                    "its mirror (default: the run's own setting, else none)")
+    p.add_argument("--amp", choices=("off", "bf16", "auto"),
+                   help="bf16: weights and activations in bfloat16; auto: bf16 on CUDA and on CPUs with AMX or "
+                   "AVX512_BF16, else fp32 (default: off)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch-size", type=int, default=64, help="images classified together (default 64)")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (default 2; 0: in this one)")
@@ -40,13 +43,15 @@ def _line(entry: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.tools.inference import inference_device, load_inference
+    from vitkit.tools.inference import apply_amp, inference_device, load_inference
     from vitkit.tools.predict import PredictStats, check_options, expand_images, iter_predictions
 
     check_options(args.top_k, args.tta or "none", args.batch_size, args.workers)  # flags first, before any loading
     paths = expand_images(args.images)  # a mistyped path fails before the model loads
     device = inference_device(args.device, args.checkpoint)  # an int8 file: the CPU
     inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, device=device)
+    if args.amp is not None:
+        apply_amp(inference, args.amp, device, say=None if args.json else print)
     stats = PredictStats()
     results = iter_predictions(inference.model, paths, inference.spec, inference.classes, top_k=args.top_k,
                                device=device, tta=args.tta or inference.settings.tta, batch_size=args.batch_size,

@@ -1,4 +1,5 @@
-"""Multi-head self-attention: `scaled_dot_product_attention`, or explicit for short sequences on the CPU."""
+"""Multi-head self-attention: `scaled_dot_product_attention`, or explicit on the CPU for short
+sequences and in bf16."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.layers.linear import linear
+
 # On the CPU the fused attention kernel's fixed cost per call outweighs what it saves on short
 # sequences: a training step of the Fashion-MNIST ViT (17 tokens) is ~1.18x faster with the attention
 # computed as two matmuls and a softmax, a 37-token one 1.01-1.13x; at 50 tokens the kernel wins.
 CPU_EXPLICIT_MAX_TOKENS = 40
+# In bf16 (and fp16) the CPU kernel is slower at every ViT length measured: explicit attention took
+# 0.53x its time at 197 tokens and 0.91x at 577 (AVX512_BF16, one thread).
+_CPU_EXPLICIT_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class Attention(nn.Module):
@@ -44,10 +50,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         # (3, B, heads, N, head_dim)
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = linear(self.qkv, x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         dropout_p = self.attn_drop if self.training else 0.0
-        if x.device.type == "cpu" and N <= CPU_EXPLICIT_MAX_TOKENS:
+        if x.device.type == "cpu" and (N <= CPU_EXPLICIT_MAX_TOKENS or q.dtype in _CPU_EXPLICIT_DTYPES):
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             if self.record_attn:
                 self.last_attn = attn.detach()
@@ -58,4 +64,4 @@ class Attention(nn.Module):
                     self.last_attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(linear(self.proj, x))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vitkit.layers.linear import linear
+
 
 class Mlp(nn.Module):
     """Linear -> GELU -> dropout -> Linear -> dropout (parameter names fc1 / fc2, as timm)."""
@@ -18,4 +20,6 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        if not self.training and type(self.act) is nn.GELU and self.act.approximate == "none":
+            return linear(self.fc2, linear(self.fc1, x, gelu=True))  # dropout is the identity in eval
+        return self.drop2(linear(self.fc2, self.drop1(self.act(self.fc1(x)))))

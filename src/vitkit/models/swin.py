@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vitkit.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
 from vitkit.layers.features import take_indices
+from vitkit.layers.linear import linear
 from vitkit.layers.patch_embed import check_input_size
 from vitkit.layers.rel_pos import relative_position_index, resize_rel_pos_bias_table
 from vitkit.registry import register, to_2tuple
@@ -168,25 +169,88 @@ def shifted_window_mask(
     return torch.zeros(differs.shape, device=device).masked_fill(differs, -100.0)
 
 
-def _window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None,
-    dropout_p: float, scale: float | None = None,
-) -> torch.Tensor:
-    """SDPA over windows: q, k, v (B * nW, heads, N, d); bias (heads, N, N); mask (nW, N, N)."""
+def _exporting() -> bool:
+    """torch.export / dynamo / TorchScript tracing: keep the plain ops (no caches, no custom autograd)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _tensor_key(t: torch.Tensor | None) -> tuple | None:
+    """What identifies a tensor's current values: storage, version (bumped by in-place writes), dtype."""
+    if t is None:
+        return None
+    version = 0 if t.is_inference() else t._version  # inference tensors cannot be written outside inference mode
+    return (t.data_ptr(), version, t.dtype, t.device, tuple(t.shape))
+
+
+def attention_bias(bias: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask for SDPA: (1, heads, N, N) from the position bias (heads, N, N), or
+    with a shift mask (nW, N, N) the sum laid out as (1, nW * heads, N, N).
+
+    The mask is 4-D (a 3-D one sends CPU SDPA to its slow math kernel) and broadcasts over the
+    batch: attention views its windows (B * nW, heads) as (B, nW * heads) instead of repeating the mask.
+    """
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale)
-    nw = mask.shape[0]
-    # windows are batch-major: (B, nW); the mask (nW, heads, N, N) is repeated over B rather than
-    # broadcast in 5-D, as timm does: ONNX's attention takes 4-D inputs only
-    attn_mask = (bias[None] + mask[:, None]).to(q.dtype).repeat(q.shape[0] // nw, 1, 1, 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+        return bias.to(dtype)[None]
+    return (bias[None] + mask[:, None]).to(dtype).flatten(0, 1)[None]
+
+
+def window_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout: float, scale: float | None
+) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v over 4-D inputs; `bias` broadcasts over the batch.
+
+    In bf16 on the CPU the fused kernel is ~1.4x slower than two matmuls and a softmax at window
+    sizes (N = 49-144 tokens), so those run explicitly; elsewhere (fp32: a tie; CUDA; export) SDPA.
+    """
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) or _exporting():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    attn = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)  # (B, heads', N, N)
+    attn = (attn + bias if attn.requires_grad else attn.add_(bias)).softmax(dim=-1)
+    return F.dropout(attn, dropout, training=dropout > 0).to(v.dtype) @ v
+
+
+class _Permute(torch.autograd.Function):
+    """x.index_select(1, index) for a permutation `index`; the gradient is the gather by its inverse
+    (index_select's own backward scatters with atomic adds)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def permute_tokens(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """(B, L, C) -> (B, L, C) with token i = x[:, index[i]]; one copy."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Permute.apply(x, index, inverse)
+    return x.index_select(1, index)
+
+
+def shifted_window_order(resolution: Window, window: Window, shift: Window) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a map that needs no padding: (index, inverse), each (H * W,), such that a flat map's tokens
+    gathered by `index` are its roll by -shift cut into windows (window-major, as window_partition),
+    and window tokens gathered by `inverse` are the map rolled back. One gather replaces roll (a copy
+    per dimension) plus partition (another copy)."""
+    H, W = resolution
+    pos = torch.arange(H * W).view(1, H, W, 1)
+    index = window_partition(torch.roll(pos, shifts=(-shift[0], -shift[1]), dims=(1, 2)), window).flatten()
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(H * W)
+    return index, inverse
 
 
 # -- attention --------------------------------------------------------------------------------------
 class _WindowAttentionBase(nn.Module):
     """Multi-head attention within windows: (B * nW, N, C) -> (B * nW, N, C), plus a position bias.
 
-    Subclasses give the qkv projection, the attention logits' form and the bias (heads, N, N).
+    Subclasses give the qkv projection, the logits' scaling (`_scaled`) and the position bias
+    (heads, N, N), which is cached in eval mode.
     """
 
     def __init__(self, dim: int, num_heads: int, window: Window, config: SwinConfig) -> None:
@@ -196,17 +260,48 @@ class _WindowAttentionBase(nn.Module):
         self.attn_drop = config.attn_drop_rate
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(config.proj_drop_rate)
+        # eval-mode cache of the attention bias: (key of its inputs, bias); see `cached_bias`
+        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qkv(x)
+        return linear(self.qkv, x)
+
+    def _bias_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The tensors `position_bias` reads: a change to any of them invalidates the cache."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> "_WindowAttentionBase":
+        self._bias_cache = None
+        return super().train(mode)
+
+    def cached_bias(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """`attention_bias` of this window's position bias and `mask`, computed once in eval mode.
+
+        Recomputed in training or whenever gradients are on (the tables are learned), while
+        exporting, and after any change to the tables (load_state_dict, an optimiser step, .to()).
+        """
+        if self.training or torch.is_grad_enabled() or _exporting():
+            return attention_bias(self.position_bias(), mask, dtype)
+        key = (tuple(_tensor_key(t) for t in self._bias_inputs()), _tensor_key(mask), dtype)
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            self._bias_cache = (key, attention_bias(self.position_bias(), mask, dtype))
+        return self._bias_cache[1]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B_, N, C = x.shape
+        heads = self.num_heads
         # (3, B * nW, heads, N, head_dim)
-        q, k, v = self._qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        x = self._attend(q, k, v, mask, self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B_, N, C)
-        return self.proj_drop(self.proj(x))
+        q, k, v = self._qkv(x).reshape(B_, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, scale = self._scaled(q, k)
+        bias = self.cached_bias(mask, q.dtype)
+        if mask is not None:
+            # windows are batch-major, (B, nW): as (B, nW * heads) the bias (1, nW * heads, N, N)
+            # broadcasts over the batch and every input stays 4-D (as ONNX's attention needs)
+            nw = mask.shape[0]
+            q, k, v = (t.reshape(B_ // nw, nw * heads, N, -1) for t in (q, k, v))
+        x = window_sdpa(q, k, v, bias, self.attn_drop if self.training else 0.0, scale)
+        x = x.reshape(B_, heads, N, -1).transpose(1, 2).reshape(B_, N, C)
+        return self.proj_drop(linear(self.proj, x))
 
 
 class WindowAttention(_WindowAttentionBase):
@@ -244,8 +339,11 @@ class WindowAttention(_WindowAttentionBase):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)  # (heads, N, N)
 
-    def _attend(self, q, k, v, mask, dropout):
-        return _window_attention(q, k, v, self.position_bias(), mask, dropout)
+    def _bias_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (self.relative_position_bias_table, self.relative_position_index)
+
+    def _scaled(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        return q, k, None  # SDPA's default scale, head_dim ** -0.5
 
 
 def log_spaced_coords(window: Window, pretrained_window: Window) -> torch.Tensor:
@@ -305,13 +403,15 @@ class WindowAttentionV2(_WindowAttentionBase):
         if self.q_bias is None:
             return self.qkv(x)
         bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        return F.linear(x, self.qkv.weight, bias)
+        return linear(self.qkv, x, bias=bias)
 
-    def _attend(self, q, k, v, mask, dropout):
+    def _bias_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (*self.cpb_mlp.parameters(), self.relative_coords_table, self.relative_position_index)
+
+    def _scaled(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        # cosine attention: the temperature is folded into q, so SDPA's scale is 1
         temperature = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()  # (heads, 1, 1)
-        q = F.normalize(q, dim=-1) * temperature
-        k = F.normalize(k, dim=-1)
-        return _window_attention(q, k, v, self.position_bias(), mask, dropout, scale=1.0)
+        return F.normalize(q, dim=-1) * temperature, F.normalize(k, dim=-1), 1.0
 
 
 # -- blocks -----------------------------------------------------------------------------------------
@@ -350,12 +450,17 @@ class SwinBlock(nn.Module):
     def init_buffers(self) -> None:
         """(Re)compute the non-persistent buffers (mask, position index) on the parameters' device."""
         self.attn.init_buffers()
-        self._mask_cache = {}
-        mask = None
+        self._mask_cache, self._order_cache = {}, {}
+        mask, order = None, (None, None)
         if any(self.shift_size) and not self.dynamic:
+            device = self.norm1.weight.device
             padded = self._padded(self.resolution)
-            mask = shifted_window_mask(padded, self.window_size, self.shift_size, self.norm1.weight.device)
+            mask = shifted_window_mask(padded, self.window_size, self.shift_size, device)
+            if padded == self.resolution:
+                order = tuple(t.to(device) for t in shifted_window_order(padded, self.window_size, self.shift_size))
         self.register_buffer("attn_mask", mask, persistent=False)
+        self.register_buffer("window_order", order[0], persistent=False)  # (H * W,), see shifted_window_order
+        self.register_buffer("window_order_inverse", order[1], persistent=False)
 
     def set_input_size(self, resolution: Window, window: Window) -> None:
         self.resolution = resolution
@@ -375,10 +480,29 @@ class SwinBlock(nn.Module):
             self._mask_cache[key] = shifted_window_mask(padded, self.window_size, self.shift_size, device)
         return self._mask_cache[key]
 
+    def _order_for(self, resolution: Window, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The shifted-window gather for an unpadded map (None for unshifted blocks)."""
+        if not any(self.shift_size):
+            return None
+        if not self.dynamic:
+            return self.window_order, self.window_order_inverse
+        key = (resolution, device)
+        if key not in self._order_cache:
+            order = shifted_window_order(resolution, self.window_size, self.shift_size)
+            self._order_cache[key] = tuple(t.to(device) for t in order)
+        return self._order_cache[key]
+
     def windowed_attention(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C): roll, pad to whole windows, attend per window, undo."""
         B, H, W, C = x.shape
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
+        order = None
+        if (sh or sw) and not _exporting() and H % wh == 0 and W % ww == 0:
+            order = self._order_for((H, W), x.device)
+        if order is not None:  # roll + partition as one gather, and back
+            windows = permute_tokens(x.reshape(B, H * W, C), *order).view(-1, wh * ww, C)
+            windows = self.attn(windows, self._mask_for((H, W), x.device))
+            return permute_tokens(windows.reshape(B, H * W, C), order[1], order[0]).view(B, H, W, C)
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
         # padded sizes as whole windows (ceil division) and the crop as a negative pad (a copy, not a
@@ -450,7 +574,7 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduction(self.norm(merge_2x2(x)))
+        return linear(self.reduction, self.norm(merge_2x2(x)))
 
 
 class PatchMergingV2(nn.Module):
@@ -462,7 +586,7 @@ class PatchMergingV2(nn.Module):
         self.norm = nn.LayerNorm(out_dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.reduction(merge_2x2(x)))
+        return self.norm(linear(self.reduction, merge_2x2(x)))
 
 
 class SwinStage(nn.Module):

@@ -4,6 +4,10 @@ Every step is timed on its own after a warm-up (CUDA events on the GPU, `perf_co
 reports give the median step time, its 10th-90th percentile spread and images/s =
 batch size / median step time. `mode="train"` times forward + cross-entropy + backward +
 optimizer step (AdamW).
+
+Mixed precision (`amp`: off | bf16 | auto, resolved by `vitkit.core.hardware.resolve_amp`): timm's
+model runs under autocast, as its users run it; ours, in inference, holds its weights in bf16
+(`cast_for_inference`) unless `cast_weights=False`, so both sides are timed as a user would run them.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.core.hardware import AMP_CHOICES, resolve_amp
 from vitkit.factory import create_model, get_variant
+from vitkit.layers.precision import cast_for_inference
 from vitkit.registry import to_2tuple
 
 Mode = Literal["infer", "train"]
-Amp = Literal["bf16"] | None
+Amp = Literal["off", "bf16", "auto"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,8 @@ class BenchOptions:
     img_size: tuple[int, int] | None = None  # None: the model's own
     mode: Mode = "infer"
     device: str = "cpu"
-    amp: Amp = None
+    amp: Amp | None = "off"
+    cast_weights: bool = True  # infer with amp: our weights held in bf16 (timm's autocast casts per step)
     compile: bool = False
     channels_last: bool = False
     warmup: int = 5
@@ -43,8 +50,8 @@ class BenchOptions:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if self.mode not in ("infer", "train"):
             raise ValueError(f"mode must be infer or train, got {self.mode!r}")
-        if self.amp not in (None, "bf16"):
-            raise ValueError(f"amp must be bf16 or off, got {self.amp!r}")
+        if self.amp is not None and self.amp not in AMP_CHOICES:  # None: off, as before amp took auto
+            raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.warmup < 0 or self.steps < 1:
             raise ValueError(f"need warmup >= 0 and steps >= 1, got {self.warmup} and {self.steps}")
         device = torch.device(self.device)
@@ -62,7 +69,8 @@ class BenchResult:
     mode: str
     batch_size: int
     img_size: tuple[int, int]
-    amp: str | None
+    amp: str | None  # what ran: "bf16" or None (fp32)
+    weights: str  # the dtype the weights were held in during the steps
     compile: bool
     channels_last: bool
     steps: int
@@ -76,6 +84,11 @@ class BenchResult:
         out = asdict(self)
         out["img_size"] = list(self.img_size)
         return out
+
+
+def amp_dtype(opts: BenchOptions) -> tuple[torch.dtype | None, dict[str, Any]]:
+    """The autocast dtype that `opts.amp` resolves to on `opts.device`, and the record of why."""
+    return resolve_amp(opts.amp or "off", opts.device)
 
 
 @dataclass(frozen=True)
@@ -106,11 +119,16 @@ class _Runner:
         self.name, self.impl, self.opts, self.img_size = name, impl, opts, img_size
         device = torch.device(opts.device)
         self.device = device
+        self.amp, _ = amp_dtype(opts)
+        cast = self.amp is not None and opts.cast_weights and impl == "vitkit" and opts.mode == "infer"
+        self.weights = self.amp if cast else torch.float32
         memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
         model = model.to(device=device, memory_format=memory_format)
+        if cast:
+            cast_for_inference(model, self.amp)
         model.train(opts.mode == "train")
         in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
-        self.x = torch.randn(opts.batch_size, in_chans, *img_size, device=device).contiguous(
+        self.x = torch.randn(opts.batch_size, in_chans, *img_size, device=device, dtype=self.weights).contiguous(
             memory_format=memory_format
         )
         num_classes = _num_classes(model)
@@ -119,7 +137,7 @@ class _Runner:
         self.forward: Callable[[torch.Tensor], Any] = torch.compile(model) if opts.compile else model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6) if opts.mode == "train" else None
         self.autocast = (
-            torch.autocast(device_type=device.type, dtype=torch.bfloat16) if opts.amp == "bf16" else nullcontext()
+            torch.autocast(device_type=device.type, dtype=self.amp) if self.amp and not cast else nullcontext()
         )
 
     def step(self) -> None:
@@ -138,12 +156,14 @@ class _Runner:
     def time_steps(self, n: int) -> list[float]:
         """Seconds per step, each step timed on its own."""
         if self.device.type == "cuda":
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-            for start, end in events:
-                start.record()
-                self.step()
-                end.record()
-            torch.cuda.synchronize(self.device)
+            with torch.cuda.device(self.device):  # events time the current stream of the model's GPU
+                events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                          for _ in range(n)]
+                for start, end in events:
+                    start.record()
+                    self.step()
+                    end.record()
+                torch.cuda.synchronize(self.device)
             return [start.elapsed_time(end) / 1e3 for start, end in events]
         times = []
         for _ in range(n):
@@ -167,7 +187,8 @@ class _Runner:
             mode=self.opts.mode,
             batch_size=self.opts.batch_size,
             img_size=self.img_size,
-            amp=self.opts.amp,
+            amp={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp),
+            weights=str(self.weights).removeprefix("torch."),
             compile=self.opts.compile,
             channels_last=self.opts.channels_last,
             steps=len(times),
@@ -291,11 +312,12 @@ def compare_with_timm(
 
 
 def largest_batch(
-    name: str, opts: BenchOptions | None = None, start: int = 64, limit: int = 16384
+    name: str, opts: BenchOptions | None = None, start: int = 64, limit: int = 16384, vs_timm: bool = False
 ) -> int:
     """The DeiT paper's throughput setting: the largest batch that fits in GPU memory (CUDA only).
 
-    Doubles the batch from `start` until a step runs out of memory, then bisects.
+    Doubles the batch from `start` until a step runs out of memory, then bisects. `vs_timm`: the
+    largest batch at which ours and timm's model fit together, as `compare_with_timm` holds them.
     """
     opts = replace(opts or BenchOptions(device="cuda"), warmup=1, steps=1)
     if torch.device(opts.device).type != "cuda":
@@ -308,9 +330,16 @@ def largest_batch(
 
     def fits(batch: int) -> bool:
         try:
-            benchmark(name, replace(opts, batch_size=batch))
+            if vs_timm:
+                compare_with_timm(name, replace(opts, batch_size=batch), rounds=1)
+            else:
+                benchmark(name, replace(opts, batch_size=batch))
             return True
         except torch.cuda.OutOfMemoryError:
+            return False
+        except RuntimeError as err:  # cuBLAS / cuDNN report running out of memory as a plain error
+            if "out of memory" not in str(err).lower() and "CUBLAS_STATUS_ALLOC_FAILED" not in str(err):
+                raise
             return False
         finally:
             gc.collect()  # the failed step's tensors, then the cached blocks

@@ -8,6 +8,7 @@ batch size and precision, so the numbers equal the ones the run logged.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitkit.core.errors import UsageError
+from vitkit.core.hardware import describe_amp, resolve_amp
 from vitkit.data.config import DataConfig, is_fashion_mnist
 from vitkit.data.datasets import build_dataset, image_spec, load_data
 from vitkit.data.samplers import build_loader
 from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSpec
 from vitkit.factory import create_model
+from vitkit.layers.precision import cast_for_inference
 from vitkit.train.config import TTA_MODES, AmpMode, TrainConfig, TtaMode, load_run_config
 from vitkit.train.engine import evaluate
 from vitkit.train.modeling import input_spec, load_weights
@@ -110,6 +114,24 @@ def load_inference(
     config = DataConfig(img_size=spec.img_size, in_chans=spec.in_chans, mean=list(spec.mean), std=list(spec.std),
                         crop_pct=spec.crop_pct, interpolation=spec.interpolation)
     return Inference(net, spec, classes, config, str(checkpoint or model), settings)
+
+
+def apply_amp(inference: Inference, amp: str, device: torch.device,
+              say: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Resolve `--amp` for evaluation and prediction (`say` gets the choice); bf16 holds the model's
+    weights in bf16 (`layers.precision.cast_for_inference`) and autocast goes off, since a bf16 model needs
+    none (and autocast would keep its linear layers off the oneDNN path, `layers.linear`). An int8 model
+    (`vitkit quantize`) runs as it is: torch's int8 layers refuse bf16."""
+    if getattr(inference.model, "int8_metadata", None) is not None:
+        if amp == "bf16":
+            raise UsageError(f"{inference.source} is an int8 model, which runs without amp: drop --amp bf16")
+        amp = "off"
+    dtype, record = resolve_amp(amp, device)
+    if say is not None:
+        say(describe_amp(record))
+    cast_for_inference(inference.model, dtype)
+    inference.settings = dataclasses.replace(inference.settings, amp="off")
+    return record
 
 
 def inference_device(choice: str, checkpoint: str | Path | None = None) -> torch.device:

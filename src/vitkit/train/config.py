@@ -71,7 +71,7 @@ class TrainConfig(DataConfig):
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_nonfinite_skips: int = 20  # with on_nonfinite=skip: the run stops at the next one after this many
     grad_accum: int = 1  # batches per optimiser step
-    amp: AmpMode = "auto"  # auto: bf16 on CUDA, off on CPU
+    amp: AmpMode = "auto"  # auto: bf16 on CUDA and on CPUs with AMX or AVX512_BF16, fp32 on other CPUs
     ema: bool = False  # keep an exponential moving average of the weights (evaluated beside the model)
     ema_decay: float = 0.9998  # per optimiser step
     # start from a `vitkit pretrain` run (its encoder), a `vitkit train` run (best weights) or a checkpoint file

@@ -20,6 +20,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from vitkit.core.errors import NonFiniteError, VitkitError
+from vitkit.core.hardware import describe_amp, resolve_amp
 from vitkit.data.datasets import LoadedData, build_dataset, resolve_data_fields
 from vitkit.data.samplers import build_loader, set_loader_epoch, set_loader_position
 from vitkit.train import parallel
@@ -30,7 +31,7 @@ from vitkit.train.plots import plot_curves
 from vitkit.train.preemption import Preempted, StopRequest, resume_command
 from vitkit.train.progress import Progress
 from vitkit.train.run_folder import CURVES, STATE, RunFolder
-from vitkit.train.runtime import amp_dtype_for, now, prepare_run, provenance, runtime, seed_everything
+from vitkit.train.runtime import now, prepare_run, provenance, runtime, seed_everything
 from vitkit.train.state_file import capture_rng, load_state, remove_stale_temporaries, restore_rng, save_state
 
 R = TypeVar("R")
@@ -259,10 +260,12 @@ def _start(task: RunTask, run: Run) -> None:
     run.state = task.build_state(run)
     if parallel.get_world_size() > 1:  # augmentation (and masks) differ per rank, reproducibly: seed + rank
         seed_everything(parallel.rank_seed(run.config.seed))
-    run.amp_dtype = amp_dtype_for(run.config.amp, run.device)
+    run.amp_dtype, amp = resolve_amp(run.config.amp, run.device)
+    run.say(describe_amp(amp))  # what `amp` chose, and the CPU flags that decided it
     task.prepare(run)
     run.folder = RunFolder(run.run_dir, enabled=run.main)
     run.info = run_info(run, run.state.model)
+    run.info["amp"] = amp
     task.write_files(run)
     run.folder.write_config(run.config)
     run.folder.write_run_info(run.info)

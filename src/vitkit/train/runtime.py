@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitkit.core.hardware import resolve_amp
 from vitkit.core.version import __version__
 from vitkit.train import parallel
 from vitkit.train.config import TrainConfig
@@ -28,12 +29,9 @@ from vitkit.train.run_folder import CONFIG
 
 
 def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on CUDA, none on CPU; fp16 only on CUDA (it needs a gradient scaler)."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp=fp16 needs a CUDA device: use amp=bf16 on the CPU, or amp=off")
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    """The autocast dtype of `amp` on `device` (None: fp32); `vitkit.core.hardware.resolve_amp` decides:
+    auto is bf16 on CUDA and on CPUs with AMX or AVX512_BF16, fp32 on any other CPU; fp16 needs CUDA."""
+    return resolve_amp(amp, device)[0]
 
 
 def seed_everything(seed: int) -> None:
