@@ -74,7 +74,7 @@ def test_the_probe_needs_no_torch():
 
 
 def test_the_recipe_chooses_by_hardware():
-    from vitkit.train.config import build_config
+    from vitkit.train.recipes import build_config
 
     assert build_config("fmnist_best").amp == "auto"
 
@@ -107,7 +107,7 @@ def test_bf16_inference_is_within_tolerance_of_fp32(name, kwargs, size):
 
 
 def test_eval_and_predict_take_amp(tmp_path, capsys):
-    from vitkit.weights.io import save_model
+    from vitkit.weights.vitkit_format import save_model
 
     torch.manual_seed(0)
     model = vitkit.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=2)

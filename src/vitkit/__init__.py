@@ -5,9 +5,9 @@ The public names load on first use (PEP 562), so `import vitkit` stays fast and 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from vitkit.core.lazy import lazy_attributes
 from vitkit.core.version import __version__
 
 if TYPE_CHECKING:
@@ -42,15 +42,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        value = getattr(importlib.import_module(_HOMES[name]), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"vitkit.{name}")
-    raise AttributeError(f"module 'vitkit' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOMES) | set(_SUBMODULES))
+__getattr__, __dir__ = lazy_attributes(__name__, _HOMES, _SUBMODULES)

@@ -35,10 +35,11 @@ from vitkit.weights.quantized import is_quantized_file
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How evaluation runs: a run's own settings, else the training defaults."""
+    """How evaluation runs: a run's own settings, else the training defaults in fp32 (a checkpoint or a
+    named model is scored exactly unless `--amp` says otherwise)."""
 
     batch_size: int = 2 * TrainConfig.batch_size  # the default eval batch: twice the training batch
-    amp: AmpMode = "auto"
+    amp: AmpMode = "off"
     threads: int | None = None
     seed: int | None = None  # set: deterministic algorithms
     tta: TtaMode = "none"
