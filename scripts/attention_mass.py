@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from vitkit.data.fashion_mnist import load_fashion_mnist
-from vitkit.tools.attention import attention_map, upsample
+from vitkit.tools.attention_maps import attention_map, upsample
 from vitkit.train.modeling import input_spec, load_weights
 
 

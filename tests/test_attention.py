@@ -10,7 +10,7 @@ from PIL import Image
 
 import vitkit
 from vitkit.cli import main
-from vitkit.tools.attention import (
+from vitkit.tools.attention_maps import (
     attention_map,
     class_activation_maps,
     record_attention,

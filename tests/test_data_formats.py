@@ -15,7 +15,7 @@ import torch
 from test_data import write_idx
 from vitkit.cli import main
 from vitkit.data import fashion_mnist
-from vitkit.data.config import DataConfig
+from vitkit.data.data_config import DataConfig
 from vitkit.data.datasets import build_dataset, load_data, resolve_data_fields
 from vitkit.data.samplers import build_loader
 from vitkit.data.shards import ShardSet, ShardStream, iter_samples, open_source

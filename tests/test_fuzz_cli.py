@@ -98,7 +98,7 @@ def harness(monkeypatch):
         return real_create(name, *args, **kwargs)
 
     def train(config, resume=False):
-        from vitkit.data.config import is_fashion_mnist
+        from vitkit.data.data_config import is_fashion_mnist
         from vitkit.data.datasets import load_data
 
         config.validate()

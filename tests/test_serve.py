@@ -238,7 +238,7 @@ def test_a_model_without_attention_answers_with_the_bars_alone(tmp_path, images)
 def test_a_swin_answers_with_its_class_activation_map(tmp_path, images):
     from vitkit.data.transforms import ImageSpec
     from vitkit.factory import create_model
-    from vitkit.tools.attention import attention_map
+    from vitkit.tools.attention_maps import attention_map
     from vitkit.train.modeling import save_weights
 
     # two tiny stages: 32 px / patch 4 = an 8x8 grid, merged to 4x4; windows of 4

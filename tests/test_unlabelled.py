@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from PIL import Image
 
-from vitkit.data.config import DataConfig
+from vitkit.data.data_config import DataConfig
 from vitkit.data.unlabelled import load_images, load_unlabelled
 
 

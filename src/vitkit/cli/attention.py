@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     from vitkit.data.folder import load_image  # noqa: PLC0415  fast CLI start-up
     from vitkit.data.transforms import eval_transform  # noqa: PLC0415  fast CLI start-up
-    from vitkit.tools.attention import attention_map, default_method, save_overlay  # noqa: PLC0415  fast CLI start-up
+    from vitkit.tools.attention_maps import attention_map, default_method, save_overlay  # noqa: PLC0415  fast CLI start-up
     from vitkit.train.parallel import resolve_device  # noqa: PLC0415  fast CLI start-up
 
     if args.pretrained and args.model is None:

@@ -1,6 +1,6 @@
 """Data sets, transforms and samplers: Fashion-MNIST found offline, image folders, seeded splits.
 
-The names below load on first use (PEP 562): `vitkit.data.config` is read when the CLI builds its flags,
+The names below load on first use (PEP 562): `vitkit.data.data_config` is read when the CLI builds its flags,
 and importing it must not import torch.
 """
 

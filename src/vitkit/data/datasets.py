@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vitkit.data import fashion_mnist, hf_dataset, manifest, shards
-from vitkit.data.config import DataConfig, is_fashion_mnist
+from vitkit.data.data_config import DataConfig, is_fashion_mnist
 from vitkit.data.folder import SPLITS, ImageFolderDataset, class_names, detect_channels, scan_split
 from vitkit.data.hf_dataset import HFImageDataset, HFSplit
 from vitkit.data.shards import ShardStream

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from vitkit.data.config import DataConfig, is_fashion_mnist
+from vitkit.data.data_config import DataConfig, is_fashion_mnist
 from vitkit.data.datasets import load_data
 from vitkit.data.folder import IMAGE_EXTENSIONS, detect_channels
 from vitkit.data.splits import LoadedData, SplitData, holdout, subset

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from vitkit.data.transforms import ImageSpec
-from vitkit.tools.attention import default_method, is_swin
+from vitkit.tools.attention_maps import default_method, is_swin
 
 
 @dataclass

@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 from vitkit.core.errors import VitkitError
 from vitkit.data.transforms import eval_transform
 from vitkit.serve.loading import ServedModel
-from vitkit.tools.attention import attention_map
+from vitkit.tools.attention_maps import attention_map
 from vitkit.train.engine import mirror_averaged_log_probs
 
 # the decoders an upload may reach: no EPS (it runs Ghostscript) nor other rarely used plugins

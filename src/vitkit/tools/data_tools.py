@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vitkit.core.errors import VitkitError
-from vitkit.data.config import DataConfig
+from vitkit.data.data_config import DataConfig
 from vitkit.data.datasets import LoadedData, SplitData, build_dataset, load_data, resolve_data_fields
 from vitkit.data.folder import load_image
 from vitkit.data.hf_dataset import HFSplit

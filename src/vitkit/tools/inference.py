@@ -18,7 +18,7 @@ from torch import nn
 
 from vitkit.core.errors import UsageError
 from vitkit.core.hardware import describe_amp, resolve_amp
-from vitkit.data.config import DataConfig, is_fashion_mnist
+from vitkit.data.data_config import DataConfig, is_fashion_mnist
 from vitkit.data.datasets import build_dataset, image_spec, load_data
 from vitkit.data.samplers import build_loader
 from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSpec

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from vitkit.core.errors import VitkitError
-from vitkit.data.config import DataConfig
+from vitkit.data.data_config import DataConfig
 from vitkit.train.fields import apply_fields, contradictions
 
 AmpMode = Literal["auto", "off", "bf16", "fp16"]
