@@ -42,7 +42,6 @@ MODELS = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_win
 # Tracebacks the fuzzer found in code this test's author does not own, handed to its owners (issue 17):
 # (exception type, vitkit file, function). Each is reported as a warning when met; delete a row when fixed.
 KNOWN_BUGS = {
-    ("RuntimeError", "models/vit.py", "__init__"),  # --img-size 2147483648: pos_embed size overflows
 }
 
 

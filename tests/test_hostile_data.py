@@ -9,6 +9,8 @@ unusual modes are converted, not dropped.
 
 from __future__ import annotations
 
+import json
+
 import io
 import struct
 import zlib
@@ -201,3 +203,18 @@ def test_dataset_items_are_tensors(tmp_path):
     _, dataset = _train_set(tmp_path / "d", skip=False)
     x, label = dataset[0]
     assert isinstance(x, torch.Tensor) and x.dtype == torch.float32 and label in (0, 1)
+
+
+def test_train_lists_files_skipped_when_read_in_run_json(tmp_path):
+    """`vitkit train --skip-corrupt`: a file that passes the header check but fails to decode is skipped
+    when met and listed in run.json at the epoch's end."""
+    from vitkit.cli import main
+
+    bad = _seed(tmp_path / "d", header_bad=False)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tmp_path / "d"), "--skip-corrupt", "--output", str(run), "--epochs", "1",
+            "--img-size", "8", "--patch-size", "4", "--batch-size", "4", "--workers", "0", "--seed", "0",
+            "--set", "model_args.depth=1", "--set", "model_args.embed_dim=16", "--set", "model_args.num_heads=2"]
+    assert main(args) == 0
+    data = json.loads((run / "run.json").read_text())["data"]
+    assert data["skipped_when_read"]["train"] == {"count": 1, "files": [str(bad["truncated"])]}

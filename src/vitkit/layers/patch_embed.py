@@ -19,6 +19,20 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H', W', D)
 
 
+MAX_PATCHES = 2**22  # 4 M patch tokens (8192 px at patch 4): beyond it a position table alone overflows memory
+
+
+def check_patch_grid(img_size: tuple[int, int], patch_size: int) -> None:
+    """A config's img_size is a positive multiple of its patch size, at most MAX_PATCHES patches."""
+    for side in img_size:
+        if side <= 0 or side % patch_size:
+            raise ValueError(f"img_size {img_size} must be a positive multiple of patch_size ({patch_size})")
+    patches = (img_size[0] // patch_size) * (img_size[1] // patch_size)
+    if patches > MAX_PATCHES:
+        raise ValueError(f"img_size {img_size} at patch_size {patch_size} makes {patches} patches: at most "
+                         f"{MAX_PATCHES}; use a smaller img_size or a larger patch_size")
+
+
 def check_input_size(x: torch.Tensor, img_size: tuple[int, int], patch_size: int, dynamic: bool) -> tuple[int, int]:
     """The (H, W) of `x` if the model accepts it, else a ValueError naming the fixes.
 

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from vitkit.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
 from vitkit.layers.features import take_indices
 from vitkit.layers.linear import linear
-from vitkit.layers.patch_embed import check_input_size
+from vitkit.layers.patch_embed import check_input_size, check_patch_grid
 from vitkit.layers.rel_pos import relative_position_index, resize_rel_pos_bias_table
 from vitkit.registry import register, to_2tuple
 
@@ -89,11 +89,7 @@ class SwinConfig:
         if any(p < 0 for p in self.pretrained_window_sizes):
             raise ValueError(f"pretrained_window_sizes must be >= 0, got {self.pretrained_window_sizes}")
         self.stage_window_sizes()  # raises on a malformed window_size
-        for side in self.img_size:
-            if side <= 0 or side % self.patch_size:
-                raise ValueError(
-                    f"img_size {self.img_size} must be a positive multiple of patch_size ({self.patch_size})"
-                )
+        check_patch_grid(self.img_size, self.patch_size)
         if self.extra_norm_every_n_blocks < 0:
             raise ValueError(f"extra_norm_every_n_blocks must be >= 0 (0 = none), got {self.extra_norm_every_n_blocks}")
         for name in ("drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):

@@ -27,7 +27,7 @@ from vitkit.layers import (
 )
 from vitkit.layers.features import take_indices
 from vitkit.layers.patch_dropout import PatchDropout
-from vitkit.layers.patch_embed import check_input_size
+from vitkit.layers.patch_embed import check_input_size, check_patch_grid
 from vitkit.layers.pos_embed import same_size
 from vitkit.registry import register, to_2tuple
 
@@ -67,11 +67,7 @@ class ViTConfig:
                 f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads}); "
                 f"allowed num_heads: {_divisors(self.embed_dim)}"
             )
-        for side in self.img_size:
-            if side <= 0 or side % self.patch_size:
-                raise ValueError(
-                    f"img_size {self.img_size} must be a positive multiple of patch_size ({self.patch_size})"
-                )
+        check_patch_grid(self.img_size, self.patch_size)
         _check_choice(self, "global_pool", ("token", "avg"))
         _check_choice(self, "pos_embed", ("learned", "sincos2d"))
         if self.global_pool == "token" and self.pos_embed == "sincos2d" and not self.no_embed_class:

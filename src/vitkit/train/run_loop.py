@@ -369,6 +369,7 @@ def _epoch(task: RunTask, run: Run, epoch: int) -> None:
         _save_stopped(task, run, epoch, batches.stopped, batches.start + batches.trained, partial)
     run.position, run.partial = 0, None
     record = task.validate(run, epoch, stats)
+    _record_decode_skips(run)
     if run.config.on_nonfinite == "skip":
         record["nonfinite_skips"] = int(stats["nonfinite_skips"])
     # metrics are reduced over ranks, so every rank decides alike; under FSDP the gathers are
@@ -383,6 +384,18 @@ def _epoch(task: RunTask, run: Run, epoch: int) -> None:
                                          "rng": rngs[0], "rng_ranks": rngs, "nonfinite_skips": run.nonfinite_skips})
     task.after_epoch(run, epoch)
     run.say(task.epoch_line(run, epoch, record), flush=True)
+
+
+def _record_decode_skips(run: Run) -> None:
+    """Files that passed the scan's header check but failed to decode when read (`--skip-corrupt`): every
+    rank's, listed per split in run.json at each epoch end (a collective: every rank calls it)."""
+    found = {split: [str(p) for p in getattr(loader.dataset, "skipped", [])] for split, loader in run.loaders.items()}
+    ranks = parallel.gather_objects(found)
+    merged = {split: sorted({p for rank in ranks for p in rank.get(split, [])}) for split in found}
+    listed = {split: {"count": len(paths), "files": paths[:20]} for split, paths in merged.items() if paths}
+    if listed and run.main:
+        run.info["data"]["skipped_when_read"] = listed
+        run.folder.write_run_info(run.info)
 
 
 def _with_partial(run: Run, stats: dict[str, float]) -> dict[str, float]:
