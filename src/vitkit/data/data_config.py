@@ -9,6 +9,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from vitkit.core.errors import UsageError
+
 # rrc: RandomResizedCrop; pad: resize to img_size, pad, random crop (DeiT III); random: resize as eval
 # does (img_size / crop_pct), pad, random img_size window (eval takes the centre one); resize: no jitter
 CropMode = Literal["rrc", "pad", "random", "resize"]
@@ -54,39 +56,39 @@ class DataConfig:
 
     def validate(self) -> None:
         if self.split_seed < 0:
-            raise ValueError(f"split_seed must be >= 0, got {self.split_seed}")
+            raise UsageError(f"split_seed must be >= 0, got {self.split_seed}")
         for name in ("train_samples", "val_samples", "test_samples", "img_size", "in_chans", "num_classes"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive integer (or null), got {value}")
+                raise UsageError(f"{name} must be a positive integer (or null), got {value}")
         if not 0.0 <= self.val_split < 1.0:
-            raise ValueError(f"val_split must be in [0, 1), got {self.val_split}")
+            raise UsageError(f"val_split must be in [0, 1), got {self.val_split}")
         if not 0.0 < self.crop_pct <= 1.0:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+            raise UsageError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if not 0.0 <= self.hflip <= 1.0:
-            raise ValueError(f"hflip must be a probability in [0, 1], got {self.hflip}")
+            raise UsageError(f"hflip must be a probability in [0, 1], got {self.hflip}")
         if self.color_jitter < 0:
-            raise ValueError(f"color_jitter must be >= 0 (0 = off), got {self.color_jitter}")
+            raise UsageError(f"color_jitter must be >= 0 (0 = off), got {self.color_jitter}")
         if not 0.0 <= self.reprob <= 1.0:
-            raise ValueError(f"reprob must be a probability in [0, 1], got {self.reprob}")
+            raise UsageError(f"reprob must be a probability in [0, 1], got {self.reprob}")
         if self.auto_augment:
             from vitkit.data.augment_spec import RandAugmentSpec  # noqa: PLC0415  imports torch: only when used
 
             RandAugmentSpec.parse(self.auto_augment)
             if self.three_augment:
-                raise ValueError("choose auto_augment (DeiT) or three_augment (DeiT III), not both")
+                raise UsageError("choose auto_augment (DeiT) or three_augment (DeiT III), not both")
         if self.crop_padding < 0:
-            raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
+            raise UsageError(f"crop_padding must be >= 0, got {self.crop_padding}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must be [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
+            raise UsageError(f"crop_scale must be [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
         if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ValueError(f"crop_ratio must be [min, max] with 0 < min <= max, got {self.crop_ratio}")
+            raise UsageError(f"crop_ratio must be [min, max] with 0 < min <= max, got {self.crop_ratio}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and (not value or (name == "std" and min(value) <= 0)):
-                raise ValueError(f"{name} must be a non-empty list of numbers (std > 0), got {value}")
+                raise UsageError(f"{name} must be a non-empty list of numbers (std > 0), got {value}")
         # every Literal field, this class's and a subclass's (TrainConfig), holds one of its values
         for name, hint in typing.get_type_hints(type(self)).items():
             if typing.get_origin(hint) is Literal and getattr(self, name) not in typing.get_args(hint):
                 allowed = ", ".join(typing.get_args(hint))
-                raise ValueError(f"{name} must be one of {allowed}; got {getattr(self, name)!r}")
+                raise UsageError(f"{name} must be one of {allowed}; got {getattr(self, name)!r}")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from vitkit.core.errors import VitkitError
+from vitkit.core.errors import UsageError
 from vitkit.core.files import write_text
 from vitkit.data.datasets import LoadedData, image_spec
 from vitkit.data.unlabelled import load_images
@@ -51,11 +51,11 @@ class PretrainResult:
 def pretrain(config: TrainConfig, pre: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     """Pre-train `config.model` with SimMIM in the run folder `config.output` (continued with `resume`)."""
     if config.fsdp:
-        raise VitkitError("vitkit pretrain runs on DDP: drop --fsdp")
+        raise UsageError("vitkit pretrain runs on DDP: drop --fsdp")
     if config.grad_accum != 1:
-        raise VitkitError("pre-training steps every batch: grad_accum must be 1 (raise batch_size instead)")
+        raise UsageError("pre-training steps every batch: grad_accum must be 1 (raise batch_size instead)")
     if config.model.startswith("torchvision:"):
-        raise VitkitError("SimMIM pre-trains vitkit ViT / DeiT / Swin / Swin V2 models, not torchvision ones")
+        raise UsageError("SimMIM pre-trains vitkit ViT / DeiT / Swin / Swin V2 models, not torchvision ones")
     # several processes (torchrun / --nproc): rank 0 decides the folder and seed, DDP keeps ranks in step
     return run_task(SimMIMTask(pre), config, resume=resume)
 
@@ -87,7 +87,7 @@ class SimMIMTask(RunTask[PretrainResult]):
         parallel.broadcast_module(model)  # every rank starts from rank 0's weights
         wrapped = parallel.wrap(model, run.device, "ddp")
         if config.optimizer != "adamw":
-            raise VitkitError(f"SimMIM pre-trains with AdamW: drop optimizer={config.optimizer!r}")
+            raise UsageError(f"SimMIM pre-trains with AdamW: drop optimizer={config.optimizer!r}")
         # lr_batch: lr is given for that total batch (SimMIM: 512) and scaled linearly, as in training
         lr = scaled_lr(config.lr, config.batch_size, config.lr_batch)
         optimizer = build_adamw(model, lr, config.weight_decay, tuple(config.betas))  # type: ignore[arg-type]
@@ -108,7 +108,7 @@ class SimMIMTask(RunTask[PretrainResult]):
         self.masks = MaskGenerator(run.config.img_size, self.pre.mask_patch_size, run.state.model.patch_size,
                                    self.pre.mask_ratio)
         if run.amp_dtype == torch.float16:
-            raise VitkitError("pre-training supports amp=bf16 or off (fp16 needs a gradient scaler): "
+            raise UsageError("pre-training supports amp=bf16 or off (fp16 needs a gradient scaler): "
                               "use --set amp=bf16")
         super().prepare(run)
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from vitkit.core.errors import VitkitError
+from vitkit.core.errors import UsageError
 from vitkit.data.data_config import DataConfig
 from vitkit.train.fields import apply_fields, contradictions
 
@@ -101,56 +101,56 @@ class TrainConfig(DataConfig):
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
             value = getattr(self, name)
             if value < 1:
-                raise VitkitError(f"{name} must be a positive integer, got {value}")
+                raise UsageError(f"{name} must be a positive integer, got {value}")
         from vitkit.train.tracking import parse_log
 
         parse_log(self.log)
         for name in ("eval_batch_size", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise VitkitError(f"{name} must be a positive integer (or null), got {value}")
+                raise UsageError(f"{name} must be a positive integer (or null), got {value}")
         if self.fsdp_offload and not self.fsdp:
-            raise VitkitError("fsdp_offload needs fsdp: add --fsdp")
+            raise UsageError("fsdp_offload needs fsdp: add --fsdp")
         if self.max_nonfinite_skips < 0:
-            raise VitkitError(f"max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
+            raise UsageError(f"max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
         if self.workers is not None and self.workers < 0:
-            raise VitkitError(f"workers must be >= 0, got {self.workers}")
+            raise UsageError(f"workers must be >= 0, got {self.workers}")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise VitkitError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0.0 < self.ema_decay < 1.0:
-            raise VitkitError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+            raise UsageError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.lr <= 0 or self.min_lr < 0 or self.warmup_lr <= 0 or self.weight_decay < 0:
-            raise VitkitError("lr and warmup_lr must be > 0, min_lr and weight_decay >= 0")
+            raise UsageError("lr and warmup_lr must be > 0, min_lr and weight_decay >= 0")
         if self.warmup_epochs < 0:
-            raise VitkitError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+            raise UsageError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
-            raise VitkitError(f"layer_decay must be in (0, 1] (or null for none), got {self.layer_decay}")
+            raise UsageError(f"layer_decay must be in (0, 1] (or null for none), got {self.layer_decay}")
         if self.clip_grad is not None and self.clip_grad <= 0:
-            raise VitkitError(f"clip_grad must be > 0 (or null for no clipping), got {self.clip_grad}")
+            raise UsageError(f"clip_grad must be > 0 (or null for no clipping), got {self.clip_grad}")
         for name in ("mixup", "cutmix"):
             if getattr(self, name) < 0:
-                raise VitkitError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         for name in ("mixup_switch_prob",):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise VitkitError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+                raise UsageError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if self.repeated_aug < 1:
-            raise VitkitError(f"repeated_aug must be >= 1 (1 = off), got {self.repeated_aug}")
+            raise UsageError(f"repeated_aug must be >= 1 (1 = off), got {self.repeated_aug}")
         if self.lr_batch is not None and self.lr_batch < 1:
-            raise VitkitError(f"lr_batch must be a positive integer (or null: lr as given), got {self.lr_batch}")
+            raise UsageError(f"lr_batch must be a positive integer (or null: lr as given), got {self.lr_batch}")
         if self.distillation != "none" and not self.teacher:
-            raise VitkitError(
+            raise UsageError(
                 f"distillation={self.distillation} needs a teacher: --teacher NAME|torchvision:NAME|RUN_DIR|FILE"
             )
         if self.teacher and self.distillation == "none":
-            raise VitkitError(
+            raise UsageError(
                 "a teacher is set but distillation is none: add --distillation hard|soft or drop --teacher"
             )
         if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_tau <= 0:
-            raise VitkitError("distill_alpha must be in [0, 1] and distill_tau > 0")
+            raise UsageError("distill_alpha must be in [0, 1] and distill_tau > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise VitkitError(f"betas must be two numbers in [0, 1), got {self.betas}")
+            raise UsageError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if "img_size" in self.model_args or "num_classes" in self.model_args or "in_chans" in self.model_args:
-            raise VitkitError("set img_size, num_classes and in_chans as top-level fields, not in model_args")
+            raise UsageError("set img_size, num_classes and in_chans as top-level fields, not in model_args")
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -168,7 +168,7 @@ def check_resume_compatible(saved: TrainConfig, requested: dict[str, Any]) -> No
     """`--resume` may repeat the original settings but not contradict them (runtime fields may change)."""
     conflicts = contradictions(saved, requested, RUNTIME_FIELDS)
     if conflicts:
-        raise VitkitError(
+        raise UsageError(
             f"--resume: these settings contradict the run's config.yaml: {'; '.join(conflicts)}. "
             "Drop them to continue the run as it was, or start a new run with another --output"
         )

@@ -21,7 +21,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-from vitkit.core.errors import VitkitError
+from vitkit.core.errors import UsageError
 from vitkit.data.datasets import LoadedData, image_spec, load_data
 from vitkit.data.mixup import MixupCutmix
 from vitkit.data.samplers import even_batches
@@ -82,7 +82,7 @@ def build_training_state(config: TrainConfig, steps_per_epoch: int, device: torc
     if config.fsdp_offload:  # before the world-size check: more processes would not help
         parallel.check_offload(device)
     if config.fsdp and parallel.get_world_size() == 1:
-        raise VitkitError("--fsdp shards the model over several processes: add --nproc N or start with torchrun")
+        raise UsageError("--fsdp shards the model over several processes: add --nproc N or start with torchrun")
     strategy = "fsdp" if config.fsdp else "ddp"
     plain = copy.deepcopy(model).cpu() if config.fsdp and parallel.is_main() else None
     wrapped = parallel.wrap(model, device, strategy, offload=config.fsdp_offload)  # FSDP shards `model` in place
