@@ -113,7 +113,10 @@ def load(port: int, bodies: list[tuple[bytes, dict[str, str]]], requests: int, c
         t.join()
     wall = time.perf_counter() - start
     latencies.sort()
-    pick = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+
+    def pick(q: float) -> float:  # the q-quantile latency, ms
+        return 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+
     return {"requests": requests, "clients": clients, "errors": len(errors), "first_errors": errors[:3],
             "p50_ms": round(pick(0.50), 1), "p99_ms": round(pick(0.99), 1), "seconds": round(wall, 2),
             "requests_per_s": round(requests / wall, 1)}

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from vitkit.core.errors import UsageError, VitkitError
+from vitkit.core.version import __version__
 
 # command name -> module in vitkit.cli that defines add_parser(subparsers) and run(args) -> int
 COMMANDS = {
@@ -50,11 +51,9 @@ BUG_NOTE = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit",
                                      description="Vision Transformer backbones: build, train, evaluate, convert.")
-    from vitkit.core.version import __version__
-
     parser.add_argument("--version", action="version", version=f"vitkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         importlib.import_module(f"vitkit.cli.{module}").add_parser(sub)
     return parser
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
@@ -102,10 +104,6 @@ def default_workers(dataset: Dataset) -> int:
 
 def _seed_worker(worker_id: int) -> None:
     # torch seeds each worker from the loader's generator; Python's and NumPy's RNGs follow it
-    import random
-
-    import numpy as np
-
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)

@@ -262,10 +262,10 @@ def save_reconstructions(
 ) -> None:
     """A PNG with one row per image: input, masked input, reconstruction, and the reconstruction
     pasted into the masked patches only. `mean` / `std` undo the input normalisation for display."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415  about a second of start-up: only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  after matplotlib.use
 
     images, reconstruction = images.detach().float().cpu(), reconstruction.detach().float().cpu()
     pixels = upsample_mask(mask.cpu(), patch_size).expand_as(images)

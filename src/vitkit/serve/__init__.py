@@ -12,7 +12,7 @@ __all__ = ["Busy", "Predictor", "RequestError", "ServedModel", "create_app", "lo
 
 def __getattr__(name: str):
     if name == "create_app":  # FastAPI is an optional extra: import it only when the app is asked for
-        from vitkit.serve.app import create_app
+        from vitkit.serve.app import create_app  # noqa: PLC0415  FastAPI is the optional serve extra
 
         return create_app
     raise AttributeError(f"module 'vitkit.serve' has no attribute {name!r}")

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 
 from vitkit.core.version import __version__
 from vitkit.train import parallel
@@ -86,8 +87,6 @@ def _command_line() -> str:
 
 def provenance(device: torch.device) -> dict[str, Any]:
     """Versions, commit, command line, device and process count: what run.json records."""
-    import torchvision
-
     return {
         "vitkit": __version__,
         "torch": torch.__version__,
