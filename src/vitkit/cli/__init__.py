@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_note(err: BaseException, note: str) -> None:
+    if sys.version_info >= (3, 11):
+        err.add_note(note)
+    else:  # Python 3.10 has no exception notes: the note goes before the traceback
+        print(note, file=sys.stderr)
+
+
 def _raised_by_vitkit(err: BaseException) -> bool:
     """True when a `raise` statement in vitkit's own code raised `err` (not torch, numpy or a builtin)."""
     tb = err.__traceback__
@@ -99,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
         code = exit_code(err)
         if code is None or os.environ.get("VITKIT_DEBUG"):
             if code is None:
-                err.add_note(BUG_NOTE)
+                _add_note(err, BUG_NOTE)
             raise
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"vitkit {args.command}: error: {message}", file=sys.stderr)

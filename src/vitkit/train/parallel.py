@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
 Strategy = Literal["ddp", "fsdp"]
+T = TypeVar("T")
 
 
 # -- rank basics --------------------------------------------------------------------------------
@@ -59,9 +60,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DistributedDataParallel and torch.compile wrappers."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
+            model = model.module  # type: ignore[assignment]  # Module types attributes as Tensor | Module
         elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
+            model = model._orig_mod  # type: ignore[assignment]  # Module types attributes as Tensor | Module
         else:
             return model
 
@@ -141,7 +142,7 @@ def rank_seed(seed: int, rank: int | None = None) -> int:
     return seed + (get_rank() if rank is None else rank)
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
+def broadcast_object(obj: T, src: int = 0) -> T:
     """`obj` from rank `src` on every rank (e.g. the run folder, a seed drawn on rank 0)."""
     if not is_distributed():
         return obj
@@ -154,7 +155,7 @@ def gather_objects(obj: object) -> list:
     """`obj` of every rank, in rank order, on every rank (`[obj]` in a single process)."""
     if not is_distributed():
         return [obj]
-    out = [None] * dist.get_world_size()
+    out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
 
@@ -254,7 +255,7 @@ def wrap_ema(ema: nn.Module | None, device: torch.device, strategy: Strategy = "
             if pairs:
                 average([e for e, _ in pairs], [m for _, m in pairs], num_averaged)
 
-    ema.multi_avg_fn = split_average
+    ema.multi_avg_fn = split_average  # type: ignore[assignment]  # Module types attributes as Tensor | Module
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -285,7 +286,8 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
         get_model_state_dict,
     )
 
-    return get_model_state_dict(model, options=_full_options())
+    # full_state_dict=True gives plain tensors; torch types the sharded cases too
+    return get_model_state_dict(model, options=_full_options())  # type: ignore[return-value]
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

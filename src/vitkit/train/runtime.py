@@ -117,7 +117,7 @@ def prepare_run(config: TrainConfig, resume: bool) -> tuple[torch.device, Path, 
     """
     device = parallel.init_distributed(config.device)
     run_dir = Path(parallel.broadcast_object(str(config.output or default_output(config))))
-    problem = None
+    problem: Exception | None = None
     if parallel.is_main() and not resume and (run_dir / CONFIG).exists():
         problem = ValueError(
             f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --output"

@@ -234,5 +234,5 @@ def load_quantized(path: str | os.PathLike, build: Callable[..., nn.Module]) -> 
     _swap_in_int8(model, names, int8_tensors, path)
     if int8_tensors:
         raise VitkitError(f"{path}: unexpected tensors {', '.join(sorted(int8_tensors)[:3])}; quantise the model again")
-    model.int8_metadata = meta
+    model.int8_metadata = meta  # type: ignore[assignment]  # Module types attributes as Tensor | Module
     return model.eval()
