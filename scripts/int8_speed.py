@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -41,7 +42,8 @@ def main() -> None:
     for name in args.models:
         fp32 = create_model(name).eval()
         models = {"fp32": fp32, **{f"int8 {s}": quantize_model(fp32, s) for s in SCHEMES}}
-        size = fp32.config.img_size
+        config: Any = fp32.config  # a dataclass (Module types attributes as Tensor | Module)
+        size = config.img_size
         x = torch.randn(args.batch_size, 3, *size)
         speeds: dict[str, list[float]] = {k: [] for k in models}
         with torch.inference_mode():

@@ -103,7 +103,9 @@ def client(port: int, bodies: list[tuple[bytes, dict[str, str]]], jobs: list[int
 
 def load(port: int, bodies: list[tuple[bytes, dict[str, str]]], requests: int, clients: int) -> dict[str, Any]:
     """Send `requests` requests from `clients` threads; latency percentiles, throughput, errors."""
-    jobs, lock, latencies, errors = list(range(requests)), threading.Lock(), [], []
+    jobs, lock = list(range(requests)), threading.Lock()
+    latencies: list[float] = []  # seconds per request
+    errors: list[str] = []
     threads = [threading.Thread(target=client, args=(port, bodies, jobs, lock, latencies, errors))
                for _ in range(clients)]
     start = time.perf_counter()
@@ -113,7 +115,10 @@ def load(port: int, bodies: list[tuple[bytes, dict[str, str]]], requests: int, c
         t.join()
     wall = time.perf_counter() - start
     latencies.sort()
-    pick = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+
+    def pick(q: float) -> float:  # the q-quantile latency, ms
+        return 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+
     return {"requests": requests, "clients": clients, "errors": len(errors), "first_errors": errors[:3],
             "p50_ms": round(pick(0.50), 1), "p99_ms": round(pick(0.99), 1), "seconds": round(wall, 2),
             "requests_per_s": round(requests / wall, 1)}
@@ -179,7 +184,7 @@ def random_checkpoint(model: str, folder: Path) -> Path:
     from vitkit.factory import create_model
     from vitkit.train.modeling import save_weights
 
-    net = create_model(model)
+    net: Any = create_model(model)  # a vitkit model: its config is a dataclass
     classes = [f"class {i}" for i in range(net.config.num_classes)]
     spec = ImageSpec(int(net.config.img_size[0]), 3, tuple(IMAGENET_MEAN), tuple(IMAGENET_STD), 0.875, "bicubic")
     path = folder / f"{model}.safetensors"
@@ -207,7 +212,7 @@ def main() -> int:
             source = ["--checkpoint", str(random_checkpoint(args.model, Path(tmp)))]
             files, what = photo_files(16, 256), f"{args.model} (random weights)"
         modes = ("on", "off") if args.batching == "both" else (args.batching,)
-        report = {"model": what, "cpus": os.cpu_count(), "note": "client and server share this machine",
+        report: dict[str, Any] = {"model": what, "cpus": os.cpu_count(), "note": "client and server share this machine",
                   "modes": [run_mode(mode, source, files, args) for mode in modes]}
     for r in report["modes"]:
         print(f"{what} | batching {r['batching']:3} ({r['settings']}): {r['requests']} requests, {r['clients']} "

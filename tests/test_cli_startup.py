@@ -62,7 +62,7 @@ def test_the_installed_entry_point_imports_no_torch_for_help():
 def test_the_table_lists_every_variant_with_the_builders_counts():
     table = {row["name"]: row for row in variant_table()}
     assert sorted(table) == list_models(), "the variant table is stale: run scripts/make_variant_table.py"
-    for name, row in table.items():
+    for row in table.values():
         assert tuple(row) == FIELDS
     # parameters (and family, size, classes) for every variant; MACs for the small ones (the rest: --run-slow)
     from vitkit.factory import model_info

@@ -152,9 +152,12 @@ def sets(files: dict[str, str]) -> st.SearchStrategy[list[str]]:
 
 def flags(table: dict[str, st.SearchStrategy[str] | None]) -> st.SearchStrategy[list[str]]:
     """A few of `table`'s flags, each with a drawn value (None: a switch)."""
+    def flag(name: str) -> st.SearchStrategy[list[str]]:
+        values = table[name]
+        return st.just([name]) if values is None else values.map(lambda v: [name, v])
+
     def pick(names: list[str]) -> st.SearchStrategy[list[str]]:
-        parts = [st.just([name]) if table[name] is None else table[name].map(lambda v, n=name: [n, v])
-                 for name in names]
+        parts = [flag(name) for name in names]
         return st.tuples(*parts).map(lambda ps: [t for p in ps for t in p]) if parts else st.just([])
 
     return st.lists(st.sampled_from(sorted(table)), max_size=5, unique=True).flatmap(pick)
@@ -188,7 +191,7 @@ def command(files: dict[str, str], name: str) -> st.SearchStrategy[list[str]]:
     # the required arguments, usually right, so that most invocations get past argparse to vitkit's checks
     good = st.sampled_from([files["good_safetensors"]] * 3 + [files["timm_pth"], files["missing"]])
     image = st.sampled_from([files["good_png"]] * 3 + [files["empty_png"], files["folder"], files["missing"]])
-    required = {
+    required: st.SearchStrategy[list[str]] = {
         "train": st.just([]),
         "eval": st.one_of(good.map(lambda c: ["--checkpoint", c, "--data", files["folder"]]), st.just([])),
         "predict": st.tuples(st.lists(image, min_size=1, max_size=3), good).map(
@@ -199,7 +202,7 @@ def command(files: dict[str, str], name: str) -> st.SearchStrategy[list[str]]:
             lambda t: [*t[0], "--output", files["out"]]),
     }[name]
     extra = sets(files) if name in ("train", "convert") else st.just([])
-    junk = st.one_of(st.just([]), st.just([]), st.just([]), texts().map(lambda t: [t]))
+    junk: st.SearchStrategy[list[str]] = st.one_of(st.just([]), st.just([]), st.just([]), texts().map(lambda t: [t]))
     return st.tuples(required, flags(tables[name]), extra, junk).map(lambda t: [name, *t[0], *t[1], *t[2], *t[3]])
 
 

@@ -133,7 +133,7 @@ def test_skip_corrupt_scans_headers_only_and_decodes_each_file_once(tmp_path, co
     names = [p.name for p, _ in dataset.samples]
     assert "truncated.png" in names and set(UNUSUAL) <= set(names)  # unusual modes kept
 
-    for epoch in range(2):
+    for _epoch in range(2):
         images = [dataset[i][0] for i in range(len(dataset))]
         assert all(x.shape == (3, 8, 8) for x in images)
         assert dataset.skipped == [bad["truncated"]]

@@ -250,6 +250,11 @@ def _fifo(tmp: Path) -> Path:
     return path
 
 
+def _empty_dir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
 def _dir_as_file(tmp: Path) -> Path:
     path = tmp / "model.safetensors"
     path.mkdir()
@@ -309,7 +314,7 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
         lambda t: _hf_dir(t, "hf_gone", None, index=json.dumps({"weight_map": {"w": "part1.safetensors"}})),
         "missing",
     ),
-    "HF dir without weights": (lambda t: (t / "hf_empty").mkdir() or t / "hf_empty", "without model weights"),
+    "HF dir without weights": (lambda t: _empty_dir(t / "hf_empty"), "without model weights"),
     "directory named .safetensors": (_dir_as_file, "without model weights"),
     "symlink loop": (_symlink_loop, "symlink loop"),
     "dangling symlink": (_dangling, "broken symlink"),

@@ -92,6 +92,7 @@ def test_folders_timm_and_transformers_wrote_are_told_apart(tmp_path):
 
 
 def test_export_hub_needs_a_run(tmp_path, capsys):
-    assert main(["export", "--format", "hub", "--run", str(tmp_path), "--output", str(tmp_path / "o")]) == 1  # a user path that is not a run: a failure, exit 1
+    # a user path that is not a run: a failure, exit 1
+    assert main(["export", "--format", "hub", "--run", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
     assert "is not a finished vitkit run" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

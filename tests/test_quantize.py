@@ -78,7 +78,8 @@ def test_quantize_run_writes_a_file_that_predicts_as_the_in_memory_int8_model(ru
 
 def test_the_gate_refuses_a_model_that_drops_too_much(run, tmp_path, capsys):
     target = tmp_path / "refused.safetensors"
-    assert main(["quantize", "--run", str(run), "--out", str(target), "--max-drop", "-100"]) == 1  # refused by the gate: a failure, exit 1
+    # refused by the gate: a failure, exit 1
+    assert main(["quantize", "--run", str(run), "--out", str(target), "--max-drop", "-100"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nothing written" in err and "--max-drop -100" in err
     assert err.count("%") == 2 and "int8 top-1" in err and "fp32" in err  # both figures are named

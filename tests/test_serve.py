@@ -26,16 +26,17 @@ import pytest
 import torch
 from PIL import Image
 
+import vitkit
 from test_data import fake_images, write_idx
+from vitkit.cli import main
+from vitkit.data import fashion_mnist
+from vitkit.serve import Predictor, load_served_model
 
 pytest.importorskip("fastapi", reason="vitkit serve needs the serve extra: pip install 'vitkit[serve]'")
 pytest.importorskip("multipart", reason="vitkit serve needs the serve extra: pip install 'vitkit[serve]'")
 uvicorn = pytest.importorskip("uvicorn", reason="vitkit serve needs the serve extra: pip install 'vitkit[serve]'")
-
-import vitkit
-from vitkit.cli import main
-from vitkit.data import fashion_mnist
-from vitkit.serve import Predictor, create_app, load_served_model
+# the app module imports FastAPI: reached only once the extra is known to be installed
+create_app = pytest.importorskip("vitkit.serve.app").create_app
 
 
 # -- a real run, real servers, a plain HTTP client -----------------------------------------------------
@@ -176,7 +177,8 @@ def test_vitkit_serve_answers_like_vitkit_predict(run, images, capsys):
 
 
 def test_vitkit_serve_errors_are_one_line(run, tmp_path, capsys):
-    assert main(["serve", "--run", str(tmp_path / "missing"), "--port", "0"]) == 1  # failures while running exit 1 (usage errors 2)
+    # failures while running exit 1 (usage errors 2)
+    assert main(["serve", "--run", str(tmp_path / "missing"), "--port", "0"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "run folder" in err and "does not exist" in err
     with socket.socket() as taken:
@@ -271,7 +273,10 @@ def _bomb() -> bytes:
 def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(run, images):
     server, _ = serve(run, max_bytes=100_000)
     png = images[0].read_bytes()
-    form = lambda field, data: multipart([(field, "x.png", data)])
+
+    def form(field: str, data: bytes) -> tuple[bytes, dict[str, str]]:
+        return multipart([(field, "x.png", data)])
+
     cases = {
         "not an image": (form("image", b"hello, I am text"), 415),
         "EPS (Ghostscript)": (form("image", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"), 415),

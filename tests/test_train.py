@@ -368,7 +368,8 @@ def test_image_folder_run_with_skipped_corrupt_file(tmp_path):
 
 
 def test_bad_data_is_a_one_line_cli_error(tmp_path, capsys):
-    assert main(["train", "--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "run")]) == 1  # a missing user path: a failure, exit 1
+    # a missing user path: a failure, exit 1
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("vitkit train: error: data folder") and err.count("\n") == 1
     assert not (tmp_path / "run").exists()  # nothing is written before the data is found

@@ -181,7 +181,9 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         try:
             args = json.loads(meta.get("torchvision_args", "{}"))
         except json.JSONDecodeError as err:
-            raise FileFormatError(f"{path}: its torchvision_args metadata is not JSON ({err}): the file is damaged") from None
+            raise FileFormatError(
+                f"{path}: its torchvision_args metadata is not JSON ({err}): the file is damaged"
+            ) from None
         model = build_torchvision(name[len(TORCHVISION_PREFIX) :], **args)
     elif meta.get("format") == FORMAT_NAME and name:
         model = create_model(name, **config_fields(meta))  # a missing or damaged config: FileFormatError

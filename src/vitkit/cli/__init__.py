@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from vitkit.core.errors import UsageError, VitkitError
+from vitkit.core.version import __version__
 
 # command name -> module in vitkit.cli that defines add_parser(subparsers) and run(args) -> int
 COMMANDS = {
@@ -50,13 +51,18 @@ BUG_NOTE = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit",
                                      description="Vision Transformer backbones: build, train, evaluate, convert.")
-    from vitkit.core.version import __version__
-
     parser.add_argument("--version", action="version", version=f"vitkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         importlib.import_module(f"vitkit.cli.{module}").add_parser(sub)
     return parser
+
+
+def _add_note(err: BaseException, note: str) -> None:
+    if sys.version_info >= (3, 11):
+        err.add_note(note)
+    else:  # Python 3.10 has no exception notes: the note goes before the traceback
+        print(note, file=sys.stderr)
 
 
 def _raised_by_vitkit(err: BaseException) -> bool:
@@ -100,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
         code = exit_code(err)
         if code is None or os.environ.get("VITKIT_DEBUG"):
             if code is None:
-                err.add_note(BUG_NOTE)
+                _add_note(err, BUG_NOTE)
             raise
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"vitkit {args.command}: error: {message}", file=sys.stderr)

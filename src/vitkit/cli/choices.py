@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Sequence
+from typing import overload
 
 
 class LazyChoices(Sequence[str]):
@@ -23,7 +24,11 @@ class LazyChoices(Sequence[str]):
             self._values = tuple(getattr(importlib.import_module(self._where[0]), self._where[1]))
         return self._values
 
-    def __getitem__(self, index):  # type: ignore[override]
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[str, ...]: ...
+    def __getitem__(self, index: int | slice) -> str | tuple[str, ...]:
         return self._load()[index]
 
     def __len__(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def measure_variant(name: str) -> dict[str, Any]:
     """A variant's row of the table, counted from its builder on the meta device (imports torch)."""
-    import torch
+    import torch  # noqa: PLC0415  imports torch
 
-    from vitkit.factory import count_parameters, get_variant
-    from vitkit.tools.flops import fast_macs
+    from vitkit.factory import count_parameters, get_variant  # noqa: PLC0415  imports torch
+    from vitkit.tools.flops import fast_macs  # noqa: PLC0415  imports torch
 
     variant = get_variant(name)
     # one build on the meta device gives both counts (no memory, no arithmetic)
@@ -63,9 +64,7 @@ def variant_table() -> list[dict[str, Any]]:
 
 
 def pretrained_rows(names: list[str]) -> list[dict]:
-    from dataclasses import asdict
-
-    from vitkit.weights.pretrained import get_record, list_pretrained
+    from vitkit.weights.pretrained import get_record, list_pretrained  # noqa: PLC0415  imports torch
 
     have = set(list_pretrained())
     return [asdict(get_record(name)) for name in names if name in have]

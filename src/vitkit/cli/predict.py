@@ -43,8 +43,13 @@ def _line(entry: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.tools.inference import apply_amp, inference_device, load_inference
-    from vitkit.tools.predict import PredictStats, check_options, expand_images, iter_predictions
+    from vitkit.tools.inference import apply_amp, inference_device, load_inference  # noqa: PLC0415  fast CLI start-up
+    from vitkit.tools.predict import (  # noqa: PLC0415  fast CLI start-up
+        PredictStats,
+        check_options,
+        expand_images,
+        iter_predictions,
+    )
 
     check_options(args.top_k, args.tta or "none", args.batch_size, args.workers)  # flags first, before any loading
     paths = expand_images(args.images)  # a mistyped path fails before the model loads

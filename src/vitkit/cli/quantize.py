@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.tools.quantize import quantize
+    from vitkit.tools.quantize import quantize  # noqa: PLC0415  fast CLI start-up
 
     result = quantize(run=args.run_dir, checkpoint=args.checkpoint, data=args.data, out=args.out,
                       max_drop=args.max_drop, scheme=args.scheme, val_samples=args.val_samples,

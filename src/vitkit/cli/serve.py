@@ -36,15 +36,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: PLC0415  the optional serve extra, and fast CLI start-up
 
-        from vitkit.serve.app import create_app
+        from vitkit.serve.app import create_app  # noqa: PLC0415  the optional serve extra, and fast CLI start-up
     except ImportError as err:
         raise RuntimeError(f"vitkit serve needs FastAPI and uvicorn ({err}): pip install 'vitkit[serve]'") from None
-    import torch
+    import torch  # noqa: PLC0415  fast CLI start-up
 
-    from vitkit.serve import Predictor, load_served_model
-    from vitkit.tools.inference import inference_device
+    from vitkit.serve import Predictor, load_served_model  # noqa: PLC0415  fast CLI start-up
+    from vitkit.tools.inference import inference_device  # noqa: PLC0415  fast CLI start-up
 
     if args.max_bytes < 1:
         raise ValueError(f"--max-bytes must be >= 1, got {args.max_bytes}")

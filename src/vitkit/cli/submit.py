@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitkit.tools.slurm import SlurmJob, submit, write_script
+    from vitkit.tools.slurm import SlurmJob, submit, write_script  # noqa: PLC0415  fast CLI start-up
 
     train_args = list(args.train_args)
     if train_args[:1] == ["--"]:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vitkit.data.datasets import TensorImageDataset, collate_batch
 from vitkit.data.repeated_aug import RepeatedAugSampler
+from vitkit.data.shards import ShardStream
 
 
 class ShardedSampler(Sampler[int]):
@@ -102,10 +105,6 @@ def default_workers(dataset: Dataset) -> int:
 
 def _seed_worker(worker_id: int) -> None:
     # torch seeds each worker from the loader's generator; Python's and NumPy's RNGs follow it
-    import random
-
-    import numpy as np
-
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
@@ -128,7 +127,7 @@ def build_loader(
 
     Training drops a last partial batch unless it would be the only one.
     """
-    if isinstance(dataset, IterableDataset):  # shards: the stream splits itself over ranks and workers
+    if isinstance(dataset, ShardStream):  # shards: the stream splits itself over ranks and workers
         return _stream_loader(dataset, train=train, batch_size=batch_size, seed=seed, rank=rank,
                               world_size=world_size, pin_memory=pin_memory,
                               workers=default_workers(dataset) if workers is None else workers)
@@ -152,7 +151,7 @@ def build_loader(
     )
 
 
-def _stream_loader(dataset: IterableDataset, *, train: bool, batch_size: int, seed: int, rank: int,
+def _stream_loader(dataset: ShardStream, *, train: bool, batch_size: int, seed: int, rank: int,
                    world_size: int, pin_memory: bool, workers: int) -> DataLoader:
     # training: shuffled, a defined count per rank, whole batches; evaluation: each sample once overall
     dataset.configure(shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=train, batch_size=batch_size)

@@ -31,6 +31,7 @@ from vitkit.pretrain.simmim import (
     save_encoder,
     save_reconstructions,
 )
+from vitkit.registry import count_parameters
 from vitkit.train import parallel
 from vitkit.train.config import TrainConfig
 from vitkit.train.engine import BatchLoss, evaluate
@@ -113,8 +114,7 @@ class SimMIMTask(RunTask[PretrainResult]):
         super().prepare(run)
 
     def write_files(self, run: Run) -> None:
-        encoder = run.state.model.encoder
-        run.info["model"]["params"] = sum(p.numel() for p in encoder.parameters())
+        run.info["model"]["params"] = count_parameters(run.state.model.encoder)
         run.info.update(task="pretrain", pretrain={"method": self.pre.method, "masks": repr(self.masks)})
         if run.main:
             write_text(run.run_dir / PRETRAIN_CONFIG, self.pre.to_yaml())
@@ -133,6 +133,7 @@ class SimMIMTask(RunTask[PretrainResult]):
         # a few fixed validation images for the figure
         shown = next(iter(run.loaders["val"]))
         self.shown = (shown[0] if isinstance(shown, (list, tuple)) else shown)[:6]
+        assert self.masks is not None  # built in prepare()
         self.shown_mask = self.masks(self.shown.shape[0], torch.Generator().manual_seed(run.config.seed))
 
     def batch_loss(self, run: Run, epoch: int) -> BatchLoss:

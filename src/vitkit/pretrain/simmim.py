@@ -121,8 +121,10 @@ def encoder_geometry(encoder: nn.Module) -> tuple[int, int, int]:
         )
     if hasattr(config, "depths"):  # Swin: each stage after the first halves the map
         stride = config.patch_size * 2 ** (len(config.depths) - 1)
-        return config.patch_size, stride, encoder.num_features
-    return config.patch_size, config.patch_size, encoder.embed_dim
+        features: int = encoder.num_features  # type: ignore[assignment]  # Module types attributes as Tensor | Module
+        return config.patch_size, stride, features
+    embed_dim: int = encoder.embed_dim  # type: ignore[assignment]  # Module types attributes as Tensor | Module
+    return config.patch_size, config.patch_size, embed_dim
 
 
 class SimMIM(nn.Module):
@@ -138,7 +140,8 @@ class SimMIM(nn.Module):
         self.patch_size, self.stride, features = encoder_geometry(encoder)
         self.in_chans = encoder.config.in_chans
         self.encoder = encoder
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, encoder.embed_dim))  # NHWC, as patch_embed
+        embed_dim: int = encoder.embed_dim  # type: ignore[assignment]  # Module types attributes as Tensor | Module
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))  # NHWC, as patch_embed
         trunc_normal_(self.mask_token, 0.02)
         # (B, D, h, w) -> (B, s*s*C, h, w) -> (B, C, h*s, w*s)
         self.decoder = nn.Sequential(
@@ -154,7 +157,7 @@ class SimMIM(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names not to decay besides norms and biases (the encoder's and the mask token)."""
-        inner = getattr(self.encoder, "no_weight_decay", lambda: set())()
+        inner: set[str] = getattr(self.encoder, "no_weight_decay", lambda: set())()
         return {f"encoder.{n}" for n in inner} | {"mask_token"}
 
     def encode(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -262,10 +265,10 @@ def save_reconstructions(
 ) -> None:
     """A PNG with one row per image: input, masked input, reconstruction, and the reconstruction
     pasted into the masked patches only. `mean` / `std` undo the input normalisation for display."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415  about a second of start-up: only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  after matplotlib.use
 
     images, reconstruction = images.detach().float().cpu(), reconstruction.detach().float().cpu()
     pixels = upsample_mask(mask.cpu(), patch_size).expand_as(images)

@@ -21,6 +21,10 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
+import fastapi
+import torch
+import torchvision
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -94,11 +98,6 @@ def create_app(predictor: Predictor, *, max_bytes: int = 10 * 2**20) -> FastAPI:
 
 def describe(predictor: Predictor) -> dict[str, Any]:
     """What `GET /v1/model` answers."""
-    import fastapi
-    import torch
-    import torchvision
-    import uvicorn
-
     served, spec = predictor.served, predictor.served.spec
     return {
         "name": served.name,

@@ -17,6 +17,7 @@ from torch import nn
 
 from vitkit.data.transforms import ImageSpec
 from vitkit.tools.attention_maps import default_method, is_swin
+from vitkit.tools.inference import load_inference
 
 
 @dataclass
@@ -37,8 +38,6 @@ def load_served_model(
     *, run: str | Path | None = None, checkpoint: str | Path | None = None, device: torch.device | str = "cpu"
 ) -> ServedModel:
     """Load exactly one of a run folder (its best weights) or a checkpoint file, in eval mode."""
-    from vitkit.tools.inference import load_inference
-
     if (run is None) == (checkpoint is None):
         raise ValueError("give exactly one of --run DIR or --checkpoint FILE")
     if run is not None and not Path(run).is_dir():

@@ -94,12 +94,12 @@ def load_inference(
     if sum(x is not None for x in (run, checkpoint, model)) != 1:
         raise ValueError("give exactly one of --run DIR, --checkpoint FILE or --model NAME --pretrained")
     if run is not None:
-        config = load_run_config(run)
+        run_config = load_run_config(run)
         net, meta = load_weights(Path(run) / BEST, device=device)
         recorded = input_spec(meta)
-        spec = image_spec(config)
-        return Inference(net, spec, recorded[1] if recorded else None, config, str(Path(run) / BEST),
-                         EvalSettings.of_run(config))
+        spec = image_spec(run_config)
+        return Inference(net, spec, recorded[1] if recorded else None, run_config, str(Path(run) / BEST),
+                         EvalSettings.of_run(run_config))
     settings = EvalSettings()
     if checkpoint is not None:
         net, meta = load_weights(checkpoint, device=device)

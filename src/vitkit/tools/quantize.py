@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
 from vitkit.core.errors import VitkitError
 from vitkit.tools.inference import Inference, evaluate_split, load_inference
@@ -50,8 +51,6 @@ def int8_layer_names(model: nn.Module) -> list[str]:
 
 def quantize_model(model: nn.Module, scheme: Scheme = "per-channel") -> nn.Module:
     """A copy of `model` in eval mode with its Linear layers (see `int8_layer_names`) as dynamic int8."""
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
-
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}; got {scheme!r}")
     qconfig = per_channel_dynamic_qconfig if scheme == "per-channel" else default_dynamic_qconfig

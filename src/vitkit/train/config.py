@@ -18,6 +18,7 @@ import yaml
 from vitkit.core.errors import UsageError
 from vitkit.data.data_config import DataConfig
 from vitkit.train.fields import apply_fields, contradictions
+from vitkit.train.tracking import parse_log
 
 AmpMode = Literal["auto", "off", "bf16", "fp16"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
@@ -102,8 +103,6 @@ class TrainConfig(DataConfig):
             value = getattr(self, name)
             if value < 1:
                 raise UsageError(f"{name} must be a positive integer, got {value}")
-        from vitkit.train.tracking import parse_log
-
         parse_log(self.log)
         for name in ("eval_batch_size", "threads"):
             value = getattr(self, name)

@@ -31,7 +31,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decayed weights and the rest (see `no_decay`)."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
-    decay, plain = [], []
+    decay: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (plain if no_decay(name, param, skip, keywords) else decay).append(param)

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.parallel import DistributedDataParallel
 
 Strategy = Literal["ddp", "fsdp"]
+T = TypeVar("T")
 
 
 # -- rank basics --------------------------------------------------------------------------------
@@ -57,9 +60,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DistributedDataParallel and torch.compile wrappers."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
+            model = model.module  # type: ignore[assignment]  # Module types attributes as Tensor | Module
         elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
+            model = model._orig_mod  # type: ignore[assignment]  # Module types attributes as Tensor | Module
         else:
             return model
 
@@ -139,7 +142,7 @@ def rank_seed(seed: int, rank: int | None = None) -> int:
     return seed + (get_rank() if rank is None else rank)
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
+def broadcast_object(obj: T, src: int = 0) -> T:
     """`obj` from rank `src` on every rank (e.g. the run folder, a seed drawn on rank 0)."""
     if not is_distributed():
         return obj
@@ -152,7 +155,7 @@ def gather_objects(obj: object) -> list:
     """`obj` of every rank, in rank order, on every rank (`[obj]` in a single process)."""
     if not is_distributed():
         return [obj]
-    out = [None] * dist.get_world_size()
+    out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
 
@@ -171,8 +174,6 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around `model` (already on `device`); the model itself in one process."""
     if get_world_size() == 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -196,8 +197,12 @@ def wrap_fsdp(
     state on the CPU between uses (FSDP2 needs CUDA for it). Rank 0's weights are broadcast first, so
     every rank shards the same model. Needs a process group (one process is fine).
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (  # noqa: PLC0415  over a second of import: only for FSDP runs
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     if offload:
         check_offload(device)
@@ -236,7 +241,7 @@ def wrap_ema(ema: nn.Module | None, device: torch.device, strategy: Strategy = "
     """
     if ema is None or strategy != "fsdp":
         return
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # noqa: PLC0415  loaded with FSDP: only for FSDP runs
 
     wrap_fsdp(ema.module, device, offload=offload, checkpointing=False)
     average = ema.multi_avg_fn
@@ -250,19 +255,21 @@ def wrap_ema(ema: nn.Module | None, device: torch.device, strategy: Strategy = "
             if pairs:
                 average([e for e, _ in pairs], [m for _, m in pairs], num_averaged)
 
-    ema.multi_avg_fn = split_average
+    ema.multi_avg_fn = split_average  # type: ignore[assignment]  # Module types attributes as Tensor | Module
 
 
 def is_fsdp(model: nn.Module) -> bool:
     """True when `model` or a submodule is sharded by FSDP2 (e.g. the model inside an EMA wrapper)."""
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415  over a second of import: only when asked
 
     return any(isinstance(m, FSDPModule) for m in unwrap(model).modules())
 
 
 # -- checkpoints --------------------------------------------------------------------------------
 def _full_options(**extra):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415  slow import: checkpoints only
+        StateDictOptions,
+    )
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **extra)
 
@@ -275,9 +282,12 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     model = unwrap(model)
     if not is_fsdp(model):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()} if is_main() else {}
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415  slow import: checkpoints only
+        get_model_state_dict,
+    )
 
-    return get_model_state_dict(model, options=_full_options())
+    # full_state_dict=True gives plain tensors; torch types the sharded cases too
+    return get_model_state_dict(model, options=_full_options())  # type: ignore[return-value]
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -286,7 +296,9 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     Keyed by names rather than positions, it loads into a run with another process count or strategy.
     A collective under FSDP: every rank must call it.
     """
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415  slow import: checkpoints only
+        get_optimizer_state_dict,
+    )
 
     state = get_optimizer_state_dict(unwrap(model), optimizer, options=_full_options())
     return state if is_main() else {}
@@ -320,7 +332,10 @@ def load_full_state(
     Under FSDP the states need only be present on rank 0 (others may pass empty dicts): rank 0
     broadcasts and every rank keeps its shard.
     """
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415  slow import: checkpoints only
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     model = unwrap(model)
     options = _full_options(broadcast_from_rank0=is_fsdp(model) and is_distributed())
@@ -357,13 +372,13 @@ def launch(nproc: int, argv: Sequence[str], module: str = "vitkit") -> int:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     if launched():
         raise RuntimeError("--nproc given inside a torchrun launch: use one or the other")
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # noqa: PLC0415  only for --nproc
+    from torch.distributed.run import get_args_parser, run  # noqa: PLC0415  only for --nproc
 
     args = get_args_parser().parse_args(
         ["--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc), "--module", module, *argv]
     )
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.api import SignalException  # noqa: PLC0415  only for --nproc
 
     os.environ["VITKIT_NPROC"] = str(nproc)  # the workers' resume hint repeats --nproc
     try:

@@ -14,6 +14,7 @@ from typing import IO, Any
 from vitkit.core.errors import VitkitError
 from vitkit.core.files import write_text
 from vitkit.train.config import TrainConfig
+from vitkit.train.tracking import build_trackers
 
 CONFIG, RUN_INFO, METRICS = "config.yaml", "run.json", "metrics.jsonl"
 LAST, BEST, STATE, CURVES = "last.safetensors", "best.safetensors", "state.pt", "curves.png"
@@ -35,8 +36,6 @@ class RunFolder:
         """Write config.yaml and start the config's trackers (`log`, `mlflow_uri`) with it as params."""
         if self.enabled:
             write_text(self.file(CONFIG), config.to_yaml())
-            from vitkit.train.tracking import build_trackers
-
             self.close_trackers()
             self.trackers = build_trackers(getattr(config, "log", "auto"), self.path,
                                            getattr(config, "mlflow_uri", None))

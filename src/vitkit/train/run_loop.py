@@ -127,7 +127,9 @@ class RunTask(ABC, Generic[R]):
 
     def prepare(self, run: Run) -> None:
         """After the per-rank seed, before the run folder: losses, teachers, masks; sets `run.train_model`."""
-        run.train_model = torch.compile(run.state.wrapped) if run.config.compile else run.state.wrapped
+        wrapped = run.state.wrapped
+        # torch types torch.compile(module) as a callable; it is an OptimizedModule (a Module)
+        run.train_model = torch.compile(wrapped) if run.config.compile else wrapped  # type: ignore[assignment]
 
     def write_files(self, run: Run) -> None:
         """Files beside config.yaml and run.json at the start (rank 0; `run.info` may still change)."""

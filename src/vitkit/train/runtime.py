@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 
 from vitkit.core.hardware import resolve_amp
 from vitkit.core.version import __version__
@@ -84,8 +85,6 @@ def _command_line() -> str:
 
 def provenance(device: torch.device) -> dict[str, Any]:
     """Versions, commit, command line, device and process count: what run.json records."""
-    import torchvision
-
     return {
         "vitkit": __version__,
         "torch": torch.__version__,
@@ -116,7 +115,7 @@ def prepare_run(config: TrainConfig, resume: bool) -> tuple[torch.device, Path, 
     """
     device = parallel.init_distributed(config.device)
     run_dir = Path(parallel.broadcast_object(str(config.output or default_output(config))))
-    problem = None
+    problem: Exception | None = None
     if parallel.is_main() and not resume and (run_dir / CONFIG).exists():
         problem = ValueError(
             f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --output"

@@ -22,7 +22,9 @@ from vitkit.core.files import atomic_path
 def capture_rng() -> dict[str, Any]:
     """The torch (CPU and CUDA), Python and NumPy generator states, as tensors."""
     version, py_state, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the global RandomState is an MT19937: always the legacy tuple
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

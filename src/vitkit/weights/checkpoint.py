@@ -425,7 +425,7 @@ def _window_of_table(rows: int) -> tuple[int, int] | None:
 
 def _fit_tensor(model: nn.Module, key: str, v: torch.Tensor, target: torch.Tensor, resample: dict, report: LoadReport):
     """`v` reshaped to `target`'s shape by a known adaptation, or None (a mismatch)."""
-    config = model.config
+    config: Any = model.config  # a ViTConfig or SwinConfig (Module types attributes as Tensor | Module)
     shape = f"{tuple(v.shape)} -> {tuple(target.shape)}"
     if key == "pos_embed" and v.ndim == 3 and v.shape[-1] == target.shape[-1]:
         prefix = 0 if getattr(config, "no_embed_class", False) else model.num_prefix_tokens
@@ -546,7 +546,7 @@ def load_checkpoint(model: nn.Module, source: Source, *, format: Format = "auto"
             "the model is on the meta device: build it on a real device, or call model.to_empty(device=...) first"
         )
     state, meta, where = read_state_dict(source)
-    fmt = format
+    fmt: str | None = format
     if fmt == "auto":
         fmt = "vitkit" if meta.get("format") == "vitkit" else converters.detect_format(state)
         if fmt is None:

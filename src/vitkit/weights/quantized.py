@@ -16,26 +16,24 @@ import json
 import os
 import struct
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 from vitkit.core.errors import VitkitError
 from vitkit.core.files import atomic_path
+from vitkit.weights.vitkit_format import config_fields
 
 FORMAT_NAME = "vitkit-int8"
 FORMAT_VERSION = "1"
 _SUFFIXES = ("weight_int8", "weight_scale", "weight_zero_point")
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
-
-
-def _dynamic_linear_type() -> type:
-    from torch.ao.nn.quantized.dynamic import Linear
-
-    return Linear
 
 
 @contextmanager
@@ -49,8 +47,7 @@ def quantized_tensor_warnings_off() -> Iterator[None]:
 
 def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     """The torch.ao dynamic int8 Linear layers of `model`, by module name."""
-    kind = _dynamic_linear_type()
-    return {name: m for name, m in model.named_modules() if type(m) is kind}
+    return {name: m for name, m in model.named_modules() if type(m) is DynamicQuantizedLinear}
 
 
 def _weight_tensors(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -75,8 +72,6 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict[str
 
     `metadata` adds string entries (e.g. the `inputs` record and the accuracy figures of the gate).
     """
-    from safetensors.torch import save_file
-
     name = getattr(model, "variant_name", None)
     config = getattr(model, "config", None)
     if name is None or not dataclasses.is_dataclass(config):
@@ -189,7 +184,7 @@ def _linear(model: nn.Module, name: str, path: Path) -> nn.Linear:
 
 
 def _swap_in_int8(model: nn.Module, names: list[str], tensors: dict[str, torch.Tensor], path: Path) -> None:
-    kind = _dynamic_linear_type()
+    kind = DynamicQuantizedLinear
     with quantized_tensor_warnings_off():  # the quantised tensors made here
         for name in names:
             linear = _linear(model, name, path)
@@ -211,11 +206,6 @@ def load_quantized(path: str | os.PathLike, build: Callable[..., nn.Module]) -> 
     Loading executes nothing from the file; a file that is not a valid vitkit int8 model gives a
     one-line VitkitError. The model carries `variant_name`, `config` and `int8_metadata` (the file's).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from vitkit.weights.vitkit_format import config_fields
-
     path = Path(path)
     meta = read_quantized_metadata(path)
     names = _json(meta, "quantized", path)
@@ -244,5 +234,5 @@ def load_quantized(path: str | os.PathLike, build: Callable[..., nn.Module]) -> 
     _swap_in_int8(model, names, int8_tensors, path)
     if int8_tensors:
         raise VitkitError(f"{path}: unexpected tensors {', '.join(sorted(int8_tensors)[:3])}; quantise the model again")
-    model.int8_metadata = meta
+    model.int8_metadata = meta  # type: ignore[assignment]  # Module types attributes as Tensor | Module
     return model.eval()
