@@ -9,9 +9,8 @@ unusual modes are converted, not dropped.
 
 from __future__ import annotations
 
-import json
-
 import io
+import json
 import struct
 import zlib
 from collections import Counter

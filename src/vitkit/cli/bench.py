@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # noqa: PLC0415  fast CLI start-up
 
     from vitkit.core.hardware import describe_amp  # noqa: PLC0415  fast CLI start-up
     from vitkit.factory import get_variant  # noqa: PLC0415  fast CLI start-up

@@ -13,6 +13,8 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from vitkit.core.errors import VitkitError
+
 if TYPE_CHECKING:
     import torch
 
@@ -61,17 +63,16 @@ def reported_flags(info: dict[str, Any] | None = None) -> list[str]:
 
 
 def resolve_amp(
-    amp: str, device: "torch.device | str", info: dict[str, Any] | None = None
-) -> tuple["torch.dtype | None", dict[str, Any]]:
+    amp: str, device: torch.device | str, info: dict[str, Any] | None = None
+) -> tuple[torch.dtype | None, dict[str, Any]]:
     """`off | bf16 | auto` (or fp16, CUDA only) on `device` -> (the autocast dtype, None for fp32, and a
     record of the choice).
 
     The record: {"requested", "chosen" ("off" | "bf16" | "fp16"), "reason", "device", "cpu", "flags"} with the
     deciding CPU flags. `info` replaces the /proc/cpuinfo probe (tests).
     """
-    import torch
+    import torch  # noqa: PLC0415  core imports no torch at import time (`vitkit --help` runs without it)
 
-    from vitkit.core.errors import VitkitError
 
     if amp not in (*AMP_CHOICES, "fp16"):
         raise VitkitError(f"amp must be one of {', '.join(AMP_CHOICES)} (or fp16 on CUDA); got {amp!r}")

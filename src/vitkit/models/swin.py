@@ -266,7 +266,7 @@ class _WindowAttentionBase(nn.Module):
         """The tensors `position_bias` reads: a change to any of them invalidates the cache."""
         raise NotImplementedError
 
-    def train(self, mode: bool = True) -> "_WindowAttentionBase":
+    def train(self, mode: bool = True) -> _WindowAttentionBase:
         self._bias_cache = None
         return super().train(mode)
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -259,7 +260,7 @@ def timm_pair(name: str, img_size: tuple[int, int], **overrides: Any) -> tuple[n
 
     `overrides` (e.g. `depth=2`) go to both builders: the config fields share timm's names."""
     try:
-        import timm
+        import timm  # noqa: PLC0415  optional (dev extra): only for --vs timm
     except ImportError as err:
         raise RuntimeError("--vs timm needs timm: pip install timm") from err
     try:
@@ -300,7 +301,7 @@ def compare_with_timm(
         ratios.append(statistics.median(this_round["timm"]) / statistics.median(this_round["vitkit"]))
     peaks = {}
     for runner in (ours, ref):  # one extra timed round each for the peak memory
-        _, peaks[runner.impl] = _peak_memory(runner.device, lambda: runner.time_steps(1))
+        _, peaks[runner.impl] = _peak_memory(runner.device, lambda r=runner: r.time_steps(1))
     return Comparison(
         ours=ours.result(times["vitkit"], peaks["vitkit"]),
         timm=ref.result(times["timm"], peaks["timm"]),
