@@ -37,9 +37,19 @@ def main() -> None:
         "fmnist_best, batch 64": (vit(**BEST), None, False, False, 64),
         "fmnist_demo (depth 3, batch 128)": (vit(**{**BEST, "depth": 3}), None, False, False, 128),
         "patch 4, width 64, depth 6, batch 256": (
-            vit(patch_size=4, embed_dim=64, depth=6, num_heads=2), None, False, False, 256),
+            vit(patch_size=4, embed_dim=64, depth=6, num_heads=2),
+            None,
+            False,
+            False,
+            256,
+        ),
         "patch 4 ... + PatchDropout 0.5": (
-            vit(patch_size=4, embed_dim=64, depth=6, num_heads=2, patch_drop_rate=0.5), None, False, False, 256),
+            vit(patch_size=4, embed_dim=64, depth=6, num_heads=2, patch_drop_rate=0.5),
+            None,
+            False,
+            False,
+            256,
+        ),
         "fmnist_best, torch.compile": (vit(**BEST), None, True, False, 128),
         "fmnist_best, bf16 autocast": (vit(**BEST), None, False, True, 128),
     }
@@ -47,7 +57,12 @@ def main() -> None:
         path = Path(args.teacher)
         teacher, _ = load_weights(path / "best.safetensors" if path.is_dir() else path)
         cases["distilled fmnist_best + teacher forward"] = (
-            vit("deit_tiny_distilled_patch16_224", **BEST), teacher.eval(), False, False, 256)
+            vit("deit_tiny_distilled_patch16_224", **BEST),
+            teacher.eval(),
+            False,
+            False,
+            256,
+        )
         cases["teacher training step"] = (copy.deepcopy(teacher), None, False, False, 256)
     steps = {}
     for name, (model, teacher, compiled, bf16, batch) in cases.items():

@@ -34,8 +34,11 @@ def main() -> None:
     garment = images[:, 0] > 0
     print(f"garment pixels: {garment.float().mean():.3f} of the image on average")
     untrained = type(model)(model.config)
-    for label, net, method in (("last", model, "last"), ("rollout", model, "rollout"),
-                               ("untrained rollout", untrained, "rollout")):
+    for label, net, method in (
+        ("last", model, "last"),
+        ("rollout", model, "rollout"),
+        ("untrained rollout", untrained, "rollout"),
+    ):
         maps = [upsample(m.heat, tuple(images.shape[-2:])) for m in attention_map(net, x, method)]
         mass = torch.stack([(m * garment[i]).sum() for i, m in enumerate(maps)]).mean()
         peak = torch.stack([garment[i].flatten()[m.flatten().argmax()] for i, m in enumerate(maps)]).float().mean()

@@ -1,8 +1,8 @@
 """Helpers for `make demo` (the training, evaluation and prediction themselves are `vitkit` commands).
 
-    python scripts/demo.py data             find Fashion-MNIST; else install the Debian package (as root)
-    python scripts/demo.py samples DIR [N]  write N test images (one per class) as PNG files
-    python scripts/demo.py summary RUN      print the test accuracy and where the run folder is
+python scripts/demo.py data             find Fashion-MNIST; else install the Debian package (as root)
+python scripts/demo.py samples DIR [N]  write N test images (one per class) as PNG files
+python scripts/demo.py summary RUN      print the test accuracy and where the run folder is
 """
 
 from __future__ import annotations

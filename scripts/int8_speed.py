@@ -37,8 +37,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, "
-          f"median of {args.rounds} alternating rounds of {args.steps} steps")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, "
+        f"median of {args.rounds} alternating rounds of {args.steps} steps"
+    )
     for name in args.models:
         fp32 = create_model(name).eval()
         models = {"fp32": fp32, **{f"int8 {s}": quantize_model(fp32, s) for s in SCHEMES}}
@@ -56,8 +58,11 @@ def main() -> None:
         for key, values in speeds.items():
             rate = statistics.median(values)
             ratios = [v / f for v, f in zip(values, speeds["fp32"])]
-            print(f"{name:<32} {key:<18} {rate:8.1f} img/s  x{statistics.median(ratios):.2f} of fp32 "
-                  f"(x{rate / base:.2f} of medians)  max |logit diff| {diffs[key]:.4f}", flush=True)
+            print(
+                f"{name:<32} {key:<18} {rate:8.1f} img/s  x{statistics.median(ratios):.2f} of fp32 "
+                f"(x{rate / base:.2f} of medians)  max |logit diff| {diffs[key]:.4f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

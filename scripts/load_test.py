@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 HOST = "127.0.0.1"
-MODES = {"on": ("--max-batch", "{max_batch}", "--max-wait-ms", "{max_wait_ms}"),
-         "off": ("--max-batch", "1", "--max-wait-ms", "0")}
+MODES = {
+    "on": ("--max-batch", "{max_batch}", "--max-wait-ms", "{max_wait_ms}"),
+    "off": ("--max-batch", "1", "--max-wait-ms", "0"),
+}
 
 
 def rss_mb(pid: int) -> float:
@@ -48,8 +50,20 @@ def free_port() -> int:
 
 def start_server(source: list[str], settings: list[str], threads: int | None) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    cmd = [sys.executable, "-m", "vitkit", "serve", *source, "--host", HOST, "--port", str(port),
-           "--log-level", "warning", *settings]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vitkit",
+        "serve",
+        *source,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *settings,
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd)
@@ -70,14 +84,27 @@ def start_server(source: list[str], settings: list[str], threads: int | None) ->
 def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, dict[str, str]]:
     """(body, headers) of one request uploading (filename, bytes) files in the field `image`."""
     boundary = "vitkit-load-test"
-    parts = [(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-              "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n" for name, data in files]
+    parts = [
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + b"\r\n"
+        for name, data in files
+    ]
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
-def client(port: int, bodies: list[tuple[bytes, dict[str, str]]], jobs: list[int], lock: threading.Lock,
-           latencies: list[float], errors: list[str]) -> None:
+def client(
+    port: int,
+    bodies: list[tuple[bytes, dict[str, str]]],
+    jobs: list[int],
+    lock: threading.Lock,
+    latencies: list[float],
+    errors: list[str],
+) -> None:
     """One client: a keep-alive connection, taking request numbers from `jobs` until none are left."""
     conn = http.client.HTTPConnection(HOST, port, timeout=300)
     while True:
@@ -106,8 +133,9 @@ def load(port: int, bodies: list[tuple[bytes, dict[str, str]]], requests: int, c
     jobs, lock = list(range(requests)), threading.Lock()
     latencies: list[float] = []  # seconds per request
     errors: list[str] = []
-    threads = [threading.Thread(target=client, args=(port, bodies, jobs, lock, latencies, errors))
-               for _ in range(clients)]
+    threads = [
+        threading.Thread(target=client, args=(port, bodies, jobs, lock, latencies, errors)) for _ in range(clients)
+    ]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -119,13 +147,19 @@ def load(port: int, bodies: list[tuple[bytes, dict[str, str]]], requests: int, c
     def pick(q: float) -> float:  # the q-quantile latency, ms
         return 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]
 
-    return {"requests": requests, "clients": clients, "errors": len(errors), "first_errors": errors[:3],
-            "p50_ms": round(pick(0.50), 1), "p99_ms": round(pick(0.99), 1), "seconds": round(wall, 2),
-            "requests_per_s": round(requests / wall, 1)}
+    return {
+        "requests": requests,
+        "clients": clients,
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "p50_ms": round(pick(0.50), 1),
+        "p99_ms": round(pick(0.99), 1),
+        "seconds": round(wall, 2),
+        "requests_per_s": round(requests / wall, 1),
+    }
 
 
-def run_mode(mode: str, source: list[str], files: list[tuple[str, bytes]],
-             args: argparse.Namespace) -> dict[str, Any]:
+def run_mode(mode: str, source: list[str], files: list[tuple[str, bytes]], args: argparse.Namespace) -> dict[str, Any]:
     settings = [s.format(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms) for s in MODES[mode]]
     proc, port = start_server(source, settings, args.threads)
     bodies = [multipart([f]) for f in files]
@@ -144,9 +178,16 @@ def run_mode(mode: str, source: list[str], files: list[tuple[str, bytes]],
         proc.terminate()
         proc.wait(timeout=60)
     batches = max(health["batches"], 1)
-    return {"batching": mode, "settings": " ".join(settings), **result, "rss_before_mb": round(before, 1),
-            "rss_after_mb": round(after, 1), "rss_growth_pct": round(100 * (after - before) / before, 2),
-            "mean_batch": round(health["images"] / batches, 2), "largest_batch": health["largest_batch"]}
+    return {
+        "batching": mode,
+        "settings": " ".join(settings),
+        **result,
+        "rss_before_mb": round(before, 1),
+        "rss_after_mb": round(after, 1),
+        "rss_growth_pct": round(100 * (after - before) / before, 2),
+        "mean_batch": round(health["images"] / batches, 2),
+        "largest_batch": health["largest_batch"],
+    }
 
 
 def fmnist_files(count: int) -> list[tuple[str, bytes]]:
@@ -212,13 +253,20 @@ def main() -> int:
             source = ["--checkpoint", str(random_checkpoint(args.model, Path(tmp)))]
             files, what = photo_files(16, 256), f"{args.model} (random weights)"
         modes = ("on", "off") if args.batching == "both" else (args.batching,)
-        report: dict[str, Any] = {"model": what, "cpus": os.cpu_count(), "note": "client and server share this machine",
-                  "modes": [run_mode(mode, source, files, args) for mode in modes]}
+        report: dict[str, Any] = {
+            "model": what,
+            "cpus": os.cpu_count(),
+            "note": "client and server share this machine",
+            "modes": [run_mode(mode, source, files, args) for mode in modes],
+        }
     for r in report["modes"]:
-        print(f"{what} | batching {r['batching']:3} ({r['settings']}): {r['requests']} requests, {r['clients']} "
-              f"clients, errors {r['errors']}, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
-              f"{r['requests_per_s']} req/s, mean batch {r['mean_batch']}, RSS {r['rss_before_mb']} -> "
-              f"{r['rss_after_mb']} MiB ({r['rss_growth_pct']:+.2f}%)", flush=True)
+        print(
+            f"{what} | batching {r['batching']:3} ({r['settings']}): {r['requests']} requests, {r['clients']} "
+            f"clients, errors {r['errors']}, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
+            f"{r['requests_per_s']} req/s, mean batch {r['mean_batch']}, RSS {r['rss_before_mb']} -> "
+            f"{r['rss_after_mb']} MiB ({r['rss_growth_pct']:+.2f}%)",
+            flush=True,
+        )
     if args.out:
         from vitkit.core.files import write_text
 

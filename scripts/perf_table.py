@@ -61,15 +61,32 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
         for mode in args.modes:
             for amp in args.amps:
                 for batch in args.batch_sizes:
-                    opts = BenchOptions(batch_size=batch, mode=mode, device="cpu", warmup=args.warmup,
-                                        img_size=(args.img_size,) * 2 if args.img_size else None,
-                                        steps=args.steps, amp="bf16" if amp == "bf16" else "off")
+                    opts = BenchOptions(
+                        batch_size=batch,
+                        mode=mode,
+                        device="cpu",
+                        warmup=args.warmup,
+                        img_size=(args.img_size,) * 2 if args.img_size else None,
+                        steps=args.steps,
+                        amp="bf16" if amp == "bf16" else "off",
+                    )
                     cmp = compare_with_timm(name, opts, rounds=args.rounds)
                     flops = 2 * macs * batch * (3 if mode == "train" else 1)
                     gflops = flops / (cmp.ours.step_ms / 1e3) / 1e9
-                    rows.append(dict(model=name, mode=mode, amp=amp, batch=batch, ours=cmp.ours.throughput,
-                                     timm=cmp.timm.throughput, ratio=cmp.ratio, low=cmp.ratio_low,
-                                     high=cmp.ratio_high, gflops=gflops))
+                    rows.append(
+                        dict(
+                            model=name,
+                            mode=mode,
+                            amp=amp,
+                            batch=batch,
+                            ours=cmp.ours.throughput,
+                            timm=cmp.timm.throughput,
+                            ratio=cmp.ratio,
+                            low=cmp.ratio_low,
+                            high=cmp.ratio_high,
+                            gflops=gflops,
+                        )
+                    )
                     print(rows[-1], flush=True)
     # the peak again at the end, keeping the better: on a shared machine a single reading can be low
     peaks = {amp: max(peak, matmul_peak(dtypes[amp])) for amp, peak in peaks.items()}
@@ -79,8 +96,10 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
 
 
 def _row(r: dict) -> str:
-    return (f"| {r['model']} | {r['mode']} | {r['amp']} | {r['batch']} | {r['ours']:.1f} | {r['timm']:.1f} | "
-            f"**{r['ratio']:.2f}** ({r['low']:.2f}-{r['high']:.2f}) | {r['gflops']:.0f} | {100 * r['share']:.0f}% |")
+    return (
+        f"| {r['model']} | {r['mode']} | {r['amp']} | {r['batch']} | {r['ours']:.1f} | {r['timm']:.1f} | "
+        f"**{r['ratio']:.2f}** ({r['low']:.2f}-{r['high']:.2f}) | {r['gflops']:.0f} | {100 * r['share']:.0f}% |"
+    )
 
 
 def swin_vs_deit(rows: list[dict]) -> list[str]:
@@ -92,8 +111,10 @@ def swin_vs_deit(rows: list[dict]) -> list[str]:
         key = (r["mode"], r["amp"], r["batch"])
         deit = [d for d in rows if d["model"] == "deit_small_patch16_224" and (d["mode"], d["amp"], d["batch"]) == key]
         if deit:
-            out.append(f"{r['mode']} {r['amp']} batch {r['batch']}: {r['ours'] / deit[0]['ours']:.2f}x "
-                       f"(timm: {r['timm'] / deit[0]['timm']:.2f}x)")
+            out.append(
+                f"{r['mode']} {r['amp']} batch {r['batch']}: {r['ours'] / deit[0]['ours']:.2f}x "
+                f"(timm: {r['timm'] / deit[0]['timm']:.2f}x)"
+            )
     return out
 
 

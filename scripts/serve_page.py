@@ -98,8 +98,9 @@ def _free_port() -> int:
 
 def start_server(run: str, port: int, *extra: str) -> subprocess.Popen:
     """`vitkit serve --run RUN` on 127.0.0.1:port, returned once /healthz answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "vitkit", "serve", "--run", run, "--port", str(port),
-                             "--log-level", "warning", *extra])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitkit", "serve", "--run", run, "--port", str(port), "--log-level", "warning", *extra]
+    )
     deadline = time.monotonic() + 120
     while True:
         if proc.poll() is not None:
@@ -133,10 +134,16 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    printed = subprocess.run([sys.executable, "-m", "vitkit", "predict", args.image, "--run", args.run, "--top-k", "1"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-    print(f"page: {shown['model']}\npage top-1: {shown['shown']} (bars: {', '.join(shown['bars'])}; "
-          f"attention overlay: {shown['overlay']})\nvitkit predict: {printed}")
+    printed = subprocess.run(
+        [sys.executable, "-m", "vitkit", "predict", args.image, "--run", args.run, "--top-k", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    print(
+        f"page: {shown['model']}\npage top-1: {shown['shown']} (bars: {', '.join(shown['bars'])}; "
+        f"attention overlay: {shown['overlay']})\nvitkit predict: {printed}"
+    )
     if args.screenshot:
         print(f"wrote {args.screenshot}")
     return 0

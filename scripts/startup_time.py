@@ -1,6 +1,6 @@
 """Start-up time of the CLI: wall clock of `python -m vitkit ARGS` in a fresh process, median of N runs.
 
-    python scripts/startup_time.py            # --help and models, 5 runs each, alternating
+python scripts/startup_time.py            # --help and models, 5 runs each, alternating
 """
 
 from __future__ import annotations

@@ -66,9 +66,11 @@ def test_bad_amp_values():
 
 def test_the_probe_needs_no_torch():
     # the module alone (the package root may import torch): the probe itself must not
-    code = ("import importlib.util as u, sys; spec = u.spec_from_file_location('hw', sys.argv[1]); "
-            "h = u.module_from_spec(spec); spec.loader.exec_module(h); info = h.cpu_info(); "
-            "assert 'torch' not in sys.modules; print(info['model'])")
+    code = (
+        "import importlib.util as u, sys; spec = u.spec_from_file_location('hw', sys.argv[1]); "
+        "h = u.module_from_spec(spec); spec.loader.exec_module(h); info = h.cpu_info(); "
+        "assert 'torch' not in sys.modules; print(info['model'])"
+    )
     out = subprocess.run([sys.executable, "-c", code, hardware.__file__], capture_output=True, text=True, check=True)
     assert out.stdout.strip()
 
@@ -113,8 +115,13 @@ def test_eval_and_predict_take_amp(tmp_path, capsys):
     model = vitkit.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=2)
     weights = tmp_path / "tiny.safetensors"
     save_model(model, weights)
-    root = write_folder(tmp_path / "imgs", {"val": {"a": [("RGB", (40, 40))] * 3, "b": [("L", (50, 40))] * 3},
-                                            "train": {"a": [("RGB", (8, 8))], "b": [("RGB", (8, 8))]}})
+    root = write_folder(
+        tmp_path / "imgs",
+        {
+            "val": {"a": [("RGB", (40, 40))] * 3, "b": [("L", (50, 40))] * 3},
+            "train": {"a": [("RGB", (8, 8))], "b": [("RGB", (8, 8))]},
+        },
+    )
     results = {}
     for amp in ("off", "bf16"):
         out = tmp_path / f"{amp}.json"

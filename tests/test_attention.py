@@ -22,8 +22,11 @@ from vitkit.weights.vitkit_format import save_model
 
 @pytest.mark.parametrize(
     "name,extra",
-    [("deit_tiny_distilled_patch16_224", {}), ("vit_small_patch16_224", {"global_pool": "avg"}),
-     ("deit3_small_patch16_224", {})],
+    [
+        ("deit_tiny_distilled_patch16_224", {}),
+        ("vit_small_patch16_224", {"global_pool": "avg"}),
+        ("deit3_small_patch16_224", {}),
+    ],
 )
 def test_recording_leaves_logits_unchanged(name, extra):
     model = vitkit.create_model(name, depth=2, img_size=64, **extra).eval()
@@ -86,7 +89,13 @@ def _mass_on_object(model, x, obj, method) -> torch.Tensor:
 def test_trained_vit_looks_at_the_object():
     model = vitkit.create_model(
         "deit_tiny_patch16_224",
-        img_size=16, patch_size=4, in_chans=1, num_classes=2, depth=2, embed_dim=64, num_heads=4,
+        img_size=16,
+        patch_size=4,
+        in_chans=1,
+        num_classes=2,
+        depth=2,
+        embed_dim=64,
+        num_heads=4,
     )
     x_test, y_test, obj = _bright_object_images(128, seed=1)
     area = obj.float().mean().item()  # 0.25
@@ -121,8 +130,12 @@ def test_trained_vit_looks_at_the_object():
 
 def _small_swin() -> torch.nn.Module:
     return vitkit.create_model(
-        "swin_tiny_patch4_window7_224", depths=(2, 1), num_heads=(3, 6), pretrained_window_sizes=(0, 0),
-        img_size=56, num_classes=5,
+        "swin_tiny_patch4_window7_224",
+        depths=(2, 1),
+        num_heads=(3, 6),
+        pretrained_window_sizes=(0, 0),
+        img_size=56,
+        num_classes=5,
     ).eval()
 
 

@@ -39,8 +39,27 @@ def test_swin_bf16_train_and_infer(name):
 
 
 def test_amp_choice_is_printed_and_timm_autocasts(capsys):
-    argv = ["bench", "deit_tiny_patch16_224", "--vs", "timm", "--batch-size", "1", "--img-size", "32",
-            "--warmup", "0", "--steps", "1", "--rounds", "1", "--device", "cpu", "--amp", "bf16", "--json"]
+    argv = [
+        "bench",
+        "deit_tiny_patch16_224",
+        "--vs",
+        "timm",
+        "--batch-size",
+        "1",
+        "--img-size",
+        "32",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--rounds",
+        "1",
+        "--device",
+        "cpu",
+        "--amp",
+        "bf16",
+        "--json",
+    ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["amp_choice"]["chosen"] == "bf16" and result["amp_choice"]["requested"] == "bf16"
@@ -54,8 +73,24 @@ def test_amp_choice_is_printed_and_timm_autocasts(capsys):
 
 @pytest.mark.parametrize("name,size", [("deit_tiny_patch16_224", "32"), ("swin_tiny_patch4_window7_224", "64")])
 def test_vs_timm_prints_the_ratio(name, size, capsys):
-    argv = ["bench", name, "--vs", "timm", "--batch-size", "1", "--img-size", size,
-            "--warmup", "0", "--steps", "1", "--rounds", "2", "--device", "cpu"]
+    argv = [
+        "bench",
+        name,
+        "--vs",
+        "timm",
+        "--batch-size",
+        "1",
+        "--img-size",
+        size,
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--rounds",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     ratio_lines = [line for line in out.splitlines() if "ratio" in line]
@@ -78,8 +113,21 @@ def test_comparison_holds_the_same_weights_and_reports_the_spread():
 
 
 def test_cli_json(capsys):
-    argv = ["bench", "deit_tiny_patch16_224", "--batch-size", "1", "--img-size", "32", "--warmup", "0",
-            "--steps", "2", "--json", "--mode", "train"]
+    argv = [
+        "bench",
+        "deit_tiny_patch16_224",
+        "--batch-size",
+        "1",
+        "--img-size",
+        "32",
+        "--warmup",
+        "0",
+        "--steps",
+        "2",
+        "--json",
+        "--mode",
+        "train",
+    ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["mode"] == "train" and result["batch_size"] == 1 and result["img_size"] == [32, 32]

@@ -32,8 +32,13 @@ print("exit", code, "torch", "torch" in sys.modules)
 
 def probe(argv: list[str], bare_root: bool) -> tuple[str, str]:
     code = PROBE.format(bare_root=bare_root, package=str(SRC / "vitkit"), argv=argv)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr
     *output, last = done.stdout.splitlines()
     assert last.startswith("exit 0 torch"), done.stdout + done.stderr
@@ -52,8 +57,12 @@ def test_the_cli_imports_no_torch_for_help_and_models(argv):
 
 def test_the_installed_entry_point_imports_no_torch_for_help():
     """The same through the real package root; it holds once the root imports lazily."""
-    root = subprocess.run([sys.executable, "-c", "import sys, vitkit; print('torch' in sys.modules)"],
-                          capture_output=True, text=True, env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"})
+    root = subprocess.run(
+        [sys.executable, "-c", "import sys, vitkit; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
+    )
     if root.stdout.strip() == "True":
         pytest.skip("the package root (vitkit/__init__.py) still imports torch eagerly")
     assert probe(["--help"], bare_root=False)[1] == "exit 0 torch False"
@@ -69,8 +78,13 @@ def test_the_table_lists_every_variant_with_the_builders_counts():
 
     for name, row in table.items():
         info = model_info(name)
-        counted = {"name": name, "family": info["family"], "params": info["params"],
-                   "img_size": list(info["img_size"]), "num_classes": info["num_classes"]}
+        counted = {
+            "name": name,
+            "family": info["family"],
+            "params": info["params"],
+            "img_size": list(info["img_size"]),
+            "num_classes": info["num_classes"],
+        }
         assert counted == {k: row[k] for k in counted}, f"{name}: run scripts/make_variant_table.py"
     for name in [n for n in table if "tiny" in n][:6]:
         assert measure_variant(name) == table[name]

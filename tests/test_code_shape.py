@@ -91,10 +91,14 @@ def test_the_checks_find_what_they_look_for():
     )
     tree = ast.parse(source)
     assert long_functions([("cli/x.py", tree)]) == ["cli/x.py::Thing.run (62 lines)"]
-    assert long_functions([("tools/x.py", tree)]) == ["tools/x.py::add_parser (71 lines)",
-                                                      "tools/x.py::Thing.run (62 lines)"]
-    assert untyped_public_functions([("m.py", tree)]) == ["m.py:1 add_parser: no annotation for sub, return",
-                                                          "m.py:138 Thing.__call__: no annotation for x"]
+    assert long_functions([("tools/x.py", tree)]) == [
+        "tools/x.py::add_parser (71 lines)",
+        "tools/x.py::Thing.run (62 lines)",
+    ]
+    assert untyped_public_functions([("m.py", tree)]) == [
+        "m.py:1 add_parser: no annotation for sub, return",
+        "m.py:138 Thing.__call__: no annotation for x",
+    ]
 
 
 def _lint_imports() -> str | None:

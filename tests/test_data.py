@@ -179,8 +179,9 @@ def test_image_folder_greyscale_rgb_rgba_of_any_size(tmp_path):
         assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     assert build_dataset(data, "val", config)[0][1] == 1  # val has only "dog", labelled as in train
 
-    grey = write_folder(tmp_path / "grey", {"train": {"a": [("L", (9, 9))], "b": [("L", (12, 8))]},
-                                            "val": {"a": [("L", (9, 9))]}})
+    grey = write_folder(
+        tmp_path / "grey", {"train": {"a": [("L", (9, 9))], "b": [("L", (12, 8))]}, "val": {"a": [("L", (9, 9))]}}
+    )
     data = load_data(TrainConfig(data=str(grey)))
     assert data.in_chans == 1 and "test" not in data.splits
     config = resolve_data_fields(TrainConfig(data=str(grey), img_size=16), data, default_img_size=224)
@@ -188,8 +189,9 @@ def test_image_folder_greyscale_rgb_rgba_of_any_size(tmp_path):
 
 
 def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
-    root = write_folder(tmp_path / "d", {"train": {"a": [("RGB", (8, 8))] * 2, "b": [("RGB", (8, 8))]},
-                                         "val": {"a": [("RGB", (8, 8))]}})
+    root = write_folder(
+        tmp_path / "d", {"train": {"a": [("RGB", (8, 8))] * 2, "b": [("RGB", (8, 8))]}, "val": {"a": [("RGB", (8, 8))]}}
+    )
     bad = root / "train" / "b" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     (root / "train" / "b" / "notes.txt").write_text("ignored: not an image extension")
@@ -315,8 +317,9 @@ def test_real_fashion_mnist(monkeypatch):
 
 
 def test_truncated_image_fails_at_load_time_with_its_name_even_in_a_worker(tmp_path):
-    root = write_folder(tmp_path / "d", {"train": {"a": [("RGB", (8, 8))], "b": [("RGB", (8, 8))]},
-                                         "val": {"a": [("RGB", (8, 8))]}})
+    root = write_folder(
+        tmp_path / "d", {"train": {"a": [("RGB", (8, 8))], "b": [("RGB", (8, 8))]}, "val": {"a": [("RGB", (8, 8))]}}
+    )
     jpeg = root / "val" / "a" / "cut.jpg"
     Image.effect_noise((64, 64), 60).convert("RGB").save(jpeg, quality=95)
     blob = jpeg.read_bytes()

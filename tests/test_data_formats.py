@@ -52,14 +52,25 @@ def sources(tmp_path_factory):
                 writer.writerow([path.relative_to(root), names[label], split])
     assert main(["data", "shard", str(folder), "--output", str(root / "shards"), "--shard-size", "500"]) == 0
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    hf = datasets.DatasetDict({
-        {"val": "validation"}.get(split, split): datasets.Dataset.from_dict(
-            {"image": [{"bytes": p.read_bytes(), "path": None} for p, _ in part.samples],
-             "label": [label for _, label in part.samples]}, features=features)
-        for split, part in scanned.splits.items()})
+    hf = datasets.DatasetDict(
+        {
+            {"val": "validation"}.get(split, split): datasets.Dataset.from_dict(
+                {
+                    "image": [{"bytes": p.read_bytes(), "path": None} for p, _ in part.samples],
+                    "label": [label for _, label in part.samples],
+                },
+                features=features,
+            )
+            for split, part in scanned.splits.items()
+        }
+    )
     hf.save_to_disk(str(root / "hf"))
-    return {"folder": str(folder), "csv": str(root / "all.csv"), "wds": f"wds:{root / 'shards'}",
-            "hf": f"hf:{root / 'hf'}"}
+    return {
+        "folder": str(folder),
+        "csv": str(root / "all.csv"),
+        "wds": f"wds:{root / 'shards'}",
+        "hf": f"hf:{root / 'hf'}",
+    }
 
 
 def test_every_format_has_the_same_class_counts(sources):
@@ -85,8 +96,16 @@ def _epoch_loss(source: str) -> float:
     torch.manual_seed(0)
     import vitkit
 
-    model = vitkit.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, num_classes=10,
-                                embed_dim=32, depth=1, num_heads=2)
+    model = vitkit.create_model(
+        "vit_tiny_patch16_224",
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cpu = torch.device("cpu")
     result = train_one_epoch(model, supervised_loss(CrossEntropy(0.0), cpu), loader, optimizer, device=cpu)
@@ -101,9 +120,36 @@ def test_one_unshuffled_epoch_gives_the_same_training_loss(sources):
 
 def test_training_runs_from_shards(sources, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--data", sources["wds"], "--output", str(out), "--epochs", "1", "--seed", "0",
-                 "--set", "model_args.depth=1", "--set", "model_args.embed_dim=32", "--set", "model_args.num_heads=2",
-                 "--patch-size", "7", "--batch-size", "64", "--threads", "1", "--train-samples", "640"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                sources["wds"],
+                "--output",
+                str(out),
+                "--epochs",
+                "1",
+                "--seed",
+                "0",
+                "--set",
+                "model_args.depth=1",
+                "--set",
+                "model_args.embed_dim=32",
+                "--set",
+                "model_args.num_heads=2",
+                "--patch-size",
+                "7",
+                "--batch-size",
+                "64",
+                "--threads",
+                "1",
+                "--train-samples",
+                "640",
+            ]
+        )
+        == 0
+    )
     info = json.loads((out / "run.json").read_text())
     assert info["data"]["train"] == 640 and info["data"]["val"] == SIZES["val"]
     assert "[10/10]" in capsys.readouterr().err  # a defined epoch: 640 images in 10 whole batches

@@ -35,8 +35,13 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "swinv2_g": (
         "swinv2_giant_window12_192",
         dict(
-            depths=(1, 1, 2, 1), embed_dim=16, num_heads=(1, 2, 4, 8), window_size=4, img_size=64,
-            extra_norm_every_n_blocks=2, drop_path_rate=0.0,
+            depths=(1, 1, 2, 1),
+            embed_dim=16,
+            num_heads=(1, 2, 4, 8),
+            window_size=4,
+            img_size=64,
+            extra_norm_every_n_blocks=2,
+            drop_path_rate=0.0,
         ),
     ),
 }
@@ -57,8 +62,9 @@ def _data(case: str, n: int, seed: int) -> TensorImageDataset:
 
 def _loader(case: str, *, train: bool, batch: int):
     data = _data(case, TRAIN_SAMPLES, seed=1) if train else _data(case, EVAL_SAMPLES, seed=2)
-    loader = build_loader(data, train=train, batch_size=batch, seed=3, workers=0, rank=get_rank(),
-                          world_size=get_world_size())
+    loader = build_loader(
+        data, train=train, batch_size=batch, seed=3, workers=0, rank=get_rank(), world_size=get_world_size()
+    )
     if train:
         sampler: Any = loader.sampler  # the sharded training sampler
         sampler.set_epoch(1)

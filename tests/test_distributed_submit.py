@@ -35,23 +35,60 @@ def fake_cluster(tmp_path: Path, monkeypatch) -> Path:
 
 def test_script_is_valid_bash_and_runs_torchrun_with_the_arguments(tmp_path, fake_cluster, capsys):
     script = tmp_path / "job.sbatch"
-    argv = ["submit", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--time", "1-00:00:00",
-            "--account", "proj7", "--job-name", "deit", "--setup", "export FROM_SETUP=1", "--output", str(script),
-            "--", *TRAIN_ARGS]
+    argv = [
+        "submit",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--partition",
+        "gpu",
+        "--time",
+        "1-00:00:00",
+        "--account",
+        "proj7",
+        "--job-name",
+        "deit",
+        "--setup",
+        "export FROM_SETUP=1",
+        "--output",
+        str(script),
+        "--",
+        *TRAIN_ARGS,
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"wrote {script}" in out and f"sbatch {script}" in out  # no sbatch here: says where the script is
     text = script.read_text()
     subprocess.run(["bash", "-n", str(script)], check=True)
-    for directive in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=4", "--partition=gpu",
-                      "--time=1-00:00:00", "--account=proj7", "--job-name=deit"):
+    for directive in (
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=4",
+        "--partition=gpu",
+        "--time=1-00:00:00",
+        "--account=proj7",
+        "--job-name=deit",
+    ):
         assert f"#SBATCH {directive}\n" in text
     env = dict(os.environ, SLURM_JOB_NODELIST="gpu-a[1-2]", SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="4242")
     subprocess.run(["bash", str(script)], check=True, env=env, cwd=tmp_path)
     args = (tmp_path / "torchrun.args").read_text().splitlines()
     assert args == [
-        "--nnodes", "2", "--nproc_per_node", "4", "--rdzv_id", "4242", "--rdzv_backend", "c10d",
-        "--rdzv_endpoint", "gpu-a1:29500", "-m", "vitkit", "train", *TRAIN_ARGS,
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "4",
+        "--rdzv_id",
+        "4242",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "gpu-a1:29500",
+        "-m",
+        "vitkit",
+        "train",
+        *TRAIN_ARGS,
     ]
 
 

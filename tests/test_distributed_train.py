@@ -22,10 +22,34 @@ from vitkit.cli import main
 from vitkit.factory import load_model
 
 RUN = [
-    "--data", "fashion-mnist", "--train-samples", "32", "--val-samples", "13", "--test-samples", "11",
-    "--epochs", "1", "--seed", "0", "--threads", "1", "--workers", "0",
-    "--set", "crop=resize", "--set", "hflip=0", "--set", "warmup_epochs=0", "--set", "log_every=1",
-    "--set", "ema=true", "--set", "ema_decay=0.5",
+    "--data",
+    "fashion-mnist",
+    "--train-samples",
+    "32",
+    "--val-samples",
+    "13",
+    "--test-samples",
+    "11",
+    "--epochs",
+    "1",
+    "--seed",
+    "0",
+    "--threads",
+    "1",
+    "--workers",
+    "0",
+    "--set",
+    "crop=resize",
+    "--set",
+    "hflip=0",
+    "--set",
+    "warmup_epochs=0",
+    "--set",
+    "log_every=1",
+    "--set",
+    "ema=true",
+    "--set",
+    "ema_decay=0.5",
 ]
 TINY_VIT = ["--set", "model_args.depth=2", "--set", "model_args.embed_dim=32", "--set", "model_args.num_heads=2"]
 COMMON = RUN + TINY_VIT
@@ -38,8 +62,14 @@ def data_env(tmp_path_factory) -> dict[str, str]:
 
 
 def _vitkit(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "vitkit", *args], cwd=cwd, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "vitkit", *args],
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -55,8 +85,18 @@ def runs(tmp_path_factory, data_env) -> dict[str, Path]:
         for key, value in data_env.items():
             mp.setenv(key, value)
         assert main(["train", "--output", str(root / "teacher"), *COMMON]) == 0
-    student = [*COMMON, "--model", "deit_tiny_distilled_patch16_224", "--patch-size", "7", *TINY_VIT,
-               "--teacher", str(root / "teacher"), "--distillation", "hard"]
+    student = [
+        *COMMON,
+        "--model",
+        "deit_tiny_distilled_patch16_224",
+        "--patch-size",
+        "7",
+        *TINY_VIT,
+        "--teacher",
+        str(root / "teacher"),
+        "--distillation",
+        "hard",
+    ]
     _vitkit("train", "--nproc", "2", "--batch-size", "4", "--output", "two", *student, cwd=work, env=data_env)
     # the reference: one process with batch 2 x 4, in this process
     with pytest.MonkeyPatch.context() as mp:
@@ -73,8 +113,15 @@ def _records(run: Path) -> list[dict]:
 def test_rank_zero_writes_one_run_folder(runs):
     assert sorted(p.name for p in runs["work"].iterdir()) == ["two"]  # no second folder from rank 1
     two = runs["two"]
-    for name in ("config.yaml", "run.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "state.pt",
-                 "curves.png"):
+    for name in (
+        "config.yaml",
+        "run.json",
+        "metrics.jsonl",
+        "last.safetensors",
+        "best.safetensors",
+        "state.pt",
+        "curves.png",
+    ):
         assert (two / name).is_file(), name
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
     config = yaml.safe_load((two / "config.yaml").read_text())
@@ -128,12 +175,25 @@ def test_resume_with_another_process_count_and_fsdp(runs, data_env, monkeypatch,
 
 
 def test_fsdp_trains_a_depth_reduced_swinv2_giant_and_writes_a_plain_checkpoint(data_env, tmp_path):
-    args = ["--model", "swinv2_giant_window12_192", "--img-size", "64",
-            "--set", "model_args.depths=[1,1,2,1]", "--set", "model_args.embed_dim=16",
-            "--set", "model_args.num_heads=[1,2,4,8]", "--set", "model_args.window_size=4",
-            "--set", "model_args.extra_norm_every_n_blocks=2"]
-    _vitkit("train", "--nproc", "2", "--fsdp", "--batch-size", "4", "--output", "g", *RUN, *args,
-            cwd=tmp_path, env=data_env)
+    args = [
+        "--model",
+        "swinv2_giant_window12_192",
+        "--img-size",
+        "64",
+        "--set",
+        "model_args.depths=[1,1,2,1]",
+        "--set",
+        "model_args.embed_dim=16",
+        "--set",
+        "model_args.num_heads=[1,2,4,8]",
+        "--set",
+        "model_args.window_size=4",
+        "--set",
+        "model_args.extra_norm_every_n_blocks=2",
+    ]
+    _vitkit(
+        "train", "--nproc", "2", "--fsdp", "--batch-size", "4", "--output", "g", *RUN, *args, cwd=tmp_path, env=data_env
+    )
     model = load_model(tmp_path / "g" / "last.safetensors")  # unsharded, in this process
     assert type(model).__name__ == "SwinTransformer" and model.config.depths == (1, 1, 2, 1)
     assert _records(tmp_path / "g")[-1]["test_top1"] >= 0

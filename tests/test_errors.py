@@ -27,16 +27,19 @@ def _raise(err: BaseException):
     return run
 
 
-@pytest.mark.parametrize("err, code", [
-    (UsageError("--top-k must be >= 1"), 2),
-    (VitkitError("the run folder is locked"), 1),
-    (FileFormatError("x.pth is truncated"), 1),
-    (ImageReadError("cannot read image a.png"), 1),
-    (NonFiniteError("loss is nan at step 3"), 1),
-    (FileNotFoundError("checkpoint a.safetensors does not exist"), 1),
-    (PermissionError(errno.EACCES, "Permission denied", "/root/x"), 1),
-    (OSError(errno.ENOSPC, "No space left on device", "run/state.pt"), 1),
-])
+@pytest.mark.parametrize(
+    "err, code",
+    [
+        (UsageError("--top-k must be >= 1"), 2),
+        (VitkitError("the run folder is locked"), 1),
+        (FileFormatError("x.pth is truncated"), 1),
+        (ImageReadError("cannot read image a.png"), 1),
+        (NonFiniteError("loss is nan at step 3"), 1),
+        (FileNotFoundError("checkpoint a.safetensors does not exist"), 1),
+        (PermissionError(errno.EACCES, "Permission denied", "/root/x"), 1),
+        (OSError(errno.ENOSPC, "No space left on device", "run/state.pt"), 1),
+    ],
+)
 def test_user_errors_are_one_line(err, code, monkeypatch, capsys):
     monkeypatch.setattr(models_cli, "run", _raise(err))
     monkeypatch.delenv("VITKIT_DEBUG", raising=False)
@@ -45,13 +48,16 @@ def test_user_errors_are_one_line(err, code, monkeypatch, capsys):
     assert stderr.startswith("vitkit models: error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr
 
 
-@pytest.mark.parametrize("err", [
-    RuntimeError("CUDA error: an illegal memory access was encountered"),
-    ValueError("not enough values to unpack"),  # raised outside vitkit's own raise statements
-    KeyError("blocks.0.attn"),
-    OSError(errno.EIO, "Input/output error"),
-    TypeError("unsupported operand"),
-])
+@pytest.mark.parametrize(
+    "err",
+    [
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        ValueError("not enough values to unpack"),  # raised outside vitkit's own raise statements
+        KeyError("blocks.0.attn"),
+        OSError(errno.EIO, "Input/output error"),
+        TypeError("unsupported operand"),
+    ],
+)
 def test_anything_else_keeps_its_traceback_and_says_it_is_a_bug(err, monkeypatch):
     monkeypatch.setattr(models_cli, "run", _raise(err))
     with pytest.raises(type(err)) as caught:
@@ -64,8 +70,9 @@ def test_exit_code_of_legacy_messages_depends_on_who_raised_them():
 
     with pytest.raises(ValueError) as caught:
         create_model("not_a_model")
-    assert exit_code(caught.value) == (1 if isinstance(caught.value, VitkitError) and
-                                       not isinstance(caught.value, UsageError) else 2)
+    assert exit_code(caught.value) == (
+        1 if isinstance(caught.value, VitkitError) and not isinstance(caught.value, UsageError) else 2
+    )
     try:
         int("x")  # a ValueError from a builtin, not from a vitkit `raise`
     except ValueError as err:
@@ -108,8 +115,10 @@ def test_real_processes_a_closed_pipe_and_a_bug(tmp_path):
         "models.run = run\n"
         "sys.exit(main(['models']))\n"
     )
-    done = _vitkit(f'"$PYTHON" -m vitkit models | head -1; echo "rc=${{PIPESTATUS[0]}}"; echo ==== >&2; '
-                   f'"$PYTHON" {script}; echo "bug rc=$?"')
+    done = _vitkit(
+        f'"$PYTHON" -m vitkit models | head -1; echo "rc=${{PIPESTATUS[0]}}"; echo ==== >&2; '
+        f'"$PYTHON" {script}; echo "bug rc=$?"'
+    )
     pipe_err, bug_err = done.stderr.split("====\n")
     assert done.stdout.startswith("name") and "rc=141" in done.stdout
     assert "Traceback" not in pipe_err and "BrokenPipe" not in pipe_err, pipe_err

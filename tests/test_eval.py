@@ -31,10 +31,37 @@ def run(tmp_path_factory):
         mp.setenv("VITKIT_DATA", str(write_idx(tmp / "idx", n_train=400, n_test=60)))
         mp.setattr(fashion_mnist, "DEBIAN_DIR", tmp / "no-debian")
         out = tmp / "run"
-        code = main(["train", "--output", str(out), "--seed", "4", "--epochs", "3", "--patch-size", "7",
-                     "--batch-size", "32", "--threads", "1", "--val-samples", "30", "--set", "ema=true",
-                     "--set", "ema_decay=0.8", "--set", "model_args.depth=1", "--set", "model_args.embed_dim=32",
-                     "--set", "model_args.num_heads=2", "--set", "lr=3e-3"])
+        code = main(
+            [
+                "train",
+                "--output",
+                str(out),
+                "--seed",
+                "4",
+                "--epochs",
+                "3",
+                "--patch-size",
+                "7",
+                "--batch-size",
+                "32",
+                "--threads",
+                "1",
+                "--val-samples",
+                "30",
+                "--set",
+                "ema=true",
+                "--set",
+                "ema_decay=0.8",
+                "--set",
+                "model_args.depth=1",
+                "--set",
+                "model_args.embed_dim=32",
+                "--set",
+                "model_args.num_heads=2",
+                "--set",
+                "lr=3e-3",
+            ]
+        )
         assert code == 0
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         yield out, records, mp
@@ -63,7 +90,10 @@ def test_eval_reproduces_the_logged_test_metrics(run, tmp_path):
     result = eval_json(tmp_path, "--run", str(out), "--confusion", str(tmp_path / "confusion.png"))
     assert result["split"] == "test" and result["samples"] == 60  # test is the default where there is one
     assert (result["top1"], result["top5"], result["loss"]) == (
-        records[-1]["test_top1"], records[-1]["test_top5"], records[-1]["test_loss"])
+        records[-1]["test_top1"],
+        records[-1]["test_top5"],
+        records[-1]["test_loss"],
+    )
     assert (tmp_path / "confusion.png").stat().st_size > 1000
     # the weight file alone carries its transform and classes
     alone = eval_json(tmp_path, "--checkpoint", str(out / "best.safetensors"), "--data", "fashion-mnist")
@@ -81,8 +111,10 @@ def test_predict_uses_the_run_transform_and_class_names(run, tmp_path, capsys):
         Image.fromarray(image.numpy(), mode="L").save(paths[-1])
     Image.fromarray(images[0].numpy(), mode="L").convert("RGBA").save(tmp_path / "rgba.png")  # any mode works
     capsys.readouterr()
-    assert main(["predict", *map(str, paths), str(tmp_path / "rgba.png"), "--run", str(out), "--top-k", "3",
-                 "--json"]) == 0
+    assert (
+        main(["predict", *map(str, paths), str(tmp_path / "rgba.png"), "--run", str(out), "--top-k", "3", "--json"])
+        == 0
+    )
     results = json.loads(capsys.readouterr().out)
     inference = load_inference(run=out)
     with torch.no_grad():
@@ -100,10 +132,38 @@ def test_predict_uses_the_run_transform_and_class_names(run, tmp_path, capsys):
 def test_a_run_with_flip_tta_logs_mean_probability_figures_that_eval_and_predict_reproduce(run, tmp_path, capsys):
     _, _, _ = run  # its environment: the tiny IDX data
     out = tmp_path / "tta"
-    assert main(["train", "--output", str(out), "--seed", "1", "--epochs", "2", "--patch-size", "7",
-                 "--batch-size", "32", "--threads", "1", "--val-samples", "30", "--set", "tta=hflip",
-                 "--set", "model_args.depth=1", "--set", "model_args.embed_dim=32", "--set", "model_args.num_heads=2",
-                 "--set", "lr=3e-3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--output",
+                str(out),
+                "--seed",
+                "1",
+                "--epochs",
+                "2",
+                "--patch-size",
+                "7",
+                "--batch-size",
+                "32",
+                "--threads",
+                "1",
+                "--val-samples",
+                "30",
+                "--set",
+                "tta=hflip",
+                "--set",
+                "model_args.depth=1",
+                "--set",
+                "model_args.embed_dim=32",
+                "--set",
+                "model_args.num_heads=2",
+                "--set",
+                "lr=3e-3",
+            ]
+        )
+        == 0
+    )
     final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     result = eval_json(tmp_path, "--run", str(out))  # the run's own tta
     assert result["tta"] == "hflip"
@@ -112,8 +172,10 @@ def test_a_run_with_flip_tta_logs_mean_probability_figures_that_eval_and_predict
     # what was logged is the mean of the image's and its mirror's probabilities, computed here by hand
     inference = load_inference(run=out)
     data = load_data(inference.config, splits=("test",))
-    images, targets = (torch.stack(t) if isinstance(t[0], torch.Tensor) else torch.tensor(t)
-                       for t in zip(*build_dataset(data, "test", inference.config, train=False)))
+    images, targets = (
+        torch.stack(t) if isinstance(t[0], torch.Tensor) else torch.tensor(t)
+        for t in zip(*build_dataset(data, "test", inference.config, train=False))
+    )
     model = inference.model.eval()
     with torch.no_grad():
         plain = model(images).softmax(-1)
@@ -152,13 +214,33 @@ def test_eval_and_predict_errors_are_one_line(run, tmp_path, capsys):
 
 def test_folder_without_test_split_defaults_to_val_and_other_classes_are_refused(run, tmp_path, capsys):
     out, _, _ = run
-    root = write_folder(tmp_path / "folder", {"train": {"a": [("L", (20, 20))] * 4, "b": [("RGB", (28, 20))] * 4},
-                                              "val": {"a": [("L", (28, 28))] * 3, "b": [("L", (28, 28))] * 2}})
+    root = write_folder(
+        tmp_path / "folder",
+        {
+            "train": {"a": [("L", (20, 20))] * 4, "b": [("RGB", (28, 20))] * 4},
+            "val": {"a": [("L", (28, 28))] * 3, "b": [("L", (28, 28))] * 2},
+        },
+    )
     assert main(["eval", "--run", str(out), "--data", str(root)]) == 2
     assert "differ from the ones the model was trained on" in capsys.readouterr().err
     folder_run = tmp_path / "folder_run"
-    assert main(["train", "--data", str(root), "--output", str(folder_run), "--smoke", "--patch-size", "7",
-                 "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(root),
+                "--output",
+                str(folder_run),
+                "--smoke",
+                "--patch-size",
+                "7",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     result = eval_json(tmp_path, "--run", str(folder_run))
     assert result["split"] == "val" and result["samples"] == 5
 
@@ -176,8 +258,13 @@ def test_eval_of_a_named_model_with_local_pretrained_weights(tmp_path):
     full = vitkit.create_model("vit_tiny_patch16_224")
     weights = tmp_path / "tiny.safetensors"
     save_model(full, weights)
-    root = write_folder(tmp_path / "imgs", {"val": {"a": [("RGB", (300, 240))] * 2, "b": [("L", (200, 260))] * 2},
-                                            "train": {"a": [("RGB", (8, 8))], "b": [("RGB", (8, 8))]}})
+    root = write_folder(
+        tmp_path / "imgs",
+        {
+            "val": {"a": [("RGB", (300, 240))] * 2, "b": [("L", (200, 260))] * 2},
+            "train": {"a": [("RGB", (8, 8))], "b": [("RGB", (8, 8))]},
+        },
+    )
     result = eval_json(tmp_path, "--model", "vit_tiny_patch16_224", "--pretrained", str(weights), "--data", str(root))
     assert result["split"] == "val" and result["samples"] == 4
     spec = ImageSpec(224, 3, tuple(IMAGENET_MEAN), tuple(IMAGENET_STD), 0.875)

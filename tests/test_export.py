@@ -41,8 +41,18 @@ def test_vit_checkpoint_cli_onnx(tmp_path, capsys):
     model = vitkit.create_model("deit_tiny_patch16_224", depth=2)
     save_model(model, tmp_path / "best.safetensors")
     out = tmp_path / "deit.onnx"
-    argv = ["export", "--checkpoint", str(tmp_path / "best.safetensors"), "--output", str(out),
-            "--format", "onnx", "--dynamic-batch", "--dynamic-size", "--json"]
+    argv = [
+        "export",
+        "--checkpoint",
+        str(tmp_path / "best.safetensors"),
+        "--output",
+        str(out),
+        "--format",
+        "onnx",
+        "--dynamic-batch",
+        "--dynamic-size",
+        "--json",
+    ]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and out.is_file()
@@ -118,8 +128,12 @@ def test_bad_arguments(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name,fmt",
-    [("deit_tiny_patch16_224", "onnx"), ("swin_tiny_patch4_window7_224", "onnx"), ("swinv2_tiny_window8_256", "onnx"),
-     ("swin_tiny_patch4_window7_224", "torch-export")],
+    [
+        ("deit_tiny_patch16_224", "onnx"),
+        ("swin_tiny_patch4_window7_224", "onnx"),
+        ("swinv2_tiny_window8_256", "onnx"),
+        ("swin_tiny_patch4_window7_224", "torch-export"),
+    ],
 )
 def test_full_size_cli_export(name, fmt, tmp_path, capsys):
     """The issue's check at full depth (minutes for a Swin on 2 cores): `make test-all`."""

@@ -25,8 +25,13 @@ TINY_SWIN = dict(img_size=32, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2
 
 
 def _python(code: str) -> str:
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={"PYTHONPATH": str(SRC.parent), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(SRC.parent), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip()
 
@@ -63,8 +68,10 @@ def test_registry_imports_only_core_and_layers_and_data_no_training():
         upward = [m for m in _vitkit_imports(path) if m.startswith(("vitkit.train", "vitkit.pretrain", "vitkit.tools"))]
         assert not upward, (path, upward)
     # the table is empty until a family registers: a clear error, not a silent "unknown model"
-    out = _python("import vitkit.registry as r\ntry:\n    r.get_variant('vit_tiny_patch16_224')\n"
-                  "except RuntimeError as e:\n    print(e)")
+    out = _python(
+        "import vitkit.registry as r\ntry:\n    r.get_variant('vit_tiny_patch16_224')\n"
+        "except RuntimeError as e:\n    print(e)"
+    )
     assert "import vitkit.factory" in out
 
 
@@ -78,8 +85,9 @@ def test_models_report_their_block_types():
 
 
 # -- load_model ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, args", [("vit_tiny_patch16_224", TINY_VIT),
-                                        ("swin_tiny_patch4_window7_224", TINY_SWIN)])
+@pytest.mark.parametrize(
+    "name, args", [("vit_tiny_patch16_224", TINY_VIT), ("swin_tiny_patch4_window7_224", TINY_SWIN)]
+)
 def test_load_model_rebuilds_a_vitkit_model(name, args, tmp_path):
     model = vitkit.create_model(name, num_classes=4, in_chans=1, drop_path_rate=0.1, **args).eval()
     save_model(model, tmp_path / "m.safetensors")
@@ -130,8 +138,11 @@ def test_an_encoder_file_loads_into_a_headed_model_with_the_head_new(name, args,
 @pytest.mark.parametrize("change", [{"in_chans": 3}, {"img_size": 64}, {"depth": 2}])
 def test_an_encoder_that_does_not_fit_is_one_error_and_nothing_loads(change, tmp_path):
     path = tmp_path / "encoder.safetensors"
-    save_model(vitkit.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=1, **TINY_VIT), path,
-               {"pretrained_with": "simmim"})
+    save_model(
+        vitkit.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=1, **TINY_VIT),
+        path,
+        {"pretrained_with": "simmim"},
+    )
     model = vitkit.create_model("vit_tiny_patch16_224", num_classes=10, **(TINY_VIT | {"in_chans": 1} | change))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="does not fit this model.*pre-trained, with its model_args") as err:

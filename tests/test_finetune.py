@@ -100,8 +100,23 @@ def test_fixres_train_small_then_finetune_recipe_at_the_target_size(idx_data, tm
     low = tmp_path / "low"
     assert main(["train", "--img-size", "14", "--patch-size", "7", "--output", str(low), *common]) == 0
     high = tmp_path / "high"
-    assert main(["train", "--recipe", "finetune", "--finetune", str(low), "--img-size", "28", "--output", str(high),
-                 *common]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                "finetune",
+                "--finetune",
+                str(low),
+                "--img-size",
+                "28",
+                "--output",
+                str(high),
+                *common,
+            ]
+        )
+        == 0
+    )
     assert "resampled pos_embed" in capsys.readouterr().out
     config = yaml.safe_load((high / "config.yaml").read_text())
     assert config["img_size"] == 28 and config["model_args"]["patch_size"] == 7

@@ -74,8 +74,12 @@ def test_levels_must_be_positive_and_overrides_reach_the_model():
 
 @pytest.mark.parametrize(
     "name",
-    ["deit_small_distilled_patch16_224", "deit3_small_patch16_224", "swin_small_patch4_window7_224",
-     "swinv2_tiny_window16_256"],
+    [
+        "deit_small_distilled_patch16_224",
+        "deit3_small_patch16_224",
+        "swin_small_patch4_window7_224",
+        "swinv2_tiny_window16_256",
+    ],
 )
 def test_fast_count_equals_full_count(name):
     assert model_macs(name) == macs_report(name).macs

@@ -35,14 +35,21 @@ from vitkit.cli import main
 SRC = str(Path(vitkit.__file__).resolve().parents[1])
 MAX_PARAMS = 30_000_000
 FAST, FULL = 10, 120  # examples per command: 5 commands -> 50 always, 600 with --run-slow
-MODELS = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "not_a_model", "",
-          "torchvision:resnet18", "torchvision:nope", "vit_tiny_patch16_224 --epochs"]
+MODELS = [
+    "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "not_a_model",
+    "",
+    "torchvision:resnet18",
+    "torchvision:nope",
+    "vit_tiny_patch16_224 --epochs",
+]
 
 
 # Tracebacks the fuzzer found in code this test's author does not own, handed to its owners (issue 17):
 # (exception type, vitkit file, function). Each is reported as a warning when met; delete a row when fixed.
-KNOWN_BUGS = {
-}
+KNOWN_BUGS = {}
 
 
 def known_bug(err: BaseException) -> tuple[str, str, str] | None:
@@ -63,8 +70,9 @@ class Reached(Exception):
 def files(tmp_path_factory) -> dict[str, str]:
     """Paths the fuzzer picks from: good and hostile inputs, missing ones, folders."""
     root = tmp_path_factory.mktemp("fuzz")
-    small = vitkit.create_model("vit_tiny_patch16_224", depth=1, embed_dim=32, num_heads=2, img_size=16,
-                                patch_size=8, num_classes=3)
+    small = vitkit.create_model(
+        "vit_tiny_patch16_224", depth=1, embed_dim=32, num_heads=2, img_size=16, patch_size=8, num_classes=3
+    )
     vitkit.weights.save_model(small, root / "good.safetensors")
     torch.save(small.state_dict(), root / "timm.pth")
     Image.new("RGB", (20, 20), (9, 99, 199)).save(root / "good.png")
@@ -131,18 +139,46 @@ def floats() -> st.SearchStrategy[str]:
 
 
 def texts() -> st.SearchStrategy[str]:
-    return st.one_of(st.text(max_size=12), st.sampled_from(["", "-1", "none", "null", "[1, 2]", "{a: 1}", "--x",
-                                                            "1e999", "0x10", "yes", "../../etc/passwd"]))
+    return st.one_of(
+        st.text(max_size=12),
+        st.sampled_from(
+            ["", "-1", "none", "null", "[1, 2]", "{a: 1}", "--x", "1e999", "0x10", "yes", "../../etc/passwd"]
+        ),
+    )
 
 
 def values(files: dict[str, str]) -> st.SearchStrategy[str]:
     return st.one_of(ints(), floats(), texts(), st.sampled_from(sorted(files.values())), st.sampled_from(MODELS))
 
 
-SET_KEYS = ["epochs", "batch_size", "lr", "img_size", "warmup_epochs", "weight_decay", "mixup", "smoothing",
-            "model_args.depth", "model_args.embed_dim", "model_args.num_heads", "model_args.patch_size",
-            "model_args.nonsense", "unknown_key", "optimizer", "amp", "in_chans", "num_classes", "tta", "data",
-            "model_args", "seed", "log_every", "", "=", "model.depth"]
+SET_KEYS = [
+    "epochs",
+    "batch_size",
+    "lr",
+    "img_size",
+    "warmup_epochs",
+    "weight_decay",
+    "mixup",
+    "smoothing",
+    "model_args.depth",
+    "model_args.embed_dim",
+    "model_args.num_heads",
+    "model_args.patch_size",
+    "model_args.nonsense",
+    "unknown_key",
+    "optimizer",
+    "amp",
+    "in_chans",
+    "num_classes",
+    "tta",
+    "data",
+    "model_args",
+    "seed",
+    "log_every",
+    "",
+    "=",
+    "model.depth",
+]
 
 
 def sets(files: dict[str, str]) -> st.SearchStrategy[list[str]]:
@@ -152,6 +188,7 @@ def sets(files: dict[str, str]) -> st.SearchStrategy[list[str]]:
 
 def flags(table: dict[str, st.SearchStrategy[str] | None]) -> st.SearchStrategy[list[str]]:
     """A few of `table`'s flags, each with a drawn value (None: a switch)."""
+
     def flag(name: str) -> st.SearchStrategy[list[str]]:
         values = table[name]
         return st.just([name]) if values is None else values.map(lambda v: [name, v])
@@ -166,27 +203,73 @@ def flags(table: dict[str, st.SearchStrategy[str] | None]) -> st.SearchStrategy[
 def command(files: dict[str, str], name: str) -> st.SearchStrategy[list[str]]:
     path = st.sampled_from(sorted(files.values()))
     model = st.sampled_from(MODELS)
-    common = {"--device": st.sampled_from(["cpu", "cpu", "cuda", "auto"]), "--batch-size": ints(),
-              "--workers": st.sampled_from(["0", "1", "-1", "100000"]), "--img-size": ints()}
+    common = {
+        "--device": st.sampled_from(["cpu", "cpu", "cuda", "auto"]),
+        "--batch-size": ints(),
+        "--workers": st.sampled_from(["0", "1", "-1", "100000"]),
+        "--img-size": ints(),
+    }
     tables = {
-        "train": {**common, "--recipe": st.one_of(st.sampled_from(["fmnist_demo", "deit", "finetune", "nope"]), path),
-                  "--model": model, "--data": st.one_of(path, st.sampled_from(["fashion-mnist", "mnist", ""])),
-                  "--epochs": ints(), "--lr": floats(), "--patch-size": ints(), "--seed": ints(),
-                  "--threads": ints(), "--nproc": ints(), "--train-samples": ints(), "--val-split": floats(),
-                  "--finetune": path, "--layer-decay": floats(), "--resume": path, "--output": path,
-                  "--distillation": texts(), "--teacher": st.one_of(path, model), "--smoke": None, "--fsdp": None,
-                  "--fsdp-offload": None, "--skip-corrupt": None, "--compile": None},
-        "eval": {**common, "--run": path, "--checkpoint": path, "--model": model, "--pretrained": None,
-                 "--data": st.one_of(path, st.just("fashion-mnist")), "--split": texts(), "--val-samples": ints(),
-                 "--test-samples": ints(), "--crop-pct": floats(), "--tta": texts(), "--confusion": path},
-        "predict": {**common, "--top-k": ints(), "--tta": st.sampled_from(["none", "hflip", "x"]),
-                    "--json": None, "--skip-corrupt": None},
-        "convert": {"--to": st.sampled_from(["vitkit", "timm", "hf"]),
-                    "--from": st.sampled_from(["auto", "timm", "jax"]),
-                    "--num-classes": ints(),
-                    "--img-size": ints(), "--no-strict": None},
-        "export": {"--format": st.sampled_from(["onnx", "torch-export", "x"]),
-                   "--dynamic-batch": None, "--dynamic-size": None, "--opset": ints(), "--json": None},
+        "train": {
+            **common,
+            "--recipe": st.one_of(st.sampled_from(["fmnist_demo", "deit", "finetune", "nope"]), path),
+            "--model": model,
+            "--data": st.one_of(path, st.sampled_from(["fashion-mnist", "mnist", ""])),
+            "--epochs": ints(),
+            "--lr": floats(),
+            "--patch-size": ints(),
+            "--seed": ints(),
+            "--threads": ints(),
+            "--nproc": ints(),
+            "--train-samples": ints(),
+            "--val-split": floats(),
+            "--finetune": path,
+            "--layer-decay": floats(),
+            "--resume": path,
+            "--output": path,
+            "--distillation": texts(),
+            "--teacher": st.one_of(path, model),
+            "--smoke": None,
+            "--fsdp": None,
+            "--fsdp-offload": None,
+            "--skip-corrupt": None,
+            "--compile": None,
+        },
+        "eval": {
+            **common,
+            "--run": path,
+            "--checkpoint": path,
+            "--model": model,
+            "--pretrained": None,
+            "--data": st.one_of(path, st.just("fashion-mnist")),
+            "--split": texts(),
+            "--val-samples": ints(),
+            "--test-samples": ints(),
+            "--crop-pct": floats(),
+            "--tta": texts(),
+            "--confusion": path,
+        },
+        "predict": {
+            **common,
+            "--top-k": ints(),
+            "--tta": st.sampled_from(["none", "hflip", "x"]),
+            "--json": None,
+            "--skip-corrupt": None,
+        },
+        "convert": {
+            "--to": st.sampled_from(["vitkit", "timm", "hf"]),
+            "--from": st.sampled_from(["auto", "timm", "jax"]),
+            "--num-classes": ints(),
+            "--img-size": ints(),
+            "--no-strict": None,
+        },
+        "export": {
+            "--format": st.sampled_from(["onnx", "torch-export", "x"]),
+            "--dynamic-batch": None,
+            "--dynamic-size": None,
+            "--opset": ints(),
+            "--json": None,
+        },
     }
     # the required arguments, usually right, so that most invocations get past argparse to vitkit's checks
     good = st.sampled_from([files["good_safetensors"]] * 3 + [files["timm_pth"], files["missing"]])
@@ -195,11 +278,14 @@ def command(files: dict[str, str], name: str) -> st.SearchStrategy[list[str]]:
         "train": st.just([]),
         "eval": st.one_of(good.map(lambda c: ["--checkpoint", c, "--data", files["folder"]]), st.just([])),
         "predict": st.tuples(st.lists(image, min_size=1, max_size=3), good).map(
-            lambda t: [*t[0], "--checkpoint", t[1], "--workers", "0"]),
+            lambda t: [*t[0], "--checkpoint", t[1], "--workers", "0"]
+        ),
         "convert": st.tuples(good, st.sampled_from([files["out"], files["folder"]]), model).map(
-            lambda t: [t[0], t[1], "--model", t[2]]),
+            lambda t: [t[0], t[1], "--model", t[2]]
+        ),
         "export": st.tuples(st.one_of(model.map(lambda m: [m]), good.map(lambda c: ["--checkpoint", c]))).map(
-            lambda t: [*t[0], "--output", files["out"]]),
+            lambda t: [*t[0], "--output", files["out"]]
+        ),
     }[name]
     extra = sets(files) if name in ("train", "convert") else st.just([])
     junk: st.SearchStrategy[list[str]] = st.one_of(st.just([]), st.just([]), st.just([]), texts().map(lambda t: [t]))
@@ -233,8 +319,9 @@ def run_in_process(argv: list[str]) -> tuple[int | str, str]:
 def _fuzz(files: dict[str, str], name: str, examples: int) -> None:
     seen: dict = {}
 
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(argv=command(files, name))
     def check(argv):
         code, _ = run_in_process(argv)
@@ -276,16 +363,24 @@ def _real(argvs: list[list[str]], files: dict[str, str]) -> list[tuple[int, str]
         outs.append(i)
     folder = Path(files["good_png"]).parent / f"real{len(os.listdir(Path(files['good_png']).parent))}"
     folder.mkdir()
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
-           "VITKIT_DATA": "/nonexistent"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": SRC,
+        "OMP_NUM_THREADS": "1",
+        "PYTHON": sys.executable,
+        "VITKIT_DATA": "/nonexistent",
+    }
     subprocess.run(["bash", "-c", "\n".join(script)], cwd=folder, env=env, timeout=900, capture_output=True)
     return [(int((folder / f"code{i}").read_text()), (folder / f"err{i}").read_text()) for i in outs]
 
 
-@pytest.mark.parametrize("sample", [
-    SAMPLE[:1],
-    pytest.param(SAMPLE, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "sample",
+    [
+        SAMPLE[:1],
+        pytest.param(SAMPLE, marks=pytest.mark.slow),
+    ],
+)
 def test_a_sample_as_real_processes(sample, files):
     for (argv, expected), (code, err) in zip(sample, _real([a for a, _ in sample], files)):
         assert code == expected and "Traceback" not in err and err.count("\n") == 1, (argv, code, err)

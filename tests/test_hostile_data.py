@@ -166,6 +166,7 @@ def test_unusual_modes_are_converted(name, tmp_path):
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG claiming width x height RGB pixels whose image data is a few bytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -211,9 +212,32 @@ def test_train_lists_files_skipped_when_read_in_run_json(tmp_path):
 
     bad = _seed(tmp_path / "d", header_bad=False)
     run = tmp_path / "run"
-    args = ["train", "--data", str(tmp_path / "d"), "--skip-corrupt", "--output", str(run), "--epochs", "1",
-            "--img-size", "8", "--patch-size", "4", "--batch-size", "4", "--workers", "0", "--seed", "0",
-            "--set", "model_args.depth=1", "--set", "model_args.embed_dim=16", "--set", "model_args.num_heads=2"]
+    args = [
+        "train",
+        "--data",
+        str(tmp_path / "d"),
+        "--skip-corrupt",
+        "--output",
+        str(run),
+        "--epochs",
+        "1",
+        "--img-size",
+        "8",
+        "--patch-size",
+        "4",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--seed",
+        "0",
+        "--set",
+        "model_args.depth=1",
+        "--set",
+        "model_args.embed_dim=16",
+        "--set",
+        "model_args.num_heads=2",
+    ]
     assert main(args) == 0
     data = json.loads((run / "run.json").read_text())["data"]
     assert data["skipped_when_read"]["train"] == {"count": 1, "files": [str(bad["truncated"])]}

@@ -90,8 +90,9 @@ def _truncated(suffix: str):
     return build
 
 
-def _safetensors_bytes(tmp: Path, name: str, header: bytes | None = None, length: int | None = None,
-                       data: bytes = b"\0" * 64) -> Path:
+def _safetensors_bytes(
+    tmp: Path, name: str, header: bytes | None = None, length: int | None = None, data: bytes = b"\0" * 64
+) -> Path:
     header = b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}' if header is None else header
     path = tmp / name
     path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + data)
@@ -295,8 +296,9 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "zip bomb (npz, 300 MB member)": (_zip_bomb("bomb.npz", "w.npy", _npy_header((75 * 2**20,))), "zip bomb"),
     "zip bomb (torch zip, 300 MB storage)": (_zip_bomb("bomb.pth", "archive/data/0"), "zip bomb"),
     "tensor shape disagrees with its offsets": (
-        lambda t: _safetensors_bytes(t, "shape.safetensors",
-                                     header=b'{"w": {"dtype": "F32", "shape": [1000000000], "data_offsets": [0, 16]}}'),
+        lambda t: _safetensors_bytes(
+            t, "shape.safetensors", header=b'{"w": {"dtype": "F32", "shape": [1000000000], "data_offsets": [0, 16]}}'
+        ),
         "truncated or corrupt",
     ),
     "npy header declares 4 TB": (_npy_declares_terabytes, "declares"),
@@ -388,11 +390,14 @@ def test_valid_checkpoint_loads_silently(tmp_path):
         assert vitkit.load_checkpoint(_model(), path).ok
 
 
-@pytest.mark.parametrize("meta", [
-    {"format": "vitkit", "model": NAME, "config": "{not json"},
-    {"format": "vitkit", "model": NAME, "config": "[1, 2]"},
-    {"format": "vitkit", "model": NAME},
-])
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"format": "vitkit", "model": NAME, "config": "{not json"},
+        {"format": "vitkit", "model": NAME, "config": "[1, 2]"},
+        {"format": "vitkit", "model": NAME},
+    ],
+)
 def test_vitkit_file_with_bad_metadata(meta, tmp_path):
     path = tmp_path / "meta.safetensors"
     save_file(_state(), str(path), metadata=meta)
@@ -405,7 +410,10 @@ def test_vitkit_file_whose_weights_are_another_model(tmp_path):
     path = tmp_path / "swapped.safetensors"
     vitkit.weights.save_model(small, path)
     other = vitkit.create_model(NAME, **{**SMALL, "embed_dim": 64})
-    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path),
-              metadata={k: v for k, v in vitkit.weights.vitkit_format.read_metadata(path).items()})
+    save_file(
+        {k: v.contiguous() for k, v in other.state_dict().items()},
+        str(path),
+        metadata={k: v for k, v in vitkit.weights.vitkit_format.read_metadata(path).items()},
+    )
     with pytest.raises(FileFormatError, match=f"does not hold the weights of the {NAME}"):
         load_model(path)

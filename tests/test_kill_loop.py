@@ -25,9 +25,30 @@ from test_data import write_idx
 from test_preemption import same_weights
 from vitkit.cli import main
 
-TINY = ["--seed", "0", "--threads", "1", "--workers", "0", "--patch-size", "7", "--batch-size", "16",
-        "--set", "model_args.depth=1", "--set", "model_args.embed_dim=32", "--set", "model_args.num_heads=2",
-        "--set", "log_every=1", "--set", "ema=true", "--train-samples", "200"]
+TINY = [
+    "--seed",
+    "0",
+    "--threads",
+    "1",
+    "--workers",
+    "0",
+    "--patch-size",
+    "7",
+    "--batch-size",
+    "16",
+    "--set",
+    "model_args.depth=1",
+    "--set",
+    "model_args.embed_dim=32",
+    "--set",
+    "model_args.num_heads=2",
+    "--set",
+    "log_every=1",
+    "--set",
+    "ema=true",
+    "--train-samples",
+    "200",
+]
 
 
 def check_whole(run: Path) -> list[str]:
@@ -57,8 +78,10 @@ def _kill_at_random(proc: subprocess.Popen, run: Path, rng: random.Random) -> st
     step = rng.randint(1, 8)
     seen = None
     while time.time() < deadline and proc.poll() is None:
-        if kind == "write" and any(n.startswith((".state.pt", ".last.safetensors", ".best.safetensors"))
-                                   for n in (os.listdir(run) if run.is_dir() else [])):
+        if kind == "write" and any(
+            n.startswith((".state.pt", ".last.safetensors", ".best.safetensors"))
+            for n in (os.listdir(run) if run.is_dir() else [])
+        ):
             break  # a checkpoint is being written right now
         if kind == "step" and (run / "metrics.jsonl").is_file():
             logged = (run / "metrics.jsonl").read_text().count('"step"')
@@ -80,8 +103,13 @@ def kill_loop(run: Path, env: dict[str, str], args: list[str], kills: int, seed:
     while counts["kills"] < kills:
         command = ["--resume", str(run)] if (run / "config.yaml").is_file() else ["--output", str(run), *args]
         counts["before_config"] += command[0] == "--output" and counts["kills"] > 0
-        proc = subprocess.Popen([sys.executable, "-m", "vitkit", "train", *command], env={**os.environ, **env},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vitkit", "train", *command],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         kind = _kill_at_random(proc, run, rng)
         if not kind:  # it finished first: not a kill
             assert proc.returncode == 0, proc.stderr.read()[-3000:]
@@ -90,16 +118,24 @@ def kill_loop(run: Path, env: dict[str, str], args: list[str], kills: int, seed:
         counts["kills"] += 1
         stale = check_whole(run)
         counts["during_writes"] += any(n.startswith((".state.pt", ".last.", ".best.")) for n in stale)
-    done = subprocess.run([sys.executable, "-m", "vitkit", "train", "--resume", str(run)], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "vitkit", "train", "--resume", str(run)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert not check_whole(run)  # the resume removed what killed writes left
     return counts
 
 
 def _run(tmp_path: Path, monkeypatch, epochs: int, kills: int, seed: int) -> dict[str, int]:
-    env = {"VITKIT_DATA": str(write_idx(tmp_path / "idx", n_train=240, n_test=40)),
-           "XDG_CACHE_HOME": str(tmp_path / "cache"), "VITKIT_OFFLINE": "1"}
+    env = {
+        "VITKIT_DATA": str(write_idx(tmp_path / "idx", n_train=240, n_test=40)),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "VITKIT_OFFLINE": "1",
+    }
     args = [*TINY, "--epochs", str(epochs)]
     for key, value in env.items():
         monkeypatch.setenv(key, value)

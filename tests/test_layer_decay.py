@@ -21,8 +21,16 @@ LOW_LR = 2e-6  # 2e-6 x 0.65^2 < min_lr: from the third layer from the top down,
 
 
 def deep_vit() -> torch.nn.Module:
-    return vitkit.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, num_classes=10,
-                               embed_dim=16, depth=DEPTH, num_heads=2)
+    return vitkit.create_model(
+        "vit_tiny_patch16_224",
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=16,
+        depth=DEPTH,
+        num_heads=2,
+    )
 
 
 def run_schedule(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list[list]:
@@ -77,9 +85,19 @@ def test_the_schedule_without_layer_decay_is_unchanged():
 
 
 def test_lamb_with_layer_decay_trains_with_lamb():
-    config = TrainConfig(model="vit_tiny_patch16_224", num_classes=10, in_chans=1, img_size=28, optimizer="lamb",
-                         layer_decay=DECAY, lr=LR, min_lr=MIN_LR, epochs=2, device="cpu",
-                         model_args={"patch_size": 7, "embed_dim": 16, "depth": DEPTH, "num_heads": 2})
+    config = TrainConfig(
+        model="vit_tiny_patch16_224",
+        num_classes=10,
+        in_chans=1,
+        img_size=28,
+        optimizer="lamb",
+        layer_decay=DECAY,
+        lr=LR,
+        min_lr=MIN_LR,
+        epochs=2,
+        device="cpu",
+        model_args={"patch_size": 7, "embed_dim": 16, "depth": DEPTH, "num_heads": 2},
+    )
     state = build_training_state(config, steps_per_epoch=3, device=CPU)
     assert isinstance(state.optimizer, Lamb)  # was silently AdamW
     lrs = sorted({round(g["lr"] / LR, 12) for g in state.optimizer.param_groups})

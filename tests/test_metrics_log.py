@@ -17,8 +17,9 @@ STEPS_PER_EPOCH = 5
 def epoch_lines(epoch: int) -> list[dict]:
     """An epoch's step lines (one per step) and its closing epoch line."""
     first = (epoch - 1) * STEPS_PER_EPOCH
-    steps = [{"step": first + s, "epoch": epoch, "train_loss": 1.0 / (first + s)}
-             for s in range(1, STEPS_PER_EPOCH + 1)]
+    steps = [
+        {"step": first + s, "epoch": epoch, "train_loss": 1.0 / (first + s)} for s in range(1, STEPS_PER_EPOCH + 1)
+    ]
     return steps + [{"epoch": epoch, "train_loss": 1.0 / epoch, "val_top1": 10.0 * epoch}]
 
 

@@ -22,13 +22,35 @@ from vitkit.train.optim import build_optimizer, build_scheduler
 from vitkit.train.run_folder import read_metrics
 
 CPU = torch.device("cpu")
-TINY = ["--set", "model_args.depth=1", "--set", "model_args.embed_dim=32", "--set", "model_args.num_heads=2",
-        "--patch-size", "7", "--batch-size", "32", "--threads", "1", "--seed", "0"]
+TINY = [
+    "--set",
+    "model_args.depth=1",
+    "--set",
+    "model_args.embed_dim=32",
+    "--set",
+    "model_args.num_heads=2",
+    "--patch-size",
+    "7",
+    "--batch-size",
+    "32",
+    "--threads",
+    "1",
+    "--seed",
+    "0",
+]
 
 
 def tiny_vit() -> torch.nn.Module:
-    return vitkit.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, num_classes=10,
-                               embed_dim=32, depth=1, num_heads=2)
+    return vitkit.create_model(
+        "vit_tiny_patch16_224",
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+    )
 
 
 def batches(n: int, nan_at: tuple[int, ...] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -59,8 +81,15 @@ def test_a_nan_in_a_batch_stops_before_the_step_with_a_diagnosis():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = build_optimizer(model, 1e-3, 0.05)
     with pytest.raises(NonFiniteError) as err:
-        train_one_epoch(model, supervised_loss(CrossEntropy(), CPU), batches(3, nan_at=(1,)), opt, device=CPU,
-                        epoch=4, start_step=30)
+        train_one_epoch(
+            model,
+            supervised_loss(CrossEntropy(), CPU),
+            batches(3, nan_at=(1,)),
+            opt,
+            device=CPU,
+            epoch=4,
+            start_step=30,
+        )
     message = str(err.value)
     assert "the training loss became nan at epoch 4, batch 2/3 (step 32): lr 0.001, loss scale none" in message
     assert "non-finite gradients in 20 parameter(s) of group(s) [0, 1]: cls_token" in message and "\n" not in message
@@ -86,13 +115,16 @@ def test_skip_mode_skips_and_counts_up_to_the_limit():
     sched = build_scheduler(opt, total_steps=8, warmup_steps=2, warmup_lr=1e-5, min_lr=1e-5)
     loss = supervised_loss(CrossEntropy(), CPU)
     with pytest.warns(UserWarning, match=r"skipped a step: the training loss became nan at epoch 0, batch 2/4"):
-        stats = train_one_epoch(model, loss, batches(4, nan_at=(1,)), opt, device=CPU, scheduler=sched,
-                                on_nonfinite="skip", max_skips=1)
+        stats = train_one_epoch(
+            model, loss, batches(4, nan_at=(1,)), opt, device=CPU, scheduler=sched, on_nonfinite="skip", max_skips=1
+        )
     assert stats["nonfinite_skips"] == 1 and stats["steps"] == 4 and stats["images"] == 12
     assert sched.last_epoch == 4 and math.isfinite(stats["train_loss"])  # the schedule moved on; loss of 3 batches
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    with pytest.raises(NonFiniteError, match=r"1 step\(s\) skipped in this epoch, max_nonfinite_skips reached"), \
-            pytest.warns(UserWarning):
+    with (
+        pytest.raises(NonFiniteError, match=r"1 step\(s\) skipped in this epoch, max_nonfinite_skips reached"),
+        pytest.warns(UserWarning),
+    ):
         train_one_epoch(model, loss, batches(4, nan_at=(0, 2)), opt, device=CPU, on_nonfinite="skip", max_skips=1)
 
 
@@ -104,8 +136,9 @@ def test_fp16_leaves_non_finite_gradients_to_the_scaler():
     stats = train_one_epoch(model, supervised_loss(CrossEntropy(), CPU), batches(2), opt, device=CPU, scaler=scaler)
     assert stats["nonfinite_skips"] == 0 and scaler.get_scale() < 1024.0  # the scaler skipped and backed off
     with pytest.raises(NonFiniteError, match="loss scale 256; non-finite gradients"):  # a NaN loss still stops
-        train_one_epoch(model, supervised_loss(CrossEntropy(), CPU), batches(2, nan_at=(0,)), opt, device=CPU,
-                        scaler=scaler)
+        train_one_epoch(
+            model, supervised_loss(CrossEntropy(), CPU), batches(2, nan_at=(0,)), opt, device=CPU, scaler=scaler
+        )
 
 
 # -- end to end: vitkit train and vitkit pretrain through the same engine ---------------------------
@@ -129,8 +162,20 @@ def test_train_skips_a_nan_batch_and_counts_it_then_stops_past_the_limit(idx_dat
     monkeypatch.setattr(supervised, "supervised_loss", lambda *a: poisoned(real(*a), at={13, 14}))
     stopped = tmp_path / "stopped"
     with pytest.warns(UserWarning, match="skipped a step"):
-        code = main(["train", "--output", str(stopped), *TINY, "--epochs", "2", "--on-nonfinite", "skip",
-                     "--set", "max_nonfinite_skips=1"])
+        code = main(
+            [
+                "train",
+                "--output",
+                str(stopped),
+                *TINY,
+                "--epochs",
+                "2",
+                "--on-nonfinite",
+                "skip",
+                "--set",
+                "max_nonfinite_skips=1",
+            ]
+        )
     err = capsys.readouterr().err
     assert code != 0 and "batch 3/11 (step 14)" in err and "max_nonfinite_skips reached" in err
     assert "the checkpoint of epoch 1" in err and torch.load(stopped / "state.pt", weights_only=True)["epoch"] == 1
@@ -165,6 +210,21 @@ def test_pretrain_stops_on_a_nan_batch_keeping_epoch_one_and_can_skip(tmp_path, 
     per_epoch.clear()
     skipped = tmp_path / "skipped"
     with pytest.warns(UserWarning, match="skipped a step"):
-        assert main(["pretrain", "--data", str(data), "--epochs", "2", "--output", str(skipped), *TINY_VIT_ARGS,
-                     "--on-nonfinite", "skip"]) == 0
+        assert (
+            main(
+                [
+                    "pretrain",
+                    "--data",
+                    str(data),
+                    "--epochs",
+                    "2",
+                    "--output",
+                    str(skipped),
+                    *TINY_VIT_ARGS,
+                    "--on-nonfinite",
+                    "skip",
+                ]
+            )
+            == 0
+        )
     assert [r["nonfinite_skips"] for r in read_metrics(skipped) if "step" not in r] == [0, 1]

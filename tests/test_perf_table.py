@@ -8,8 +8,24 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "perf_table.py"
-ARGS = ["--models", "deit_tiny_patch16_224", "--img-size", "32", "--modes", "infer", "--batch-sizes", "1",
-        "--steps", "1", "--rounds", "1", "--warmup", "0", "--threads", "1"]
+ARGS = [
+    "--models",
+    "deit_tiny_patch16_224",
+    "--img-size",
+    "32",
+    "--modes",
+    "infer",
+    "--batch-sizes",
+    "1",
+    "--steps",
+    "1",
+    "--rounds",
+    "1",
+    "--warmup",
+    "0",
+    "--threads",
+    "1",
+]
 
 
 def _run(out: Path) -> subprocess.CompletedProcess:

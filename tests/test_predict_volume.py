@@ -78,8 +78,20 @@ def test_bad_file_in_the_middle_stops_with_its_path(tmp_path, checkpoint, capsys
 def test_skip_corrupt_leaves_bad_files_out_and_lists_them(tmp_path, checkpoint, capsys):
     whole = _png(99)
     paths = _images(tmp_path / "imgs", 7, bad={2: b"", 3: whole[:100], 5: b"not an image"})
-    code = main(["predict", str(tmp_path / "imgs"), "--checkpoint", str(checkpoint), "--skip-corrupt", "--json",
-                 "--batch-size", "3", "--workers", "0"])
+    code = main(
+        [
+            "predict",
+            str(tmp_path / "imgs"),
+            "--checkpoint",
+            str(checkpoint),
+            "--skip-corrupt",
+            "--json",
+            "--batch-size",
+            "3",
+            "--workers",
+            "0",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0
     assert [r["image"] for r in json.loads(out)] == [str(paths[i]) for i in (0, 1, 4, 6)]
@@ -90,12 +102,15 @@ def test_skip_corrupt_leaves_bad_files_out_and_lists_them(tmp_path, checkpoint, 
     assert stats.classified == 4 and stats.skipped == [paths[i] for i in (2, 3, 5)]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--top-k", "0"], "--top-k must be >= 1"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--workers", "-1"], "--workers must be between 0 and 64"),
-    (["--workers", "100000"], "--workers must be between 0 and 64"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top-k", "0"], "--top-k must be >= 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--workers", "-1"], "--workers must be between 0 and 64"),
+        (["--workers", "100000"], "--workers must be between 0 and 64"),
+    ],
+)
 def test_bad_options_are_usage_errors(flags, message, tmp_path, checkpoint, capsys):
     image = _images(tmp_path, 1)[0]
     assert main(["predict", str(image), "--checkpoint", str(checkpoint), *flags]) == 2
@@ -125,15 +140,18 @@ def peak_rss_mb(folders: list[Path], checkpoint: Path, workers: int = 0) -> list
     )
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    rows = [line.split() for line in done.stderr.splitlines()[-len(folders):]]
+    rows = [line.split() for line in done.stderr.splitlines()[-len(folders) :]]
     assert [r[0] for r in rows] == ["0"] * len(folders), done.stderr[-2000:]
     return [int(r[1]) / 1024 for r in rows]  # ru_maxrss is in KiB on Linux
 
 
-@pytest.mark.parametrize("small, large", [
-    (1000, 2000),
-    pytest.param(1000, 10_000, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "small, large",
+    [
+        (1000, 2000),
+        pytest.param(1000, 10_000, marks=pytest.mark.slow),
+    ],
+)
 def test_peak_memory_does_not_grow_with_the_file_count(small, large, tmp_path, checkpoint):
     paths = _images(tmp_path / "big", large)
     (tmp_path / "small").mkdir()

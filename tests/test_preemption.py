@@ -23,17 +23,44 @@ from test_data import write_idx
 from vitkit.cli import main
 from vitkit.train.preemption import Preempted, StopRequest
 
-TINY = ["--seed", "0", "--threads", "1", "--workers", "0", "--patch-size", "7", "--batch-size", "16",
-        "--set", "model_args.depth=1", "--set", "model_args.embed_dim=32", "--set", "model_args.num_heads=2",
-        "--set", "log_every=1", "--set", "ema=true", "--set", "ema_decay=0.9", "--train-samples", "200",
-        "--epochs", "2"]
+TINY = [
+    "--seed",
+    "0",
+    "--threads",
+    "1",
+    "--workers",
+    "0",
+    "--patch-size",
+    "7",
+    "--batch-size",
+    "16",
+    "--set",
+    "model_args.depth=1",
+    "--set",
+    "model_args.embed_dim=32",
+    "--set",
+    "model_args.num_heads=2",
+    "--set",
+    "log_every=1",
+    "--set",
+    "ema=true",
+    "--set",
+    "ema_decay=0.9",
+    "--train-samples",
+    "200",
+    "--epochs",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("preempt_data")
-    return {"VITKIT_DATA": str(write_idx(root / "idx", n_train=240, n_test=40)),
-            "XDG_CACHE_HOME": str(root / "cache"), "VITKIT_OFFLINE": "1"}
+    return {
+        "VITKIT_DATA": str(write_idx(root / "idx", n_train=240, n_test=40)),
+        "XDG_CACHE_HOME": str(root / "cache"),
+        "VITKIT_OFFLINE": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +75,14 @@ def reference(tmp_path_factory, env) -> Path:
 
 
 def start(env: dict[str, str], *args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vitkit", "train", *args], env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vitkit", "train", *args],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def wait_for_step(run: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
@@ -75,8 +108,13 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def resume(env: dict[str, str], run: Path, *extra: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "vitkit", "train", "--resume", str(run), *extra],
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "vitkit", "train", "--resume", str(run), *extra],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -154,6 +192,7 @@ def _fsize_limit(limit: int):
     def set_limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit, write() fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return set_limit
 
 
@@ -170,9 +209,14 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(env, 
     # files, the data cache and the figures the resumed run writes, and less than state.pt
     limit = int(0.6 * len(before))
     assert limit > 4 * 240 * 28 * 28
-    done = subprocess.run([sys.executable, "-m", "vitkit", "train", "--resume", str(run), "--threads", "1"],
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
-                          preexec_fn=_fsize_limit(limit))
+    done = subprocess.run(
+        [sys.executable, "-m", "vitkit", "train", "--resume", str(run), "--threads", "1"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_fsize_limit(limit),
+    )
     assert done.returncode in (1, 2), done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if not line.startswith("epoch ")]  # progress lines
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
@@ -194,8 +238,13 @@ def test_two_processes_agree_on_the_stopping_step_and_resume(env, tmp_path):
     assert f"continue with: vitkit train --resume {run} --nproc 2" in err
     state = torch.load(run / "state.pt", weights_only=True)
     assert state["epoch_position"] > 0 and len(state["rng_ranks"]) == 2
-    one = subprocess.run([sys.executable, "-m", "vitkit", "train", "--resume", str(run)], env={**os.environ, **env},
-                         capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "vitkit", "train", "--resume", str(run)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode in (1, 2) and "stopped mid-epoch with 2 process(es): resume it with --nproc 2" in one.stderr
     resume(env, run, "--nproc", "2")
     steps = [json.loads(x).get("step") for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -214,19 +263,52 @@ def test_requeue_script_saves_requeues_and_resumes(reference, env, tmp_path):
     bin_dir, run, script = tmp_path / "bin", tmp_path / "run", tmp_path / "job.sbatch"
     bin_dir.mkdir()
     _stub(bin_dir, "srun", 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"')
-    _stub(bin_dir, "scontrol", f'[[ "$1" == requeue ]] && echo "$@" >> {tmp_path}/requeued\n'
-                               '[[ "$1 $2" == "show hostnames" ]] && echo node1\ntrue')
+    _stub(
+        bin_dir,
+        "scontrol",
+        f'[[ "$1" == requeue ]] && echo "$@" >> {tmp_path}/requeued\n'
+        '[[ "$1 $2" == "show hostnames" ]] && echo node1\ntrue',
+    )
     _stub(bin_dir, "torchrun", f'while [[ "$1" != -m ]]; do shift; done\nshift\nexec {sys.executable} -m "$@"')
-    assert main(["submit", "--nodes", "1", "--gpus-per-node", "1", "--requeue", "--no-submit", "--output",
-                 str(script), "--", "--output", str(run), *TINY]) == 0
+    assert (
+        main(
+            [
+                "submit",
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "1",
+                "--requeue",
+                "--no-submit",
+                "--output",
+                str(script),
+                "--",
+                "--output",
+                str(run),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     text = script.read_text()
     assert "#SBATCH --requeue\n" in text and "#SBATCH --signal=B:TERM@120\n" in text
     src = str(Path(vitkit.__file__).parents[1])  # this vitkit, though the job runs in another folder
-    job_env = {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-               "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
-               "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1"}
-    job = subprocess.Popen(["bash", str(script)], env={**os.environ, **job_env}, cwd=tmp_path,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_env = {
+        **env,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_JOB_NUM_NODES": "1",
+    }
+    job = subprocess.Popen(
+        ["bash", str(script)],
+        env={**os.environ, **job_env},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(run, job, 3)
     job.send_signal(signal.SIGTERM)  # what --signal=B:TERM sends: to the batch script only
     out, err = job.communicate(timeout=120)
@@ -235,16 +317,34 @@ def test_requeue_script_saves_requeues_and_resumes(reference, env, tmp_path):
     assert (tmp_path / "requeued").read_text() == "requeue 4242\n"
     assert torch.load(run / "state.pt", weights_only=True)["epoch_position"] > 0
 
-    again = subprocess.run(["bash", str(script)], env={**os.environ, **job_env}, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)  # the requeued job
+    again = subprocess.run(
+        ["bash", str(script)], env={**os.environ, **job_env}, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )  # the requeued job
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming {run} in epoch" in again.stdout
     assert same_weights(reference, run)
 
 
 def test_requeue_needs_the_run_folder(tmp_path, capsys):
-    assert main(["submit", "--nodes", "1", "--gpus-per-node", "1", "--requeue", "--no-submit",
-                 "--output", str(tmp_path / "j.sbatch"), "--", "--epochs", "3"]) == 2
+    assert (
+        main(
+            [
+                "submit",
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "1",
+                "--requeue",
+                "--no-submit",
+                "--output",
+                str(tmp_path / "j.sbatch"),
+                "--",
+                "--epochs",
+                "3",
+            ]
+        )
+        == 2
+    )
     assert "--requeue resumes from the run folder" in capsys.readouterr().err
 
 
@@ -270,6 +370,7 @@ def test_pretraining_stops_on_sigterm_and_resumes_identically(tmp_path, monkeypa
             if len(calls) == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
             return inner(model, batch)
+
         return loss
 
     monkeypatch.setattr(SimMIMTask, "batch_loss", signalled)

@@ -34,9 +34,33 @@ def run(tmp_path_factory):
         mp.setenv("VITKIT_DATA", str(write_idx(tmp / "idx", n_train=300, n_test=40)))
         mp.setattr(fashion_mnist, "DEBIAN_DIR", tmp / "no-debian")
         out = tmp / "run"
-        code = main(["train", "--output", str(out), "--seed", "1", "--epochs", "2", "--patch-size", "7",
-                     "--batch-size", "32", "--threads", "1", "--val-samples", "40", "--set", "model_args.depth=1",
-                     "--set", "model_args.embed_dim=32", "--set", "model_args.num_heads=2", "--set", "lr=3e-3"])
+        code = main(
+            [
+                "train",
+                "--output",
+                str(out),
+                "--seed",
+                "1",
+                "--epochs",
+                "2",
+                "--patch-size",
+                "7",
+                "--batch-size",
+                "32",
+                "--threads",
+                "1",
+                "--val-samples",
+                "40",
+                "--set",
+                "model_args.depth=1",
+                "--set",
+                "model_args.embed_dim=32",
+                "--set",
+                "model_args.num_heads=2",
+                "--set",
+                "lr=3e-3",
+            ]
+        )
         assert code == 0
         yield out
 
@@ -65,8 +89,22 @@ def test_quantize_run_writes_a_file_that_predicts_as_the_in_memory_int8_model(ru
         assert torch.equal(loaded(images), in_memory(images))
 
     # eval and predict take the int8 file: the test figure is the gate's, the class names the run's
-    assert main(["eval", "--checkpoint", str(target), "--data", "fashion-mnist", "--split", "test",
-                 "--out", str(tmp_path / "test.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(target),
+                "--data",
+                "fashion-mnist",
+                "--split",
+                "test",
+                "--out",
+                str(tmp_path / "test.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "test.json").read_text())["top1"] == gate["test"]["int8_top1"]
     image, _ = fake_images(1, seed=3)
     Image.fromarray(image[0].numpy()).save(tmp_path / "shoe.png")
@@ -91,20 +129,37 @@ def test_a_checkpoint_with_data_is_quantised_beside_it(run, tmp_path, capsys):
     assert "--checkpoint needs --data" in capsys.readouterr().err
     checkpoint = tmp_path / "weights.safetensors"
     checkpoint.write_bytes((run / "best.safetensors").read_bytes())
-    assert main(["quantize", "--checkpoint", str(checkpoint), "--data", "fashion-mnist", "--max-drop", "100",
-                 "--scheme", "per-tensor"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "--checkpoint",
+                str(checkpoint),
+                "--data",
+                "fashion-mnist",
+                "--max-drop",
+                "100",
+                "--scheme",
+                "per-tensor",
+            ]
+        )
+        == 0
+    )
     written = tmp_path / "weights.int8.safetensors"
     assert str(written) in capsys.readouterr().out and read_metadata(written)["scheme"] == "per-tensor"
     assert load_quantized(written, create_model).int8_metadata["source"] == str(checkpoint)
 
 
-@pytest.mark.parametrize("name,fields", [
-    ("vit_tiny_patch16_224", dict(depth=1, img_size=32, patch_size=8)),
-    ("deit_tiny_distilled_patch16_224", dict(depth=1, img_size=32, patch_size=8)),
-    ("deit3_small_patch16_224", dict(depth=1, img_size=32, patch_size=8)),
-    ("swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1), img_size=56)),
-    ("swinv2_tiny_window8_256", dict(depths=(1, 1, 1, 1), img_size=64, window_size=4)),
-])
+@pytest.mark.parametrize(
+    "name,fields",
+    [
+        ("vit_tiny_patch16_224", dict(depth=1, img_size=32, patch_size=8)),
+        ("deit_tiny_distilled_patch16_224", dict(depth=1, img_size=32, patch_size=8)),
+        ("deit3_small_patch16_224", dict(depth=1, img_size=32, patch_size=8)),
+        ("swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1), img_size=56)),
+        ("swinv2_tiny_window8_256", dict(depths=(1, 1, 1, 1), img_size=64, window_size=4)),
+    ],
+)
 def test_every_family_round_trips_and_stays_near_fp32(name, fields, tmp_path):
     fp32 = create_model(name, num_classes=7, **fields).eval()
     for scheme in ("per-channel", "per-tensor"):

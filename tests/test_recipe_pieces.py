@@ -221,8 +221,9 @@ def test_hard_distillation_target_is_teacher_argmax():
 
 
 def test_distilled_model_heads_learn_from_labels_and_teacher():
-    model = vitkit.create_model("deit_tiny_distilled_patch16_224", img_size=8, patch_size=4, depth=1,
-                                embed_dim=16, num_heads=2, num_classes=4)
+    model = vitkit.create_model(
+        "deit_tiny_distilled_patch16_224", img_size=8, patch_size=4, depth=1, embed_dim=16, num_heads=2, num_classes=4
+    )
     model.set_distilled_training(True)
     model.train()
     teacher, images, labels = _Teacher(), torch.randn(6, 3, 8, 8), torch.arange(6) % 4
@@ -235,9 +236,10 @@ def test_distilled_model_heads_learn_from_labels_and_teacher():
     torch.testing.assert_close(loss, 0.5 * F.cross_entropy(cls, labels) + 0.5 * F.cross_entropy(dist, t))
     # a plain model: its single output learns from both
     out = torch.randn(6, 4)
-    torch.testing.assert_close(criterion(out, labels, images),
-                               0.5 * F.cross_entropy(out, labels) + 0.5 * F.cross_entropy(out, t))
-    assert build_distillation(CrossEntropy(), None, "none") .__class__ is CrossEntropy
+    torch.testing.assert_close(
+        criterion(out, labels, images), 0.5 * F.cross_entropy(out, labels) + 0.5 * F.cross_entropy(out, t)
+    )
+    assert build_distillation(CrossEntropy(), None, "none").__class__ is CrossEntropy
     with pytest.raises(ValueError, match="needs a teacher"):
         build_distillation(CrossEntropy(), None, "soft")
 
@@ -253,8 +255,16 @@ def test_soft_distillation_is_scaled_kl():
 
 
 def _tiny_vit(classes=4):
-    return vitkit.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, depth=1, embed_dim=16,
-                               num_heads=2, num_classes=classes, in_chans=1)
+    return vitkit.create_model(
+        "vit_tiny_patch16_224",
+        img_size=8,
+        patch_size=4,
+        depth=1,
+        embed_dim=16,
+        num_heads=2,
+        num_classes=classes,
+        in_chans=1,
+    )
 
 
 def test_load_teacher_from_file_and_run_dir(tmp_path):
@@ -304,8 +314,10 @@ def test_lamb_matches_timm():
     ref.load_state_dict(ours.state_dict())
 
     def groups(m):  # one group with weight decay, one without (trust ratio off there)
-        return [{"params": [m[0].weight, m[1].weight], "weight_decay": 0.05},
-                {"params": [m[0].bias, m[1].bias], "weight_decay": 0.0}]
+        return [
+            {"params": [m[0].weight, m[1].weight], "weight_decay": 0.05},
+            {"params": [m[0].bias, m[1].bias], "weight_decay": 0.0},
+        ]
 
     opt_ours = Lamb(groups(ours), lr=4e-3, max_grad_norm=1.0)
     opt_ref = timm_optim.Lamb(groups(ref), lr=4e-3, max_grad_norm=1.0, foreach=False)
@@ -354,8 +366,27 @@ def test_distillation_smoke_run(idx_data, tmp_path):
     teacher = tmp_path / "teacher"
     assert main(["train", "--output", str(teacher), *SMOKE]) == 0
     student = tmp_path / "student"
-    assert main(["train", "--model", "deit_tiny_distilled_patch16_224", "--patch-size", "7", "--output", str(student),
-                 *SMOKE, "--teacher", str(teacher), "--distillation", "hard", "--distill-alpha", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "deit_tiny_distilled_patch16_224",
+                "--patch-size",
+                "7",
+                "--output",
+                str(student),
+                *SMOKE,
+                "--teacher",
+                str(teacher),
+                "--distillation",
+                "hard",
+                "--distill-alpha",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     config = yaml.safe_load((student / "config.yaml").read_text())
     assert (config["distillation"], config["teacher"]) == ("hard", str(teacher))
     assert "test_top1" in _records(student)[-1]
@@ -380,8 +411,9 @@ def test_recipe_fields_reach_transforms_sampler_and_criterion():
     assert aug.three_augment and aug.color_jitter == 0.3 and aug.crop == "pad"
     assert BatchTrainTransform(ImageSpec(28, 1, (0.5,), (0.5,)), aug).extra.active
     data = TensorImageDataset(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
-    loader = build_loader(data, train=True, batch_size=4, repeats=config.repeated_aug,
-                          repeat_epoch=config.repeated_aug_epoch)
+    loader = build_loader(
+        data, train=True, batch_size=4, repeats=config.repeated_aug, repeat_epoch=config.repeated_aug_epoch
+    )
     assert isinstance(loader.sampler.sampler, RepeatedAugSampler) and len(loader.sampler) == 10  # in a ResumableSampler
     assert isinstance(build_criterion(config), BinaryCrossEntropy)
     assert augment(build_config("deit")).auto_augment == "rand-m9-mstd0.5-inc1"

@@ -50,9 +50,34 @@ def tiny_run(tmp: Path) -> Iterator[Path]:
         mp.setenv("VITKIT_DATA", str(write_idx(tmp / "idx", n_train=200, n_test=40)))
         mp.setattr(fashion_mnist, "DEBIAN_DIR", tmp / "no-debian")
         out = tmp / "run"
-        assert main(["train", "--output", str(out), "--seed", "0", "--epochs", "1", "--patch-size", "7",
-                     "--batch-size", "32", "--threads", "1", "--val-samples", "20", "--set", "model_args.depth=1",
-                     "--set", "model_args.embed_dim=32", "--set", "model_args.num_heads=2"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--output",
+                    str(out),
+                    "--seed",
+                    "0",
+                    "--epochs",
+                    "1",
+                    "--patch-size",
+                    "7",
+                    "--batch-size",
+                    "32",
+                    "--threads",
+                    "1",
+                    "--val-samples",
+                    "20",
+                    "--set",
+                    "model_args.depth=1",
+                    "--set",
+                    "model_args.embed_dim=32",
+                    "--set",
+                    "model_args.num_heads=2",
+                ]
+            )
+            == 0
+        )
         yield out
 
 
@@ -107,8 +132,9 @@ def serve(run_dir: Path, max_bytes: int = 10 * 2**20, **settings) -> tuple[LiveS
     return LiveServer(create_app(predictor, max_bytes=max_bytes)), predictor
 
 
-def request(url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-            method: str | None = None) -> tuple[int, dict[str, str], bytes]:
+def request(
+    url: str, body: bytes | None = None, headers: dict[str, str] | None = None, method: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -145,8 +171,12 @@ def assert_same_answers(served: list[dict], printed: list[dict], tol: float = 1e
 def test_vitkit_serve_answers_like_vitkit_predict(run, images, capsys):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(vitkit.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vitkit", "serve", "--run", str(run), "--port", str(port),
-                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitkit", "serve", "--run", str(run), "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -196,10 +226,16 @@ def test_multipart_json_and_raw_bodies_answer_alike(run, images, capsys):
     with server:
         body, headers = multipart([("image", "a.png", data[0]), ("image", "b.png", data[1])])
         by_form = json.loads(request(f"{server.url}/v1/predict?top_k=3", body, headers)[2])
-        b64 = {"images": [base64.b64encode(data[0]).decode(), "data:image/png;base64," + base64.b64encode(
-            data[1]).decode()], "top_k": 3}
-        by_json = json.loads(request(f"{server.url}/v1/predict", json.dumps(b64).encode(),
-                                     {"Content-Type": "application/json"})[2])
+        b64 = {
+            "images": [
+                base64.b64encode(data[0]).decode(),
+                "data:image/png;base64," + base64.b64encode(data[1]).decode(),
+            ],
+            "top_k": 3,
+        }
+        by_json = json.loads(
+            request(f"{server.url}/v1/predict", json.dumps(b64).encode(), {"Content-Type": "application/json"})[2]
+        )
         raw = json.loads(request(f"{server.url}/v1/predict?top_k=3", data[1], {"Content-Type": "image/png"})[2])
     assert [e["image"] for e in by_json] == ["images[0]", "images[1]"] and len(by_form[0]["top"]) == 3
     for a, b in zip(by_form, by_json):
@@ -225,8 +261,9 @@ def test_a_model_without_attention_answers_with_the_bars_alone(tmp_path, images)
     from vitkit.train.modeling import build_torchvision, save_weights
 
     model = build_torchvision("mobilenet_v3_small", num_classes=10, in_chans=1, img_size=32)
-    save_weights(model, tmp_path / "tv.safetensors", spec=ImageSpec(32, 1, (0.5,), (0.5,)),
-                 classes=fashion_mnist.CLASSES)
+    save_weights(
+        model, tmp_path / "tv.safetensors", spec=ImageSpec(32, 1, (0.5,), (0.5,)), classes=fashion_mnist.CLASSES
+    )
     served = load_served_model(checkpoint=tmp_path / "tv.safetensors")
     assert served.attention is None and served.test_top1 is None
     with LiveServer(create_app(Predictor(served))) as server:
@@ -244,10 +281,20 @@ def test_a_swin_answers_with_its_class_activation_map(tmp_path, images):
     from vitkit.train.modeling import save_weights
 
     # two tiny stages: 32 px / patch 4 = an 8x8 grid, merged to 4x4; windows of 4
-    model = create_model("swin_tiny_patch4_window7_224", img_size=32, in_chans=1, num_classes=10, embed_dim=16,
-                         depths=(1, 1), num_heads=(1, 2), window_size=4, pretrained_window_sizes=(0, 0))
-    save_weights(model, tmp_path / "swin.safetensors", spec=ImageSpec(32, 1, (0.5,), (0.5,)),
-                 classes=fashion_mnist.CLASSES)
+    model = create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=32,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=16,
+        depths=(1, 1),
+        num_heads=(1, 2),
+        window_size=4,
+        pretrained_window_sizes=(0, 0),
+    )
+    save_weights(
+        model, tmp_path / "swin.safetensors", spec=ImageSpec(32, 1, (0.5,), (0.5,)), classes=fashion_mnist.CLASSES
+    )
     predictor = Predictor(load_served_model(checkpoint=tmp_path / "swin.safetensors"))
     image = predictor.decode(images[0].read_bytes(), "a.png")  # 28x28 resized to 32: the whole picture
     predictor.start()
@@ -304,8 +351,13 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(run, images)
         assert status == 404 and set(json.loads(answer)) == {"error"}
         # a chunked body declares no length: it is cut off at --max-bytes as it streams in
         conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=60)
-        conn.request("POST", "/v1/predict", body=iter([b"\0" * 60_000] * 3), encode_chunked=True,
-                     headers={"Content-Type": "image/png"})
+        conn.request(
+            "POST",
+            "/v1/predict",
+            body=iter([b"\0" * 60_000] * 3),
+            encode_chunked=True,
+            headers={"Content-Type": "image/png"},
+        )
         chunked = conn.getresponse()
         assert chunked.status == 413 and "max-bytes" in json.loads(chunked.read())["error"]
         conn.close()

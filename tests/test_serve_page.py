@@ -39,8 +39,10 @@ def fmnist_image(tmp_path_factory) -> Path:
         except FileNotFoundError:
             images = None
     if images is None or len(images) != 10_000:
-        pytest.skip(f"Fashion-MNIST is not installed: apt-get install {fashion_mnist.DEBIAN_PACKAGE} "
-                    "(`make test` does it as root)")
+        pytest.skip(
+            f"Fashion-MNIST is not installed: apt-get install {fashion_mnist.DEBIAN_PACKAGE} "
+            "(`make test` does it as root)"
+        )
     path = tmp_path_factory.mktemp("fmnist") / "test00000.png"
     Image.fromarray(images[0, 0].numpy(), mode="L").save(path)
     return path

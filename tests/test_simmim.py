@@ -217,8 +217,11 @@ def test_layer_decay_groups():
     swin_args = TINY["swin_tiny_patch4_window7_224"] | {"depths": (2, 2, 1, 1)}
     swin = vitkit.create_model("swin_tiny_patch4_window7_224", **swin_args)
     cfg = swin.config  # 6 blocks: ids 1..6; a merging shares the id of the block before it
-    names = ("layers.0.blocks.1.mlp.fc1.weight", "layers.1.downsample.reduction.weight",
-             "layers.1.blocks.0.norm1.weight")
+    names = (
+        "layers.0.blocks.1.mlp.fc1.weight",
+        "layers.1.downsample.reduction.weight",
+        "layers.1.blocks.0.norm1.weight",
+    )
     assert [layer_id(n, cfg) for n in names] == [2, 2, 3]
     assert layer_id("layers.3.blocks.0.attn.qkv.weight", cfg) == 6 and layer_id("head.fc.weight", cfg) == 7
 
@@ -257,8 +260,9 @@ def test_pretraining_lowers_the_masked_loss(tmp_path):
     cpu = torch.device("cpu")
     before = evaluate(model, val, device=cpu, metrics=MaskedL1Metrics(masks))["val_loss"]
     loss_fn = masked_image_loss(masks, g)
-    history = [train_one_epoch(model, loss_fn, train, opt, device=cpu, scheduler=sched)["train_loss"]
-               for _ in range(epochs)]
+    history = [
+        train_one_epoch(model, loss_fn, train, opt, device=cpu, scheduler=sched)["train_loss"] for _ in range(epochs)
+    ]
     after = evaluate(model, val, device=cpu, metrics=MaskedL1Metrics(masks))["val_loss"]
     assert history[-1] < history[0] and after < 0.75 * before, (before, history, after)
 
@@ -289,10 +293,26 @@ def _write_unlabelled_folder(root, n: int = 40) -> None:
 
 
 TINY_VIT_ARGS = [
-    "--model", "vit_tiny_patch16_224", "--img-size", "32", "--mask-patch-size", "8",
-    "--set", "model_args={patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2}",
-    "--batch-size", "8", "--seed", "0", "--threads", "1", "--workers", "0",
-    "--set", "warmup_epochs=0.5", "--set", "crop_pct=1.0",
+    "--model",
+    "vit_tiny_patch16_224",
+    "--img-size",
+    "32",
+    "--mask-patch-size",
+    "8",
+    "--set",
+    "model_args={patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2}",
+    "--batch-size",
+    "8",
+    "--seed",
+    "0",
+    "--threads",
+    "1",
+    "--workers",
+    "0",
+    "--set",
+    "warmup_epochs=0.5",
+    "--set",
+    "crop_pct=1.0",
 ]
 
 
@@ -308,8 +328,16 @@ def test_pretrain_cli_runs_resumes_and_saves_the_encoder(tmp_path, capsys, monke
     assert main([*args, "--output", str(full)]) == 0
     out = capsys.readouterr().out
     assert "encoder:" in out and "reconstructions:" in out
-    for name in ("config.yaml", "pretrain.yaml", "run.json", "metrics.jsonl", "state.pt", "curves.png",
-                 "encoder.safetensors", "reconstructions.png"):
+    for name in (
+        "config.yaml",
+        "pretrain.yaml",
+        "run.json",
+        "metrics.jsonl",
+        "state.pt",
+        "curves.png",
+        "encoder.safetensors",
+        "reconstructions.png",
+    ):
         assert (full / name).is_file(), name
     epochs = [r for r in read_metrics(full) if "step" not in r]
     assert [r["epoch"] for r in epochs] == [1, 2]
@@ -332,19 +360,34 @@ def test_pretrain_cli_runs_resumes_and_saves_the_encoder(tmp_path, capsys, monke
     assert main(["pretrain", "--resume", str(part), "--threads", "1"]) == 0
     a, b = load_file(str(full / "encoder.safetensors")), load_file(str(part / "encoder.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    losses = [[(r["epoch"], r["train_loss"], r["val_loss"]) for r in read_metrics(d) if "step" not in r]
-              for d in (full, part)]
+    losses = [
+        [(r["epoch"], r["train_loss"], r["val_loss"]) for r in read_metrics(d) if "step" not in r] for d in (full, part)
+    ]
     assert losses[0] == losses[1] and len(losses[0]) == 2
 
     # the encoder fine-tunes: only the head is missing
-    model = vitkit.create_model("vit_tiny_patch16_224", num_classes=3, in_chans=1, img_size=32,
-                                patch_size=4, depth=1, embed_dim=32, num_heads=2)
+    model = vitkit.create_model(
+        "vit_tiny_patch16_224", num_classes=3, in_chans=1, img_size=32, patch_size=4, depth=1, embed_dim=32, num_heads=2
+    )
     assert set(load_encoder(model, full / "encoder.safetensors")) == {"head.weight", "head.bias"}
 
     # a contradicting resume and a bad mask patch are one-line errors
     assert main(["pretrain", "--resume", str(full), "--mask-ratio", "0.4"]) == 2
-    assert main(["pretrain", "--data", str(data), "--output", str(tmp_path / "bad"), *TINY_VIT_ARGS,
-                 "--mask-patch-size", "6"]) == 2
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(data),
+                "--output",
+                str(tmp_path / "bad"),
+                *TINY_VIT_ARGS,
+                "--mask-patch-size",
+                "6",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "contradict" in err and "multiple of the model's patch size 4" in err
     assert not (tmp_path / "bad" / "state.pt").exists()
@@ -363,8 +406,9 @@ def test_finetune_fields_rebuild_the_pretrained_architecture(tmp_path):
         "img_size": 32,
         "in_chans": 1,
     }
-    fresh = vitkit.create_model(fields["model"], num_classes=5, img_size=fields["img_size"],
-                                in_chans=fields["in_chans"], **fields["model_args"])
+    fresh = vitkit.create_model(
+        fields["model"], num_classes=5, img_size=fields["img_size"], in_chans=fields["in_chans"], **fields["model_args"]
+    )
     said = load_finetune_weights(fresh, tmp_path)
     assert all(k in said for k in HEAD_KEYS[name]) and "pre-trained encoder" in said
     assert finetune_file(tmp_path) == tmp_path / "encoder.safetensors"
@@ -401,9 +445,38 @@ def test_train_finetunes_a_pretrained_encoder_with_layer_decay(tmp_path, capsys)
     assert main(["pretrain", "--data", str(data), "--epochs", "1", "--output", str(pre), *TINY_VIT_ARGS]) == 0
     fine = tmp_path / "fine"
     # a vanishing lr: after one epoch the weights are still the encoder's, plus a head
-    assert main(["train", "--finetune", str(pre), "--data", str(data), "--epochs", "1", "--output", str(fine),
-                 "--batch-size", "8", "--seed", "0", "--threads", "1", "--workers", "0", "--layer-decay", "0.75",
-                 "--lr", "1e-12", "--set", "warmup_lr=1e-12", "--set", "min_lr=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--finetune",
+                str(pre),
+                "--data",
+                str(data),
+                "--epochs",
+                "1",
+                "--output",
+                str(fine),
+                "--batch-size",
+                "8",
+                "--seed",
+                "0",
+                "--threads",
+                "1",
+                "--workers",
+                "0",
+                "--layer-decay",
+                "0.75",
+                "--lr",
+                "1e-12",
+                "--set",
+                "warmup_lr=1e-12",
+                "--set",
+                "min_lr=0",
+            ]
+        )
+        == 0
+    )
     config = load_run_config(fine)
     assert (config.model, config.img_size, config.in_chans, config.layer_decay) == ("vit_tiny_patch16_224", 32, 1, 0.75)
     assert config.model_args == {"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
@@ -447,17 +520,41 @@ def test_pretrain_with_two_processes_writes_one_run_and_an_encoder(tmp_path):
     data = tmp_path / "unlabelled"
     _write_unlabelled_folder(data)
     done = subprocess.run(
-        [sys.executable, "-m", "vitkit", "pretrain", "--nproc", "2", "--data", str(data), "--epochs", "1",
-         "--output", "two", *TINY_VIT_ARGS],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "vitkit",
+            "pretrain",
+            "--nproc",
+            "2",
+            "--data",
+            str(data),
+            "--epochs",
+            "1",
+            "--output",
+            "two",
+            *TINY_VIT_ARGS,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("encoder:") == 1  # rank 0 reports
     run = tmp_path / "two"
     assert json.loads((run / "run.json").read_text())["world_size"] == 2
     assert [r["epoch"] for r in read_metrics(run) if "step" not in r] == [1]
-    encoder = vitkit.create_model("vit_tiny_patch16_224", img_size=32, in_chans=1, num_classes=10, patch_size=4,
-                                  depth=1, embed_dim=32, num_heads=2)
+    encoder = vitkit.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        in_chans=1,
+        num_classes=10,
+        patch_size=4,
+        depth=1,
+        embed_dim=32,
+        num_heads=2,
+    )
     assert set(load_encoder(encoder, run / "encoder.safetensors")) == {"head.weight", "head.bias"}
 
 
@@ -492,10 +589,21 @@ def test_a_state_written_by_the_old_pretrain_runner_still_resumes():
     old = state(0)
     masks = MaskGenerator(32, 8, 4, 0.6)
     images = _smooth_images(4, torch.Generator().manual_seed(0))
-    train_one_epoch(old.model, masked_image_loss(masks, torch.Generator().manual_seed(1)), [images],
-                    old.optimizer, device=torch.device("cpu"), scheduler=old.scheduler)
-    written = {"model": old.model.state_dict(), "optimizer": old.optimizer.state_dict(),
-               "scheduler": old.scheduler.state_dict(), "epoch": 1, "global_step": 1}
+    train_one_epoch(
+        old.model,
+        masked_image_loss(masks, torch.Generator().manual_seed(1)),
+        [images],
+        old.optimizer,
+        device=torch.device("cpu"),
+        scheduler=old.scheduler,
+    )
+    written = {
+        "model": old.model.state_dict(),
+        "optimizer": old.optimizer.state_dict(),
+        "scheduler": old.scheduler.state_dict(),
+        "epoch": 1,
+        "global_step": 1,
+    }
     for saved in (written, old.state_dict()):
         new = state(1)
         new.load_state_dict(saved)

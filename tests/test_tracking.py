@@ -23,8 +23,20 @@ def tracked_run(offline, monkeypatch):  # noqa: F811
     monkeypatch.setenv("VITKIT_DATA", str(write_idx(offline / "idx", n_train=300, n_test=40)))
     monkeypatch.chdir(offline)
     run = offline / "run"
-    args = ["train", "--output", str(run), "--seed", "0", *TINY, "--epochs", "2", "--set", "log_every=2",
-            "--log", "tensorboard,mlflow"]
+    args = [
+        "train",
+        "--output",
+        str(run),
+        "--seed",
+        "0",
+        *TINY,
+        "--epochs",
+        "2",
+        "--set",
+        "log_every=2",
+        "--log",
+        "tensorboard,mlflow",
+    ]
     assert main(args) == 0
     return run
 

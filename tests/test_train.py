@@ -32,8 +32,20 @@ from vitkit.train.recipes import build_config, list_recipes, load_recipe
 from vitkit.weights.vitkit_format import read_metadata
 
 CPU = torch.device("cpu")
-TINY = ["--set", "model_args.depth=1", "--set", "model_args.embed_dim=32", "--set", "model_args.num_heads=2",
-        "--patch-size", "7", "--batch-size", "32", "--threads", "1"]
+TINY = [
+    "--set",
+    "model_args.depth=1",
+    "--set",
+    "model_args.embed_dim=32",
+    "--set",
+    "model_args.num_heads=2",
+    "--patch-size",
+    "7",
+    "--batch-size",
+    "32",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture
@@ -105,10 +117,31 @@ def test_every_config_field_is_a_flag_typed_and_described_by_the_dataclass():
         # every flag the hand-written parsers had (README and scripts use them)
         for flag in OLD_FLAGS[command].split():
             assert flag in flags, (command, flag)
-    args = parser.parse_args(["train", "--batch-size", "5", "--ema", "--crop", "pad", "--betas", "[0.9, 0.95]",
-                              "--layer-decay", "0.5", "--set", "lr=0.01", "--patch-size", "7"])
+    args = parser.parse_args(
+        [
+            "train",
+            "--batch-size",
+            "5",
+            "--ema",
+            "--crop",
+            "pad",
+            "--betas",
+            "[0.9, 0.95]",
+            "--layer-decay",
+            "0.5",
+            "--set",
+            "lr=0.01",
+            "--patch-size",
+            "7",
+        ]
+    )
     assert requested_fields(args, TrainConfig) == {
-        "batch_size": 5, "ema": True, "crop": "pad", "betas": "[0.9, 0.95]", "layer_decay": 0.5, "lr": 0.01,
+        "batch_size": 5,
+        "ema": True,
+        "crop": "pad",
+        "betas": "[0.9, 0.95]",
+        "layer_decay": 0.5,
+        "lr": 0.01,
         "model_args": {"patch_size": 7},
     }
     assert build_config(None, requested_fields(args, TrainConfig)).betas == [0.9, 0.95]
@@ -147,8 +180,12 @@ def test_no_weight_decay_on_norms_biases_tokens_and_position_embedding():
     plain_names = {names[id(p)] for p in plain["params"]}
     assert {"pos_embed", "cls_token", "norm.weight", "norm.bias", "blocks.0.attn.qkv.bias", "head.bias"} <= plain_names
     assert {names[id(p)] for p in decay["params"]} == {
-        "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
-        "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight", "head.weight",
+        "patch_embed.proj.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.proj.weight",
+        "blocks.0.mlp.fc1.weight",
+        "blocks.0.mlp.fc2.weight",
+        "head.weight",
     }
     assert decay["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
 
@@ -177,8 +214,9 @@ def test_gradient_accumulation_equals_one_big_batch_and_clipping_applies():
         torch.manual_seed(0)
         model = tiny_vit()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        stats = train_one_epoch(model, supervised_loss(CrossEntropy(), CPU), loader, opt, device=CPU, grad_accum=accum,
-                                clip_grad=0.01)
+        stats = train_one_epoch(
+            model, supervised_loss(CrossEntropy(), CPU), loader, opt, device=CPU, grad_accum=accum, clip_grad=0.01
+        )
         assert stats["steps"] == 1 and stats["images"] == 8
         results.append(model.state_dict())
     for key in results[0]:
@@ -197,8 +235,18 @@ def test_engine_reports_metrics_ema_and_bf16_autocast():
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
     opt = build_optimizer(model, 1e-3, 0.05)
     logs = []
-    stats = train_one_epoch(model, supervised_loss(CrossEntropy(0.1), CPU), batches(4, 8), opt, device=CPU, ema=ema,
-                            amp_dtype=torch.bfloat16, log_every=2, on_log=logs.append, start_step=10)
+    stats = train_one_epoch(
+        model,
+        supervised_loss(CrossEntropy(0.1), CPU),
+        batches(4, 8),
+        opt,
+        device=CPU,
+        ema=ema,
+        amp_dtype=torch.bfloat16,
+        log_every=2,
+        on_log=logs.append,
+        start_step=10,
+    )
     assert [line["step"] for line in logs] == [12, 14] and set(logs[0]) >= {"train_loss", "lr", "images_per_s"}
     assert stats["steps"] == 4 and stats["train_loss"] > 0
     assert not torch.equal(ema.module.head.weight, model.head.weight)
@@ -262,8 +310,15 @@ def train_cli(out: Path, *extra: str) -> int:
 def test_run_folder_holds_every_file(idx_data, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_cli(out, "--epochs", "2", "--set", "ema=true", "--set", "ema_decay=0.9", "--set", "log_every=3") == 0
-    for name in ("config.yaml", "run.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "state.pt",
-                 "curves.png"):
+    for name in (
+        "config.yaml",
+        "run.json",
+        "metrics.jsonl",
+        "last.safetensors",
+        "best.safetensors",
+        "state.pt",
+        "curves.png",
+    ):
         assert (out / name).is_file(), name
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -339,8 +394,23 @@ def test_non_finite_loss_mid_run_keeps_the_last_good_checkpoint(idx_data, tmp_pa
 
 def test_torchvision_model_trains_and_reloads_from_its_metadata(idx_data, tmp_path):
     out = tmp_path / "cnn"
-    assert main(["train", "--model", "torchvision:resnet18", "--output", str(out), "--smoke", "--seed", "0",
-                 "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "torchvision:resnet18",
+                "--output",
+                str(out),
+                "--smoke",
+                "--seed",
+                "0",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     meta = read_metadata(out / "best.safetensors")
     assert meta["model"] == "torchvision:resnet18"
     from vitkit.train.modeling import load_weights
@@ -351,15 +421,40 @@ def test_torchvision_model_trains_and_reloads_from_its_metadata(idx_data, tmp_pa
 
 
 def test_image_folder_run_with_skipped_corrupt_file(tmp_path):
-    root = write_folder(tmp_path / "pets", {
-        "train": {"cat": [("RGB", (30, 20))] * 6, "dog": [("RGBA", (25, 25))] * 6},
-        "val": {"cat": [("RGB", (30, 30))] * 2, "dog": [("L", (12, 30))] * 2},
-        "test": {"cat": [("RGB", (40, 40))] * 2, "dog": [("RGB", (16, 16))] * 2},
-    })
+    root = write_folder(
+        tmp_path / "pets",
+        {
+            "train": {"cat": [("RGB", (30, 20))] * 6, "dog": [("RGBA", (25, 25))] * 6},
+            "val": {"cat": [("RGB", (30, 30))] * 2, "dog": [("L", (12, 30))] * 2},
+            "test": {"cat": [("RGB", (40, 40))] * 2, "dog": [("RGB", (16, 16))] * 2},
+        },
+    )
     (root / "train" / "dog" / "bad.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "run"
-    assert main(["train", "--data", str(root), "--img-size", "16", "--patch-size", "8", "--output", str(out),
-                 "--smoke", "--skip-corrupt", "--seed", "1", "--threads", "1", "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(root),
+                "--img-size",
+                "16",
+                "--patch-size",
+                "8",
+                "--output",
+                str(out),
+                "--smoke",
+                "--skip-corrupt",
+                "--seed",
+                "1",
+                "--threads",
+                "1",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     info = json.loads((out / "run.json").read_text())
     assert info["data"]["classes"] == ["cat", "dog"] and info["data"]["skipped_corrupt"] == 1
     assert info["data"]["skipped_files"][0].endswith("bad.jpg")

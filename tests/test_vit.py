@@ -94,8 +94,13 @@ def test_defaults_and_parameter_count_match_timm(name):
 
 @pytest.mark.parametrize(
     "name, millions",
-    [("vit_tiny_patch16_224", 5.7), ("vit_small_patch16_224", 22), ("vit_base_patch16_224", 86),
-     ("vit_large_patch16_224", 304), ("vit_huge_patch14_224", 632)],
+    [
+        ("vit_tiny_patch16_224", 5.7),
+        ("vit_small_patch16_224", 22),
+        ("vit_base_patch16_224", 86),
+        ("vit_large_patch16_224", 304),
+        ("vit_huge_patch14_224", 632),
+    ],
 )
 def test_seed_table_parameter_counts(name, millions):
     # the ViT / DeiT papers' sizes, counted with a 1000-class head
@@ -154,7 +159,11 @@ def test_avg_pool_without_class_token_matches_timm():
 
 def test_sincos_position_embedding_is_fixed_and_not_saved():
     model = vitkit.create_model(
-        "vit_small_patch16_224", depth=1, global_pool="avg", pos_embed="sincos2d", no_embed_class=True,
+        "vit_small_patch16_224",
+        depth=1,
+        global_pool="avg",
+        pos_embed="sincos2d",
+        no_embed_class=True,
         dynamic_img_size=True,
     )
     assert "pos_embed" not in model.state_dict()
@@ -280,7 +289,9 @@ def test_wrong_input_size_errors():
 
 def test_list_models_pattern():
     assert vitkit.list_models("deit3_*_384") == [
-        "deit3_base_patch16_384", "deit3_large_patch16_384", "deit3_small_patch16_384",
+        "deit3_base_patch16_384",
+        "deit3_large_patch16_384",
+        "deit3_small_patch16_384",
     ]
 
 
@@ -305,13 +316,30 @@ def test_patch_dropout_keeps_prefix_and_a_random_ordered_subset():
 
 
 def test_patch_dropout_in_the_model_trains_on_fewer_tokens_and_evaluates_on_all():
-    model = vitkit.create_model("vit_tiny_patch16_224", img_size=28, in_chans=1, num_classes=10, patch_size=4,
-                         embed_dim=32, num_heads=2, depth=1, patch_drop_rate=0.75)
+    model = vitkit.create_model(
+        "vit_tiny_patch16_224",
+        img_size=28,
+        in_chans=1,
+        num_classes=10,
+        patch_size=4,
+        embed_dim=32,
+        num_heads=2,
+        depth=1,
+        patch_drop_rate=0.75,
+    )
     x = torch.randn(2, 1, 28, 28)
     assert model.train().forward_features(x).shape == (2, 1 + 12, 32)
     assert model.eval().forward_features(x).shape == (2, 1 + 49, 32)
-    plain = vitkit.create_model("vit_tiny_patch16_224", img_size=28, in_chans=1, num_classes=10, patch_size=4,
-                         embed_dim=32, num_heads=2, depth=1)
+    plain = vitkit.create_model(
+        "vit_tiny_patch16_224",
+        img_size=28,
+        in_chans=1,
+        num_classes=10,
+        patch_size=4,
+        embed_dim=32,
+        num_heads=2,
+        depth=1,
+    )
     plain.load_state_dict(model.state_dict())  # no parameters of its own: same keys as timm's
     torch.testing.assert_close(plain.eval()(x), model(x), rtol=0, atol=0)
 
@@ -343,11 +371,14 @@ def test_short_sequences_on_the_cpu_take_the_explicit_attention_path_with_the_sa
 
 
 # -- the oneDNN linear path (CPU inference) beside F.linear ----------------------------------------------
-@pytest.mark.parametrize("name,kwargs,size", [
-    ("deit_small_patch16_224", {"depth": 2}, 224),
-    ("swin_tiny_patch4_window7_224", {"embed_dim": 32, "depths": (2, 2, 2, 1), "num_heads": (1, 2, 4, 8)}, 224),
-    ("swinv2_tiny_window8_256", {"embed_dim": 32, "depths": (2, 2, 2, 1), "num_heads": (1, 2, 4, 8)}, 256),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,size",
+    [
+        ("deit_small_patch16_224", {"depth": 2}, 224),
+        ("swin_tiny_patch4_window7_224", {"embed_dim": 32, "depths": (2, 2, 2, 1), "num_heads": (1, 2, 4, 8)}, 224),
+        ("swinv2_tiny_window8_256", {"embed_dim": 32, "depths": (2, 2, 2, 1), "num_heads": (1, 2, 4, 8)}, 256),
+    ],
+)
 def test_onednn_linear_matches_f_linear(name, kwargs, size):
     from torch.profiler import profile
 

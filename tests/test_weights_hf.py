@@ -41,7 +41,10 @@ SWIN_OURS = dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, i
 CASES = {  # HF class, HF config, vitkit name, vitkit overrides
     "vit": (hf.ViTForImageClassification, hf.ViTConfig(**VIT), "vit_base_patch16_224", VIT_OURS),
     "deit_distilled": (
-        hf.DeiTForImageClassificationWithTeacher, hf.DeiTConfig(**VIT), "deit_base_distilled_patch16_224", VIT_OURS
+        hf.DeiTForImageClassificationWithTeacher,
+        hf.DeiTConfig(**VIT),
+        "deit_base_distilled_patch16_224",
+        VIT_OURS,
     ),
     "swin": (hf.SwinForImageClassification, hf.SwinConfig(**SWIN), "swin_tiny_patch4_window7_224", SWIN_OURS),
     "swinv2": (hf.Swinv2ForImageClassification, hf.Swinv2Config(**SWIN), "swinv2_tiny_window8_256", SWIN_OURS),

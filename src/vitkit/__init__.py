@@ -26,8 +26,19 @@ _HOMES = {
 }
 
 # subpackages reachable as attributes (`vitkit.weights.read_metadata`) without importing them first
-_SUBMODULES = ("core", "layers", "registry", "models", "weights", "factory", "data", "train", "pretrain", "tools",
-               "cli")
+_SUBMODULES = (
+    "core",
+    "layers",
+    "registry",
+    "models",
+    "weights",
+    "factory",
+    "data",
+    "train",
+    "pretrain",
+    "tools",
+    "cli",
+)
 
 __all__ = [
     "LoadReport",

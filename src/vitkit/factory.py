@@ -135,8 +135,14 @@ def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d) and child.in_channels == 3:
                 conv = nn.Conv2d(
-                    in_chans, child.out_channels, child.kernel_size, child.stride, child.padding,
-                    child.dilation, child.groups if child.groups == 1 else in_chans, child.bias is not None,
+                    in_chans,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.dilation,
+                    child.groups if child.groups == 1 else in_chans,
+                    child.bias is not None,
                     child.padding_mode,
                 )
                 setattr(parent, child_name, conv)

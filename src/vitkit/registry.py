@@ -68,9 +68,7 @@ def resolve_config(name: str, **fields: Any) -> Any:
     allowed = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(fields) - allowed)
     if unknown:
-        raise ValueError(
-            f"unknown option {', '.join(unknown)} for {name}; allowed: {', '.join(sorted(allowed))}"
-        )
+        raise ValueError(f"unknown option {', '.join(unknown)} for {name}; allowed: {', '.join(sorted(allowed))}")
     if fields.get("img_size") is not None:
         fields["img_size"] = to_2tuple(fields["img_size"])
     config = dataclasses.replace(config, **fields)

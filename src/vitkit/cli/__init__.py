@@ -49,8 +49,9 @@ BUG_NOTE = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitkit",
-                                     description="Vision Transformer backbones: build, train, evaluate, convert.")
+    parser = argparse.ArgumentParser(
+        prog="vitkit", description="Vision Transformer backbones: build, train, evaluate, convert."
+    )
     parser.add_argument("--version", action="version", version=f"vitkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS.values():

@@ -31,10 +31,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--run", dest="run_dir", metavar="DIR", help="a run folder from `vitkit train` (its best weights)")
     src.add_argument("--checkpoint", metavar="FILE", help="a .safetensors file written by vitkit")
     src.add_argument("--model", metavar="NAME", help="a registered model (random weights unless --pretrained)")
-    p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="SOURCE",
-                   help="with --model: its default pretrained weights, or a local file")
-    p.add_argument("--method", choices=("rollout", "last", "cam"), default=None,
-                   help="default: last for ViT / DeiT (the sharper map on trained models), cam for Swin")
+    p.add_argument(
+        "--pretrained",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="SOURCE",
+        help="with --model: its default pretrained weights, or a local file",
+    )
+    p.add_argument(
+        "--method",
+        choices=("rollout", "last", "cam"),
+        default=None,
+        help="default: last for ViT / DeiT (the sharper map on trained models), cam for Swin",
+    )
     p.add_argument("--class-index", type=int, default=None, help="cam only: the class to map (default: predicted)")
     p.add_argument("--out", default=None, metavar="PNG", help="output file (default: IMAGE's name + _METHOD.png here)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -79,8 +89,9 @@ def _load(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Im
     from vitkit.tools.inference import default_spec, load_inference  # noqa: PLC0415  fast CLI start-up
 
     if args.model is None or args.pretrained:
-        inf = load_inference(run=args.run_dir, checkpoint=args.checkpoint, model=args.model,
-                             pretrained=args.pretrained, device=device)
+        inf = load_inference(
+            run=args.run_dir, checkpoint=args.checkpoint, model=args.model, pretrained=args.pretrained, device=device
+        )
         return inf.model.eval(), inf.spec, inf.classes, ""
     from vitkit.factory import create_model  # noqa: PLC0415  fast CLI start-up
 

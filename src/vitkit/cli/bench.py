@@ -21,25 +21,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="registered model name (see `vitkit models`)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
     p.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's own)")
-    p.add_argument("--mode", choices=("infer", "train"), default="infer",
-                   help="infer: forward under inference_mode; train: forward + cross-entropy + backward + AdamW step")
+    p.add_argument(
+        "--mode",
+        choices=("infer", "train"),
+        default="infer",
+        help="infer: forward under inference_mode; train: forward + cross-entropy + backward + AdamW step",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (compilation is in the warm-up)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for input and weights")
-    p.add_argument("--amp", choices=("off", "bf16", "auto"), default="off",
-                   help="bf16: timm autocasts, vitkit holds its inference weights in bf16 (see --autocast-only); "
-                   "auto: bf16 on CUDA and on CPUs with AMX or AVX512_BF16, else fp32 (default off)")
-    p.add_argument("--autocast-only", action="store_true",
-                   help="with --amp bf16: run vitkit under autocast too, its weights in fp32 (as timm)")
+    p.add_argument(
+        "--amp",
+        choices=("off", "bf16", "auto"),
+        default="off",
+        help="bf16: timm autocasts, vitkit holds its inference weights in bf16 (see --autocast-only); "
+        "auto: bf16 on CUDA and on CPUs with AMX or AVX512_BF16, else fp32 (default off)",
+    )
+    p.add_argument(
+        "--autocast-only",
+        action="store_true",
+        help="with --amp bf16: run vitkit under autocast too, its weights in fp32 (as timm)",
+    )
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
     p.add_argument("--steps", type=int, default=30, help="timed steps (per round with --vs timm; default 30)")
-    p.add_argument("--vs", choices=("timm",), default=None,
-                   help="also time timm's model of the same name with the same weights, alternating rounds, "
-                   "and print the throughput ratio (ours / timm) with its spread")
+    p.add_argument(
+        "--vs",
+        choices=("timm",),
+        default=None,
+        help="also time timm's model of the same name with the same weights, alternating rounds, "
+        "and print the throughput ratio (ours / timm) with its spread",
+    )
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds for --vs timm (default 5)")
-    p.add_argument("--preset", choices=("deit",), default=None,
-                   help="deit: the DeiT paper's throughput setting, 224x224 at the largest batch that fits "
-                   "in GPU memory (CUDA only)")
+    p.add_argument(
+        "--preset",
+        choices=("deit",),
+        default=None,
+        help="deit: the DeiT paper's throughput setting, 224x224 at the largest batch that fits "
+        "in GPU memory (CUDA only)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=run)
 

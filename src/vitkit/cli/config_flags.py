@@ -46,8 +46,13 @@ def add_config_flags(parser: argparse.ArgumentParser, *classes: type) -> None:
             if f.name in NOT_FLAGS:
                 continue
             flag = "--" + f.name.replace("_", "-")
-            parser.add_argument(flag, dest=f.name, default=None, help=helps[f.name].replace("%", "%%") or None,
-                                **_flag_options(hints[f.name]))
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                default=None,
+                help=helps[f.name].replace("%", "%%") or None,
+                **_flag_options(hints[f.name]),
+            )
 
 
 def config_field_names(*classes: type) -> list[str]:

@@ -10,14 +10,20 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="shard, describe or benchmark a data source",
-                       description="Work with a data source: anything --data takes (fashion-mnist, an image folder, "
-                       "a .csv manifest with path,label[,split], wds:PATTERN shards, hf:PATH saved datasets).")
+    p = sub.add_parser(
+        "data",
+        help="shard, describe or benchmark a data source",
+        description="Work with a data source: anything --data takes (fashion-mnist, an image folder, "
+        "a .csv manifest with path,label[,split], wds:PATTERN shards, hf:PATH saved datasets).",
+    )
     tools = p.add_subparsers(dest="data_command", required=True, metavar="TOOL")
 
-    shard = tools.add_parser("shard", help="write WebDataset tar shards (PNG + class index) and index.json",
-                             description="Write every split of SOURCE as {split}-000000.tar, ... (lossless PNG bytes "
-                             "and a .cls label per sample) plus index.json; train with --data wds:OUTPUT.")
+    shard = tools.add_parser(
+        "shard",
+        help="write WebDataset tar shards (PNG + class index) and index.json",
+        description="Write every split of SOURCE as {split}-000000.tar, ... (lossless PNG bytes "
+        "and a .cls label per sample) plus index.json; train with --data wds:OUTPUT.",
+    )
     shard.add_argument("source")
     shard.add_argument("--output", required=True, help="a new or empty folder")
     shard.add_argument("--shard-size", type=int, default=1000, help="samples per shard (1000)")
@@ -55,9 +61,16 @@ def run(args: argparse.Namespace) -> int:
         report = data_tools.data_stats(args.source, args.limit, val_split=args.val_split)
         print(json.dumps(report, indent=2) if args.json else _stats_text(report))
     else:
-        rows = data_tools.data_bench(args.source, workers=tuple(args.workers), images=args.images,
-                                     batch_size=args.batch_size, img_size=args.img_size, timm=not args.no_timm,
-                                     rounds=args.rounds, val_split=args.val_split)
+        rows = data_tools.data_bench(
+            args.source,
+            workers=tuple(args.workers),
+            images=args.images,
+            batch_size=args.batch_size,
+            img_size=args.img_size,
+            timm=not args.no_timm,
+            rounds=args.rounds,
+            val_split=args.val_split,
+        )
         if args.json:
             print(json.dumps([{**vars(r), "images_per_s": r.images_per_s} for r in rows], indent=2))
         else:
@@ -76,8 +89,10 @@ def _stats_text(report: dict) -> str:
     present = [s for s, ok in report["splits"].items() if ok]
     lines = [f"{report['source']}: {len(report['classes'])} classes; splits: {', '.join(present)}"]
     for name, part in report["per_split"].items():
-        lines.append(f"{name}: {part['images']} images; modes {part['modes']}; "
-                     f"sizes {part['sizes']} ({part['distinct_sizes']} distinct)")
+        lines.append(
+            f"{name}: {part['images']} images; modes {part['modes']}; "
+            f"sizes {part['sizes']} ({part['distinct_sizes']} distinct)"
+        )
         lines.append("  per class: " + ", ".join(f"{k} {v}" for k, v in part["per_class"].items()))
     if "mean" in report:
         lines.append(f"mean {report['mean']}, std {report['std']} (over {report['stats_images']} train images)")

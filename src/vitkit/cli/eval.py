@@ -19,8 +19,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--run", dest="run_dir", metavar="DIR", help="a run folder written by `vitkit train`")
     src.add_argument("--checkpoint", metavar="FILE", help="a .safetensors file written by vitkit, or a timm Hub folder")
     src.add_argument("--model", metavar="NAME", help="a vitkit model name, with --pretrained")
-    p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="SOURCE",
-                   help="with --model: its default pretrained weights, or a local checkpoint path")
+    p.add_argument(
+        "--pretrained",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="SOURCE",
+        help="with --model: its default pretrained weights, or a local checkpoint path",
+    )
     p.add_argument("--data", help="fashion-mnist or an image folder (default: the run's data)")
     p.add_argument("--split", choices=("val", "test"), help="default: test when the data has one, else val")
     count = p.add_mutually_exclusive_group()
@@ -29,12 +35,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, help="input size (default: the model's)")
     p.add_argument("--crop-pct", type=float, help="resize to img_size / crop_pct, centre-crop img_size")
     p.add_argument("--batch-size", type=int, help="default: the run's eval batch size")
-    p.add_argument("--tta", choices=TTA_MODES, metavar="MODE",
-                   help="test-time augmentation (%(choices)s): hflip averages the probabilities of each image and "
-                   "its mirror (default: the run's own setting, else none)")
-    p.add_argument("--amp", choices=("off", "bf16", "auto"),
-                   help="bf16: weights and activations in bfloat16; auto: bf16 on CUDA and on CPUs with AMX or "
-                   "AVX512_BF16, else fp32 (default: the run's own setting, so the figures equal those it logged)")
+    p.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        metavar="MODE",
+        help="test-time augmentation (%(choices)s): hflip averages the probabilities of each image and "
+        "its mirror (default: the run's own setting, else none)",
+    )
+    p.add_argument(
+        "--amp",
+        choices=("off", "bf16", "auto"),
+        help="bf16: weights and activations in bfloat16; auto: bf16 on CUDA and on CPUs with AMX or "
+        "AVX512_BF16, else fp32 (default: the run's own setting, so the figures equal those it logged)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--workers", type=int, help="data-loading processes")
     p.add_argument("--out", metavar="FILE.json", help="also write the metrics as JSON")
@@ -52,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
     if args.run_dir is None and args.data is None:
         raise ValueError("--checkpoint and --model need --data (fashion-mnist or an image folder)")
     device = inference_device(args.device, args.checkpoint)  # an int8 file: the CPU
-    inference = load_inference(run=args.run_dir, checkpoint=args.checkpoint, model=args.model,
-                               pretrained=args.pretrained, device=device)
+    inference = load_inference(
+        run=args.run_dir, checkpoint=args.checkpoint, model=args.model, pretrained=args.pretrained, device=device
+    )
     if args.amp is not None:
         apply_amp(inference, args.amp, device, say=print)
     split = args.split or ("val" if args.val_samples is not None else "test" if args.test_samples is not None else None)
@@ -61,8 +75,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--split {split} takes --{split}-samples, not the other split's")
     samples = args.val_samples if args.val_samples is not None else args.test_samples
     result = evaluate_split(
-        inference, data=args.data, split=split, samples=samples, img_size=args.img_size, crop_pct=args.crop_pct,
-        batch_size=args.batch_size, device=device, workers=args.workers, confusion=args.confusion is not None,
+        inference,
+        data=args.data,
+        split=split,
+        samples=samples,
+        img_size=args.img_size,
+        crop_pct=args.crop_pct,
+        batch_size=args.batch_size,
+        device=device,
+        workers=args.workers,
+        confusion=args.confusion is not None,
         tta=args.tta,
     )
     print(
@@ -71,8 +93,12 @@ def run(args: argparse.Namespace) -> int:
         + (", with the mirror images (--tta hflip))" if result["tta"] == "hflip" else ")")
     )
     if args.confusion:
-        plot_confusion(result["confusion"], result["classes"], args.confusion,
-                       title=f"{result['split']} top-1 {result['top1']:.2f}%")
+        plot_confusion(
+            result["confusion"],
+            result["classes"],
+            args.confusion,
+            title=f"{result['split']} top-1 {result['top1']:.2f}%",
+        )
         print(f"confusion matrix: {args.confusion}")
     if args.out:
         keys = ("top1", "top5", "loss", "images_per_s", "split", "samples", "data", "checkpoint", "tta")

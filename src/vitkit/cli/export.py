@@ -23,14 +23,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", default=None, help="registered model name (random weights)")
     p.add_argument("--checkpoint", default=None, help="a vitkit .safetensors file (e.g. a run's best.safetensors)")
     p.add_argument("--output", required=True, help="file to write (.onnx or .pt2); a folder with --format hub")
-    p.add_argument("--format", choices=("onnx", "torch-export", "hub"), default="onnx",
-                   help="default onnx; hub: a timm / Hugging Face Hub folder of a run (--run DIR) with a model card")
-    p.add_argument("--run", dest="run_dir", metavar="DIR", default=None,
-                   help="with --format hub: the run folder whose best.safetensors is exported")
+    p.add_argument(
+        "--format",
+        choices=("onnx", "torch-export", "hub"),
+        default="onnx",
+        help="default onnx; hub: a timm / Hugging Face Hub folder of a run (--run DIR) with a model card",
+    )
+    p.add_argument(
+        "--run",
+        dest="run_dir",
+        metavar="DIR",
+        default=None,
+        help="with --format hub: the run folder whose best.safetensors is exported",
+    )
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (else the batch is fixed at 1)")
-    p.add_argument("--dynamic-size", action="store_true",
-                   help="any height/width that is a multiple of the patch size (ViT resamples its position "
-                   "embedding, Swin pads to whole windows)")
+    p.add_argument(
+        "--dynamic-size",
+        action="store_true",
+        help="any height/width that is a multiple of the patch size (ViT resamples its position "
+        "embedding, Swin pads to whole windows)",
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--json", action="store_true", help="print the check as JSON")
     p.set_defaults(run=run)

@@ -23,7 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="registered model name (see `vitkit models`)")
     p.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's own)")
     p.add_argument(
-        "--levels", type=int, default=2,
+        "--levels",
+        type=int,
+        default=2,
         help="module levels in the breakdown (2: blocks.0 / layers.0; 4 also shows each block's attention "
         "products; default 2)",
     )
@@ -40,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     h, w = report.img_size
     print(
-        f"{report.model} at {h}x{w}: {report.params / 1e6:.2f} M parameters, "
-        f"{report.macs / 1e9:.3f} G MACs per image"
+        f"{report.model} at {h}x{w}: {report.params / 1e6:.2f} M parameters, {report.macs / 1e9:.3f} G MACs per image"
     )
     width = max(len(k) for k in report.breakdown)
     print(f"{'module':<{width}}  {'MACs (M)':>10}  {'share':>6}")

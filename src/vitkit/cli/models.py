@@ -58,8 +58,10 @@ def variant_table() -> list[dict[str, Any]]:
     try:
         rows = json.loads(TABLE.read_text())["variants"]
     except (OSError, ValueError, KeyError) as err:
-        raise VitkitError(f"the variant table {TABLE} is missing or unreadable ({err}): reinstall vitkit, "
-                           "or regenerate it with scripts/make_variant_table.py") from None
+        raise VitkitError(
+            f"the variant table {TABLE} is missing or unreadable ({err}): reinstall vitkit, "
+            "or regenerate it with scripts/make_variant_table.py"
+        ) from None
     return sorted(rows, key=lambda r: r["name"])
 
 
@@ -79,8 +81,9 @@ def run_pretrained(names: list[str], as_json: bool) -> int:
         return 0
     width = max(len(r["model"]) for r in table)
     tag_width = max(len(r["tag"]) for r in table)
-    print(f"{'name':<{width}}  {'weights':<{tag_width}}  {'top-1':>5}  {'input':>7}  {'crop':>4}  {'classes':>7}"
-          "  licence")
+    print(
+        f"{'name':<{width}}  {'weights':<{tag_width}}  {'top-1':>5}  {'input':>7}  {'crop':>4}  {'classes':>7}  licence"
+    )
     for r in table:
         top1 = f"{r['top1']:.1f}" if r["top1"] is not None else "-"
         size = "x".join(str(s) for s in r["input_size"])

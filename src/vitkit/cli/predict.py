@@ -18,21 +18,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (their images, recursively)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", dest="run_dir", metavar="DIR",
-                     help="a run folder written by `vitkit train` (its best weights)")
+    src.add_argument(
+        "--run", dest="run_dir", metavar="DIR", help="a run folder written by `vitkit train` (its best weights)"
+    )
     src.add_argument("--checkpoint", metavar="FILE", help="a .safetensors file written by vitkit")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--tta", choices=TTA_MODES, metavar="MODE",
-                   help="test-time augmentation (%(choices)s): hflip averages the probabilities of each image and "
-                   "its mirror (default: the run's own setting, else none)")
-    p.add_argument("--amp", choices=("off", "bf16", "auto"),
-                   help="bf16: weights and activations in bfloat16; auto: bf16 on CUDA and on CPUs with AMX or "
-                   "AVX512_BF16, else fp32 (default: off)")
+    p.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        metavar="MODE",
+        help="test-time augmentation (%(choices)s): hflip averages the probabilities of each image and "
+        "its mirror (default: the run's own setting, else none)",
+    )
+    p.add_argument(
+        "--amp",
+        choices=("off", "bf16", "auto"),
+        help="bf16: weights and activations in bfloat16; auto: bf16 on CUDA and on CPUs with AMX or "
+        "AVX512_BF16, else fp32 (default: off)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch-size", type=int, default=64, help="images classified together (default 64)")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (default 2; 0: in this one)")
-    p.add_argument("--skip-corrupt", action="store_true",
-                   help="leave out images that cannot be decoded (listed on stderr at the end) instead of stopping")
+    p.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="leave out images that cannot be decoded (listed on stderr at the end) instead of stopping",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON list instead of lines (streamed as well)")
     p.set_defaults(run=run)
 
@@ -58,9 +69,19 @@ def run(args: argparse.Namespace) -> int:
     if args.amp is not None:
         apply_amp(inference, args.amp, device, say=None if args.json else print)
     stats = PredictStats()
-    results = iter_predictions(inference.model, paths, inference.spec, inference.classes, top_k=args.top_k,
-                               device=device, tta=args.tta or inference.settings.tta, batch_size=args.batch_size,
-                               workers=args.workers, skip_corrupt=args.skip_corrupt, stats=stats)
+    results = iter_predictions(
+        inference.model,
+        paths,
+        inference.spec,
+        inference.classes,
+        top_k=args.top_k,
+        device=device,
+        tta=args.tta or inference.settings.tta,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        skip_corrupt=args.skip_corrupt,
+        stats=stats,
+    )
     # one line (or one JSON list item) per image as its batch finishes: nothing accumulates
     opened = False
     for entry in results:

@@ -21,14 +21,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--recipe", help="shipped recipe name or YAML file (default: simmim_fmnist)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last finished epoch")
-    p.add_argument("--nproc", type=int, metavar="N",
-                   help="pre-train with N processes on this machine (DDP through torchrun; gloo on CPU)")
-    p.add_argument("--smoke", action="store_true",
-                   help="shrink the recipe to seconds: few samples, 1 epoch, tiny model")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="pre-train with N processes on this machine (DDP through torchrun; gloo on CPU)",
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="shrink the recipe to seconds: few samples, 1 epoch, tiny model"
+    )
     p.add_argument("--patch-size", type=int, help="patch size (ViT family), sets model_args.patch_size")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field: training fields as `vitkit train`, and mask_ratio, "
-                   "mask_patch_size, lr_schedule (cosine|multistep), milestones, gamma")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field: training fields as `vitkit train`, and mask_ratio, "
+        "mask_patch_size, lr_schedule (cosine|multistep), milestones, gamma",
+    )
     # --mask-ratio, --mask-patch-size, ... and the training fields (--model, --data, --epochs, ...)
     add_config_flags(p, PretrainConfig, TrainConfig)
     p.set_defaults(run=run)

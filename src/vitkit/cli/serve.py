@@ -22,12 +22,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     p.add_argument("--max-batch", type=int, default=32, help="most images in one forward pass (1: no batching)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long the first request of a batch waits for others to join it")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long the first request of a batch waits for others to join it",
+    )
     p.add_argument("--max-queue", type=int, default=256, help="images waiting at most; past it, 503 with Retry-After")
     p.add_argument("--max-bytes", type=int, default=10 * 2**20, help="largest request body (413 past it)")
-    p.add_argument("--max-pixels", type=int, default=25_000_000,
-                   help="largest decoded image (width x height); past it, 413 (decompression bombs)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=25_000_000,
+        help="largest decoded image (width x height); past it, 413 (decompression bombs)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the forward pass (default: torch's)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -56,13 +64,22 @@ def run(args: argparse.Namespace) -> int:
     with sock:
         device = inference_device(args.device, args.checkpoint)  # an int8 file: the CPU
         served = load_served_model(run=args.run_dir, checkpoint=args.checkpoint, device=device)
-        predictor = Predictor(served, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                              max_queue=args.max_queue, max_pixels=args.max_pixels, device=device)
+        predictor = Predictor(
+            served,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            max_queue=args.max_queue,
+            max_pixels=args.max_pixels,
+            device=device,
+        )
         app = create_app(predictor, max_bytes=args.max_bytes)
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
-        print(f"serving {served.name} ({served.source}) on {url} "
-              f"(batches of up to {args.max_batch}, {args.max_wait_ms:g} ms wait)", flush=True)
+        print(
+            f"serving {served.name} ({served.source}) on {url} "
+            f"(batches of up to {args.max_batch}, {args.max_wait_ms:g} ms wait)",
+            flush=True,
+        )
         config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug")
         try:
             uvicorn.Server(config).run(sockets=[sock])

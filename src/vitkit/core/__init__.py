@@ -8,6 +8,12 @@ from vitkit.core.files import atomic_path, save_figure, write_text
 from vitkit.core.version import __version__
 
 __all__ = [
-    "FileFormatError", "NonFiniteError", "UsageError", "VitkitError", "__version__", "atomic_path", "save_figure",
+    "FileFormatError",
+    "NonFiniteError",
+    "UsageError",
+    "VitkitError",
+    "__version__",
+    "atomic_path",
+    "save_figure",
     "write_text",
 ]

@@ -73,7 +73,6 @@ def resolve_amp(
     """
     import torch  # noqa: PLC0415  core imports no torch at import time (`vitkit --help` runs without it)
 
-
     if amp not in (*AMP_CHOICES, "fp16"):
         raise VitkitError(f"amp must be one of {', '.join(AMP_CHOICES)} (or fp16 on CUDA); got {amp!r}")
     device = torch.device(device)

@@ -72,7 +72,6 @@ class RandAugmentSpec:
         return (self.magnitude + noise).clamp(0, LEVELS)
 
 
-
 def blur_kernel_size(img_size: int, sigma_max: float = 2.0) -> int:
     """Odd Gaussian kernel covering +-3 sigma_max, no wider than the image (reflect padding needs that)."""
     size = 2 * math.ceil(3 * sigma_max) + 1

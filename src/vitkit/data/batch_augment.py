@@ -235,5 +235,7 @@ class BatchAugment:
         return x
 
     def __repr__(self) -> str:
-        return (f"BatchAugment(rand_augment={self.rand_augment}, three_aug={self.three_aug}, "
-                f"color_jitter={self.color_jitter})")
+        return (
+            f"BatchAugment(rand_augment={self.rand_augment}, three_aug={self.three_aug}, "
+            f"color_jitter={self.color_jitter})"
+        )

@@ -178,8 +178,9 @@ def resolve_data_fields(config: ConfigT, data: LoadedData, default_img_size: int
 
 def image_spec(config: DataConfig) -> ImageSpec:
     """The input spec of a resolved config (img_size, in_chans, mean and std set)."""
-    return ImageSpec(config.img_size, config.in_chans, tuple(config.mean), tuple(config.std), config.crop_pct,
-                     config.interpolation)
+    return ImageSpec(
+        config.img_size, config.in_chans, tuple(config.mean), tuple(config.std), config.crop_pct, config.interpolation
+    )
 
 
 def augment(config: DataConfig) -> Augment:

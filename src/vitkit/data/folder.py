@@ -158,8 +158,13 @@ class ImageFolderDataset(Dataset):
     file found bad is never decoded again. Without it, the first such file raises `ImageReadError`.
     """
 
-    def __init__(self, samples: list[tuple[Path, int]], in_chans: int, transform: Callable | None = None,
-                 skip_corrupt: bool = False) -> None:
+    def __init__(
+        self,
+        samples: list[tuple[Path, int]],
+        in_chans: int,
+        transform: Callable | None = None,
+        skip_corrupt: bool = False,
+    ) -> None:
         self.samples = samples
         self.mode = "L" if in_chans == 1 else "RGB"
         self.transform = transform

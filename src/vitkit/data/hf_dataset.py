@@ -57,8 +57,10 @@ class HFSplit:
         row = self.table[int(i)]
         value = row[self.image_column]
         if not isinstance(value, Image.Image):
-            raise VitkitError(f"column {self.image_column} holds {type(value).__name__}, not images: cast it to "
-                              "datasets.Image() before save_to_disk")
+            raise VitkitError(
+                f"column {self.image_column} holds {type(value).__name__}, not images: cast it to "
+                "datasets.Image() before save_to_disk"
+            )
         return value, int(row[self.label_column])
 
 
@@ -125,8 +127,9 @@ def load(config: Any, splits: tuple[str, ...]) -> Any:
     parts, classes = open_hf(config.data)
     if "val" not in parts and "train" in parts:
         if config.val_split <= 0:
-            raise VitkitError(f"{config.data} has no validation split: add one, or hold out part of train with "
-                              "--val-split 0.1")
+            raise VitkitError(
+                f"{config.data} has no validation split: add one, or hold out part of train with --val-split 0.1"
+            )
         train_idx, val_idx = holdout(len(parts["train"]), config.val_split, config.split_seed)
         parts["train"], parts["val"] = parts["train"].select(train_idx), parts["train"].select(val_idx)
     out = {name: SplitData(source=part) for name, part in parts.items() if name in splits}
@@ -134,6 +137,12 @@ def load(config: Any, splits: tuple[str, ...]) -> Any:
     step = max(1, len(first) // 32)
     grey = all(first.row(i)[0].mode in GREY_MODES for i in range(0, min(len(first), 32 * step), step))
     in_chans = 1 if grey else 3
-    return LoadedData(source=config.data, classes=classes, in_chans=in_chans, native_size=None,
-                      mean=IMAGENET_MEAN if in_chans == 3 else [0.5], std=IMAGENET_STD if in_chans == 3 else [0.5],
-                      splits=out)
+    return LoadedData(
+        source=config.data,
+        classes=classes,
+        in_chans=in_chans,
+        native_size=None,
+        mean=IMAGENET_MEAN if in_chans == 3 else [0.5],
+        std=IMAGENET_STD if in_chans == 3 else [0.5],
+        splits=out,
+    )

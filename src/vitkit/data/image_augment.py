@@ -40,7 +40,6 @@ class RandAugmentNoise(v2.Transform):
         return out
 
 
-
 def three_augment(img_size: int, in_chans: int) -> v2.RandomChoice:
     """DeiT III's 3-Augment choice on a uint8 image: exactly one of greyscale, solarisation
     (pixels >= 128 inverted) and Gaussian blur (sigma in [0.1, 2]). Colour jitter and flip follow

@@ -51,8 +51,10 @@ def read_manifest(path: str | Path) -> Manifest:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         if "path" not in header or "label" not in header:
-            raise VitkitError(f"{path} needs a header line with path and label columns (and optionally split), "
-                              f"found: {', '.join(header) or 'none'}")
+            raise VitkitError(
+                f"{path} needs a header line with path and label columns (and optionally split), "
+                f"found: {', '.join(header) or 'none'}"
+            )
         rows = [({k.strip(): (v or "").strip() for k, v in row.items() if k}, n) for n, row in enumerate(reader, 2)]
     if not rows:
         raise VitkitError(f"{path} lists no images: add path,label lines below the header")
@@ -80,11 +82,18 @@ def load(config: Any, splits: tuple[str, ...]) -> Any:
         raise VitkitError(f"{config.data} has no train lines: give train lines (split column empty or train)")
     if "val" not in parts:
         if config.val_split <= 0:
-            raise VitkitError(f"{config.data} has no val lines: add some, or hold out part of train with "
-                              "--val-split 0.1")
+            raise VitkitError(
+                f"{config.data} has no val lines: add some, or hold out part of train with --val-split 0.1"
+            )
         train_idx, val_idx = holdout(len(parts["train"]), config.val_split, config.split_seed)
         parts["train"], parts["val"] = parts["train"].select(train_idx), parts["train"].select(val_idx)
     in_chans = detect_channels(parts["train"].samples)
-    return LoadedData(source=str(config.data), classes=manifest.classes, in_chans=in_chans, native_size=None,
-                      mean=IMAGENET_MEAN if in_chans == 3 else [0.5], std=IMAGENET_STD if in_chans == 3 else [0.5],
-                      splits={k: v for k, v in parts.items() if k in splits})
+    return LoadedData(
+        source=str(config.data),
+        classes=manifest.classes,
+        in_chans=in_chans,
+        native_size=None,
+        mean=IMAGENET_MEAN if in_chans == 3 else [0.5],
+        std=IMAGENET_STD if in_chans == 3 else [0.5],
+        splits={k: v for k, v in parts.items() if k in splits},
+    )

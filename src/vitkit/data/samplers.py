@@ -85,14 +85,21 @@ class ResumableSampler(Sampler[int]):
 
 
 def build_sampler(
-    dataset: Dataset, *, train: bool, seed: int, rank: int = 0, world_size: int = 1, repeats: int = 1,
+    dataset: Dataset,
+    *,
+    train: bool,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    repeats: int = 1,
     repeat_epoch: str = "repeated",
 ) -> Sampler[int]:
     """The sampler for a split: shuffled and padded for training (each image `repeats` times with
     repeated augmentation), in order for evaluation."""
     if train and repeats > 1:
-        return RepeatedAugSampler(len(dataset), repeats=repeats, seed=seed, rank=rank, world_size=world_size,
-                                  epoch_size=repeat_epoch)
+        return RepeatedAugSampler(
+            len(dataset), repeats=repeats, seed=seed, rank=rank, world_size=world_size, epoch_size=repeat_epoch
+        )
     return ShardedSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=train)
 
 
@@ -128,11 +135,19 @@ def build_loader(
     Training drops a last partial batch unless it would be the only one.
     """
     if isinstance(dataset, ShardStream):  # shards: the stream splits itself over ranks and workers
-        return _stream_loader(dataset, train=train, batch_size=batch_size, seed=seed, rank=rank,
-                              world_size=world_size, pin_memory=pin_memory,
-                              workers=default_workers(dataset) if workers is None else workers)
-    sampler = build_sampler(dataset, train=train, seed=seed, rank=rank, world_size=world_size, repeats=repeats,
-                            repeat_epoch=repeat_epoch)
+        return _stream_loader(
+            dataset,
+            train=train,
+            batch_size=batch_size,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            pin_memory=pin_memory,
+            workers=default_workers(dataset) if workers is None else workers,
+        )
+    sampler = build_sampler(
+        dataset, train=train, seed=seed, rank=rank, world_size=world_size, repeats=repeats, repeat_epoch=repeat_epoch
+    )
     if train:  # a run stopped mid-epoch resumes at its position in the epoch (`set_loader_position`)
         sampler = ResumableSampler(sampler)
     workers = default_workers(dataset) if workers is None else workers
@@ -151,13 +166,29 @@ def build_loader(
     )
 
 
-def _stream_loader(dataset: ShardStream, *, train: bool, batch_size: int, seed: int, rank: int,
-                   world_size: int, pin_memory: bool, workers: int) -> DataLoader:
+def _stream_loader(
+    dataset: ShardStream,
+    *,
+    train: bool,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    pin_memory: bool,
+    workers: int,
+) -> DataLoader:
     # training: shuffled, a defined count per rank, whole batches; evaluation: each sample once overall
     dataset.configure(shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=train, batch_size=batch_size)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=train and len(dataset) >= batch_size, worker_init_fn=_seed_worker if workers else None,
-                      generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=train and len(dataset) >= batch_size,
+        worker_init_fn=_seed_worker if workers else None,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int, seed: int) -> None:

@@ -115,11 +115,15 @@ def open_source(spec: str) -> ShardSource:
     if folder.is_dir():
         index_file = folder / INDEX
         if not index_file.is_file():
-            raise FileNotFoundError(f"{folder} has no {INDEX}: write shards with `vitkit data shard`, or give "
-                                    f"wds:{folder}/{{split}}-{{000000..000009}}.tar")
+            raise FileNotFoundError(
+                f"{folder} has no {INDEX}: write shards with `vitkit data shard`, or give "
+                f"wds:{folder}/{{split}}-{{000000..000009}}.tar"
+            )
         index = json.loads(index_file.read_text())
-        splits = {name: ShardSet([folder / s for s in part["shards"]], list(part["counts"]))
-                  for name, part in index["splits"].items()}
+        splits = {
+            name: ShardSet([folder / s for s in part["shards"]], list(part["counts"]))
+            for name, part in index["splits"].items()
+        }
         return ShardSource(splits, index.get("classes"), index.get("in_chans"), str(folder))
     if "{split}" in target:
         splits = {}
@@ -138,8 +142,10 @@ def open_source(spec: str) -> ShardSource:
 def _safe_name(name: str, shard: Path) -> str:
     path = PurePosixPath(name)
     if path.is_absolute() or ".." in path.parts or "\\" in name:
-        raise VitkitError(f"shard {shard} has a member named {name!r} that leaves the shard: rewrite the shard "
-                          "(`vitkit data shard`) from the original images")
+        raise VitkitError(
+            f"shard {shard} has a member named {name!r} that leaves the shard: rewrite the shard "
+            "(`vitkit data shard`) from the original images"
+        )
     return name
 
 
@@ -156,8 +162,10 @@ def iter_samples(shard: Path, decode_keys: tuple[str, ...] | None = None) -> Ite
                     continue
                 name = _safe_name(member.name, shard)
                 if member.size > MAX_MEMBER_BYTES:
-                    raise VitkitError(f"shard {shard}: member {name} is {member.size} bytes, over the "
-                                      f"{MAX_MEMBER_BYTES >> 20} MiB limit for one image")
+                    raise VitkitError(
+                        f"shard {shard}: member {name} is {member.size} bytes, over the "
+                        f"{MAX_MEMBER_BYTES >> 20} MiB limit for one image"
+                    )
                 base = name.rsplit("/", 1)[-1]
                 stem, dot, ext = base.partition(".")
                 key = name[: len(name) - len(base)] + stem
@@ -208,8 +216,9 @@ class ShardStream(IterableDataset):
     takes the same number of steps. Evaluation (`pad=False`) yields each sample exactly once overall.
     """
 
-    def __init__(self, shards: ShardSet, in_chans: int, transform: Callable | None = None,
-                 shuffle_buffer: int = 1000) -> None:
+    def __init__(
+        self, shards: ShardSet, in_chans: int, transform: Callable | None = None, shuffle_buffer: int = 1000
+    ) -> None:
         self.set = shards
         self.mode = "L" if in_chans == 1 else "RGB"
         self.transform = transform
@@ -218,8 +227,9 @@ class ShardStream(IterableDataset):
         self.batch_size: int | None = None  # with pad: the per-worker counts are whole batches
         self.epoch = 0
 
-    def configure(self, *, shuffle: bool, seed: int, rank: int, world_size: int, pad: bool,
-                  batch_size: int | None = None) -> None:
+    def configure(
+        self, *, shuffle: bool, seed: int, rank: int, world_size: int, pad: bool, batch_size: int | None = None
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
@@ -327,8 +337,9 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def write_split(items: Iterator[tuple[Image.Image | bytes, int]], output: Path, split: str,
-                shard_size: int) -> tuple[list[str], list[int]]:
+def write_split(
+    items: Iterator[tuple[Image.Image | bytes, int]], output: Path, split: str, shard_size: int
+) -> tuple[list[str], list[int]]:
     """Write `items` (image or its PNG bytes, label) as `{split}-NNNNNN.tar` shards of `shard_size` samples.
 
     Each shard is encoded in memory and written through a temporary file, so none is ever half-written.
@@ -349,10 +360,15 @@ def write_split(items: Iterator[tuple[Image.Image | bytes, int]], output: Path, 
     return names, counts
 
 
-def write_index(output: Path, classes: list[str], in_chans: int,
-                splits: dict[str, tuple[list[str], list[int]]]) -> None:
-    index = {"format": "webdataset", "classes": classes, "in_chans": in_chans,
-             "splits": {name: {"shards": names, "counts": counts} for name, (names, counts) in splits.items()}}
+def write_index(
+    output: Path, classes: list[str], in_chans: int, splits: dict[str, tuple[list[str], list[int]]]
+) -> None:
+    index = {
+        "format": "webdataset",
+        "classes": classes,
+        "in_chans": in_chans,
+        "splits": {name: {"shards": names, "counts": counts} for name, (names, counts) in splits.items()},
+    }
     write_text(output / INDEX, json.dumps(index, indent=1) + "\n")
 
 
@@ -372,6 +388,12 @@ def load(config: Any, splits: tuple[str, ...]) -> Any:
         ext = next((k for k in IMAGE_KEYS if k in sample), None)
         with Image.open(io.BytesIO(sample.get(ext, b""))) as img:
             in_chans = 1 if img.mode in GREY_MODES else 3
-    return LoadedData(source=config.data, classes=list(classes), in_chans=in_chans, native_size=None,
-                      mean=IMAGENET_MEAN if in_chans == 3 else [0.5], std=IMAGENET_STD if in_chans == 3 else [0.5],
-                      splits={k: SplitData(source=v) for k, v in source.splits.items() if k in splits})
+    return LoadedData(
+        source=config.data,
+        classes=list(classes),
+        in_chans=in_chans,
+        native_size=None,
+        mean=IMAGENET_MEAN if in_chans == 3 else [0.5],
+        std=IMAGENET_STD if in_chans == 3 else [0.5],
+        splits={k: SplitData(source=v) for k, v in source.splits.items() if k in splits},
+    )

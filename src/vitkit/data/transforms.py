@@ -111,8 +111,11 @@ def train_transform(spec: ImageSpec, aug: Augment) -> v2.Compose:
     size = spec.img_size
     steps: list = [ToChannels(spec.in_chans)]
     if aug.crop == "rrc":
-        steps.append(v2.RandomResizedCrop(size, scale=aug.crop_scale, ratio=aug.crop_ratio,
-                                          interpolation=_mode(spec), antialias=True))
+        steps.append(
+            v2.RandomResizedCrop(
+                size, scale=aug.crop_scale, ratio=aug.crop_ratio, interpolation=_mode(spec), antialias=True
+            )
+        )
     elif aug.crop in ("pad", "random"):
         steps += [
             v2.Resize(_jitter_resize(spec, aug), interpolation=_mode(spec), antialias=True),
@@ -122,8 +125,9 @@ def train_transform(spec: ImageSpec, aug: Augment) -> v2.Compose:
         steps += [v2.Resize(size, interpolation=_mode(spec), antialias=True), v2.CenterCrop(size)]
     if aug.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(aug.hflip))
-    steps += image_augment(size, spec.in_chans, auto_augment=aug.auto_augment, three_aug=aug.three_augment,
-                           color_jitter=aug.color_jitter)
+    steps += image_augment(
+        size, spec.in_chans, auto_augment=aug.auto_augment, three_aug=aug.three_augment, color_jitter=aug.color_jitter
+    )
     steps += [v2.ToDtype(torch.float32, scale=True), _normalise(spec.mean, spec.std, spec.in_chans)]
     if aug.reprob > 0:
         steps.append(image_random_erasing(aug.reprob))
@@ -138,8 +142,9 @@ class BatchTrainTransform:
         self.spec, self.aug = spec, aug
         self.channels = ToChannels(spec.in_chans)
         self.normalise = _normalise(spec.mean, spec.std, spec.in_chans)
-        self.extra = BatchAugment(auto_augment=aug.auto_augment, three_aug=aug.three_augment,
-                                  color_jitter=aug.color_jitter)
+        self.extra = BatchAugment(
+            auto_augment=aug.auto_augment, three_aug=aug.three_augment, color_jitter=aug.color_jitter
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         size, aug = self.spec.img_size, self.aug

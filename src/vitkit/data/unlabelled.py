@@ -49,7 +49,8 @@ def load_unlabelled(config: DataConfig, root: Path) -> LoadedData:
             f"data folder {root} does not exist: give a folder of images (labels not needed) or --data fashion-mnist"
         )
     files = sorted(
-        p for p in root.rglob("*")
+        p
+        for p in root.rglob("*")
         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
     )
     samples, skipped = [], []
@@ -74,7 +75,12 @@ def load_unlabelled(config: DataConfig, root: Path) -> LoadedData:
             splits[name] = splits[name].select(index)
     in_chans = detect_channels(samples)
     return LoadedData(
-        source=str(root), classes=[], in_chans=in_chans, native_size=None,
-        mean=IMAGENET_MEAN if in_chans == 3 else [0.5], std=IMAGENET_STD if in_chans == 3 else [0.5],
-        splits=splits, skipped=skipped,
+        source=str(root),
+        classes=[],
+        in_chans=in_chans,
+        native_size=None,
+        mean=IMAGENET_MEAN if in_chans == 3 else [0.5],
+        std=IMAGENET_STD if in_chans == 3 else [0.5],
+        splits=splits,
+        skipped=skipped,
     )

@@ -29,8 +29,10 @@ def check_patch_grid(img_size: tuple[int, int], patch_size: int) -> None:
             raise ValueError(f"img_size {img_size} must be a positive multiple of patch_size ({patch_size})")
     patches = (img_size[0] // patch_size) * (img_size[1] // patch_size)
     if patches > MAX_PATCHES:
-        raise ValueError(f"img_size {img_size} at patch_size {patch_size} makes {patches} patches: at most "
-                         f"{MAX_PATCHES}; use a smaller img_size or a larger patch_size")
+        raise ValueError(
+            f"img_size {img_size} at patch_size {patch_size} makes {patches} patches: at most "
+            f"{MAX_PATCHES}; use a smaller img_size or a larger patch_size"
+        )
 
 
 def check_input_size(x: torch.Tensor, img_size: tuple[int, int], patch_size: int, dynamic: bool) -> tuple[int, int]:

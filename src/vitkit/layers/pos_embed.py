@@ -31,9 +31,7 @@ def resample_abs_pos_embed(
     if old_size is None:
         side = int(round(num_grid**0.5))
         if side * side != num_grid:
-            raise ValueError(
-                f"position embedding has {num_grid} grid tokens, not a square: pass old_size=(H, W)"
-            )
+            raise ValueError(f"position embedding has {num_grid} grid tokens, not a square: pass old_size=(H, W)")
         old_size = (side, side)
     new_size = tuple(new_size)
     if same_size(tuple(old_size), new_size):  # resampling to the same size is exact anyway
@@ -47,9 +45,7 @@ def resample_abs_pos_embed(
     return torch.cat([prefix, grid], dim=1) if num_prefix_tokens else grid
 
 
-def sincos_2d_pos_embed(
-    grid_size: tuple[int, int], dim: int, temperature: float = 10000.0
-) -> torch.Tensor:
+def sincos_2d_pos_embed(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """Fixed 2-D sin-cos embedding (1, H*W, dim), as in "Better plain ViT baselines".
 
     Channels are [sin(x), cos(x), sin(y), cos(y)], each dim / 4 wide.

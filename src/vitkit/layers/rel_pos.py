@@ -10,9 +10,7 @@ def relative_position_index(window: tuple[int, int], device: torch.device | str 
     """(N, N) index into a (2*Wh - 1) * (2*Ww - 1) bias table for every token pair of a window, N = Wh * Ww."""
     wh, ww = window
     coords = torch.stack(
-        torch.meshgrid(
-            torch.arange(wh, device=device), torch.arange(ww, device=device), indexing="ij"
-        )
+        torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device), indexing="ij")
     ).flatten(1)  # (2, N): row and column of each token
     rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N), offsets in [-(W - 1), W - 1]
     return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)

@@ -102,9 +102,7 @@ class SwinConfig:
         spec = self.window_size
         per_stage = (spec,) * stages if isinstance(spec, int) else spec
         if len(per_stage) != stages:
-            raise ValueError(
-                f"window_size {spec!r} must be an int or have one int / (h, w) entry per stage ({stages})"
-            )
+            raise ValueError(f"window_size {spec!r} must be an int or have one int / (h, w) entry per stage ({stages})")
         out = []
         for w in per_stage:
             pair = (w, w) if isinstance(w, int) else tuple(w)
@@ -716,9 +714,7 @@ class SwinTransformer(nn.Module):
         c = self.config
         check_input_size(x, c.img_size, c.patch_size, c.dynamic_img_size)
 
-    def set_input_size(
-        self, img_size: int | tuple[int, int], window_size: WindowSpec | None = None
-    ) -> None:
+    def set_input_size(self, img_size: int | tuple[int, int], window_size: WindowSpec | None = None) -> None:
         """Rebuild windows, masks and position indices for a new input size.
 
         Without `window_size` each stage's window scales with the patch grid (timm's rule, from the
@@ -814,9 +810,7 @@ _SIZES = {  # embed_dim, depths, num_heads (Swin paper; SwinV2-G from the V2 pap
 
 def _cfg(size: str, window: int, img: int, **extra) -> SwinConfig:
     dim, depths, heads = _SIZES[size]
-    return SwinConfig(
-        img_size=(img, img), embed_dim=dim, depths=depths, num_heads=heads, window_size=window, **extra
-    )
+    return SwinConfig(img_size=(img, img), embed_dim=dim, depths=depths, num_heads=heads, window_size=window, **extra)
 
 
 def _variants() -> list[tuple[str, str, SwinConfig]]:

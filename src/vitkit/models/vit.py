@@ -74,8 +74,14 @@ class ViTConfig:
             raise ValueError("pos_embed='sincos2d' covers patches only: set no_embed_class=True")
         if self.distilled and self.global_pool != "token":
             raise ValueError("distilled=True needs global_pool='token' (the heads read the tokens)")
-        for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate",
-                     "patch_drop_rate"):
+        for name in (
+            "drop_rate",
+            "pos_drop_rate",
+            "proj_drop_rate",
+            "attn_drop_rate",
+            "drop_path_rate",
+            "patch_drop_rate",
+        ):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
@@ -165,9 +171,7 @@ class VisionTransformer(nn.Module):
         avg = config.global_pool == "avg"
         self.norm = nn.Identity() if avg else nn.LayerNorm(dim, eps=config.norm_eps)
         self.fc_norm = nn.LayerNorm(dim, eps=config.norm_eps) if avg else nn.Identity()
-        self.pre_logits = (
-            PreLogits(dim, config.representation_size) if config.representation_size else nn.Identity()
-        )
+        self.pre_logits = PreLogits(dim, config.representation_size) if config.representation_size else nn.Identity()
         self.head_drop = nn.Dropout(config.drop_rate)
         self.head = self._make_head(config.num_classes)
         self.init_weights()

@@ -13,8 +13,10 @@ from vitkit.core.lazy import lazy_attributes
 if TYPE_CHECKING:
     from vitkit.pretrain.simmim import MaskGenerator, SimMIM, build_simmim, load_encoder, masked_l1_loss, save_encoder
 
-_HOMES = {name: "simmim" for name in
-          ("MaskGenerator", "SimMIM", "build_simmim", "load_encoder", "masked_l1_loss", "save_encoder")}
+_HOMES = {
+    name: "simmim"
+    for name in ("MaskGenerator", "SimMIM", "build_simmim", "load_encoder", "masked_l1_loss", "save_encoder")
+}
 
 __all__ = ["MaskGenerator", "SimMIM", "build_simmim", "load_encoder", "masked_l1_loss", "save_encoder"]
 

@@ -106,11 +106,11 @@ class SimMIMTask(RunTask[PretrainResult]):
         return TrainingState(model, wrapped, None, None, optimizer, scheduler, None)
 
     def prepare(self, run: Run) -> None:
-        self.masks = MaskGenerator(run.config.img_size, self.pre.mask_patch_size, run.state.model.patch_size,
-                                   self.pre.mask_ratio)
+        self.masks = MaskGenerator(
+            run.config.img_size, self.pre.mask_patch_size, run.state.model.patch_size, self.pre.mask_ratio
+        )
         if run.amp_dtype == torch.float16:
-            raise UsageError("pre-training supports amp=bf16 or off (fp16 needs a gradient scaler): "
-                              "use --set amp=bf16")
+            raise UsageError("pre-training supports amp=bf16 or off (fp16 needs a gradient scaler): use --set amp=bf16")
         super().prepare(run)
 
     def write_files(self, run: Run) -> None:
@@ -156,15 +156,20 @@ class SimMIMTask(RunTask[PretrainResult]):
 
     def validate(self, run: Run, epoch: int, stats: dict[str, float]) -> dict[str, Any]:
         metrics = MaskedL1Metrics(self.masks, run.config.seed, run.device)
-        val = evaluate(run.state.model, run.loaders["val"], device=run.device, amp_dtype=run.amp_dtype,
-                       metrics=metrics)
-        return {"epoch": epoch, "train_loss": stats["train_loss"], "lr": stats["lr"],
-                "val_loss": val["val_loss"], "images_per_s": stats["images_per_s"]}
+        val = evaluate(run.state.model, run.loaders["val"], device=run.device, amp_dtype=run.amp_dtype, metrics=metrics)
+        return {
+            "epoch": epoch,
+            "train_loss": stats["train_loss"],
+            "lr": stats["lr"],
+            "val_loss": val["val_loss"],
+            "images_per_s": stats["images_per_s"],
+        }
 
     def save_weights(self, run: Run, epoch: int, record: dict[str, Any]) -> None:
         if run.main:
-            save_encoder(run.state.model, run.run_dir / ENCODER,
-                         {"epoch": str(epoch), "val_loss": repr(record["val_loss"])})
+            save_encoder(
+                run.state.model, run.run_dir / ENCODER, {"epoch": str(epoch), "val_loss": repr(record["val_loss"])}
+            )
 
     def after_epoch(self, run: Run, epoch: int) -> None:
         if not run.main:
@@ -174,8 +179,9 @@ class SimMIMTask(RunTask[PretrainResult]):
             model.eval()
             rebuilt = model(self.shown.to(run.device), self.shown_mask.to(run.device))
         spec = image_spec(run.config)
-        save_reconstructions(run.run_dir / RECONSTRUCTIONS, self.shown, self.shown_mask, rebuilt, model.patch_size,
-                             spec.mean, spec.std)
+        save_reconstructions(
+            run.run_dir / RECONSTRUCTIONS, self.shown, self.shown_mask, rebuilt, model.patch_size, spec.mean, spec.std
+        )
 
     def epoch_line(self, run: Run, epoch: int, record: dict[str, Any]) -> str:
         return (
@@ -192,5 +198,6 @@ class SimMIMTask(RunTask[PretrainResult]):
     def result(self, run: Run) -> PretrainResult:
         epochs = run.folder.epoch_records()
         last = epochs[-1] if epochs else {}
-        return PretrainResult(run.run_dir, run.run_dir / ENCODER, last.get("train_loss", math.nan),
-                              last.get("val_loss", math.nan))
+        return PretrainResult(
+            run.run_dir, run.run_dir / ENCODER, last.get("train_loss", math.nan), last.get("val_loss", math.nan)
+        )

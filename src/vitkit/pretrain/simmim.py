@@ -116,9 +116,7 @@ def encoder_geometry(encoder: nn.Module) -> tuple[int, int, int]:
     """(patch size, output stride, output channels) of a vitkit ViT or Swin encoder."""
     config = getattr(encoder, "config", None)
     if config is None or not hasattr(encoder, "patch_embed") or not hasattr(encoder, "forward_features"):
-        raise ValueError(
-            f"SimMIM needs a vitkit ViT / DeiT / Swin / Swin V2 encoder; got {type(encoder).__name__}"
-        )
+        raise ValueError(f"SimMIM needs a vitkit ViT / DeiT / Swin / Swin V2 encoder; got {type(encoder).__name__}")
     if hasattr(config, "depths"):  # Swin: each stage after the first halves the map
         stride = config.patch_size * 2 ** (len(config.depths) - 1)
         features: int = encoder.num_features  # type: ignore[assignment]  # Module types attributes as Tensor | Module
@@ -219,8 +217,9 @@ def _images(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-def _masked_l1(model: nn.Module, batch: Any, masks: MaskGenerator, generator: torch.Generator | None,
-               device: torch.device) -> tuple[torch.Tensor, int]:
+def _masked_l1(
+    model: nn.Module, batch: Any, masks: MaskGenerator, generator: torch.Generator | None, device: torch.device
+) -> tuple[torch.Tensor, int]:
     images = _images(batch).to(device, non_blocking=True)
     mask = masks(images.shape[0], generator).to(device, non_blocking=True)  # drawn on the CPU
     reconstruction = model(images, mask)

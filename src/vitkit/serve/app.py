@@ -103,18 +103,32 @@ def describe(predictor: Predictor) -> dict[str, Any]:
         "name": served.name,
         "classes": served.classes,
         "num_classes": predictor.num_classes,
-        "input": {"img_size": spec.img_size, "in_chans": spec.in_chans, "mean": list(spec.mean),
-                  "std": list(spec.std), "crop_pct": spec.crop_pct, "interpolation": spec.interpolation},
+        "input": {
+            "img_size": spec.img_size,
+            "in_chans": spec.in_chans,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "crop_pct": spec.crop_pct,
+            "interpolation": spec.interpolation,
+        },
         "test_top1": served.test_top1,
         "tta": served.tta,
         "attention": served.attention,
         "source": served.source,
         "device": str(predictor.device),
-        "batching": {"max_batch": predictor.max_batch, "max_wait_ms": predictor.max_wait_ms,
-                     "max_queue": predictor.max_queue},
-        "versions": {"vitkit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-                     "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__,
-                     "python": platform.python_version()},
+        "batching": {
+            "max_batch": predictor.max_batch,
+            "max_wait_ms": predictor.max_wait_ms,
+            "max_queue": predictor.max_queue,
+        },
+        "versions": {
+            "vitkit": __version__,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "fastapi": fastapi.__version__,
+            "uvicorn": uvicorn.__version__,
+            "python": platform.python_version(),
+        },
     }
 
 
@@ -154,8 +168,9 @@ async def _parse(
     else:
         raise RequestError(f"unsupported content type {kind or 'none'!r}: {HOW}", 415)
     if len(files) > predictor.max_batch:
-        raise RequestError(f"{len(files)} images in one request, over --max-batch {predictor.max_batch}: "
-                           "split the request", 413)
+        raise RequestError(
+            f"{len(files)} images in one request, over --max-batch {predictor.max_batch}: split the request", 413
+        )
     images = await run_in_threadpool(lambda: [predictor.decode(data, name) for name, data in files])
     return images, top_k, attention
 

@@ -46,9 +46,16 @@ def load_served_model(
     model = inference.model.eval()
     config = getattr(model, "config", None)
     name = getattr(model, "variant_name", None) or getattr(config, "name", None) or type(model).__name__
-    return ServedModel(model, inference.spec, inference.classes, str(name), inference.source,
-                       _test_top1(Path(run)) if run is not None else None, attention_method(model),
-                       inference.settings.tta)
+    return ServedModel(
+        model,
+        inference.spec,
+        inference.classes,
+        str(name),
+        inference.source,
+        _test_top1(Path(run)) if run is not None else None,
+        attention_method(model),
+        inference.settings.tta,
+    )
 
 
 def attention_method(model: nn.Module) -> str | None:

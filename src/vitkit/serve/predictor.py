@@ -133,7 +133,9 @@ class Predictor:
                 if width * height > self.max_pixels:
                     raise RequestError(
                         f"image {name!r} is {width}x{height} pixels, over the limit of {self.max_pixels} "
-                        "(a decompression bomb?): send a smaller image", 413)
+                        "(a decompression bomb?): send a smaller image",
+                        413,
+                    )
                 img.load()
                 if img.mode in ("I", "I;16") and self._mode == "L":  # 16-bit greyscale: scale, don't clip
                     img = img.point(lambda v: v / 256)
@@ -143,8 +145,9 @@ class Predictor:
         except Image.DecompressionBombError as err:  # PIL's own limit, checked in Image.open
             raise RequestError(f"image {name!r}: {err} (a decompression bomb?): send a smaller image", 413) from None
         except UnidentifiedImageError:
-            raise RequestError(f"{name!r} is not an image vitkit can read: send a PNG, JPEG, WebP, BMP, GIF, TIFF or "
-                               "PPM file", 415) from None
+            raise RequestError(
+                f"{name!r} is not an image vitkit can read: send a PNG, JPEG, WebP, BMP, GIF, TIFF or PPM file", 415
+            ) from None
         except (OSError, ValueError, SyntaxError) as err:
             raise RequestError(f"cannot decode image {name!r} ({err}): the file is damaged or truncated", 422) from None
         return Decoded(name, self._transform(TF.pil_to_tensor(img)), self._crop_box(width, height))
@@ -162,8 +165,9 @@ class Predictor:
         if not images:
             raise RequestError("no image in the request: send at least one", 400)
         if len(images) > self.max_batch:
-            raise RequestError(f"{len(images)} images in one request, over --max-batch {self.max_batch}: "
-                               "split the request", 413)
+            raise RequestError(
+                f"{len(images)} images in one request, over --max-batch {self.max_batch}: split the request", 413
+            )
         if not 1 <= top_k <= 1000:
             raise RequestError(f"top_k must be between 1 and 1000, got {top_k}")
         if attention and self.served.attention is None:
@@ -247,8 +251,10 @@ class Predictor:
     def _top(self, probs: torch.Tensor, k: int) -> list[dict[str, Any]]:
         values, indices = probs.topk(min(k, probs.shape[-1]))
         classes = self.served.classes
-        return [{"class": classes[i] if classes and i < len(classes) else str(i), "index": i, "prob": v}
-                for v, i in zip(values.tolist(), indices.tolist())]
+        return [
+            {"class": classes[i] if classes and i < len(classes) else str(i), "index": i, "prob": v}
+            for v, i in zip(values.tolist(), indices.tolist())
+        ]
 
     def _add_maps(self, entries: list[dict[str, Any]], images: list[Decoded], x: torch.Tensor) -> None:
         with torch.inference_mode(False), torch.no_grad():  # recording attention writes module state

@@ -166,9 +166,7 @@ def upsample(heat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 # -- the picture -----------------------------------------------------------------------------------
-def save_overlay(
-    image: torch.Tensor, amap: AttentionMap, path: str | os.PathLike, title: str | None = None
-) -> None:
+def save_overlay(image: torch.Tensor, amap: AttentionMap, path: str | os.PathLike, title: str | None = None) -> None:
     """Write a PNG: the image (C, H, W in [0, 1]) beside it with the upsampled map overlaid."""
     import matplotlib  # noqa: PLC0415  about a second of start-up: only when a figure is drawn
 

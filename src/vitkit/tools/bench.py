@@ -158,8 +158,9 @@ class _Runner:
         """Seconds per step, each step timed on its own."""
         if self.device.type == "cuda":
             with torch.cuda.device(self.device):  # events time the current stream of the model's GPU
-                events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                          for _ in range(n)]
+                events = [
+                    (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)
+                ]
                 for start, end in events:
                     start.record()
                     self.step()
@@ -275,9 +276,7 @@ def timm_pair(name: str, img_size: tuple[int, int], **overrides: Any) -> tuple[n
     return ours, ref
 
 
-def compare_with_timm(
-    name: str, opts: BenchOptions | None = None, rounds: int = 5, **overrides: Any
-) -> Comparison:
+def compare_with_timm(name: str, opts: BenchOptions | None = None, rounds: int = 5, **overrides: Any) -> Comparison:
     """Time our model and timm's (same name, same weights) alternately in `rounds` rounds of
     `opts.steps` steps each, so that drifts of the machine (clocks, other processes) hit both."""
     opts = opts or BenchOptions()

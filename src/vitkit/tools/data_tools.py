@@ -74,11 +74,16 @@ def write_shards(source: str, output: str | Path, shard_size: int = 1000, **fiel
     data = load_data(DataConfig(data=source, **fields))
     mode = "L" if data.in_chans == 1 else "RGB"
     output.mkdir(parents=True, exist_ok=True)
-    written = {name: write_split(iter_images(part, mode, raw_png=True), output, name, shard_size)
-               for name, part in data.splits.items()}
+    written = {
+        name: write_split(iter_images(part, mode, raw_png=True), output, name, shard_size)
+        for name, part in data.splits.items()
+    }
     write_index(output, data.classes, data.in_chans, written)  # last: a folder with index.json is complete
-    return {"output": str(output), "classes": len(data.classes),
-            **{name: {"shards": len(names), "samples": sum(counts)} for name, (names, counts) in written.items()}}
+    return {
+        "output": str(output),
+        "classes": len(data.classes),
+        **{name: {"shards": len(names), "samples": sum(counts)} for name, (names, counts) in written.items()},
+    }
 
 
 def _labels(split: SplitData) -> list[int]:
@@ -97,8 +102,12 @@ def data_stats(source: str, limit: int = 10_000, **fields: Any) -> dict[str, Any
     The mean and std are per channel over at most `limit` train images (spread over the split), in [0, 1].
     """
     data = load_data(DataConfig(data=source, **fields))
-    out: dict[str, Any] = {"source": data.source, "classes": data.classes,
-                           "splits": {s: s in data.splits for s in ("train", "val", "test")}, "per_split": {}}
+    out: dict[str, Any] = {
+        "source": data.source,
+        "classes": data.classes,
+        "splits": {s: s in data.splits for s in ("train", "val", "test")},
+        "per_split": {},
+    }
     for name, part in data.splits.items():
         counts = Counter(_labels(part))
         sizes: Counter = Counter()
@@ -113,7 +122,9 @@ def data_stats(source: str, limit: int = 10_000, **fields: Any) -> dict[str, Any
         out["per_split"][name] = {
             "images": len(part),
             "per_class": {data.classes[k]: counts.get(k, 0) for k in range(len(data.classes))},
-            "sizes": dict(sizes.most_common(5)), "distinct_sizes": len(sizes), "modes": dict(modes),
+            "sizes": dict(sizes.most_common(5)),
+            "distinct_sizes": len(sizes),
+            "modes": dict(modes),
         }
     if "train" in data.splits:
         out["mean"], out["std"], out["stats_images"] = _mean_std(data, data.splits["train"], limit)
@@ -188,8 +199,17 @@ def _time(loader: Any) -> tuple[int, float]:
     return count, time.perf_counter() - start
 
 
-def data_bench(source: str, *, workers: tuple[int, ...] = (0, 1, 2), images: int = 1024, batch_size: int = 64,
-               img_size: int | None = None, timm: bool = True, rounds: int = 2, **fields: Any) -> list[BenchRow]:
+def data_bench(
+    source: str,
+    *,
+    workers: tuple[int, ...] = (0, 1, 2),
+    images: int = 1024,
+    batch_size: int = 64,
+    img_size: int | None = None,
+    timm: bool = True,
+    rounds: int = 2,
+    **fields: Any,
+) -> list[BenchRow]:
     """Images per second of the eval-transform loader over the first `images` train images, per worker
     count, for vitkit's loader and (random-access sources) timm's `create_loader` with the same transform;
     the best of `rounds` passes each, in alternating order."""
@@ -208,7 +228,7 @@ def data_bench(source: str, *, workers: tuple[int, ...] = (0, 1, 2), images: int
             loaders["timm"] = lambda w=w: _timm_loader(data, config, batch_size, w)
         best: dict[str, BenchRow] = {}
         for r in range(rounds):  # alternate who goes first; keep each loader's fastest pass (page cache warm)
-            for name in (list(loaders) if r % 2 == 0 else list(loaders)[::-1]):
+            for name in list(loaders) if r % 2 == 0 else list(loaders)[::-1]:
                 row = BenchRow(name, w, *_time(loaders[name]()))
                 if name not in best or row.seconds < best[name].seconds:
                     best[name] = row
@@ -222,7 +242,17 @@ def _timm_loader(data: LoadedData, config: DataConfig, batch_size: int, workers:
     except ImportError:
         raise VitkitError("the timm column needs timm: pip install timm (or pass --no-timm)") from None
     mode = "L" if config.in_chans == 1 else "RGB"
-    return create_loader(_PilItems(data.splits["train"], mode), input_size=(config.in_chans, config.img_size,
-                         config.img_size), batch_size=batch_size, is_training=False, use_prefetcher=False,
-                         interpolation=config.interpolation, mean=tuple(config.mean), std=tuple(config.std),
-                         crop_pct=config.crop_pct, crop_mode="center", num_workers=workers, persistent_workers=False)
+    return create_loader(
+        _PilItems(data.splits["train"], mode),
+        input_size=(config.in_chans, config.img_size, config.img_size),
+        batch_size=batch_size,
+        is_training=False,
+        use_prefetcher=False,
+        interpolation=config.interpolation,
+        mean=tuple(config.mean),
+        std=tuple(config.std),
+        crop_pct=config.crop_pct,
+        crop_mode="center",
+        num_workers=workers,
+        persistent_workers=False,
+    )

@@ -188,8 +188,13 @@ def require_onnx() -> None:
         ) from err
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, dynamic_shapes: tuple[dict[int, Dim]] | None, target: Path,
-                 opset: int | None) -> None:
+def _export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    dynamic_shapes: tuple[dict[int, Dim]] | None,
+    target: Path,
+    opset: int | None,
+) -> None:
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet):  # the exporter reports its progress on stdout
         program = torch.onnx.export(
@@ -251,4 +256,3 @@ def describe(report: ExportReport) -> str:
     dyn = [n for n, on in (("batch", report.dynamic_batch), ("height/width", report.dynamic_size)) if on]
     head = f"wrote {report.path} [{kind}; dynamic {', '.join(dyn) or 'nothing'}]; max difference {report.max_diff:.3g}"
     return "\n".join([head, *lines])
-

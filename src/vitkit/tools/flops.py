@@ -28,16 +28,18 @@ aten = torch.ops.aten
 Shape = tuple[int, ...]  # FlopCounterMode passes the shapes of an op's tensors
 
 
-def _cpu_attention_flops(query: Shape, key: Shape, value: Shape, *args: Any, out_shape: Any = None,
-                         **kwargs: Any) -> int:
+def _cpu_attention_flops(
+    query: Shape, key: Shape, value: Shape, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
     # (B, h, Nq, d) @ (B, h, d, Nk) -> scores, then (B, h, Nq, Nk) @ (B, h, Nk, dv)
     b, h, nq, d = query
     nk, dv = key[-2], value[-1]
     return 2 * b * h * nq * nk * (d + dv)
 
 
-def _cpu_attention_backward_flops(grad_out: Shape, query: Shape, key: Shape, value: Shape, *args: Any,
-                                  out_shape: Any = None, **kwargs: Any) -> int:
+def _cpu_attention_backward_flops(
+    grad_out: Shape, query: Shape, key: Shape, value: Shape, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
     # recompute the scores (d), then grads of scores (dv), V (dv), Q (d) and K (d): torch's count
     # for the CUDA kernels' backward
     b, h, nq, d = query
@@ -186,9 +188,7 @@ def _signature(module: nn.Module) -> tuple:
                 continue
             if isinstance(value, torch.Tensor):
                 plain.append((key, tuple(value.shape)))
-            elif isinstance(value, (bool, int, str, type(None))) or (
-                isinstance(value, tuple) and _hashable(value)
-            ):
+            elif isinstance(value, (bool, int, str, type(None))) or (isinstance(value, tuple) and _hashable(value)):
                 plain.append((key, value))
         own = list(m._parameters.items()) + list(m._buffers.items())
         tensors = [(k, tuple(t.shape), t.dtype) for k, t in own if t is not None]

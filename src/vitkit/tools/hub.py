@@ -40,9 +40,15 @@ def export_hub(run_dir: str | os.PathLike, output: str | os.PathLike) -> Path:
     if recorded is None:
         raise VitkitError(f"{best} has no input spec in its metadata: re-save it with this vitkit version")
     spec, classes = recorded
-    hub = timm_config(model, input_size=(spec.in_chans, spec.img_size, spec.img_size), mean=list(spec.mean),
-                      std=list(spec.std), crop_pct=spec.crop_pct, interpolation=spec.interpolation,
-                      label_names=classes)
+    hub = timm_config(
+        model,
+        input_size=(spec.in_chans, spec.img_size, spec.img_size),
+        mean=list(spec.mean),
+        std=list(spec.std),
+        crop_pct=spec.crop_pct,
+        interpolation=spec.interpolation,
+        label_names=classes,
+    )
     card = model_card(config, info, hub, run)
     extra = {k: v for k, v in meta.items() if k not in ("format", "format_version", "model", "config")}
     extra["source_run"] = str(run.resolve())
@@ -98,12 +104,19 @@ def model_card(config: TrainConfig, info: dict[str, Any], hub: dict[str, Any], r
         "---",
         f"# {name} trained with vitkit on {source}",
         "",
-        (f"A {name} ({info.get('model', {}).get('params', '?')} parameters) trained from the vitkit run "
-         f"`{run.name}` (vitkit {info.get('vitkit', __version__)})."),
+        (
+            f"A {name} ({info.get('model', {}).get('params', '?')} parameters) trained from the vitkit run "
+            f"`{run.name}` (vitkit {info.get('vitkit', __version__)})."
+        ),
         "",
     ]
-    sections = (_model_section(hub), _data_section(config, info), _recipe_section(config),
-                _results_section(config, run), _use_section(hub, source))
+    sections = (
+        _model_section(hub),
+        _data_section(config, info),
+        _recipe_section(config),
+        _results_section(config, run),
+        _use_section(hub, source),
+    )
     return "\n".join(head + [line for section in sections for line in section])
 
 
@@ -112,8 +125,10 @@ def _model_section(hub: dict[str, Any]) -> list[str]:
     return [
         "## Model",
         f"- architecture: `{hub['architecture']}`, changed arguments: `{json.dumps(hub['model_args'])}`",
-        (f"- input: {pre['input_size'][0]} channel(s), {pre['input_size'][1]}x{pre['input_size'][2]} pixels, "
-         f"mean {pre['mean']}, std {pre['std']}, crop_pct {pre['crop_pct']}, {pre['interpolation']} resize"),
+        (
+            f"- input: {pre['input_size'][0]} channel(s), {pre['input_size'][1]}x{pre['input_size'][2]} pixels, "
+            f"mean {pre['mean']}, std {pre['std']}, crop_pct {pre['crop_pct']}, {pre['interpolation']} resize"
+        ),
         f"- classes ({len(classes)}): {', '.join(classes)}",
         "",
     ]
@@ -132,8 +147,25 @@ def _data_section(config: TrainConfig, info: dict[str, Any]) -> list[str]:
 
 
 def _recipe_section(config: TrainConfig) -> list[str]:
-    keys = ("epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "weight_decay", "optimizer", "label_smoothing",
-            "mixup", "cutmix", "crop", "hflip", "auto_augment", "reprob", "ema", "amp", "seed")
+    keys = (
+        "epochs",
+        "batch_size",
+        "lr",
+        "min_lr",
+        "warmup_epochs",
+        "weight_decay",
+        "optimizer",
+        "label_smoothing",
+        "mixup",
+        "cutmix",
+        "crop",
+        "hflip",
+        "auto_augment",
+        "reprob",
+        "ema",
+        "amp",
+        "seed",
+    )
     return [
         "## Recipe",
         f"From `{config.recipe or 'the command line'}`; the full config is the run's config.yaml.",
@@ -168,13 +200,15 @@ def _use_section(hub: dict[str, Any], source: str) -> list[str]:
         "```python",
         "import timm",
         'model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True).eval()',
-        "# or: vitkit.load_model(\"THIS_FOLDER\")",
+        '# or: vitkit.load_model("THIS_FOLDER")',
         "```",
         "Intended for classifying images like those of its training data, and as a starting point for fine-tuning.",
         "",
         "## Limits",
-        (f"- It knows only its {len(classes)} classes and the images of `{source}`; images from elsewhere "
-         "(other sizes, colours, framing) can be misclassified with high confidence."),
+        (
+            f"- It knows only its {len(classes)} classes and the images of `{source}`; images from elsewhere "
+            "(other sizes, colours, framing) can be misclassified with high confidence."
+        ),
         "- The figures above come from one run and one seed; they carry the noise of that run.",
         "- Not evaluated for fairness, robustness or safety-critical use.",
         "",

@@ -76,8 +76,9 @@ def default_spec(model: nn.Module) -> ImageSpec:
     in_chans = getattr(config, "in_chans", 3)
     record = getattr(model, "pretrained_record", None)  # set by vitkit.weights.pretrained.load_pretrained
     if record is not None:
-        return ImageSpec(int(size[0]), in_chans, tuple(record.mean), tuple(record.std), record.crop_pct,
-                         record.interpolation)
+        return ImageSpec(
+            int(size[0]), in_chans, tuple(record.mean), tuple(record.std), record.crop_pct, record.interpolation
+        )
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ([0.5], [0.5])
     return ImageSpec(int(size[0]), in_chans, tuple(mean), tuple(std), 0.875)
 
@@ -98,8 +99,14 @@ def load_inference(
         net, meta = load_weights(Path(run) / BEST, device=device)
         recorded = input_spec(meta)
         spec = image_spec(run_config)
-        return Inference(net, spec, recorded[1] if recorded else None, run_config, str(Path(run) / BEST),
-                         EvalSettings.of_run(run_config))
+        return Inference(
+            net,
+            spec,
+            recorded[1] if recorded else None,
+            run_config,
+            str(Path(run) / BEST),
+            EvalSettings.of_run(run_config),
+        )
     settings = EvalSettings()
     if checkpoint is not None:
         net, meta = load_weights(checkpoint, device=device)
@@ -112,13 +119,20 @@ def load_inference(
             raise ValueError("--model NAME evaluates pretrained weights: add --pretrained (or give --run/--checkpoint)")
         net = create_model(model, pretrained=pretrained).to(device)
         spec, classes = default_spec(net), None
-    config = DataConfig(img_size=spec.img_size, in_chans=spec.in_chans, mean=list(spec.mean), std=list(spec.std),
-                        crop_pct=spec.crop_pct, interpolation=spec.interpolation)
+    config = DataConfig(
+        img_size=spec.img_size,
+        in_chans=spec.in_chans,
+        mean=list(spec.mean),
+        std=list(spec.std),
+        crop_pct=spec.crop_pct,
+        interpolation=spec.interpolation,
+    )
     return Inference(net, spec, classes, config, str(checkpoint or model), settings)
 
 
-def apply_amp(inference: Inference, amp: str, device: torch.device,
-              say: Callable[[str], Any] | None = None) -> dict[str, Any]:
+def apply_amp(
+    inference: Inference, amp: str, device: torch.device, say: Callable[[str], Any] | None = None
+) -> dict[str, Any]:
     """Resolve `--amp` for evaluation and prediction (`say` gets the choice); bf16 holds the model's
     weights in bf16 (`layers.precision.cast_for_inference`) and autocast goes off, since a bf16 model needs
     none (and autocast would keep its linear layers off the oneDNN path, `layers.linear`). An int8 model
@@ -190,10 +204,17 @@ def evaluate_split(
         if outputs is not None and outputs < len(loaded.classes):
             raise ValueError(f"the model predicts {outputs} classes but {loaded.source} has {len(loaded.classes)}")
         dataset = build_dataset(loaded, split, config, train=False)
-        loader = build_loader(dataset, train=False, batch_size=settings.batch_size, seed=settings.seed or 0,
-                              workers=workers)
-        result = evaluate(model, loader, device=device, amp_dtype=amp_dtype_for(settings.amp, device),
-                          num_classes=(outputs or len(loaded.classes)) if confusion else None, tta=settings.tta)
+        loader = build_loader(
+            dataset, train=False, batch_size=settings.batch_size, seed=settings.seed or 0, workers=workers
+        )
+        result = evaluate(
+            model,
+            loader,
+            device=device,
+            amp_dtype=amp_dtype_for(settings.amp, device),
+            num_classes=(outputs or len(loaded.classes)) if confusion else None,
+            tta=settings.tta,
+        )
     result.update(split=split, data=loaded.source, checkpoint=inference.source, tta=settings.tta)
     if confusion:
         k = len(loaded.classes)
@@ -217,4 +238,3 @@ def _num_outputs(model: nn.Module) -> int | None:
         return int(config.num_classes)
     args = getattr(model, "torchvision_args", None)
     return int(args["num_classes"]) if args else None
-

@@ -35,8 +35,13 @@ def expand_images(images: Sequence[str | Path]) -> list[Path]:
     for item in images:
         path = Path(item)
         if path.is_dir():
-            out.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                              and not p.name.startswith(".")))
+            out.extend(
+                sorted(
+                    p
+                    for p in path.rglob("*")
+                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+                )
+            )
         elif path.is_file():
             out.append(path)
         else:
@@ -146,5 +151,6 @@ def predict(
     tta: str = "none",
 ) -> list[dict[str, Any]]:
     """All of `iter_predictions`' results as a list (for a few images; stream many with it directly)."""
-    return list(iter_predictions(model, images, spec, classes, top_k=top_k, device=device, batch_size=batch_size,
-                                 tta=tta))
+    return list(
+        iter_predictions(model, images, spec, classes, top_k=top_k, device=device, batch_size=batch_size, tta=tta)
+    )

@@ -123,8 +123,10 @@ def quantize(
     inference = load_inference(run=run, checkpoint=checkpoint, device="cpu")
     fp32 = inference.model.float().eval()
     if not dataclasses.is_dataclass(getattr(fp32, "config", None)) or not hasattr(fp32, "variant_name"):
-        raise ValueError(f"{inference.source} holds a {getattr(fp32, 'variant_name', type(fp32).__name__)} model: "
-                         "only vitkit models can be quantised")
+        raise ValueError(
+            f"{inference.source} holds a {getattr(fp32, 'variant_name', type(fp32).__name__)} model: "
+            "only vitkit models can be quantised"
+        )
     int8 = quantize_model(fp32, scheme)
     options = {"data": data, "batch_size": batch_size, "workers": workers}
     fp32_top1, samples = _top1(_fp32(inference, fp32), "val", samples=val_samples, **options)
@@ -134,13 +136,22 @@ def quantize(
         raise VitkitError(
             f"int8 top-1 {int8_top1:.2f}% is {result.drop:.2f} points below fp32 {fp32_top1:.2f}% on the val split "
             f"({samples} images), more than --max-drop {max_drop:g}: nothing written (keep the fp32 model, "
-            "or accept the loss with a larger --max-drop)")
+            "or accept the loss with a larger --max-drop)"
+        )
     if test:
-        result.test = {"fp32_top1": _top1(_fp32(inference, fp32), "test", **options)[0],
-                       "int8_top1": _top1(_fp32(inference, int8), "test", **options)[0]}
+        result.test = {
+            "fp32_top1": _top1(_fp32(inference, fp32), "test", **options)[0],
+            "int8_top1": _top1(_fp32(inference, int8), "test", **options)[0],
+        }
     source_meta = read_metadata(inference.source)
-    gate = {"split": "val", "samples": samples, "fp32_top1": fp32_top1, "int8_top1": int8_top1,
-            "max_drop": max_drop, **({"test": result.test} if result.test else {})}
+    gate = {
+        "split": "val",
+        "samples": samples,
+        "fp32_top1": fp32_top1,
+        "int8_top1": int8_top1,
+        "max_drop": max_drop,
+        **({"test": result.test} if result.test else {}),
+    }
     meta = {"scheme": scheme, "source": str(inference.source), "gate": json.dumps(gate)}
     if "inputs" in source_meta:
         meta["inputs"] = source_meta["inputs"]

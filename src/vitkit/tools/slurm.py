@@ -54,8 +54,9 @@ class SlurmJob:
         if any(a == "--nproc" or a.startswith("--nproc=") for a in self.train_args):
             raise ValueError("--nproc is for one machine: the script starts --gpus-per-node processes per node")
         if self.requeue and run_folder(self.train_args) is None:
-            raise ValueError("--requeue resumes from the run folder: give it in the train arguments, "
-                             "e.g. -- --output runs/deit")
+            raise ValueError(
+                "--requeue resumes from the run folder: give it in the train arguments, e.g. -- --output runs/deit"
+            )
         if self.requeue and not 10 <= self.signal_lead <= 3600:
             raise ValueError(f"--signal-lead must be in 10..3600 seconds, got {self.signal_lead}")
 
@@ -80,8 +81,12 @@ def sbatch_script(job: SlurmJob) -> str:
         f"--gpus-per-node={job.gpus_per_node}",
         f"--output={job.log}",
     ]
-    for flag, value in (("cpus-per-task", job.cpus_per_task), ("partition", job.partition),
-                        ("time", job.time), ("account", job.account)):
+    for flag, value in (
+        ("cpus-per-task", job.cpus_per_task),
+        ("partition", job.partition),
+        ("time", job.time),
+        ("account", job.account),
+    ):
         if value is not None:
             directives.append(f"--{flag}={value}")
     if job.requeue:  # SIGTERM to this script `signal_lead` s ahead; the log continues across requeues
@@ -139,7 +144,7 @@ def _requeue_lines(job: SlurmJob, command: str) -> list[str]:
         "status=0",
         'wait "$child" || status=$?',
         'if [ "$stopping" = 1 ]; then',
-        '    status=0',
+        "    status=0",
         '    wait "$child" || status=$?  # the first wait returned when the trap ran: wait for the save',
         '    echo "training exited with $status; requeueing job $SLURM_JOB_ID"',
         '    scontrol requeue "$SLURM_JOB_ID"',

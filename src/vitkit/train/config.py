@@ -27,8 +27,20 @@ TTA_MODES: tuple[str, ...] = typing.get_args(TtaMode)
 
 # fields that may differ when resuming: they change where and how fast the run goes, not what it computes
 RUNTIME_FIELDS = frozenset(
-    {"device", "threads", "workers", "log_every", "output", "compile", "fsdp", "fsdp_offload", "log", "mlflow_uri",
-     "on_nonfinite", "max_nonfinite_skips"}  # a run stopped by a NaN may resume with --on-nonfinite skip
+    {
+        "device",
+        "threads",
+        "workers",
+        "log_every",
+        "output",
+        "compile",
+        "fsdp",
+        "fsdp_offload",
+        "log",
+        "mlflow_uri",
+        "on_nonfinite",
+        "max_nonfinite_skips",
+    }  # a run stopped by a NaN may resume with --on-nonfinite skip
 )
 
 

@@ -75,8 +75,13 @@ class _Window:
 
     def line(self, step: int, epoch: int, lr: float) -> dict[str, float]:
         now = time.perf_counter()
-        out = {"step": step, "epoch": epoch, "train_loss": self.window_loss / self.window_images, "lr": lr,
-               "images_per_s": self.window_images / max(now - self.window_start, 1e-9)}
+        out = {
+            "step": step,
+            "epoch": epoch,
+            "train_loss": self.window_loss / self.window_images,
+            "lr": lr,
+            "images_per_s": self.window_images / max(now - self.window_start, 1e-9),
+        }
         self.window_loss = self.window_images = 0.0
         self.window_start = now
         return out
@@ -140,8 +145,10 @@ class Stepper:
         what = f"the training loss became {bad_loss}" if bad_loss is not None else "gradients became non-finite"
         lrs = [g["lr"] for g in self.optimizer.param_groups]
         scale = f"{self.scaler.get_scale():.4g}" if self.scaler is not None else "none (fp32/bf16)"
-        diagnosis = (f"{what} at {where}: lr {max(lrs):.3g}, loss scale {scale}; "
-                     f"{nonfinite_gradients(unwrap(model), self.optimizer)}")
+        diagnosis = (
+            f"{what} at {where}: lr {max(lrs):.3g}, loss scale {scale}; "
+            f"{nonfinite_gradients(unwrap(model), self.optimizer)}"
+        )
         self.optimizer.zero_grad(set_to_none=True)
         if self.on_nonfinite == "stop" or self.skipped >= self.max_skips:
             spent = f"; {self.skipped} step(s) skipped in this epoch, max_nonfinite_skips reached"
@@ -239,16 +246,19 @@ def train_one_epoch(
             progress(images=n, loss=loss_value, lr=lr)
         if boundary and on_log is not None and (start_step + steps) % log_every == 0 and counts.window_images:
             on_log(counts.line(start_step + steps, epoch, lr))
-    return {**_epoch_stats(counts, steps, time.perf_counter() - start, optimizer, device),
-            "nonfinite_skips": stepper.skipped}
+    return {
+        **_epoch_stats(counts, steps, time.perf_counter() - start, optimizer, device),
+        "nonfinite_skips": stepper.skipped,
+    }
 
 
 def _where(step: int, epoch: int, batch: int, num_batches: int) -> str:
     return f"epoch {epoch}, batch {batch + 1}/{num_batches} (step {step})"
 
 
-def _epoch_stats(counts: _Window, steps: int, elapsed: float, optimizer: torch.optim.Optimizer,
-                 device: torch.device) -> dict[str, float]:
+def _epoch_stats(
+    counts: _Window, steps: int, elapsed: float, optimizer: torch.optim.Optimizer, device: torch.device
+) -> dict[str, float]:
     totals = all_reduce_sum(torch.tensor([counts.loss_sum, counts.images], dtype=torch.float64, device=device))
     if totals[1] == 0:
         raise VitkitError("the training loader yielded no images: use more samples or a smaller batch size")

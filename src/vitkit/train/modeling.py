@@ -26,8 +26,15 @@ from vitkit.factory import (
 )
 from vitkit.weights.vitkit_format import recorded_inputs, save_model
 
-__all__ = ["build_model", "build_torchvision", "default_img_size", "input_spec", "is_torchvision", "load_weights",
-           "save_weights"]
+__all__ = [
+    "build_model",
+    "build_torchvision",
+    "default_img_size",
+    "input_spec",
+    "is_torchvision",
+    "load_weights",
+    "save_weights",
+]
 
 
 def build_model(
@@ -37,20 +44,32 @@ def build_model(
     `torchvision:NAME` (model_args go to torchvision's builder)."""
     model_args = dict(model_args or {})
     if is_torchvision(name):
-        return build_torchvision(name[len(TORCHVISION_PREFIX) :], num_classes=num_classes, in_chans=in_chans,
-                                 img_size=img_size, **model_args)
+        return build_torchvision(
+            name[len(TORCHVISION_PREFIX) :], num_classes=num_classes, in_chans=in_chans, img_size=img_size, **model_args
+        )
     return create_model(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **model_args)
 
 
 def save_weights(
-    model: nn.Module, path: str | os.PathLike, *, spec: ImageSpec, classes: list[str],
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    spec: ImageSpec,
+    classes: list[str],
     extra: dict[str, str] | None = None,
 ) -> None:
     """Write `model` (vitkit safetensors, atomically) with what eval/predict need in its metadata."""
     meta = {
         "inputs": json.dumps(
-            {"img_size": spec.img_size, "in_chans": spec.in_chans, "mean": list(spec.mean), "std": list(spec.std),
-             "crop_pct": spec.crop_pct, "interpolation": spec.interpolation, "classes": classes}
+            {
+                "img_size": spec.img_size,
+                "in_chans": spec.in_chans,
+                "mean": list(spec.mean),
+                "std": list(spec.std),
+                "crop_pct": spec.crop_pct,
+                "interpolation": spec.interpolation,
+                "classes": classes,
+            }
         ),
         **(extra or {}),
     }
@@ -72,6 +91,12 @@ def input_spec(meta: dict[str, str]) -> tuple[ImageSpec, list[str]] | None:
     info = recorded_inputs(meta)
     if info is None:
         return None
-    spec = ImageSpec(info["img_size"], info["in_chans"], tuple(info["mean"]), tuple(info["std"]), info["crop_pct"],
-                     info.get("interpolation", "bilinear"))
+    spec = ImageSpec(
+        info["img_size"],
+        info["in_chans"],
+        tuple(info["mean"]),
+        tuple(info["std"]),
+        info["crop_pct"],
+        info.get("interpolation", "bilinear"),
+    )
     return spec, list(info["classes"])

@@ -148,8 +148,9 @@ def _config(model: nn.Module) -> Any:
     for m in (model, getattr(model, "encoder", None)):
         if m is not None and hasattr(getattr(m, "config", None), "patch_size"):
             return m.config
-    raise VitkitError(f"layer-wise lr decay needs a vitkit ViT or Swin model, not {type(model).__name__}: "
-                      "drop --layer-decay")
+    raise VitkitError(
+        f"layer-wise lr decay needs a vitkit ViT or Swin model, not {type(model).__name__}: drop --layer-decay"
+    )
 
 
 def build_adamw(

@@ -98,8 +98,10 @@ def resolve_device(choice: str) -> torch.device:
 def check_offload(device: torch.device) -> None:
     """CPU offloading under FSDP moves each block to the GPU to compute: it needs CUDA."""
     if device.type != "cuda":
-        raise ValueError("--fsdp-offload needs CUDA (FSDP2 copies each block to the GPU to compute): "
-                         "drop --fsdp-offload on a CPU-only machine")
+        raise ValueError(
+            "--fsdp-offload needs CUDA (FSDP2 copies each block to the GPU to compute): "
+            "drop --fsdp-offload on a CPU-only machine"
+        )
 
 
 def init_distributed(device: Literal["auto", "cpu", "cuda"] = "auto") -> torch.device:

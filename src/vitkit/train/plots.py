@@ -41,8 +41,9 @@ def plot_curves(
             ax_acc.plot(x, [r.get("ema_val_top1") for r in epochs], "o-", label="EMA val top-1")
         test = [r for r in records if "test_top1" in r]
         if test and x:
-            ax_acc.axhline(test[-1]["test_top1"], color="k", ls="--", lw=1,
-                           label=f"test top-1 {test[-1]['test_top1']:.2f}")
+            ax_acc.axhline(
+                test[-1]["test_top1"], color="k", ls="--", lw=1, label=f"test top-1 {test[-1]['test_top1']:.2f}"
+            )
         ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     if steps and epochs:  # steps -> fractional epochs
         per_epoch = max(s["step"] for s in steps) / max(x)
@@ -77,8 +78,9 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | os.P
         for i in range(k):
             for j in range(k):
                 value = rates[i, j].item()
-                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
-                        color="white" if value > 50 else "black")
+                ax.text(
+                    j, i, f"{value:.0f}", ha="center", va="center", fontsize=8, color="white" if value > 50 else "black"
+                )
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)

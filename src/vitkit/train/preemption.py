@@ -48,8 +48,11 @@ class StopRequest:
         self.signum = signum
         if parallel.is_main():
             name = signal.Signals(signum).name
-            print(f"\n{name}: stopping at the next step to save the run (send it again to quit at once)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\n{name}: stopping at the next step to save the run (send it again to quit at once)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     @contextmanager
     def installed(self) -> Iterator[StopRequest]:

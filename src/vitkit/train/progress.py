@@ -17,8 +17,9 @@ def _clock(seconds: float) -> str:
 class Progress:
     """Callable as `progress(images=, loss=, lr=)` once per batch (see `train_one_epoch`)."""
 
-    def __init__(self, total: int, desc: str, *, enabled: bool = True, every: int = 50,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self, total: int, desc: str, *, enabled: bool = True, every: int = 50, stream: TextIO | None = None
+    ) -> None:
         self.total, self.desc, self.enabled, self.every = total, desc, enabled, every
         self.stream = stream or sys.stderr
         self.done = 0

@@ -37,8 +37,9 @@ class RunFolder:
         if self.enabled:
             write_text(self.file(CONFIG), config.to_yaml())
             self.close_trackers()
-            self.trackers = build_trackers(getattr(config, "log", "auto"), self.path,
-                                           getattr(config, "mlflow_uri", None))
+            self.trackers = build_trackers(
+                getattr(config, "log", "auto"), self.path, getattr(config, "mlflow_uri", None)
+            )
             for tracker in self.trackers:
                 tracker.log_params(dataclasses.asdict(config))
 

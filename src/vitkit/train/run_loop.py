@@ -283,8 +283,10 @@ def _resume(task: RunTask, run: Run) -> int:
     run.position, run.partial = saved.get("epoch_position", 0), saved.get("epoch_partial")
     saved_world = len(saved.get("rng_ranks") or [saved["rng"]])
     if run.position and saved_world != parallel.get_world_size():  # positions count this many ranks' batches
-        raise VitkitError(f"{run.run_dir} stopped mid-epoch with {saved_world} process(es): resume it with "
-                          f"--nproc {saved_world} (the process count may change at an epoch boundary)")
+        raise VitkitError(
+            f"{run.run_dir} stopped mid-epoch with {saved_world} process(es): resume it with "
+            f"--nproc {saved_world} (the process count may change at an epoch boundary)"
+        )
     run.folder.load_metrics(upto_epoch=saved["epoch"], upto_step=run.global_step)
     # last: nothing above may draw random numbers afterwards. Each rank continues its own
     # generators; a rank the saved run did not have starts from seed + rank and the epoch
@@ -293,8 +295,11 @@ def _resume(task: RunTask, run: Run) -> int:
         restore_rng(rngs[parallel.get_rank()])
     else:
         seed_everything(parallel.rank_seed(run.config.seed) * 100_003 + saved["epoch"])
-    where = f"in epoch {saved['epoch'] + 1}, after {run.position} batches" if run.position else \
-        f"after epoch {saved['epoch']}"
+    where = (
+        f"in epoch {saved['epoch'] + 1}, after {run.position} batches"
+        if run.position
+        else f"after epoch {saved['epoch']}"
+    )
     run.say(f"resuming {run.run_dir} {where}")
     return saved["epoch"] + 1
 
@@ -338,11 +343,24 @@ def _train_epoch(task: RunTask, run: Run, epoch: int) -> tuple[dict[str, float],
     progress = Progress(len(batches), f"epoch {epoch}/{config.epochs}", enabled=run.main, every=config.log_every)
     try:
         return train_one_epoch(
-            run.train_model, task.batch_loss(run, epoch), batches, state.optimizer,
-            device=run.device, scheduler=state.scheduler, ema=state.ema, amp_dtype=run.amp_dtype,
-            scaler=state.scaler, grad_accum=config.grad_accum, clip_grad=config.clip_grad, epoch=epoch,
-            start_step=run.global_step, log_every=config.log_every, on_log=run.folder.log, progress=progress,
-            on_nonfinite=config.on_nonfinite, max_skips=config.max_nonfinite_skips - run.nonfinite_skips,
+            run.train_model,
+            task.batch_loss(run, epoch),
+            batches,
+            state.optimizer,
+            device=run.device,
+            scheduler=state.scheduler,
+            ema=state.ema,
+            amp_dtype=run.amp_dtype,
+            scaler=state.scaler,
+            grad_accum=config.grad_accum,
+            clip_grad=config.clip_grad,
+            epoch=epoch,
+            start_step=run.global_step,
+            log_every=config.log_every,
+            on_log=run.folder.log,
+            progress=progress,
+            on_nonfinite=config.on_nonfinite,
+            max_skips=config.max_nonfinite_skips - run.nonfinite_skips,
         ), batches
     except NonFiniteError as err:
         run.info.update(status=f"stopped: {err}", end_time=now())
@@ -366,8 +384,11 @@ def _epoch(task: RunTask, run: Run, epoch: int) -> None:
     stats = _with_partial(run, stats)
     run.nonfinite_skips += int(stats["nonfinite_skips"])
     if batches.stopped:
-        partial = {"loss_sum": stats["train_loss"] * stats["images"], "images": stats["images"],
-                   "steps": stats["steps"]}
+        partial = {
+            "loss_sum": stats["train_loss"] * stats["images"],
+            "images": stats["images"],
+            "steps": stats["steps"],
+        }
         _save_stopped(task, run, epoch, batches.stopped, batches.start + batches.trained, partial)
     run.position, run.partial = 0, None
     record = task.validate(run, epoch, stats)
@@ -382,8 +403,17 @@ def _epoch(task: RunTask, run: Run, epoch: int) -> None:
     rngs = parallel.gather_objects(capture_rng())
     if run.main:
         run.folder.log(record)
-        save_state(run.run_dir / STATE, {**saved_state, "epoch": epoch, "global_step": run.global_step,
-                                         "rng": rngs[0], "rng_ranks": rngs, "nonfinite_skips": run.nonfinite_skips})
+        save_state(
+            run.run_dir / STATE,
+            {
+                **saved_state,
+                "epoch": epoch,
+                "global_step": run.global_step,
+                "rng": rngs[0],
+                "rng_ranks": rngs,
+                "nonfinite_skips": run.nonfinite_skips,
+            },
+        )
     task.after_epoch(run, epoch)
     run.say(task.epoch_line(run, epoch, record), flush=True)
 
@@ -410,15 +440,26 @@ def _with_partial(run: Run, stats: dict[str, float]) -> dict[str, float]:
     return {**stats, "train_loss": loss_sum / images, "images": images, "steps": stats["steps"] + done["steps"]}
 
 
-def _save_stopped(task: RunTask, run: Run, epoch: int, signum: int, position: int,
-                  partial: dict[str, float] | None) -> None:
+def _save_stopped(
+    task: RunTask, run: Run, epoch: int, signum: int, position: int, partial: dict[str, float] | None
+) -> None:
     """Save a mid-epoch state.pt (every rank calls it: gathers are collectives), then raise Preempted."""
     saved_state = {**run.state.state_dict(), **task.extra_state()}
     rngs = parallel.gather_objects(capture_rng())
     if run.main:
-        save_state(run.run_dir / STATE, {**saved_state, "epoch": epoch - 1, "global_step": run.global_step,
-                                         "epoch_position": position, "epoch_partial": partial,
-                                         "rng": rngs[0], "rng_ranks": rngs, "nonfinite_skips": run.nonfinite_skips})
+        save_state(
+            run.run_dir / STATE,
+            {
+                **saved_state,
+                "epoch": epoch - 1,
+                "global_step": run.global_step,
+                "epoch_position": position,
+                "epoch_partial": partial,
+                "rng": rngs[0],
+                "rng_ranks": rngs,
+                "nonfinite_skips": run.nonfinite_skips,
+            },
+        )
     parallel.barrier()  # every rank leaves after the file is complete
     name = {2: "SIGINT", 15: "SIGTERM"}.get(signum, f"signal {signum}")
     where = f"in epoch {epoch} after {position} batches"
@@ -442,4 +483,3 @@ def _finish(task: RunTask[R], run: Run) -> R:
     run.folder.write_run_info(run.info)
     run.folder.close()
     return task.result(run)
-

@@ -59,8 +59,10 @@ def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
         full = _no_space(err)
         if full is None:
             raise
-        raise VitkitError(f"cannot write {path}: {full.strerror} (disk full or over a file size limit); "
-                          f"the previous {Path(path).name} is intact: free space and resume the run") from None
+        raise VitkitError(
+            f"cannot write {path}: {full.strerror} (disk full or over a file size limit); "
+            f"the previous {Path(path).name} is intact: free space and resume the run"
+        ) from None
 
 
 def _no_space(err: BaseException | None) -> OSError | None:

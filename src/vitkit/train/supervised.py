@@ -69,8 +69,13 @@ def prepare_resume(run_dir: str | os.PathLike, requested: dict[str, Any]) -> Tra
 def build_training_state(config: TrainConfig, steps_per_epoch: int, device: torch.device) -> TrainingState:
     """Model (and EMA) wrapped for several processes (DDP, or FSDP2 with `config.fsdp`), the optimiser,
     warm-up + cosine schedule, and a gradient scaler for fp16."""
-    model = build_model(config.model, num_classes=config.num_classes, in_chans=config.in_chans,
-                        img_size=config.img_size, model_args=config.model_args).to(device)
+    model = build_model(
+        config.model,
+        num_classes=config.num_classes,
+        in_chans=config.in_chans,
+        img_size=config.img_size,
+        model_args=config.model_args,
+    ).to(device)
     if config.finetune:  # pre-trained or trained weights, resampled to this size; a new head if classes differ
         said = load_finetune_weights(model, config.finetune)
         if parallel.is_main():
@@ -128,10 +133,17 @@ class SupervisedTask(RunTask[RunResult]):
         config, model = run.config, run.state.model
         criterion = build_criterion(config)
         if config.distillation != "none":  # DeiT: the teacher sees the same (mixed) images
-            teacher = load_teacher(config.teacher, num_classes=config.num_classes, in_chans=config.in_chans,
-                                   device=run.device, student_mean=tuple(config.mean), student_std=tuple(config.std))
-            criterion = build_distillation(criterion, teacher, config.distillation, config.distill_alpha,
-                                           config.distill_tau)
+            teacher = load_teacher(
+                config.teacher,
+                num_classes=config.num_classes,
+                in_chans=config.in_chans,
+                device=run.device,
+                student_mean=tuple(config.mean),
+                student_std=tuple(config.std),
+            )
+            criterion = build_distillation(
+                criterion, teacher, config.distillation, config.distill_alpha, config.distill_tau
+            )
             if hasattr(model, "set_distilled_training"):  # (class, distillation) outputs in training
                 model.set_distilled_training(True)
         mix = None
@@ -163,12 +175,19 @@ class SupervisedTask(RunTask[RunResult]):
         """The model, and the EMA beside it; the better one competes for best.safetensors."""
         model, ema = run.state.model, run.state.ema
         val = evaluate(model, self.val_loader, device=run.device, amp_dtype=run.amp_dtype, tta=run.config.tta)
-        record = {"epoch": epoch, "train_loss": stats["train_loss"], "lr": stats["lr"],
-                  "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]}
+        record = {
+            "epoch": epoch,
+            "train_loss": stats["train_loss"],
+            "lr": stats["lr"],
+            "val_top1": val["top1"],
+            "val_top5": val["top5"],
+            "val_loss": val["loss"],
+        }
         self.candidates = [("model", val["top1"], model)]
         if ema is not None:
-            ema_val = evaluate(ema.module, self.val_loader, device=run.device, amp_dtype=run.amp_dtype,
-                               tta=run.config.tta)
+            ema_val = evaluate(
+                ema.module, self.val_loader, device=run.device, amp_dtype=run.amp_dtype, tta=run.config.tta
+            )
             record.update(ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"], ema_val_loss=ema_val["loss"])
             self.candidates.append(("ema", ema_val["top1"], ema.module))
         record["images_per_s"] = stats["images_per_s"]
@@ -181,12 +200,18 @@ class SupervisedTask(RunTask[RunResult]):
             self.best = {"top1": top1, "epoch": epoch, "source": source}
             full = parallel.full_weights(weights, run.state.plain)
             if run.main:
-                save_weights(full, run.run_dir / BEST, spec=spec, classes=classes,
-                             extra={"source": source, "epoch": str(epoch), "val_top1": repr(top1)})
+                save_weights(
+                    full,
+                    run.run_dir / BEST,
+                    spec=spec,
+                    classes=classes,
+                    extra={"source": source, "epoch": str(epoch), "val_top1": repr(top1)},
+                )
         full = parallel.full_weights(run.state.model, run.state.plain)
         if run.main:
-            save_weights(full, run.run_dir / LAST, spec=spec, classes=classes,
-                         extra={"source": "model", "epoch": str(epoch)})
+            save_weights(
+                full, run.run_dir / LAST, spec=spec, classes=classes, extra={"source": "model", "epoch": str(epoch)}
+            )
 
     def extra_state(self) -> dict[str, Any]:
         return {"best": self.best}
@@ -202,12 +227,16 @@ class SupervisedTask(RunTask[RunResult]):
     def final(self, run: Run) -> dict[str, Any]:
         """The test split, once, with the weights in best.safetensors."""
         best = self.best
-        final: dict[str, Any] = {"best_val_top1": best["top1"], "best_epoch": best["epoch"],
-                                 "best_source": best["source"]}
+        final: dict[str, Any] = {
+            "best_val_top1": best["top1"],
+            "best_epoch": best["epoch"],
+            "best_source": best["source"],
+        }
         if "test" in run.loaders:
             best_model, _ = load_weights(run.run_dir / BEST, device=run.device)
-            result = evaluate(best_model, run.loaders["test"], device=run.device, amp_dtype=run.amp_dtype,
-                              tta=run.config.tta)
+            result = evaluate(
+                best_model, run.loaders["test"], device=run.device, amp_dtype=run.amp_dtype, tta=run.config.tta
+            )
             self.test = {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"]}
             final.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"])
         return final

@@ -66,8 +66,9 @@ class FrozenTeacher(nn.Module):
         if self.scale is not None:
             x = x * self.scale + self.shift
         if self.img_size is not None and tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
-                              antialias=True)
+            x = F.interpolate(
+                x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False, antialias=True
+            )
         out = self.model(x)
         if isinstance(out, (tuple, list)):  # a distilled teacher: its heads' mean, as at inference
             out = (out[0] + out[1]) / 2
@@ -134,9 +135,7 @@ def load_teacher(
         raise FileNotFoundError(f"teacher {spec} does not exist (a run folder or a .safetensors file was expected)")
     else:
         if spec not in list_models():
-            raise ValueError(
-                f"teacher {spec!r} is not a file, a run folder, a vitkit model name or torchvision:NAME"
-            )
+            raise ValueError(f"teacher {spec!r} is not a file, a run folder, a vitkit model name or torchvision:NAME")
         model = create_model(spec, pretrained=True)
     classes, chans = _classes_and_channels(model)
     if classes != num_classes:

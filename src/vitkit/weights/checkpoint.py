@@ -159,8 +159,12 @@ def _check_safetensors(path: Path, size: int) -> None:
         if key == "__metadata__":
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= data):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data
+        ):
             raise _corrupt(path, f"tensor {key!r} lies outside the file's {data} data bytes")
 
 
@@ -174,12 +178,16 @@ def _check_zip(path: Path, size: int) -> list[zipfile.ZipInfo]:
     for m in members:
         name = m.filename.replace("\\", "/")
         if name.startswith("/") or ".." in name.split("/") or ":" in name.split("/")[0]:
-            raise FileFormatError(f"{path} has an archive member named {m.filename!r} outside the archive "
-                                  "(path traversal): not a checkpoint vitkit wrote or can trust")
+            raise FileFormatError(
+                f"{path} has an archive member named {m.filename!r} outside the archive "
+                "(path traversal): not a checkpoint vitkit wrote or can trust"
+            )
     inflated = sum(m.file_size for m in members)
     if inflated > max(_BOMB_FLOOR, _BOMB_RATIO * size):
-        raise FileFormatError(f"{path} is a {size}-byte archive whose members inflate to {inflated} bytes "
-                              "(a zip bomb, or corrupt): refused")
+        raise FileFormatError(
+            f"{path} is a {size}-byte archive whose members inflate to {inflated} bytes "
+            "(a zip bomb, or corrupt): refused"
+        )
     return members
 
 
@@ -261,8 +269,10 @@ def _check_hf_config(path: Path) -> None:
         raise FileFormatError(f"{file} is not a JSON object: expected a HuggingFace model config")
     kind = config.get("model_type")
     if kind is not None and kind not in _HF_MODEL_TYPES:
-        raise FileFormatError(f"{file} describes a HuggingFace {kind!r} model, not one of "
-                              f"{', '.join(_HF_MODEL_TYPES)}: vitkit loads ViT, DeiT and Swin checkpoints only")
+        raise FileFormatError(
+            f"{file} describes a HuggingFace {kind!r} model, not one of "
+            f"{', '.join(_HF_MODEL_TYPES)}: vitkit loads ViT, DeiT and Swin checkpoints only"
+        )
 
 
 def _shard_files(path: Path, index: Path) -> list[Path]:
@@ -360,8 +370,11 @@ def read_state_dict(source: Source) -> tuple[StateDict, dict[str, str], str]:
 def _warn_nonfinite(state: StateDict, where: str) -> None:
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        warnings.warn(f"{where}: {len(bad)} tensor(s) hold NaN or infinite values ({_clip(bad, 4)}); "
-                      "the model will output NaN: was the run that saved them diverging?", stacklevel=3)
+        warnings.warn(
+            f"{where}: {len(bad)} tensor(s) hold NaN or infinite values ({_clip(bad, 4)}); "
+            "the model will output NaN: was the run that saved them diverging?",
+            stacklevel=3,
+        )
 
 
 # -- fitting to the model -------------------------------------------------------------------------
@@ -447,8 +460,9 @@ def _fit_tensor(model: nn.Module, key: str, v: torch.Tensor, target: torch.Tenso
     if key == "patch_embed.proj.weight" and v.ndim == 4 and v.shape[0] == target.shape[0]:
         if v.shape[1] != target.shape[1]:
             how = "summed" if target.shape[1] == 1 else "repeated and rescaled"
-            report.adapted[key] = (f"{v.shape[1]} -> {target.shape[1]} input channels "
-                                   f"({how}, as timm's adapt_input_conv)")
+            report.adapted[key] = (
+                f"{v.shape[1]} -> {target.shape[1]} input channels ({how}, as timm's adapt_input_conv)"
+            )
             v = adapt_input_conv(v, target.shape[1])
         if v.shape[-2:] != target.shape[-2:]:
             report.resampled[key] = f"{shape} (patch kernel, pseudo-inverse resize)"

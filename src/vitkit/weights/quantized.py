@@ -60,8 +60,11 @@ def _weight_tensors(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
     else:
         scale = torch.tensor([weight.q_scale()], dtype=torch.float64)
         zero_point = torch.tensor([weight.q_zero_point()], dtype=torch.int64)
-    out = {f"{name}.weight_int8": weight.int_repr().contiguous(), f"{name}.weight_scale": scale,
-           f"{name}.weight_zero_point": zero_point}
+    out = {
+        f"{name}.weight_int8": weight.int_repr().contiguous(),
+        f"{name}.weight_scale": scale,
+        f"{name}.weight_zero_point": zero_point,
+    }
     if bias is not None:
         out[f"{name}.bias"] = bias.detach().float().contiguous()
     return out
@@ -85,8 +88,14 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict[str
             state[key] = value.detach().contiguous().clone()
     for q, module in linears.items():
         state.update(_weight_tensors(q, module))
-    meta = {**(metadata or {}), "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": name,
-            "config": json.dumps(dataclasses.asdict(config)), "quantized": json.dumps(sorted(linears))}
+    meta = {
+        **(metadata or {}),
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": name,
+        "config": json.dumps(dataclasses.asdict(config)),
+        "quantized": json.dumps(sorted(linears)),
+    }
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
 
@@ -126,11 +135,14 @@ def read_quantized_metadata(path: str | os.PathLike) -> dict[str, str]:
     if meta is None:
         raise VitkitError(f"cannot read {path}: not a valid safetensors file; write it with `vitkit quantize`")
     if meta.get("format") != FORMAT_NAME:
-        raise VitkitError(f"{path} is not a vitkit int8 model (format {meta.get('format')!r}): "
-                          "make one with `vitkit quantize`")
+        raise VitkitError(
+            f"{path} is not a vitkit int8 model (format {meta.get('format')!r}): make one with `vitkit quantize`"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise VitkitError(f"{path} is int8 format version {meta.get('format_version')!r}; this vitkit reads "
-                          f"version {FORMAT_VERSION}: quantise the model again with this version")
+        raise VitkitError(
+            f"{path} is int8 format version {meta.get('format_version')!r}; this vitkit reads "
+            f"version {FORMAT_VERSION}: quantise the model again with this version"
+        )
     return {k: str(v) for k, v in meta.items()}
 
 
@@ -149,12 +161,20 @@ def _qweight(name: str, tensors: dict[str, torch.Tensor], linear: nn.Linear, pat
         raise VitkitError(f"{path}: layer {name} lacks its int8 weight, scale or zero point") from None
     channels = linear.out_features
     if ints.dtype != torch.int8 or tuple(ints.shape) != (channels, linear.in_features):
-        raise VitkitError(f"{path}: {name}.weight_int8 is {ints.dtype} {tuple(ints.shape)}, expected int8 "
-                          f"{(channels, linear.in_features)}")
-    if scale.dtype != torch.float64 or zero.dtype != torch.int64 or scale.shape != zero.shape \
-            or tuple(scale.shape) not in ((channels,), (1,)):
-        raise VitkitError(f"{path}: {name} has scales {scale.dtype} {tuple(scale.shape)} and zero points "
-                          f"{zero.dtype} {tuple(zero.shape)}; expected float64 and int64 of ({channels},) or (1,)")
+        raise VitkitError(
+            f"{path}: {name}.weight_int8 is {ints.dtype} {tuple(ints.shape)}, expected int8 "
+            f"{(channels, linear.in_features)}"
+        )
+    if (
+        scale.dtype != torch.float64
+        or zero.dtype != torch.int64
+        or scale.shape != zero.shape
+        or tuple(scale.shape) not in ((channels,), (1,))
+    ):
+        raise VitkitError(
+            f"{path}: {name} has scales {scale.dtype} {tuple(scale.shape)} and zero points "
+            f"{zero.dtype} {tuple(zero.shape)}; expected float64 and int64 of ({channels},) or (1,)"
+        )
     if not bool(torch.isfinite(scale).all() and (scale > 0).all()) or bool(((zero < -128) | (zero > 127)).any()):
         raise VitkitError(f"{path}: {name} has a non-positive or non-finite scale, or a zero point outside int8")
     if scale.numel() == 1:
@@ -165,11 +185,14 @@ def _qweight(name: str, tensors: dict[str, torch.Tensor], linear: nn.Linear, pat
 def _bias(name: str, tensors: dict[str, torch.Tensor], linear: nn.Linear, path: Path) -> torch.Tensor | None:
     bias = tensors.pop(f"{name}.bias", None)
     if (bias is None) != (linear.bias is None):
-        raise VitkitError(f"{path}: layer {name} {'lacks' if bias is None else 'has'} a bias the model "
-                          f"{'has' if bias is None else 'lacks'}")
+        raise VitkitError(
+            f"{path}: layer {name} {'lacks' if bias is None else 'has'} a bias the model "
+            f"{'has' if bias is None else 'lacks'}"
+        )
     if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (linear.out_features,)):
-        raise VitkitError(f"{path}: {name}.bias is {bias.dtype} {tuple(bias.shape)}, expected float "
-                          f"({linear.out_features},)")
+        raise VitkitError(
+            f"{path}: {name}.bias is {bias.dtype} {tuple(bias.shape)}, expected float ({linear.out_features},)"
+        )
     return None if bias is None else bias.float()
 
 
@@ -224,13 +247,16 @@ def load_quantized(path: str | os.PathLike, build: Callable[..., nn.Module]) -> 
     int8_tensors = {k: tensors.pop(k) for k in list(tensors) if _under(k, names)}
     if set(tensors) != expected:
         odd = sorted(set(tensors) ^ expected)
-        raise VitkitError(f"{path}: its tensors do not match {meta['model']} ({len(odd)} differ, e.g. "
-                          f"{', '.join(odd[:3])}); quantise the model again")
+        raise VitkitError(
+            f"{path}: its tensors do not match {meta['model']} ({len(odd)} differ, e.g. "
+            f"{', '.join(odd[:3])}); quantise the model again"
+        )
     try:  # the float part first: an int8 layer cannot load a state without its packed weights
         model.load_state_dict(tensors, strict=False)
     except RuntimeError as err:
-        raise VitkitError(f"{path}: a tensor has the wrong shape for {meta['model']} "
-                          f"({str(err).splitlines()[-1].strip()})") from None
+        raise VitkitError(
+            f"{path}: a tensor has the wrong shape for {meta['model']} ({str(err).splitlines()[-1].strip()})"
+        ) from None
     _swap_in_int8(model, names, int8_tensors, path)
     if int8_tensors:
         raise VitkitError(f"{path}: unexpected tensors {', '.join(sorted(int8_tensors)[:3])}; quantise the model again")

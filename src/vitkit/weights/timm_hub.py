@@ -62,8 +62,16 @@ def model_args(model: nn.Module) -> dict[str, Any]:
     return json.loads(json.dumps(changed))
 
 
-def timm_config(model: nn.Module, *, input_size: tuple[int, int, int], mean: list[float], std: list[float],
-                crop_pct: float, interpolation: str, label_names: list[str]) -> dict[str, Any]:
+def timm_config(
+    model: nn.Module,
+    *,
+    input_size: tuple[int, int, int],
+    mean: list[float],
+    std: list[float],
+    crop_pct: float,
+    interpolation: str,
+    label_names: list[str],
+) -> dict[str, Any]:
     """config.json for `model` in timm's nested Hub form; `input_size` is (C, H, W)."""
     config = model.config
     classifier = ["head", "head_dist"] if getattr(config, "distilled", False) else "head"
@@ -101,9 +109,15 @@ def _input_metadata(config: dict[str, Any]) -> dict[str, str]:
     cfg = config.get("pretrained_cfg", {})
     chans, height, _ = cfg.get("input_size", [3, 224, 224])
     classes = config.get("label_names") or [str(i) for i in range(config.get("num_classes", 0))]
-    inputs = {"img_size": int(height), "in_chans": int(chans), "mean": cfg.get("mean", [0.5] * chans),
-              "std": cfg.get("std", [0.5] * chans), "crop_pct": cfg.get("crop_pct", 0.875),
-              "interpolation": cfg.get("interpolation", "bicubic"), "classes": classes}
+    inputs = {
+        "img_size": int(height),
+        "in_chans": int(chans),
+        "mean": cfg.get("mean", [0.5] * chans),
+        "std": cfg.get("std", [0.5] * chans),
+        "crop_pct": cfg.get("crop_pct", 0.875),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "classes": classes,
+    }
     return {"inputs": json.dumps(inputs)}
 
 

@@ -54,8 +54,10 @@ def config_fields(metadata: dict[str, str]) -> dict[str, Any]:
     try:
         fields = json.loads(metadata["config"])
     except (KeyError, json.JSONDecodeError) as err:
-        raise FileFormatError(f"the checkpoint's model config is missing or not JSON ({err!r}): "
-                              "was it written by vitkit? rebuild the model and use vitkit.load_checkpoint") from None
+        raise FileFormatError(
+            f"the checkpoint's model config is missing or not JSON ({err!r}): "
+            "was it written by vitkit? rebuild the model and use vitkit.load_checkpoint"
+        ) from None
     if not isinstance(fields, dict):
         raise FileFormatError("the checkpoint's model config is not a JSON object: was it written by vitkit?")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}

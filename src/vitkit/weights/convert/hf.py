@@ -329,4 +329,3 @@ def _swin_hf_state(state: dict[str, torch.Tensor], p: str) -> dict[str, torch.Te
         else:
             raise ValueError(f"no HF name for parameter {k!r}")
     return out
-

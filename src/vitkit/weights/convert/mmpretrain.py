@@ -42,8 +42,11 @@ def _convert_vit(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
     layer = {"ln1": "norm1", "ln2": "norm2", "attn.qkv": "attn.qkv", "attn.proj": "attn.proj",
              "ffn.layers.0.0": "mlp.fc1", "ffn.layers.1": "mlp.fc2"}  # fmt: skip
-    heads = {"head.layers.head": "head", "head.layers.head_dist": "head_dist",
-             "head.layers.pre_logits": "pre_logits.fc"}
+    heads = {
+        "head.layers.head": "head",
+        "head.layers.head_dist": "head_dist",
+        "head.layers.pre_logits": "pre_logits.fc",
+    }
     pattern = re.compile(r"^backbone\.layers\.(\d+)\.(.+)\.(weight|bias)$")
     out = {}
     for k, v in state.items():
