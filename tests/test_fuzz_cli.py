@@ -49,7 +49,7 @@ MODELS = [
 
 # Tracebacks the fuzzer found in code this test's author does not own, handed to its owners (issue 17):
 # (exception type, vitkit file, function). Each is reported as a warning when met; delete a row when fixed.
-KNOWN_BUGS = {}
+KNOWN_BUGS: set[tuple[str, str, str]] = set()
 
 
 def known_bug(err: BaseException) -> tuple[str, str, str] | None:

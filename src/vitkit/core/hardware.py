@@ -29,7 +29,7 @@ CPUINFO = Path("/proc/cpuinfo")
 
 def parse_cpuinfo(text: str) -> dict[str, Any]:
     """{"model": CPU model name, "flags": sorted feature flags} from /proc/cpuinfo's text (first CPU)."""
-    model, flags = None, set()
+    model, flags = None, set[str]()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()

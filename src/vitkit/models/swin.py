@@ -142,7 +142,7 @@ def fit_window(resolution: Window, window: Window, shifted: bool) -> tuple[Windo
     for r, w in zip(resolution, window):
         sizes.append(min(r, w))
         shifts.append(w // 2 if shifted and r > w else 0)
-    return tuple(sizes), tuple(shifts)
+    return (sizes[0], sizes[1]), (shifts[0], shifts[1])
 
 
 def shifted_window_mask(
@@ -334,7 +334,7 @@ class WindowAttention(_WindowAttentionBase):
         return bias.view(n, n, -1).permute(2, 0, 1)  # (heads, N, N)
 
     def _bias_inputs(self) -> tuple[torch.Tensor, ...]:
-        return (self.relative_position_bias_table, self.relative_position_index)
+        return (self.relative_position_bias_table, self.relative_position_index)  # type: ignore[return-value]
 
     def _scaled(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float | None]:
         return q, k, None  # SDPA's default scale, head_dim ** -0.5
@@ -430,7 +430,7 @@ class SwinBlock(nn.Module):
         self.window_size, self.shift_size = fit_window(resolution, window, self.shifted)
         num_heads = config.num_heads[stage]
         self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps)
-        self.attn = self.attention_cls(dim, num_heads, self.window_size, config, stage)
+        self.attn = self.attention_cls(dim, num_heads, self.window_size, config, stage)  # type: ignore[call-arg]  # V1 / V2 subclasses take these
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps)
         self.mlp = Mlp(dim, int(dim * config.mlp_ratio), config.proj_drop_rate)
@@ -439,19 +439,22 @@ class SwinBlock(nn.Module):
         self.init_buffers()
 
     def _padded(self, resolution: Window) -> Window:
-        return tuple(math.ceil(r / w) * w for r, w in zip(resolution, self.window_size))
+        return (
+            math.ceil(resolution[0] / self.window_size[0]) * self.window_size[0],
+            math.ceil(resolution[1] / self.window_size[1]) * self.window_size[1],
+        )
 
     def init_buffers(self) -> None:
         """(Re)compute the non-persistent buffers (mask, position index) on the parameters' device."""
         self.attn.init_buffers()
-        self._mask_cache, self._order_cache = {}, {}
+        self._mask_cache, self._order_cache = {}, {}  # type: ignore[var-annotated]  # typed in __init__ / _order_for
         mask, order = None, (None, None)
         if any(self.shift_size) and not self.dynamic:
             device = self.norm1.weight.device
             padded = self._padded(self.resolution)
             mask = shifted_window_mask(padded, self.window_size, self.shift_size, device)
             if padded == self.resolution:
-                order = tuple(t.to(device) for t in shifted_window_order(padded, self.window_size, self.shift_size))
+                order = tuple(t.to(device) for t in shifted_window_order(padded, self.window_size, self.shift_size))  # type: ignore[assignment]
         self.register_buffer("attn_mask", mask, persistent=False)
         self.register_buffer("window_order", order[0], persistent=False)  # (H * W,), see shifted_window_order
         self.register_buffer("window_order_inverse", order[1], persistent=False)
@@ -466,7 +469,7 @@ class SwinBlock(nn.Module):
         if not any(self.shift_size):
             return None
         if not self.dynamic:
-            return self.attn_mask
+            return self.attn_mask  # type: ignore[return-value]  # a buffer (Tensor or None)
         if not all(isinstance(s, int) for s in padded):  # symbolic sizes (torch.export): no cache
             return shifted_window_mask(padded, self.window_size, self.shift_size, device)
         key = (padded, device)
@@ -479,7 +482,7 @@ class SwinBlock(nn.Module):
         if not any(self.shift_size):
             return None
         if not self.dynamic:
-            return self.window_order, self.window_order_inverse
+            return self.window_order, self.window_order_inverse  # type: ignore[return-value]  # buffers
         key = (resolution, device)
         if key not in self._order_cache:
             order = shifted_window_order(resolution, self.window_size, self.shift_size)
@@ -733,7 +736,7 @@ class SwinTransformer(nn.Module):
         config = dataclasses.replace(config, window_size=_window_spec(windows))
         config.validate()
         if window_size is not None:  # explicit windows become the reference for later resizes
-            self._ref_window_sizes, self._ref_grid_size = windows, grid
+            self._ref_window_sizes, self._ref_grid_size = windows, grid  # type: ignore[assignment]  # validated pairs
         for stage, resolution, window in zip(self.layers, _stage_resolutions(grid, len(self.layers)), windows):
             stage.set_input_size(resolution, window)
         self.config = config
@@ -779,7 +782,7 @@ class SwinTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass: same gradients, less memory."""
         for stage in self.layers:
-            stage.grad_checkpointing = enable
+            stage.grad_checkpointing = enable  # type: ignore[assignment]  # a SwinStage attribute
 
     def block_types(self) -> tuple[type[nn.Module], ...]:
         """The transformer block classes (what distributed training wraps one by one)."""

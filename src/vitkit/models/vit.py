@@ -297,7 +297,7 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = enable
 
     def attention_modules(self) -> list[Attention]:
-        return [block.attn for block in self.blocks]
+        return [block.attn for block in self.blocks]  # type: ignore[misc]  # Module attributes are Tensor | Module to mypy
 
     def block_types(self) -> tuple[type[nn.Module], ...]:
         """The transformer block classes (what distributed training wraps one by one)."""
@@ -325,7 +325,7 @@ class DistilledVisionTransformer(VisionTransformer):
         return super()._make_head(num_classes)
 
     def _prefix_tokens(self) -> list[torch.Tensor]:
-        return [self.cls_token, self.dist_token]
+        return [self.cls_token, self.dist_token]  # type: ignore[list-item]  # both are set in __init__
 
     def init_weights(self) -> None:
         super().init_weights()
@@ -348,7 +348,7 @@ class DistilledVisionTransformer(VisionTransformer):
             return (cls + dist) / 2
         cls, dist = self.head(cls), self.head_dist(dist)
         if self.distilled_training and self.training:
-            return cls, dist
+            return cls, dist  # type: ignore[return-value]  # distilled training: (class, distillation) logits
         return (cls + dist) / 2
 
 

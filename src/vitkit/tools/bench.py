@@ -12,6 +12,7 @@ model runs under autocast, as its users run it; ours, in inference, holds its we
 
 from __future__ import annotations
 
+import functools
 import gc
 import statistics
 import time
@@ -124,7 +125,7 @@ class _Runner:
         cast = self.amp is not None and opts.cast_weights and impl == "vitkit" and opts.mode == "infer"
         self.weights = self.amp if cast else torch.float32
         memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
-        model = model.to(device=device, memory_format=memory_format)
+        model = model.to(device=device, memory_format=memory_format)  # type: ignore[call-overload]  # torch accepts both
         if cast:
             cast_for_inference(model, self.amp)
         model.train(opts.mode == "train")
@@ -300,7 +301,7 @@ def compare_with_timm(name: str, opts: BenchOptions | None = None, rounds: int =
         ratios.append(statistics.median(this_round["timm"]) / statistics.median(this_round["vitkit"]))
     peaks = {}
     for runner in (ours, ref):  # one extra timed round each for the peak memory
-        _, peaks[runner.impl] = _peak_memory(runner.device, lambda r=runner: r.time_steps(1))
+        _, peaks[runner.impl] = _peak_memory(runner.device, functools.partial(runner.time_steps, 1))
     return Comparison(
         ours=ours.result(times["vitkit"], peaks["vitkit"]),
         timm=ref.result(times["timm"], peaks["timm"]),
