@@ -219,6 +219,6 @@ def test_data_cli_stats_bench_and_errors(sources, tmp_path, capsys):
     assert all(r["images"] == 128 and r["images_per_s"] > 0 for r in rows)
     bad = tmp_path / "bad.csv"
     bad.write_text("file,class\nx.png,1\n")
-    assert main(["data", "stats", str(bad)]) == 2
+    assert main(["data", "stats", str(bad)]) == 1  # a malformed user file: a failure, exit 1
     assert "needs a header line with path and label" in capsys.readouterr().err
     assert main(["data", "shard", sources["folder"], "--output", str(tmp_path / "s"), "--shard-size", "0"]) == 2

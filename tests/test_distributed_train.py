@@ -50,6 +50,8 @@ RUN = [
     "ema=true",
     "--set",
     "ema_decay=0.5",
+    "--set",
+    "amp=off",  # fp32 on every CPU: the comparisons below are numeric (auto is bf16 on CPUs with bf16 units)
 ]
 TINY_VIT = ["--set", "model_args.depth=2", "--set", "model_args.embed_dim=32", "--set", "model_args.num_heads=2"]
 COMMON = RUN + TINY_VIT

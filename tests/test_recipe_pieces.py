@@ -417,3 +417,12 @@ def test_recipe_fields_reach_transforms_sampler_and_criterion():
     assert isinstance(loader.sampler.sampler, RepeatedAugSampler) and len(loader.sampler) == 10  # in a ResumableSampler
     assert isinstance(build_criterion(config), BinaryCrossEntropy)
     assert augment(build_config("deit")).auto_augment == "rand-m9-mstd0.5-inc1"
+
+
+def test_yaml_booleans_become_the_literal_they_spell():
+    """YAML 1.1 reads `off` as False: `--set amp=off` and a recipe's `amp: off` still mean amp off."""
+    from vitkit.train.fields import parse_set
+    from vitkit.train.recipes import build_config
+
+    assert build_config("fmnist_demo", parse_set(["amp=off"])).amp == "off"
+    assert build_config("fmnist_demo", {"amp": False}).amp == "off"

@@ -220,6 +220,13 @@ def test_vitkit_serve_errors_are_one_line(run, tmp_path, capsys):
 
 
 # -- the API -------------------------------------------------------------------------------------------
+def _same_top(a: list[dict], b: list[dict]) -> bool:
+    """The same classes in the same order, probabilities equal up to float32 rounding: requests that share
+    a batch run a matmul of another shape, whose sums may round differently (~1e-8)."""
+    same_classes = [(t["class"], t["index"]) for t in a] == [(t["class"], t["index"]) for t in b]
+    return same_classes and all(abs(x["prob"] - y["prob"]) <= 1e-6 for x, y in zip(a, b))
+
+
 def test_multipart_json_and_raw_bodies_answer_alike(run, images, capsys):
     server, _ = serve(run)
     data = [p.read_bytes() for p in images[:2]]
@@ -239,8 +246,8 @@ def test_multipart_json_and_raw_bodies_answer_alike(run, images, capsys):
         raw = json.loads(request(f"{server.url}/v1/predict?top_k=3", data[1], {"Content-Type": "image/png"})[2])
     assert [e["image"] for e in by_json] == ["images[0]", "images[1]"] and len(by_form[0]["top"]) == 3
     for a, b in zip(by_form, by_json):
-        assert a["top"] == b["top"]
-    assert raw[0]["top"] == by_form[1]["top"]
+        assert _same_top(a["top"], b["top"])
+    assert _same_top(raw[0]["top"], by_form[1]["top"])
     assert_same_answers(by_form, [{"top": e["top"][:3]} for e in predict_json(images[:2], run, capsys)])
 
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vitkit.core.errors import VitkitError
+from vitkit.core.errors import UsageError, VitkitError
 from vitkit.data.data_config import DataConfig
 from vitkit.data.datasets import LoadedData, SplitData, build_dataset, load_data, resolve_data_fields
 from vitkit.data.folder import load_image
@@ -67,7 +67,7 @@ def write_shards(source: str, output: str | Path, shard_size: int = 1000, **fiel
     `fields` are DataConfig fields (val_split, train_samples, ...). Returns the index summary.
     """
     if shard_size < 1:
-        raise VitkitError(f"--shard-size must be >= 1, got {shard_size}")
+        raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise VitkitError(f"{output} is not empty: give a new or empty folder for the shards")

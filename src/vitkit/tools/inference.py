@@ -19,7 +19,7 @@ from torch import nn
 from vitkit.core.errors import UsageError
 from vitkit.core.hardware import describe_amp, resolve_amp
 from vitkit.data.data_config import DataConfig, is_fashion_mnist
-from vitkit.data.datasets import build_dataset, image_spec, load_data
+from vitkit.data.datasets import LoadedData, build_dataset, image_spec, load_data
 from vitkit.data.samplers import build_loader
 from vitkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSpec
 from vitkit.factory import create_model
@@ -195,14 +195,7 @@ def evaluate_split(
 
     with runtime(settings.threads, deterministic=settings.seed is not None):
         loaded = load_data(config, splits=(split,))
-        if inference.classes is not None and loaded.classes != inference.classes:
-            raise ValueError(
-                f"the classes of {loaded.source} ({len(loaded.classes)}) differ from the ones the model was trained "
-                f"on ({len(inference.classes)}): evaluate on data with the same class folders"
-            )
-        outputs = _num_outputs(model)
-        if outputs is not None and outputs < len(loaded.classes):
-            raise ValueError(f"the model predicts {outputs} classes but {loaded.source} has {len(loaded.classes)}")
+        outputs = _check_classes(inference, model, loaded)
         dataset = build_dataset(loaded, split, config, train=False)
         loader = build_loader(
             dataset, train=False, batch_size=settings.batch_size, seed=settings.seed or 0, workers=workers
@@ -221,6 +214,19 @@ def evaluate_split(
         result["confusion"] = result["confusion"][:k, :k]
         result["classes"] = loaded.classes
     return result
+
+
+def _check_classes(inference: Inference, model: nn.Module, loaded: LoadedData) -> int | None:
+    """The model's output count, after checking the data's classes fit it."""
+    if inference.classes is not None and loaded.classes != inference.classes:
+        raise ValueError(
+            f"the classes of {loaded.source} ({len(loaded.classes)}) differ from the ones the model was trained "
+            f"on ({len(inference.classes)}): evaluate on data with the same class folders"
+        )
+    outputs = _num_outputs(model)
+    if outputs is not None and outputs < len(loaded.classes):
+        raise ValueError(f"the model predicts {outputs} classes but {loaded.source} has {len(loaded.classes)}")
+    return outputs
 
 
 def _with_changes(obj: Any, **changes: Any) -> Any:

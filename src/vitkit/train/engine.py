@@ -73,6 +73,11 @@ class _Window:
         self.window_loss += loss * n
         self.window_images += n
 
+    def add_step(self, group: list[tuple[float, int]]) -> None:
+        """The (loss, images) of the micro-batches of one optimiser step."""
+        for loss, n in group:
+            self.add(loss, n)
+
     def line(self, step: int, epoch: int, lr: float) -> dict[str, float]:
         now = time.perf_counter()
         out = {
@@ -239,8 +244,7 @@ def train_one_epoch(
         if boundary:
             bad_loss = next((v for v, _ in group if not math.isfinite(v)), None)
             if stepper.step(model, bad_loss, partial(_where, start_step + steps + 1, epoch, i, num_batches)):
-                for value, images in group:  # a skipped step's losses are not averaged in
-                    counts.add(value, images)
+                counts.add_step(group)  # a skipped step's losses are not averaged in
             group, steps = [], steps + 1
         if progress is not None:
             progress(images=n, loss=loss_value, lr=lr)

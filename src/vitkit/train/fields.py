@@ -52,6 +52,9 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
         for arg in (a for a in args if a is not type(None)):
             return _coerce(name, arg, value)
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads off / on / no / yes as booleans: `--set amp=off`
+            spellings = ("true", "yes", "on") if value else ("false", "no", "off")
+            return next((a for a in args if isinstance(a, str) and a.lower() in spellings), value)
         return value
     if hint is bool:
         return _boolean(name, value)
