@@ -72,3 +72,15 @@ def requested_fields(args: argparse.Namespace, *classes: type) -> dict[str, Any]
         else:
             fields[key] = value
     return fields
+
+
+def add_run_flags(p: argparse.ArgumentParser, *, nproc_help: str, set_help: str) -> None:
+    """The flags `train` and `pretrain` share that are not config fields: --resume, --nproc, --smoke,
+    --patch-size and --set."""
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped")
+    p.add_argument("--nproc", type=int, metavar="N", help=nproc_help)
+    p.add_argument(
+        "--smoke", action="store_true", help="shrink the recipe to seconds: few samples, 1 epoch, tiny model"
+    )
+    p.add_argument("--patch-size", type=int, help="patch size (ViT family), sets model_args.patch_size")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=set_help)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vitkit.cli.config_flags import add_config_flags, requested_fields
+from vitkit.cli.config_flags import add_config_flags, add_run_flags, requested_fields
 from vitkit.cli.train import without_nproc
 from vitkit.pretrain.settings import MASK_RULE, PretrainConfig, build_configs, prepare_resume
 from vitkit.train.config import TrainConfig
@@ -20,24 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         f"the usual training files. Rule: {MASK_RULE}.",
     )
     p.add_argument("--recipe", help="shipped recipe name or YAML file (default: simmim_fmnist)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last finished epoch")
-    p.add_argument(
-        "--nproc",
-        type=int,
-        metavar="N",
-        help="pre-train with N processes on this machine (DDP through torchrun; gloo on CPU)",
-    )
-    p.add_argument(
-        "--smoke", action="store_true", help="shrink the recipe to seconds: few samples, 1 epoch, tiny model"
-    )
-    p.add_argument("--patch-size", type=int, help="patch size (ViT family), sets model_args.patch_size")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config field: training fields as `vitkit train`, and mask_ratio, "
+    add_run_flags(
+        p,
+        nproc_help="pre-train with N processes on this machine (DDP through torchrun; gloo on CPU)",
+        set_help="override any config field: training fields as `vitkit train`, and mask_ratio, "
         "mask_patch_size, lr_schedule (cosine|multistep), milestones, gamma",
     )
     # --mask-ratio, --mask-patch-size, ... and the training fields (--model, --data, --epochs, ...)

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from vitkit.cli.config_flags import add_config_flags, requested_fields
+from vitkit.cli.config_flags import add_config_flags, add_run_flags, requested_fields
 from vitkit.train.config import TrainConfig
 from vitkit.train.recipes import build_config, list_recipes, load_recipe
 
@@ -20,24 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--recipe", help="shipped recipe name or YAML file (default: fmnist_demo; --list-recipes)")
     p.add_argument("--list-recipes", action="store_true", help="print the shipped recipes and exit")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last finished epoch")
-    p.add_argument(
-        "--nproc",
-        type=int,
-        metavar="N",
-        help="train with N processes on this machine: starts torchrun (one process per GPU; gloo on CPU)",
-    )
-    p.add_argument(
-        "--smoke", action="store_true", help="shrink the recipe to seconds: few samples, 1 epoch, tiny model"
-    )
-    p.add_argument("--patch-size", type=int, help="patch size (ViT family), sets model_args.patch_size")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config field, e.g. --set label_smoothing=0.0 --set model_args.depth=6",
+    add_run_flags(
+        p,
+        nproc_help="train with N processes on this machine: starts torchrun (one process per GPU; gloo on CPU)",
+        set_help="override any config field, e.g. --set label_smoothing=0.0 --set model_args.depth=6",
     )
     add_config_flags(p, TrainConfig)  # --model, --data, --epochs, --batch-size, --lr, ...: one per field
     p.set_defaults(run=run)

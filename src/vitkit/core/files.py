@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from vitkit.core.errors import VitkitError
 
 
 @contextmanager
@@ -42,3 +45,25 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> None:
     """Write a matplotlib figure as PNG atomically (temp file, then rename)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
+
+
+def write_folder(path: str | os.PathLike, files: dict[str, Callable[[Path], Any]]) -> None:
+    """Write a folder of files so none is ever half-written: `files` maps each name to a function that
+    writes it to the path it is given; all are built in a temporary folder beside `path`, which is then
+    renamed into place (or, when `path` exists, each file is renamed into it: one atomic rename per file)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise VitkitError(f"{path} exists and is not a folder: give a folder path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        for name in files:
+            os.replace(tmp / name, path / name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from vitkit.core.errors import VitkitError
+from vitkit.core.files import write_folder
 from vitkit.core.version import __version__
 from vitkit.train.config import TrainConfig, load_run_config
 from vitkit.train.modeling import input_spec, load_weights
@@ -57,27 +56,8 @@ def export_hub(run_dir: str | os.PathLike, output: str | os.PathLike) -> Path:
         HUB_WEIGHTS: lambda p: save_model(model, p, metadata=extra),
         "README.md": lambda p: p.write_text(card),
     }
-    _write_folder(Path(output), files)
+    write_folder(Path(output), files)
     return Path(output)
-
-
-def _write_folder(path: Path, files: dict[str, Any]) -> None:
-    """Build the files in a temporary folder beside `path`, then move it (or each file) into place."""
-    if path.exists() and not path.is_dir():
-        raise VitkitError(f"{path} exists and is not a folder: give --output a folder path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        for name, write in files.items():
-            write(tmp / name)
-        if not path.exists():
-            os.replace(tmp, path)
-            return
-        for name in files:
-            os.replace(tmp / name, path / name)  # one atomic rename per file
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _percent(value: Any) -> str:

@@ -13,8 +13,6 @@ import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -29,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitkit.core.errors import FileFormatError, UsageError, VitkitError
-from vitkit.core.files import atomic_path
+from vitkit.core.files import atomic_path, write_folder
 from vitkit.layers import resample_abs_pos_embed
 from vitkit.layers.rel_pos import resize_rel_pos_bias_table
 from vitkit.weights import convert as converters
@@ -593,25 +591,6 @@ def _plain_state(state: Mapping[str, torch.Tensor]) -> StateDict:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def _write_dir(path: Path, files: dict[str, Any]) -> None:
-    """Write a directory of files so no file is ever half-written: built beside `path`, then moved in."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        for name, write in files.items():
-            write(tmp / name)
-        if not path.exists():
-            os.replace(tmp, path)
-            return
-        if not path.is_dir():
-            raise VitkitError(f"{path} exists and is not a directory: the hf format writes a directory")
-        for name in files:
-            os.replace(tmp / name, path / name)  # one atomic rename per file
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def save_checkpoint(
     model: nn.Module, path: str | os.PathLike, *, format: Literal["vitkit", "timm", "hf"] = "vitkit"
 ) -> None:
@@ -642,7 +621,7 @@ def save_checkpoint(
             )
         config, state = converters.hf.export(model)
         state = _plain_state(state)
-        _write_dir(
+        write_folder(
             path,
             {
                 "model.safetensors": lambda p: save_file(state, str(p), metadata={"format": "pt"}),
