@@ -116,11 +116,13 @@ def test_real_processes_a_closed_pipe_and_a_bug(tmp_path):
         "sys.exit(main(['models']))\n"
     )
     done = _vitkit(
-        f'"$PYTHON" -m vitkit models | head -1; echo "rc=${{PIPESTATUS[0]}}"; echo ==== >&2; '
+        # `true` exits at once, so the table's first write meets a closed pipe (with `head -1` the whole
+        # table can fit in the pipe's buffer before head exits, and no write fails)
+        f'"$PYTHON" -m vitkit models | true; echo "rc=${{PIPESTATUS[0]}}"; echo ==== >&2; '
         f'"$PYTHON" {script}; echo "bug rc=$?"'
     )
     pipe_err, bug_err = done.stderr.split("====\n")
-    assert done.stdout.startswith("name") and "rc=141" in done.stdout
+    assert "rc=141" in done.stdout
     assert "Traceback" not in pipe_err and "BrokenPipe" not in pipe_err, pipe_err
     assert "bug rc=1" in done.stdout and "Traceback (most recent call last)" in bug_err
     assert "RuntimeError: CUDA error" in bug_err and "this is a bug" in bug_err
