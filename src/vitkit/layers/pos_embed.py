@@ -33,7 +33,7 @@ def resample_abs_pos_embed(
         if side * side != num_grid:
             raise ValueError(f"position embedding has {num_grid} grid tokens, not a square: pass old_size=(H, W)")
         old_size = (side, side)
-    new_size = (int(new_size[0]), int(new_size[1]))
+    new_size = (new_size[0], new_size[1])  # no int(): symbolic sizes (torch.export) must stay symbolic
     if same_size(tuple(old_size), new_size):  # resampling to the same size is exact anyway
         return pos_embed
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
