@@ -149,7 +149,9 @@ def _run(tmp_path: Path, monkeypatch, epochs: int, kills: int, seed: int) -> dic
 
 
 def test_three_kills_at_random_moments_then_identical_weights(tmp_path, monkeypatch):
-    _run(tmp_path, monkeypatch, epochs=3, kills=3, seed=1)
+    # 8 epochs (~100 steps): long enough that a kill up to 4 s in, or 8 steps on, lands before the run ends
+    # even where start-up is fast
+    _run(tmp_path, monkeypatch, epochs=8, kills=3, seed=1)
 
 
 @pytest.mark.slow
