@@ -9,9 +9,11 @@ data sets (Fashion-MNIST) skip the per-image Python loop, which dominates on a 2
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,10 @@ class ImageSpec:
     std: tuple[float, ...]
     crop_pct: float = 1.0
     interpolation: str = "bilinear"  # "bilinear" | "bicubic" (resizing)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (mean and std as lists)."""
+        return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
 
 @dataclass(frozen=True)

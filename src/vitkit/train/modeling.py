@@ -60,17 +60,7 @@ def save_weights(
 ) -> None:
     """Write `model` (vitkit safetensors, atomically) with what eval/predict need in its metadata."""
     meta = {
-        "inputs": json.dumps(
-            {
-                "img_size": spec.img_size,
-                "in_chans": spec.in_chans,
-                "mean": list(spec.mean),
-                "std": list(spec.std),
-                "crop_pct": spec.crop_pct,
-                "interpolation": spec.interpolation,
-                "classes": classes,
-            }
-        ),
+        "inputs": json.dumps({**spec.as_dict(), "classes": classes}),
         **(extra or {}),
     }
     name = getattr(model, "variant_name", "")
