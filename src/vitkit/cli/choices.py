@@ -7,9 +7,12 @@ parser is built; they are read when a value is checked or the command's own help
 
 from __future__ import annotations
 
+import argparse
 import importlib
 from collections.abc import Iterator, Sequence
 from typing import overload
+
+from vitkit.core.hardware import AMP_CHOICES
 
 
 class LazyChoices(Sequence[str]):
@@ -42,3 +45,20 @@ class LazyChoices(Sequence[str]):
 
 
 TTA_MODES = LazyChoices("vitkit.train.config", "TTA_MODES")
+
+
+def add_inference_flags(p: argparse.ArgumentParser, amp_default: str) -> None:
+    """`--tta` and `--amp`, as `vitkit eval` and `vitkit predict` take them."""
+    p.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        metavar="MODE",
+        help="test-time augmentation (%(choices)s): hflip averages the probabilities of each image and "
+        "its mirror (default: the run's own setting, else none)",
+    )
+    p.add_argument(
+        "--amp",
+        choices=AMP_CHOICES,
+        help="bf16: weights and activations in bfloat16; auto: bf16 on CUDA and on CPUs with AMX or "
+        f"AVX512_BF16, else fp32 (default: {amp_default})",
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vitkit.cli.choices import TTA_MODES
+from vitkit.cli.choices import add_inference_flags
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,19 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, help="input size (default: the model's)")
     p.add_argument("--crop-pct", type=float, help="resize to img_size / crop_pct, centre-crop img_size")
     p.add_argument("--batch-size", type=int, help="default: the run's eval batch size")
-    p.add_argument(
-        "--tta",
-        choices=TTA_MODES,
-        metavar="MODE",
-        help="test-time augmentation (%(choices)s): hflip averages the probabilities of each image and "
-        "its mirror (default: the run's own setting, else none)",
-    )
-    p.add_argument(
-        "--amp",
-        choices=("off", "bf16", "auto"),
-        help="bf16: weights and activations in bfloat16; auto: bf16 on CUDA and on CPUs with AMX or "
-        "AVX512_BF16, else fp32 (default: the run's own setting, so the figures equal those it logged)",
-    )
+    add_inference_flags(p, amp_default="the run's own setting, so the figures equal those it logged")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--workers", type=int, help="data-loading processes")
     p.add_argument("--out", metavar="FILE.json", help="also write the metrics as JSON")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from vitkit.cli.choices import TTA_MODES
+from vitkit.cli.choices import add_inference_flags
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,19 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     src.add_argument("--checkpoint", metavar="FILE", help="a .safetensors file written by vitkit")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument(
-        "--tta",
-        choices=TTA_MODES,
-        metavar="MODE",
-        help="test-time augmentation (%(choices)s): hflip averages the probabilities of each image and "
-        "its mirror (default: the run's own setting, else none)",
-    )
-    p.add_argument(
-        "--amp",
-        choices=("off", "bf16", "auto"),
-        help="bf16: weights and activations in bfloat16; auto: bf16 on CUDA and on CPUs with AMX or "
-        "AVX512_BF16, else fp32 (default: off)",
-    )
+    add_inference_flags(p, amp_default="off")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch-size", type=int, default=64, help="images classified together (default 64)")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (default 2; 0: in this one)")
