@@ -79,6 +79,25 @@ def test_tensorboard_and_mlflow_hold_every_metric_at_its_step(tracked_run):
     assert any((run.parent / "runs" / "mlruns").rglob("best.safetensors"))
 
 
+def test_a_crashed_run_ends_its_mlflow_run_as_failed(offline, monkeypatch, tmp_path):  # noqa: F811
+    """A bug mid-run keeps its traceback, and the MLflow run does not stay RUNNING."""
+    from vitkit.train.supervised import SupervisedTask
+
+    monkeypatch.setenv("VITKIT_DATA", str(write_idx(offline / "idx", n_train=300, n_test=40)))
+    uri = f"sqlite:///{tmp_path}/track.db"
+
+    def broken(self, run, epoch, stats):
+        raise RuntimeError("a bug in validation")
+
+    monkeypatch.setattr(SupervisedTask, "validate", broken)
+    run = offline / "run"
+    args = ["train", "--output", str(run), "--seed", "0", *TINY, "--epochs", "2", "--log", "mlflow"]
+    with pytest.raises(RuntimeError, match="a bug in validation"):  # bugs keep their traceback
+        main([*args, "--mlflow-uri", uri])
+    run_id = json.loads((run / MLFLOW_RUN_FILE).read_text())["run_id"]
+    assert mlflow.tracking.MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FAILED"
+
+
 def test_mlflow_uri_overrides_the_store(tmp_path):
     uri = f"sqlite:///{tmp_path}/elsewhere/track.db"
     (tracker,) = build_trackers("mlflow", tmp_path, uri)

@@ -3,7 +3,8 @@
 Every step is timed on its own after a warm-up (CUDA events on the GPU, `perf_counter` on the CPU);
 reports give the median step time, its 10th-90th percentile spread and images/s =
 batch size / median step time. `mode="train"` times forward + cross-entropy + backward +
-optimizer step (AdamW).
+optimizer step: each library's own AdamW (vitkit: `train.optim.build_optimizer`, fused where the
+parameters allow; timm: `create_optimizer_v2`, torch's defaults, a per-tensor loop on the CPU).
 
 Mixed precision (`amp`: off | bf16 | auto, resolved by `vitkit.core.hardware.resolve_amp`): timm's
 model runs under autocast, as its users run it; ours, in inference, holds its weights in bf16
@@ -29,6 +30,7 @@ from vitkit.core.hardware import AMP_CHOICES, resolve_amp
 from vitkit.factory import create_model, get_variant
 from vitkit.layers.precision import cast_for_inference
 from vitkit.registry import to_2tuple
+from vitkit.train.optim import build_optimizer
 
 Mode = Literal["infer", "train"]
 Amp = Literal["off", "bf16", "auto"]
@@ -113,6 +115,16 @@ class Comparison:
         }
 
 
+def _optimizer(model: nn.Module, impl: str) -> torch.optim.Optimizer:
+    # each library's own training optimiser, as its users get it: vitkit's build_optimizer (AdamW,
+    # fused where the parameters allow) against timm's create_optimizer_v2 (torch's AdamW defaults)
+    if impl == "timm":
+        from timm.optim import create_optimizer_v2  # noqa: PLC0415  # timm is optional, imported when compared
+
+        return create_optimizer_v2(model, "adamw", lr=1e-6, weight_decay=0.05)
+    return build_optimizer(model, lr=1e-6, weight_decay=0.05)
+
+
 # -- one model, ready to step ---------------------------------------------------------------------
 class _Runner:
     """A model on its device with its input, in the chosen mode; `step()` runs one batch."""
@@ -137,7 +149,7 @@ class _Runner:
         self.target = torch.randint(0, max(num_classes, 1), (opts.batch_size,), device=device)
         self.model = model
         self.forward: Callable[[torch.Tensor], Any] = torch.compile(model) if opts.compile else model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6) if opts.mode == "train" else None
+        self.optimizer = _optimizer(model, impl) if opts.mode == "train" else None
         self.autocast = (
             torch.autocast(device_type=device.type, dtype=self.amp) if self.amp and not cast else nullcontext()
         )

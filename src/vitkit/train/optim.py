@@ -59,7 +59,18 @@ def build_optimizer(
             g["lr"] = lr * g["lr_scale"]
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=tuple(betas))  # type: ignore[arg-type]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))  # type: ignore[arg-type]
+    return adamw(groups, lr=lr, betas=tuple(betas))
+
+
+def adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
+    """torch's AdamW, fused when every parameter allows it. On the CPU torch's default is the
+    per-tensor loop, which took 10 ms a step for the 0.5 M-parameter fmnist_best ViT against 0.9 ms
+    fused (2 threads, AMD EPYC); sharded (DTensor) or non-float parameters keep torch's default."""
+    params = [p for g in groups for p in g["params"]]
+    fusable = bool(params) and all(
+        type(p) is nn.Parameter and p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
+    )
+    return torch.optim.AdamW(groups, fused=True if fusable else None, **kwargs)
 
 
 def build_scheduler(
@@ -165,7 +176,7 @@ def build_adamw(
     groups = layer_decay_groups(model, weight_decay, layer_decay)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+    return adamw(groups, lr=lr, betas=betas, eps=1e-8)
 
 
 def warmup_schedule(

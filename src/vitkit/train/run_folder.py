@@ -101,17 +101,18 @@ class RunFolder:
     def epoch_records(self) -> list[dict[str, Any]]:
         return [r for r in self.records if "step" not in r and "epoch" in r]
 
-    def close(self) -> None:
-        """Close metrics.jsonl and finish the trackers; MLflow gets the curves and the best weights as artifacts."""
+    def close(self, status: str = "FINISHED") -> None:
+        """Close metrics.jsonl and finish the trackers with `status` (MLflow's FINISHED, FAILED or KILLED);
+        MLflow gets the curves and the best weights as artifacts. A second call does nothing."""
         self._close_metrics()
         artifacts = [self.file(n) for n in (CURVES, BEST) if self.file(n).is_file()]
         for tracker in self.trackers:
-            tracker.close(artifacts)
+            tracker.close(artifacts, status)
         self.trackers = []
 
     def close_trackers(self) -> None:
         for tracker in self.trackers:
-            tracker.close([])
+            tracker.close([], "FINISHED")
         self.trackers = []
 
 

@@ -244,11 +244,15 @@ def run_task(task: RunTask[R], config: TrainConfig, *, resume: bool = False) -> 
         start_epoch = _resume(task, run) if run.resume else 1
         run.say(task.announce(run))
         task.before_loop(run)
-        with run.stop.installed():
-            for epoch in range(start_epoch, run.config.epochs + 1):
-                _epoch(task, run, epoch)
-        parallel.barrier()
-        return _finish(task, run)
+        try:
+            with run.stop.installed():
+                for epoch in range(start_epoch, run.config.epochs + 1):
+                    _epoch(task, run, epoch)
+            parallel.barrier()
+            return _finish(task, run)
+        except BaseException:  # a tracker never stays RUNNING: stops and errors closed it already
+            run.folder.close("FAILED")
+            raise
 
 
 def _start(task: RunTask, run: Run) -> None:
@@ -365,7 +369,7 @@ def _train_epoch(task: RunTask, run: Run, epoch: int) -> tuple[dict[str, float],
     except NonFiniteError as err:
         run.info.update(status=f"stopped: {err}", end_time=now())
         run.folder.write_run_info(run.info)
-        run.folder.close()  # metrics.jsonl and the trackers
+        run.folder.close("FAILED")  # metrics.jsonl and the trackers
         kept = f"the checkpoint of epoch {epoch - 1} in {run.run_dir} is intact" if epoch > 1 else "no checkpoint yet"
         raise NonFiniteError(
             f"{err}; {task.noun} stopped ({kept}): lower the learning rate, set clip_grad (e.g. --set clip_grad=1.0) "
@@ -465,7 +469,7 @@ def _save_stopped(
     where = f"in epoch {epoch} after {position} batches"
     run.info.update(status=f"stopped by {name} {where}", end_time=now())
     run.folder.write_run_info(run.info)
-    run.folder.close()
+    run.folder.close("KILLED")
     command = resume_command(task.command, run.run_dir)
     message = f"{task.noun} stopped by {name} {where}, state saved; continue with: {command}"
     run.say(message, file=sys.stderr, flush=True)

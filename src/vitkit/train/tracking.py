@@ -72,7 +72,7 @@ class TensorBoardTracker:
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
-    def close(self, artifacts: list[Path]) -> None:
+    def close(self, artifacts: list[Path], status: str = "FINISHED") -> None:
         self.writer.close()
 
 
@@ -117,10 +117,12 @@ class MlflowTracker:
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
-    def close(self, artifacts: list[Path]) -> None:
+    def close(self, artifacts: list[Path], status: str = "FINISHED") -> None:
+        """Upload `artifacts` and end the MLflow run as `status`: FINISHED, FAILED (an error) or KILLED
+        (stopped by a signal; a resume sets it RUNNING again)."""
         for path in artifacts:
             self.client.log_artifact(self.run_id, str(path))
-        self.client.set_terminated(self.run_id, status="FINISHED")
+        self.client.set_terminated(self.run_id, status=status)
 
 
 def _artifact_root(uri: str) -> str | None:
