@@ -122,8 +122,9 @@ def _train_losses(model: nn.Module, x: torch.Tensor, target: torch.Tensor, steps
     return losses, grads
 
 
-TWO_STAGES = dict(embed_dim=32, depths=(2, 2), num_heads=(2, 4), pretrained_window_sizes=(0, 0), num_classes=10,
-                  drop_path_rate=0.0)  # no random layer drops: both runs must see the same network
+TWO_STAGES = dict(
+    embed_dim=32, depths=(2, 2), num_heads=(2, 4), pretrained_window_sizes=(0, 0), num_classes=10, drop_path_rate=0.0
+)  # no random layer drops: both runs must see the same network
 
 
 @pytest.mark.parametrize(
@@ -152,3 +153,20 @@ def test_training_steps_match_plain_linear(name, kwargs, size):
         scale = g.abs().max().item()
         assert (fast_grads[n] - g).abs().max().item() <= 1e-5 * scale + 1e-12, n
     assert fast_losses == pytest.approx(plain_losses, rel=1e-4)
+
+
+def test_training_gradients_match_timm():
+    """With the oneDNN training path on, a ViT's gradients still match timm's (same weights) to 1e-5."""
+    timm = pytest.importorskip("timm")
+    kwargs = dict(depth=2, num_classes=10, img_size=64, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    ref = timm.create_model("deit_small_patch16_224", **kwargs).train()
+    ours = vitkit.create_model("deit_small_patch16_224", **kwargs).train()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, target = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+    F.cross_entropy(ref(x), target).backward()
+    F.cross_entropy(ours(x), target).backward()
+    theirs = dict(ref.named_parameters())
+    for n, p in ours.named_parameters():
+        want = theirs[n].grad
+        assert (p.grad - want).abs().max().item() <= 1e-5 * want.abs().max().item() + 1e-12, n

@@ -19,10 +19,11 @@ weight). Under CPU autocast it casts input, weight and bias to the autocast dtyp
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import FunctionCtx
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _ENABLED = True
@@ -56,13 +57,13 @@ class _OneDNNLinear(torch.autograd.Function):
         return _lp(x, weight, bias)  # (M, out)
 
     @staticmethod
-    def setup_context(ctx: FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
         x, weight, bias = inputs
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
 
     @staticmethod
-    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:  # type: ignore[override]
         x, weight = ctx.saved_tensors  # (M, in), (out, in)
         grad = grad if grad.is_contiguous() else grad.contiguous()  # (M, out); may arrive expanded
         need_x, need_w, need_b = ctx.needs_input_grad
