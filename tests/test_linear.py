@@ -35,13 +35,13 @@ def plain_linear():
     set_onednn_linear(previous)
 
 
-# in_features 96 (< 128: grad_weight by torch.mm) and 384 / 1536 (grad_weight by oneDNN)
-@pytest.mark.parametrize("in_f,out_f", [(96, 288), (384, 96), (384, 1152), (1536, 384)])
+# grad_weight by torch.mm (tokens >= 100 x in_features, out >= in: 16 x 784 tokens, 96 -> 288) and by oneDNN
+@pytest.mark.parametrize("in_f,out_f,tokens", [(96, 288, 784), (384, 96, 784), (384, 1152, 49), (1536, 384, 49)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fp32_forward_and_gradients_match_f_linear(in_f, out_f, bias):
+def test_fp32_forward_and_gradients_match_f_linear(in_f, out_f, tokens, bias):
     torch.manual_seed(0)
     layer = nn.Linear(in_f, out_f, bias=bias)
-    x = torch.randn(3, 49, in_f, requires_grad=True)
+    x = torch.randn(16 if tokens > 49 else 3, tokens, in_f, requires_grad=True)
     y = linear(layer, x)
     assert "_OneDNNLinearBackward" in _grad_fns(y)
     g = torch.randn_like(y)

@@ -10,11 +10,12 @@ switches every model back to `F.linear`; the two agree to ~1e-6 relative in fp32
 
 Training (gradients needed) goes through `_OneDNNLinear`, an autograd function whose forward and
 grad_input matmuls are the same kernel (the weight passed transposed, as a strided view), and whose
-grad_weight is oneDNN too except where `torch.mm` measured faster: bf16, and fp32 layers with fewer
-than 128 input features (Swin stage 1: a (tokens=25088 at batch 8) long reduction into a small
-weight). Under CPU autocast it casts input, weight and bias to the autocast dtype as autocast's
-`linear` would, so bf16 stays bf16. fp32 gradients match `F.linear`'s to float rounding
-(tests/test_linear.py); `set_onednn_linear(False)` turns this path off as well.
+grad_weight is oneDNN too except where `torch.mm` measured faster: in bf16, and in fp32 where the
+reduction over tokens is long (>= 100 x in_features) and out_features >= in_features (Swin-T's stage 1
+at batch 8, stages 1-2 at batch 32: oneDNN took 1.2-1.8x mm's time there, 0.4-0.8x elsewhere).
+Under CPU autocast it casts input, weight and bias to the autocast dtype as autocast's `linear`
+would, so bf16 stays bf16. fp32 gradients match `F.linear`'s to float rounding (tests/test_linear.py);
+`set_onednn_linear(False)` turns this path off as well.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def onednn_linear_enabled() -> bool:
     return _ENABLED and _AVAILABLE
 
 
-_SMALL_IN_FEATURES = 128  # fp32 grad_weight below this many input features: torch.mm measured faster
+_LONG_REDUCTION = 100  # fp32 grad_weight: tokens >= this x in_features (and out >= in): torch.mm measured faster
 
 
 def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,7 +74,8 @@ class _OneDNNLinear(torch.autograd.Function):
         grad_x = _lp(grad, weight.t()) if need_x else None  # (M, out) @ (out, in)
         grad_w = None
         if need_w:  # (out, M) @ (M, in)
-            use_mm = x.dtype != torch.float32 or x.shape[1] < _SMALL_IN_FEATURES
+            tokens, in_f, out_f = x.shape[0], x.shape[1], grad.shape[1]
+            use_mm = x.dtype != torch.float32 or (tokens >= _LONG_REDUCTION * in_f and out_f >= in_f)
             grad_w = torch.mm(grad.t(), x) if use_mm else _lp(grad.t(), x.t())
         grad_b = grad.sum(0) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_b
