@@ -99,6 +99,16 @@ def test_second_order_gradients_match():
     assert _rel(got, want) <= 1e-5
 
 
+def test_empty_batch_and_float64_fall_back_to_f_linear():
+    layer = nn.Linear(8, 4)
+    x = torch.randn(0, 8, requires_grad=True)
+    linear(layer, x).sum().backward()  # oneDNN cannot reduce over zero tokens: F.linear's path
+    assert layer.weight.grad.abs().max().item() == 0.0
+    layer64, x64 = nn.Linear(8, 4).double(), torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone, and so do we
+        assert linear(layer64, x64).dtype == torch.float64
+
+
 def test_switch_and_inference_keep_their_paths(plain_linear):
     layer = nn.Linear(16, 8)
     x = torch.randn(4, 16, requires_grad=True)
@@ -170,3 +180,17 @@ def test_training_gradients_match_timm():
     for n, p in ours.named_parameters():
         want = theirs[n].grad
         assert (p.grad - want).abs().max().item() <= 1e-5 * want.abs().max().item() + 1e-12, n
+
+
+@pytest.mark.slow  # torch.compile of a forward and backward: about a minute on 2 cores
+def test_compiled_training_step_matches_eager():
+    """torch.compile traces the plain F.linear (the oneDNN function stays out of the graph); same gradients."""
+    torch.manual_seed(0)
+    model = vitkit.create_model("deit_tiny_patch16_224", depth=1, num_classes=10, img_size=32, patch_size=8).train()
+    x, target = torch.randn(2, 3, 32, 32), torch.tensor([3, 4])
+    F.cross_entropy(model(x), target).backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(torch.compile(model)(x), target).backward()
+    for n, p in model.named_parameters():
+        assert (p.grad - eager[n]).abs().max().item() <= 1e-5 * eager[n].abs().max().item() + 1e-12, n

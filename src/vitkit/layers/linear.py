@@ -95,13 +95,13 @@ def _train_dtype(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -
     """The dtype the training path runs in, or None where it does not apply (no gradient needed, ...)."""
     w = layer.weight
     needs_grad = x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)
-    if not (torch.is_grad_enabled() and needs_grad):
-        return None
+    if not (torch.is_grad_enabled() and needs_grad) or x.numel() == 0:
+        return None  # an empty batch: oneDNN has no grad_weight primitive for a zero-length reduction
     if not _common_checks(layer, x):
         return None
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
-        return dtype if dtype in _DTYPES and x.is_floating_point() and w.is_floating_point() else None
+        return dtype if dtype in _DTYPES and x.dtype in _DTYPES and w.dtype in _DTYPES else None  # fp64: as is
     return x.dtype if x.dtype in _DTYPES and w.dtype == x.dtype else None
 
 
