@@ -3,9 +3,9 @@
 On x86 CPUs, `torch.ops.mkldnn._linear_pointwise` (the kernel that torch.compile's CPU backend
 uses) ran fp32 linear layers in ~0.5x the time of `F.linear` on an AMD EPYC (whose MKL sgemm path
 is slow), and fuses the GELU that follows fc1 (bf16: the GELU pass, ~30% of fc1's time, is gone).
-It has no backward, so it only runs where no gradient is needed; it also stays off under autocast
-(it would ignore it), while exporting or counting FLOPs, on other devices, and for any layer that
-is not a plain, hook-free `nn.Linear` (e.g. after int8 quantisation). `set_onednn_linear(False)`
+The kernel has no backward, so this inference path runs only where no gradient is needed; it also
+stays off under autocast (it would ignore it), while exporting or counting FLOPs, on other devices,
+and for any layer that is not a plain, hook-free `nn.Linear` (e.g. after int8 quantisation). `set_onednn_linear(False)`
 switches every model back to `F.linear`; the two agree to ~1e-6 relative in fp32 (tests/test_vit.py).
 
 Training (gradients needed) goes through `_OneDNNLinear`, an autograd function whose forward and
