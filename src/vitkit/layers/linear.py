@@ -1,15 +1,26 @@
-"""Linear layers through oneDNN for CPU inference, beside the plain `nn.Linear` path.
+"""Linear layers through oneDNN on the CPU, for inference and training, beside the plain `nn.Linear` path.
 
 On x86 CPUs, `torch.ops.mkldnn._linear_pointwise` (the kernel that torch.compile's CPU backend
 uses) ran fp32 linear layers in ~0.5x the time of `F.linear` on an AMD EPYC (whose MKL sgemm path
 is slow), and fuses the GELU that follows fc1 (bf16: the GELU pass, ~30% of fc1's time, is gone).
-It has no backward, so it only runs where no gradient is needed; it also stays off under autocast
-(it would ignore it), while exporting or counting FLOPs, on other devices, and for any layer that
-is not a plain, hook-free `nn.Linear` (e.g. after int8 quantisation). `set_onednn_linear(False)`
+The kernel has no backward, so this inference path runs only where no gradient is needed; it also
+stays off under autocast (it would ignore it), while exporting or counting FLOPs, on other devices,
+and for any layer that is not a plain, hook-free `nn.Linear` (e.g. after int8 quantisation). `set_onednn_linear(False)`
 switches every model back to `F.linear`; the two agree to ~1e-6 relative in fp32 (tests/test_vit.py).
+
+Training (gradients needed) goes through `_OneDNNLinear`, an autograd function whose forward and
+grad_input matmuls are the same kernel (the weight passed transposed, as a strided view), and whose
+grad_weight is oneDNN too except where `torch.mm` measured faster: in bf16, and in fp32 where the
+reduction over tokens is long (>= 100 x in_features) and out_features >= in_features (Swin-T's stage 1
+at batch 8, stages 1-2 at batch 32: oneDNN took 1.2-1.8x mm's time there, 0.4-0.8x elsewhere).
+Under CPU autocast it casts input, weight and bias to the autocast dtype as autocast's `linear`
+would, so bf16 stays bf16. fp32 gradients match `F.linear`'s to float rounding (tests/test_linear.py);
+`set_onednn_linear(False)` turns this path off as well.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +33,7 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 
 def set_onednn_linear(enabled: bool) -> bool:
-    """Use oneDNN for CPU inference linear layers (default True); returns the previous setting."""
+    """Use oneDNN for CPU linear layers, inference and training (default True); returns the previous setting."""
     global _ENABLED
     previous, _ENABLED = _ENABLED, bool(enabled)
     return previous
@@ -32,19 +43,76 @@ def onednn_linear_enabled() -> bool:
     return _ENABLED and _AVAILABLE
 
 
-def _use_onednn(layer: nn.Module, x: torch.Tensor) -> bool:
+_LONG_REDUCTION = 100  # fp32 grad_weight: tokens >= this x in_features (and out >= in): torch.mm measured faster
+
+
+def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")  # x @ w.T + b; strided x, w accepted
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x @ w.T + b for 2-D x, with its three backward products on the kernels that measured fastest."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _lp(x, weight, bias)  # (M, out)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:  # type: ignore[override]
+        x, weight = ctx.saved_tensors  # (M, in), (out, in)
+        grad = grad if grad.is_contiguous() else grad.contiguous()  # (M, out); may arrive expanded
+        need_x, need_w, need_b = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops, for a second backward
+            grad_b = grad.sum(0) if need_b and ctx.has_bias else None
+            return grad @ weight if need_x else None, grad.t() @ x if need_w else None, grad_b
+        grad_x = _lp(grad, weight.t()) if need_x else None  # (M, out) @ (out, in)
+        grad_w = None
+        if need_w:  # (out, M) @ (M, in)
+            tokens, in_f, out_f = x.shape[0], x.shape[1], grad.shape[1]
+            use_mm = x.dtype != torch.float32 or (tokens >= _LONG_REDUCTION * in_f and out_f >= in_f)
+            grad_w = torch.mm(grad.t(), x) if use_mm else _lp(grad.t(), x.t())
+        grad_b = grad.sum(0) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_b
+
+
+def _common_checks(layer: nn.Module, x: torch.Tensor) -> bool:
     if not (_ENABLED and _AVAILABLE) or type(layer) is not nn.Linear or x.device.type != "cpu":
         return False
-    w = layer.weight
-    if x.dtype not in _DTYPES or w.dtype != x.dtype or w.device.type != "cpu":
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-        return False
-    if layer._forward_hooks or layer._forward_pre_hooks or torch.is_autocast_enabled("cpu"):
+    if layer._forward_hooks or layer._forward_pre_hooks or layer.weight.device.type != "cpu":
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return False  # export, torch.compile, FLOP counting: the plain op they know
     return True
+
+
+def _train_dtype(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype | None:
+    """The dtype the training path runs in, or None where it does not apply (no gradient needed, ...)."""
+    w = layer.weight
+    needs_grad = x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)
+    if not (torch.is_grad_enabled() and needs_grad) or x.numel() == 0:
+        return None  # an empty batch: oneDNN has no grad_weight primitive for a zero-length reduction
+    if not _common_checks(layer, x):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        return dtype if dtype in _DTYPES and x.dtype in _DTYPES and w.dtype in _DTYPES else None  # fp64: as is
+    return x.dtype if x.dtype in _DTYPES and w.dtype == x.dtype else None
+
+
+def _use_onednn(layer: nn.Module, x: torch.Tensor) -> bool:
+    """The inference path: no gradient needed, no autocast (the kernel would ignore it)."""
+    w = layer.weight
+    if not _common_checks(layer, x) or x.dtype not in _DTYPES or w.dtype != x.dtype:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return False
+    return not torch.is_autocast_enabled("cpu")
 
 
 def linear(layer: nn.Module, x: torch.Tensor, gelu: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,6 +120,12 @@ def linear(layer: nn.Module, x: torch.Tensor, gelu: bool = False, bias: torch.Te
 
     `bias` replaces the layer's own (Swin V2's qkv: q and v biases around a zero k bias)."""
     b = layer.bias if bias is None else bias
+    dtype = _train_dtype(layer, x, b)
+    if dtype is not None:
+        w, x2 = layer.weight.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype)  # autocast's casts, or no-ops
+        y = _OneDNNLinear.apply(x2, w, None if b is None else b.to(dtype))
+        y = y.view(*x.shape[:-1], y.shape[-1])  # (..., out_features)
+        return F.gelu(y) if gelu else y
     if _use_onednn(layer, x):
         y = torch.ops.mkldnn._linear_pointwise(
             x.reshape(-1, x.shape[-1]), layer.weight, b, "gelu" if gelu else "none", [], "none" if gelu else ""

@@ -22,4 +22,4 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and type(self.act) is nn.GELU and self.act.approximate == "none":
             return linear(self.fc2, linear(self.fc1, x, gelu=True))  # dropout is the identity in eval
-        return self.drop2(linear(self.fc2, self.drop1(self.act(self.fc1(x)))))
+        return self.drop2(linear(self.fc2, self.drop1(self.act(linear(self.fc1, x)))))

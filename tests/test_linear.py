@@ -1,0 +1,196 @@
+"""The oneDNN training linear (`vitkit.layers.linear._OneDNNLinear`) against `F.linear`: same numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vitkit
+from vitkit.layers.linear import linear, onednn_linear_enabled, set_onednn_linear
+
+pytestmark = pytest.mark.skipif(not onednn_linear_enabled(), reason="this torch has no oneDNN linear kernel")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _grad_fns(y: torch.Tensor) -> set[str]:
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and type(fn).__name__ not in seen:
+            seen.add(type(fn).__name__)
+            todo.extend(f for f, _ in fn.next_functions)
+    return seen
+
+
+@pytest.fixture
+def plain_linear():
+    """Run the test body with the oneDNN paths off, then restore the setting."""
+    previous = set_onednn_linear(False)
+    yield
+    set_onednn_linear(previous)
+
+
+# grad_weight by torch.mm (tokens >= 100 x in_features, out >= in: 16 x 784 tokens, 96 -> 288) and by oneDNN
+@pytest.mark.parametrize("in_f,out_f,tokens", [(96, 288, 784), (384, 96, 784), (384, 1152, 49), (1536, 384, 49)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp32_forward_and_gradients_match_f_linear(in_f, out_f, tokens, bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(in_f, out_f, bias=bias)
+    x = torch.randn(16 if tokens > 49 else 3, tokens, in_f, requires_grad=True)
+    y = linear(layer, x)
+    assert "_OneDNNLinearBackward" in _grad_fns(y)
+    g = torch.randn_like(y)
+    y.backward(g)
+    got = [x.grad, layer.weight.grad] + ([layer.bias.grad] if bias else [])
+    x.grad, layer.weight.grad = None, None
+    layer.zero_grad()
+    ref = F.linear(x, layer.weight, layer.bias)
+    ref.backward(g)
+    want = [x.grad, layer.weight.grad] + ([layer.bias.grad] if bias else [])
+    assert _rel(y, ref) <= 1e-5
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32 and _rel(a, b) <= 1e-5
+
+
+def test_separate_bias_gets_its_gradient():
+    """Swin V2's qkv passes its own bias (q and v biases around zeros); it must learn."""
+    layer = nn.Linear(32, 96, bias=False)
+    q_bias = torch.randn(32, requires_grad=True)
+    bias = torch.cat((q_bias, torch.zeros(32), torch.zeros(32)))
+    x = torch.randn(10, 32)  # input needs no gradient: the weight and bias still do
+    linear(layer, x, bias=bias).square().sum().backward()
+    want = torch.autograd.grad(F.linear(x, layer.weight, bias).square().sum(), q_bias)[0]
+    assert _rel(q_bias.grad, want) <= 1e-5
+
+
+def test_autocast_bf16_runs_in_bf16_and_matches_f_linear():
+    torch.manual_seed(0)
+    layer = nn.Linear(384, 1152)
+    x = torch.randn(4, 49, 384, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(layer, x)
+        ref = F.linear(x, layer.weight, layer.bias)
+    assert y.dtype == torch.bfloat16 and "_OneDNNLinearBackward" in _grad_fns(y)
+    (gx, gw, gb) = torch.autograd.grad(y.float().square().sum(), (x, layer.weight, layer.bias))
+    (rx, rw, rb) = torch.autograd.grad(ref.float().square().sum(), (x, layer.weight, layer.bias))
+    assert gw.dtype == torch.float32 and gx.dtype == torch.float32
+    assert _rel(y.float(), ref.float()) <= 1e-2  # bf16 rounding: both run in bf16, in different kernels
+    for a, b in ((gx, rx), (gw, rw), (gb, rb)):
+        assert _rel(a, b) <= 2e-2
+
+
+def test_second_order_gradients_match():
+    """create_graph=True (e.g. a gradient penalty) takes differentiable ops in the backward."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    x = torch.randn(8, 64, requires_grad=True)
+
+    def penalty(fn) -> torch.Tensor:
+        (gx,) = torch.autograd.grad(torch.tanh(fn(x)).sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), layer.weight)[0]
+
+    got = penalty(lambda t: linear(layer, t))
+    want = penalty(lambda t: F.linear(t, layer.weight, layer.bias))
+    assert _rel(got, want) <= 1e-5
+
+
+def test_empty_batch_and_float64_fall_back_to_f_linear():
+    layer = nn.Linear(8, 4)
+    x = torch.randn(0, 8, requires_grad=True)
+    linear(layer, x).sum().backward()  # oneDNN cannot reduce over zero tokens: F.linear's path
+    assert layer.weight.grad.abs().max().item() == 0.0
+    layer64, x64 = nn.Linear(8, 4).double(), torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone, and so do we
+        assert linear(layer64, x64).dtype == torch.float64
+
+
+def test_switch_and_inference_keep_their_paths(plain_linear):
+    layer = nn.Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    assert "_OneDNNLinearBackward" not in _grad_fns(linear(layer, x))  # switched off by the fixture
+    set_onednn_linear(True)
+    with torch.no_grad():
+        assert linear(layer, x).grad_fn is None
+
+
+def _train_losses(model: nn.Module, x: torch.Tensor, target: torch.Tensor, steps: int) -> tuple[list, dict]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses, grads = [], {}
+    for step in range(steps):
+        loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, grads
+
+
+TWO_STAGES = dict(
+    embed_dim=32, depths=(2, 2), num_heads=(2, 4), pretrained_window_sizes=(0, 0), num_classes=10, drop_path_rate=0.0
+)  # no random layer drops: both runs must see the same network
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,size",
+    [
+        ("deit_small_patch16_224", dict(depth=2, num_classes=10, img_size=64), 64),
+        ("swin_tiny_patch4_window7_224", dict(TWO_STAGES, img_size=56), 56),
+        ("swinv2_tiny_window8_256", dict(TWO_STAGES, img_size=64), 64),
+    ],
+)
+def test_training_steps_match_plain_linear(name, kwargs, size):
+    """Gradients of a ViT / Swin / Swin V2 within 1e-5 relative, and the same loss curve over 4 AdamW steps."""
+    torch.manual_seed(0)
+    model = vitkit.create_model(name, **kwargs).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, target = torch.randn(4, 3, size, size), torch.randint(0, 10, (4,))
+    fast_losses, fast_grads = _train_losses(model, x, target, steps=4)
+    model.load_state_dict(state)
+    previous = set_onednn_linear(False)
+    try:
+        plain_losses, plain_grads = _train_losses(model, x, target, steps=4)
+    finally:
+        set_onednn_linear(previous)
+    assert fast_grads.keys() == plain_grads.keys()
+    for n, g in plain_grads.items():
+        scale = g.abs().max().item()
+        assert (fast_grads[n] - g).abs().max().item() <= 1e-5 * scale + 1e-12, n
+    assert fast_losses == pytest.approx(plain_losses, rel=1e-4)
+
+
+def test_training_gradients_match_timm():
+    """With the oneDNN training path on, a ViT's gradients still match timm's (same weights) to 1e-5."""
+    timm = pytest.importorskip("timm")
+    kwargs = dict(depth=2, num_classes=10, img_size=64, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    ref = timm.create_model("deit_small_patch16_224", **kwargs).train()
+    ours = vitkit.create_model("deit_small_patch16_224", **kwargs).train()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, target = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+    F.cross_entropy(ref(x), target).backward()
+    F.cross_entropy(ours(x), target).backward()
+    theirs = dict(ref.named_parameters())
+    for n, p in ours.named_parameters():
+        want = theirs[n].grad
+        assert (p.grad - want).abs().max().item() <= 1e-5 * want.abs().max().item() + 1e-12, n
+
+
+@pytest.mark.slow  # torch.compile of a forward and backward: about a minute on 2 cores
+def test_compiled_training_step_matches_eager():
+    """torch.compile traces the plain F.linear (the oneDNN function stays out of the graph); same gradients."""
+    torch.manual_seed(0)
+    model = vitkit.create_model("deit_tiny_patch16_224", depth=1, num_classes=10, img_size=32, patch_size=8).train()
+    x, target = torch.randn(2, 3, 32, 32), torch.tensor([3, 4])
+    F.cross_entropy(model(x), target).backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(torch.compile(model)(x), target).backward()
+    for n, p in model.named_parameters():
+        assert (p.grad - eager[n]).abs().max().item() <= 1e-5 * eager[n].abs().max().item() + 1e-12, n
