@@ -68,20 +68,21 @@ def test_separate_bias_gets_its_gradient():
     assert _rel(q_bias.grad, want) <= 1e-5
 
 
-def test_autocast_bf16_runs_in_bf16_and_matches_f_linear():
+def test_training_under_autocast_and_in_bf16_keeps_torchs_linear():
+    """bf16 training stays on F.linear (autocast's cast, then oneDNN inside torch): the custom path
+    measured slower there, and the gradients are autocast's own, bit for bit."""
     torch.manual_seed(0)
     layer = nn.Linear(384, 1152)
     x = torch.randn(4, 49, 384, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = linear(layer, x)
         ref = F.linear(x, layer.weight, layer.bias)
-    assert y.dtype == torch.bfloat16 and "_OneDNNLinearBackward" in _grad_fns(y)
-    (gx, gw, gb) = torch.autograd.grad(y.float().square().sum(), (x, layer.weight, layer.bias))
-    (rx, rw, rb) = torch.autograd.grad(ref.float().square().sum(), (x, layer.weight, layer.bias))
-    assert gw.dtype == torch.float32 and gx.dtype == torch.float32
-    assert _rel(y.float(), ref.float()) <= 1e-2  # bf16 rounding: both run in bf16, in different kernels
-    for a, b in ((gx, rx), (gw, rw), (gb, rb)):
-        assert _rel(a, b) <= 2e-2
+    assert y.dtype == torch.bfloat16 and "_OneDNNLinearBackward" not in _grad_fns(y)
+    assert torch.equal(y, ref)
+    bf16 = nn.Linear(384, 1152).bfloat16()
+    xb = torch.randn(4, 49, 384, dtype=torch.bfloat16, requires_grad=True)
+    assert "_OneDNNLinearBackward" not in _grad_fns(linear(bf16, xb))
+    assert "_OneDNNLinearBackward" in _grad_fns(linear(layer, x))  # fp32 takes it
 
 
 def test_second_order_gradients_match():
