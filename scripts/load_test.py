@@ -134,17 +134,25 @@ def client(
     conn.close()
 
 
-def load(port: int, bodies: list[tuple[bytes, dict[str, str]]], requests: int, clients: int) -> dict[str, Any]:
-    """Send `requests` requests from `clients` threads; latency percentiles, throughput, errors."""
+def load(
+    port: int, bodies: list[tuple[bytes, dict[str, str]]], requests: int, clients: int, pid: int | None = None
+) -> dict[str, Any]:
+    """Send `requests` requests from `clients` threads; latency percentiles, throughput, errors, and
+    (given the server's pid) its RSS after every 1,000 requests."""
     jobs, lock = list(range(requests)), threading.Lock()
     latencies: list[float] = []  # seconds per request
     errors: list[str] = []
     threads = [
         threading.Thread(target=client, args=(port, bodies, jobs, lock, latencies, errors)) for _ in range(clients)
     ]
+    rss_by_thousand: list[float] = []
     start = time.perf_counter()
     for t in threads:
         t.start()
+    while pid is not None and any(t.is_alive() for t in threads):
+        if len(latencies) >= 1000 * (len(rss_by_thousand) + 1):
+            rss_by_thousand.append(round(rss_mb(pid), 1))
+        time.sleep(0.02)
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
@@ -162,6 +170,7 @@ def load(port: int, bodies: list[tuple[bytes, dict[str, str]]], requests: int, c
         "p99_ms": round(pick(0.99), 1),
         "seconds": round(wall, 2),
         "requests_per_s": round(requests / wall, 1),
+        "rss_mb_every_1000": rss_by_thousand,
     }
 
 
@@ -176,7 +185,7 @@ def run_mode(mode: str, source: list[str], files: list[tuple[str, bytes]], args:
         if args.client_warmup:
             load(port, bodies, args.client_warmup, args.clients)
         before = rss_mb(proc.pid)
-        result = load(port, bodies, args.requests, args.clients)
+        result = load(port, bodies, args.requests, args.clients, proc.pid)
         after = rss_mb(proc.pid)
         with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=30) as r:
             health = json.loads(r.read())
@@ -283,7 +292,7 @@ def main() -> int:
             f"{r['requests_per_s']} req/s, mean batch {r['mean_batch']}; RSS MiB: warm-up {r['rss_before_warmup_mb']} "
             f"-> {r['rss_after_warmup_mb']} ({r['warmup_s']} s, sizes {r['warmup_batch_sizes']}), ready "
             f"{r['rss_ready_mb']}, before {r['rss_before_mb']} -> after {r['rss_after_mb']} "
-            f"({r['rss_growth_pct']:+.2f}%)",
+            f"({r['rss_growth_pct']:+.2f}%); every 1,000 requests {r['rss_mb_every_1000']}",
             flush=True,
         )
     if args.out:

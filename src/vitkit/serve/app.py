@@ -121,6 +121,7 @@ def describe(predictor: Predictor) -> dict[str, Any]:
             "max_queue": predictor.max_queue,
             "buckets": predictor.buckets,
             "batch_sizes": list(predictor.batch_sizes),
+            "decode_threads": predictor.decode_threads,
         },
         "versions": {
             "vitkit": __version__,
@@ -172,7 +173,7 @@ async def _parse(
         raise RequestError(
             f"{len(files)} images in one request, over --max-batch {predictor.max_batch}: split the request", 413
         )
-    images = await run_in_threadpool(lambda: [predictor.decode(data, name) for name, data in files])
+    images = await asyncio.wrap_future(predictor.decode_files(files))
     return images, top_k, attention
 
 
