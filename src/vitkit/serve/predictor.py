@@ -125,7 +125,7 @@ class Predictor:
         self.max_queue, self.max_pixels = max_queue, max_pixels
         self.buckets, self.batch_sizes = buckets, bucket_sizes(max_batch, buckets)
         self.decode_threads = decode_threads
-        self._decoder, self._closed_decoder = ThreadPoolExecutor(decode_threads), False
+        self._decoder, self._closed_decoder = ThreadPoolExecutor(decode_threads, "vitkit-decode"), False
         self.num_classes = len(served.classes) if served.classes else None
         self.model_lock = threading.Lock()  # held by the worker around every forward pass
         self._transform = eval_transform(served.spec)
@@ -144,7 +144,7 @@ class Predictor:
         if self._thread is None or not self._thread.is_alive():
             self._closed = False
             if self._closed_decoder:  # started again after close
-                self._decoder, self._closed_decoder = ThreadPoolExecutor(self.decode_threads), False
+                self._decoder, self._closed_decoder = ThreadPoolExecutor(self.decode_threads, "vitkit-decode"), False
             warmed: Future = Future()
             self._thread = threading.Thread(target=self._work, args=(warmed,), name="vitkit-serve-worker", daemon=True)
             self._thread.start()
