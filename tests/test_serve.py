@@ -519,3 +519,17 @@ def test_the_server_listens_only_after_its_warm_up(run, images):
             assert info["batching"]["buckets"] == "pow2" and info["batching"]["batch_sizes"] == [1, 2, 4]
     finally:
         hook.remove()
+
+
+def test_uploads_are_decoded_on_a_bounded_pool(run, images):
+    # one thread per request would give each its own malloc arena (RSS growth under load)
+    server, predictor = serve(run, max_batch=8, decode_threads=2)
+    bodies = [multipart([("image", p.name, p.read_bytes())]) for p in images] * 3
+    with server, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: request(f"{server.url}/v1/predict", *b), bodies))
+        decoders = [t for t in threading.enumerate() if t.name.startswith("vitkit-decode")]
+        assert all(status == 200 for status, _, _ in answers) and 1 <= len(decoders) <= 2
+        assert json.loads(request(f"{server.url}/v1/model")[2])["batching"]["decode_threads"] == 2
+    assert not any(t.is_alive() for t in decoders)  # closed with the app
+    with pytest.raises(ValueError, match="decode-threads"):
+        Predictor(load_served_model(run=run), decode_threads=0)
