@@ -166,8 +166,8 @@ class Predictor:
         is taken before the first request rather than during serving; records RSS before and after."""
         spec, before, start = self.served.spec, rss_mib(), time.perf_counter()
         with self.model_lock:
-            for size in self.batch_sizes:
-                self._probs(torch.zeros(size, spec.in_chans, spec.img_size, spec.img_size, device=self.device))
+            for size in self.batch_sizes:  # through the serving path: the same allocations, the same shapes
+                self._probs(self._batch([torch.zeros(spec.in_chans, spec.img_size, spec.img_size)] * size))
         self.warmup = {
             "batch_sizes": list(self.batch_sizes),
             "seconds": round(time.perf_counter() - start, 3),
@@ -300,6 +300,17 @@ class Predictor:
                 job.future.set_result(answer)
 
     # -- the forward pass (worker thread) ------------------------------------------------------------
+    def _batch(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        # B (C, H, W) images -> (bucket size, C, H, W), in one allocation whose size is a bucket's too.
+        # Padding repeats the last image, not zeros: an int8 model's dynamic quantisation takes its scale
+        # from the whole batch, and copies add no new values to it
+        size = next(n for n in self.batch_sizes if n >= len(pixels))
+        x = torch.empty((size, *pixels[0].shape), dtype=pixels[0].dtype, device=self.device)
+        for row, image in enumerate(pixels):
+            x[row].copy_(image)
+        x[len(pixels) :] = x[len(pixels) - 1]
+        return x
+
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C, H, W) images -> (B, K) class probabilities, as `vitkit predict` computes them
         if self.served.tta == "hflip":
@@ -309,12 +320,8 @@ class Predictor:
     @torch.inference_mode()
     def _forward(self, jobs: list[_Job]) -> list[list[dict[str, Any]]]:
         images = [d for job in jobs for d in job.images]
-        x = torch.stack([d.pixels for d in images]).to(self.device)  # (B, C, H, W)
-        size = next(n for n in self.batch_sizes if n >= len(images))
-        # pad with copies of the last image, not zeros: an int8 model's dynamic quantisation takes its
-        # scale from the whole batch, and copies add no new values to it; padding rows are dropped below
-        padded = torch.cat([x, x[-1:].expand(size - len(images), *x.shape[1:])]) if size > len(images) else x
-        probs = self._probs(padded)[: len(images)]  # (B, K)
+        x = self._batch([d.pixels for d in images])  # (bucket size, C, H, W): the first B rows are the images
+        probs = self._probs(x)[: len(images)]  # (B, K): the padding rows dropped
         self.stats["batches"] += 1
         self.stats["images"] += len(images)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(images))
