@@ -4,10 +4,13 @@ server's), so figures are a lower bound on what the server does alone.
 
     python scripts/load_test.py --run runs/fmnist_best                 # a trained run, its test images
     python scripts/load_test.py --model deit_small_patch16_224         # random weights at 224
-    options: --requests 2000 --clients 32 --max-batch 32 --max-wait-ms 5 --threads N --out report.json
+    options: --requests 2000 --clients 32 --max-batch 32 --max-wait-ms 5 --buckets pow2 --threads N --out report.json
 
 Per mode: errors (non-200 answers or failed connections; must be 0), p50 / p99 latency, throughput,
-and the server's RSS after a warm-up and at the end. Nothing outside 127.0.0.1 is contacted.
+and the server's RSS: before and after its own start-up warm-up (as /healthz reports them), when it
+first answers (ready), just before the requests, and at the end. Growth is from "before the requests"
+(the issue's measure), which is the ready figure unless --client-warmup sends requests first.
+Nothing outside 127.0.0.1 is contacted.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 
 HOST = "127.0.0.1"
 MODES = {
-    "on": ("--max-batch", "{max_batch}", "--max-wait-ms", "{max_wait_ms}"),
+    "on": ("--max-batch", "{max_batch}", "--max-wait-ms", "{max_wait_ms}", "--buckets", "{buckets}"),
     "off": ("--max-batch", "1", "--max-wait-ms", "0"),
 }
 
@@ -48,7 +51,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(source: list[str], settings: list[str], threads: int | None) -> tuple[subprocess.Popen, int]:
+def start_server(
+    source: list[str], settings: list[str], threads: int | None
+) -> tuple[subprocess.Popen, int, dict[str, Any]]:
+    """Start `vitkit serve`; return once /healthz answers, which it does only after the warm-up."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -72,8 +78,8 @@ def start_server(source: list[str], settings: list[str], threads: int | None) ->
         if proc.poll() is not None:
             raise RuntimeError(f"vitkit serve exited with {proc.returncode}")
         try:
-            with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=5):
-                return proc, port
+            with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=5) as r:
+                return proc, port, json.loads(r.read())
         except OSError:
             if time.monotonic() > deadline:
                 proc.kill()
@@ -128,17 +134,25 @@ def client(
     conn.close()
 
 
-def load(port: int, bodies: list[tuple[bytes, dict[str, str]]], requests: int, clients: int) -> dict[str, Any]:
-    """Send `requests` requests from `clients` threads; latency percentiles, throughput, errors."""
+def load(
+    port: int, bodies: list[tuple[bytes, dict[str, str]]], requests: int, clients: int, pid: int | None = None
+) -> dict[str, Any]:
+    """Send `requests` requests from `clients` threads; latency percentiles, throughput, errors, and
+    (given the server's pid) its RSS after every 1,000 requests."""
     jobs, lock = list(range(requests)), threading.Lock()
     latencies: list[float] = []  # seconds per request
     errors: list[str] = []
     threads = [
         threading.Thread(target=client, args=(port, bodies, jobs, lock, latencies, errors)) for _ in range(clients)
     ]
+    rss_by_thousand: list[float] = []
     start = time.perf_counter()
     for t in threads:
         t.start()
+    while pid is not None and any(t.is_alive() for t in threads):
+        if len(latencies) >= 1000 * (len(rss_by_thousand) + 1):
+            rss_by_thousand.append(round(rss_mb(pid), 1))
+        time.sleep(0.02)
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
@@ -156,21 +170,22 @@ def load(port: int, bodies: list[tuple[bytes, dict[str, str]]], requests: int, c
         "p99_ms": round(pick(0.99), 1),
         "seconds": round(wall, 2),
         "requests_per_s": round(requests / wall, 1),
+        "rss_mb_every_1000": rss_by_thousand,
     }
 
 
 def run_mode(mode: str, source: list[str], files: list[tuple[str, bytes]], args: argparse.Namespace) -> dict[str, Any]:
-    settings = [s.format(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms) for s in MODES[mode]]
-    proc, port = start_server(source, settings, args.threads)
+    settings = [
+        s.format(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, buckets=args.buckets) for s in MODES[mode]
+    ]
+    proc, port, ready_health = start_server(source, settings, args.threads)
     bodies = [multipart([f]) for f in files]
     try:
-        # warm-up: the largest batch first, so that RSS growth afterwards is a leak, not the allocator
-        # reaching the high-water mark of a full batch's activations
-        warm = args.max_batch if mode == "on" else 1
-        load(port, [multipart(files[:1] * warm)], 1, 1)
-        load(port, bodies, min(args.clients * 2, args.requests), args.clients)
+        ready = rss_mb(proc.pid)  # the server has warmed up: it answers nothing before
+        if args.client_warmup:
+            load(port, bodies, args.client_warmup, args.clients)
         before = rss_mb(proc.pid)
-        result = load(port, bodies, args.requests, args.clients)
+        result = load(port, bodies, args.requests, args.clients, proc.pid)
         after = rss_mb(proc.pid)
         with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=30) as r:
             health = json.loads(r.read())
@@ -178,10 +193,17 @@ def run_mode(mode: str, source: list[str], files: list[tuple[str, bytes]], args:
         proc.terminate()
         proc.wait(timeout=60)
     batches = max(health["batches"], 1)
+    warmup = ready_health.get("warmup") or {}
     return {
         "batching": mode,
         "settings": " ".join(settings),
         **result,
+        "warmup_batch_sizes": warmup.get("batch_sizes"),
+        "warmup_s": warmup.get("seconds"),
+        "rss_before_warmup_mb": warmup.get("rss_mib_before"),
+        "rss_after_warmup_mb": warmup.get("rss_mib_after"),
+        "rss_ready_mb": round(ready, 1),
+        "client_warmup_requests": args.client_warmup,
         "rss_before_mb": round(before, 1),
         "rss_after_mb": round(after, 1),
         "rss_growth_pct": round(100 * (after - before) / before, 2),
@@ -242,6 +264,10 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--buckets", choices=("pow2", "none"), default="pow2", help="the server's --buckets (on)")
+    parser.add_argument(
+        "--client-warmup", type=int, default=0, help="requests sent after readiness, before RSS 'before'"
+    )
     parser.add_argument("--threads", type=int, default=None, help="the server's torch threads")
     parser.add_argument("--batching", choices=("both", "on", "off"), default="both")
     parser.add_argument("--out", default=None, help="also write the report as JSON here")
@@ -263,8 +289,10 @@ def main() -> int:
         print(
             f"{what} | batching {r['batching']:3} ({r['settings']}): {r['requests']} requests, {r['clients']} "
             f"clients, errors {r['errors']}, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
-            f"{r['requests_per_s']} req/s, mean batch {r['mean_batch']}, RSS {r['rss_before_mb']} -> "
-            f"{r['rss_after_mb']} MiB ({r['rss_growth_pct']:+.2f}%)",
+            f"{r['requests_per_s']} req/s, mean batch {r['mean_batch']}; RSS MiB: warm-up {r['rss_before_warmup_mb']} "
+            f"-> {r['rss_after_warmup_mb']} ({r['warmup_s']} s, sizes {r['warmup_batch_sizes']}), ready "
+            f"{r['rss_ready_mb']}, before {r['rss_before_mb']} -> after {r['rss_after_mb']} "
+            f"({r['rss_growth_pct']:+.2f}%); every 1,000 requests {r['rss_mb_every_1000']}",
             flush=True,
         )
     if args.out:

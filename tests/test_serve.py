@@ -31,6 +31,7 @@ from test_data import fake_images, write_idx
 from vitkit.cli import main
 from vitkit.data import fashion_mnist
 from vitkit.serve import Predictor, load_served_model
+from vitkit.serve.predictor import bucket_sizes
 
 pytest.importorskip("fastapi", reason="vitkit serve needs the serve extra: pip install 'vitkit[serve]'")
 pytest.importorskip("multipart", reason="vitkit serve needs the serve extra: pip install 'vitkit[serve]'")
@@ -458,3 +459,77 @@ def test_predictor_settings_are_checked(run):
     with pytest.raises(ValueError, match="max-queue"):
         Predictor(served, max_batch=8, max_queue=4)
     assert torch.is_grad_enabled()  # loading did not switch autograd off for the process
+
+
+def _batch_sizes_seen(model: torch.nn.Module) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    seen: list[int] = []
+    return seen, model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+
+
+def test_bucket_sizes_are_powers_of_two_up_to_max_batch():
+    assert bucket_sizes(32) == (1, 2, 4, 8, 16, 32) and bucket_sizes(6) == (1, 2, 4, 6)
+    assert bucket_sizes(1) == (1,) and bucket_sizes(3, "none") == (1, 2, 3)
+
+
+def test_padded_batches_answer_like_unpadded_ones(run, images):
+    # 3 and 5 images run as batches of 4 and 8; the padding rows are dropped from the answer
+    answers = {}
+    for buckets in ("pow2", "none"):
+        predictor = Predictor(load_served_model(run=run), max_batch=8, max_wait_ms=0, buckets=buckets)
+        decoded = [predictor.decode(p.read_bytes(), p.name) for p in images]
+        seen, hook = _batch_sizes_seen(predictor.model)
+        predictor.start()
+        try:
+            answers[buckets] = [predictor.submit(decoded[:n]).result(timeout=60) for n in (3, 5, 1)]
+        finally:
+            predictor.close()
+            hook.remove()
+        assert predictor.stats["images"] == 9 and predictor.stats["largest_batch"] == 5
+        answers[buckets, "seen"] = seen[len(predictor.batch_sizes) :]  # after the warm-up's passes
+    assert answers["pow2", "seen"] == [4, 8, 1] and answers["none", "seen"] == [3, 5, 1]
+    for padded, plain in zip(answers["pow2"], answers["none"]):
+        # rows are computed independently; a different batch size may change fp32 matmuls in the last bits
+        assert_same_answers(padded, plain, tol=1e-6)
+
+
+def test_the_server_listens_only_after_its_warm_up(run, images):
+    predictor = Predictor(load_served_model(run=run), max_batch=4)
+    server = LiveServer(create_app(predictor))
+    port = server.socket.getsockname()[1]
+    refused: list[bool] = []
+
+    def try_to_connect(module, args) -> None:  # during each warm-up pass, the port must refuse connections
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            refused.append(False)
+        except ConnectionRefusedError:
+            refused.append(True)
+
+    hook = predictor.model.register_forward_pre_hook(try_to_connect)
+    try:
+        with server:
+            hook.remove()
+            status, _, body = request(f"{server.url}/healthz")
+            health = json.loads(body)
+            assert status == 200 and health["status"] == "ok" and health["batches"] == 0  # the warm-up is no batch
+            assert refused == [True, True, True] and health["warmup"]["batch_sizes"] == [1, 2, 4]
+            if Path("/proc/self/status").is_file():
+                assert health["warmup"]["rss_mib_before"] > 0 and health["warmup"]["rss_mib_after"] > 0
+            info = json.loads(request(f"{server.url}/v1/model")[2])
+            assert info["batching"]["buckets"] == "pow2" and info["batching"]["batch_sizes"] == [1, 2, 4]
+    finally:
+        hook.remove()
+
+
+def test_uploads_are_decoded_on_a_bounded_pool(run, images):
+    # one thread per request would give each its own malloc arena (RSS growth under load)
+    server, predictor = serve(run, max_batch=8, decode_threads=2)
+    bodies = [multipart([("image", p.name, p.read_bytes())]) for p in images] * 3
+    with server, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: request(f"{server.url}/v1/predict", *b), bodies))
+        decoders = [t for t in threading.enumerate() if t.name.startswith("vitkit-decode")]
+        assert all(status == 200 for status, _, _ in answers) and 1 <= len(decoders) <= 2
+        assert json.loads(request(f"{server.url}/v1/model")[2])["batching"]["decode_threads"] == 2
+    assert not any(t.is_alive() for t in decoders)  # closed with the app
+    with pytest.raises(ValueError, match="decode-threads"):
+        Predictor(load_served_model(run=run), decode_threads=0)

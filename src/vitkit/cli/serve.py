@@ -28,6 +28,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=5.0,
         help="how long the first request of a batch waits for others to join it",
     )
+    p.add_argument(
+        "--buckets",
+        choices=("pow2", "none"),
+        default="pow2",
+        help="pad each batch to the next power of two (up to --max-batch), so the model sees few shapes and "
+        "memory stays flat; the padding rows are dropped (none: every size 1..--max-batch). The model runs each "
+        "size once at start, before the server listens",
+    )
+    p.add_argument(
+        "--decode-threads",
+        type=int,
+        default=2,
+        help="threads that decode uploads (few: each thread's malloc arena keeps its own memory)",
+    )
     p.add_argument("--max-queue", type=int, default=256, help="images waiting at most; past it, 503 with Retry-After")
     p.add_argument("--max-bytes", type=int, default=10 * 2**20, help="largest request body (413 past it)")
     p.add_argument(
@@ -70,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
             max_wait_ms=args.max_wait_ms,
             max_queue=args.max_queue,
             max_pixels=args.max_pixels,
+            buckets=args.buckets,
+            decode_threads=args.decode_threads,
             device=device,
         )
         app = create_app(predictor, max_bytes=args.max_bytes)

@@ -3,7 +3,7 @@
     POST /v1/predict   images (multipart field `image`, repeatable; JSON {"images": [base64, ...]};
                        or one raw image body) -> `vitkit predict --json` entries
     GET  /v1/model     name, classes, input, the run's test top-1, versions
-    GET  /healthz      health and counters
+    GET  /healthz      health, counters and the start-up warm-up (answers only once it is done)
     GET  /             the page (one static HTML file, no external assets)
 
 Every client error is a 4xx whose body is one line of JSON: {"error": "..."}.
@@ -41,12 +41,13 @@ HOW = "send images as multipart field 'image' or JSON {\"images\": [base64, ...]
 
 
 def create_app(predictor: Predictor, *, max_bytes: int = 10 * 2**20) -> FastAPI:
-    """The service for `predictor`, which it starts and closes with the app. Bodies over `max_bytes`
-    get 413."""
+    """The service for `predictor`, which it starts (warm-up included) and closes with the app. Bodies
+    over `max_bytes` get 413."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        predictor.start()
+        # uvicorn listens only once this returns: nothing, /healthz included, is answered before the warm-up ends
+        await run_in_threadpool(predictor.start)
         yield
         await run_in_threadpool(predictor.close)
 
@@ -72,7 +73,12 @@ def create_app(predictor: Predictor, *, max_bytes: int = 10 * 2**20) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        body = {"status": "ok" if predictor.alive else "stopped", "queued_images": predictor.pending, **predictor.stats}
+        body = {
+            "status": "ok" if predictor.alive else "stopped",
+            "queued_images": predictor.pending,
+            **predictor.stats,
+            "warmup": predictor.warmup,
+        }
         return JSONResponse(body, status_code=200 if predictor.alive else 503)
 
     @app.get("/v1/model")
@@ -113,6 +119,9 @@ def describe(predictor: Predictor) -> dict[str, Any]:
             "max_batch": predictor.max_batch,
             "max_wait_ms": predictor.max_wait_ms,
             "max_queue": predictor.max_queue,
+            "buckets": predictor.buckets,
+            "batch_sizes": list(predictor.batch_sizes),
+            "decode_threads": predictor.decode_threads,
         },
         "versions": {
             "vitkit": __version__,
@@ -164,7 +173,7 @@ async def _parse(
         raise RequestError(
             f"{len(files)} images in one request, over --max-batch {predictor.max_batch}: split the request", 413
         )
-    images = await run_in_threadpool(lambda: [predictor.decode(data, name) for name, data in files])
+    images = await asyncio.wrap_future(predictor.decode_files(files))
     return images, top_k, attention
 
 
