@@ -29,6 +29,7 @@ from vitkit.layers.features import take_indices
 from vitkit.layers.linear import linear
 from vitkit.layers.patch_embed import check_input_size, check_patch_grid
 from vitkit.layers.rel_pos import relative_position_index, resize_rel_pos_bias_table
+from vitkit.layers.slicing import in_slices
 from vitkit.registry import register, to_2tuple
 
 Window = tuple[int, int]
@@ -199,33 +200,9 @@ def window_sdpa(
     if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) or _exporting():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _chunked_attention(q, k, v, bias, scale)
     attn = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)  # (B, heads', N, N)
-    attn = (attn + bias).softmax(dim=-1)
+    attn = (attn + bias if attn.requires_grad else attn.add_(bias)).softmax(dim=-1)
     return F.dropout(attn, dropout, training=dropout > 0).to(v.dtype) @ v
-
-
-# Inference in bf16 on the CPU computes window attention a slice of the batch at a time, sized so that
-# the slice's scores (heads', N, N) fit in about this many bytes: q k^T, the bias, the softmax and the
-# product with v then run on data still in the core's cache (1 MiB of L2 on the CPUs measured) instead
-# of streaming a tensor of all the batch's scores (7 MiB at batch 8 in Swin-T's first stage) four times.
-SCORE_CHUNK_BYTES = 1 << 20
-
-
-def _chunked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v without gradients, over slices of dim 0 (see SCORE_CHUNK_BYTES)."""
-    B, H, N, _ = q.shape
-    step = max(1, SCORE_CHUNK_BYTES // max(1, H * N * N * q.element_size())) if SCORE_CHUNK_BYTES else B
-    out = torch.empty(B, H, N, v.shape[-1], dtype=v.dtype, device=v.device)
-    for i in range(0, B, step):
-        j = min(B, i + step)
-        qi = q[i:j] * scale if scale != 1.0 else q[i:j]
-        attn = torch.matmul(qi, k[i:j].transpose(-2, -1)).add_(bias).softmax(dim=-1)
-        torch.matmul(attn, v[i:j], out=out[i:j])
-    return out
 
 
 class _Permute(torch.autograd.Function):
@@ -767,9 +744,15 @@ class SwinTransformer(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> normalised last-stage map (B, H/32, W/32, num_features), channels last."""
+        """(B, C, H, W) -> normalised last-stage map (B, H/32, W/32, num_features), channels last.
+
+        CPU inference runs each stage over cache-sized slices of the batch (`vitkit.layers.slicing`).
+        """
         self._check_input(x)
-        return self.norm(self.layers(self.patch_embed(x)))
+        x = self.patch_embed(x)
+        for stage in self.layers:
+            x = in_slices(stage, x, self.training)
+        return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)

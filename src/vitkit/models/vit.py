@@ -29,6 +29,7 @@ from vitkit.layers.features import take_indices
 from vitkit.layers.patch_dropout import PatchDropout
 from vitkit.layers.patch_embed import check_input_size, check_patch_grid
 from vitkit.layers.pos_embed import same_size
+from vitkit.layers.slicing import in_slices
 from vitkit.registry import register, to_2tuple
 
 
@@ -249,9 +250,14 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> normalised tokens (B, prefix + N, D)."""
         x = self._embed(x)
+        recording = any(m.record_attn for m in self.attention_modules())  # last_attn holds the whole batch
+        return self.norm(in_slices(self._run_blocks, x, self.training or recording))
+
+    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks; CPU inference runs them over cache-sized slices of the batch (`vitkit.layers.slicing`)."""
         for block in self.blocks:
             x = self._run_block(block, x)
-        return self.norm(x)
+        return x
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.global_pool == "avg":
