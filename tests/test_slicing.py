@@ -10,10 +10,11 @@ import vitkit
 from vitkit.layers import slicing
 from vitkit.layers.precision import cast_for_inference
 
+SWIN = dict(embed_dim=24, depths=(2, 2), num_heads=(2, 4), pretrained_window_sizes=(0, 0))
 SMALL = {
     "vit_tiny_patch16_224": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3),
-    "swin_tiny_patch4_window7_224": dict(img_size=56, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=7, pretrained_window_sizes=(0, 0)),
-    "swinv2_tiny_window8_256": dict(img_size=64, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=8, pretrained_window_sizes=(0, 0)),
+    "swin_tiny_patch4_window7_224": dict(img_size=56, window_size=7, **SWIN),
+    "swinv2_tiny_window8_256": dict(img_size=64, window_size=8, **SWIN),
 }
 
 

@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 import torch
 
-# Activations per slice, in bytes (the (tokens, channels) map of one image times the images in a
-# slice). Measured on an AMD EPYC with 1 MiB of L2 per core and 32 MiB of L3 (docs/PERFORMANCE.md): 4-8 MiB
-# gave Swin-T at batch 32 1.53-1.57x (fp32) and 1.14-1.16x (bf16), DeiT-S 1.15-1.19x (fp32), and no loss at batch 8;
-# None turns slicing off.
+# Activations per slice, in bytes: the (tokens, channels) map of one image times the images in a
+# slice. On an AMD EPYC (1 MiB of L2 per core, 32 MiB of L3, 2 threads), 4-8 MiB ran Swin-T at batch
+# 32 1.53-1.57x (fp32) and 1.14-1.16x (bf16) as fast as unsliced, DeiT-S 1.15-1.19x (fp32), and cost
+# nothing at batch 8 (docs/PERFORMANCE.md). None turns slicing off.
 SLICE_BYTES: int | None = 8 << 20
 
 
