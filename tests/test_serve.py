@@ -9,6 +9,7 @@ import http.client
 import io
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -533,3 +534,33 @@ def test_uploads_are_decoded_on_a_bounded_pool(run, images):
     assert not any(t.is_alive() for t in decoders)  # closed with the app
     with pytest.raises(ValueError, match="decode-threads"):
         Predictor(load_served_model(run=run), decode_threads=0)
+
+
+def test_an_idle_server_hands_freed_memory_back(run, images, monkeypatch):
+    # after serving, once the queue has stayed empty for IDLE_TRIM_S, the worker trims the C heap once
+    # (and not again while nothing new is served)
+    from vitkit.serve import predictor as module
+
+    assert module.release_memory() is (platform.libc_ver()[0] == "glibc")  # False where there is no glibc
+    calls: list[float] = []
+    monkeypatch.setattr(module, "release_memory", lambda: calls.append(time.monotonic()) or True)
+    monkeypatch.setattr(module, "IDLE_TRIM_S", 0.05)
+    predictor = Predictor(load_served_model(run=run), max_batch=4, max_wait_ms=0)
+    decoded = [predictor.decode(p.read_bytes(), p.name) for p in images]
+    predictor.start()
+    try:
+        time.sleep(0.3)
+        assert calls == []  # the warm-up is not serving
+        predictor.submit(decoded[:2]).result(timeout=60)
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert len(calls) == 1 and predictor.stats["memory_trims"] == 1
+        predictor.submit(decoded[:1]).result(timeout=60)
+        deadline = time.monotonic() + 10
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(calls) == 2
+    finally:
+        predictor.close()

@@ -93,12 +93,12 @@ def _common_checks(layer: nn.Module, x: torch.Tensor) -> bool:
 
 def _train_dtype(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype | None:
     """The dtype the training path runs in, or None where it does not apply (no gradient needed, ...)."""
+    if not torch.is_grad_enabled() or not _common_checks(layer, x):  # first: a quantised layer's weight is a method
+        return None
     w = layer.weight
     needs_grad = x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)
-    if not (torch.is_grad_enabled() and needs_grad) or x.numel() == 0:
+    if not needs_grad or x.numel() == 0:
         return None  # an empty batch: oneDNN has no grad_weight primitive for a zero-length reduction
-    if not _common_checks(layer, x):
-        return None
     # fp32 only: in bf16 (autocast or bf16 weights) torch's own path already reaches oneDNN, and this
     # one took 1.0-1.15x its time per layer (forward + backward, DeiT-S, Swin-T and the Fashion-MNIST
     # ViT's shapes) and 1.09x per fmnist_best training step (AMD EPYC, AVX512_BF16, 2 threads)
