@@ -8,7 +8,7 @@ server's), so figures are a lower bound on what the server does alone.
 
 Per mode: errors (non-200 answers or failed connections; must be 0), p50 / p99 latency, throughput,
 and the server's RSS: before and after its own start-up warm-up (as /healthz reports them), when it
-first answers (ready), just before the requests, and at the end. Growth is from "before the requests"
+first answers (ready), just before the requests, at the end, and idle 1 s later. Growth is from "before the requests"
 (the issue's measure), which is the ready figure unless --client-warmup sends requests first.
 Nothing outside 127.0.0.1 is contacted.
 """
@@ -187,6 +187,8 @@ def run_mode(mode: str, source: list[str], files: list[tuple[str, bytes]], args:
         before = rss_mb(proc.pid)
         result = load(port, bodies, args.requests, args.clients, proc.pid)
         after = rss_mb(proc.pid)
+        time.sleep(1.0)  # idle: the server hands freed memory back after 0.2 s without requests
+        after_idle = rss_mb(proc.pid)
         with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=30) as r:
             health = json.loads(r.read())
     finally:
@@ -207,6 +209,9 @@ def run_mode(mode: str, source: list[str], files: list[tuple[str, bytes]], args:
         "rss_before_mb": round(before, 1),
         "rss_after_mb": round(after, 1),
         "rss_growth_pct": round(100 * (after - before) / before, 2),
+        "rss_after_idle_mb": round(after_idle, 1),  # 1 s after the last answer
+        "rss_growth_idle_pct": round(100 * (after_idle - before) / before, 2),
+        "memory_trims": health.get("memory_trims"),
         "mean_batch": round(health["images"] / batches, 2),
         "largest_batch": health["largest_batch"],
     }
@@ -292,7 +297,9 @@ def main() -> int:
             f"{r['requests_per_s']} req/s, mean batch {r['mean_batch']}; RSS MiB: warm-up {r['rss_before_warmup_mb']} "
             f"-> {r['rss_after_warmup_mb']} ({r['warmup_s']} s, sizes {r['warmup_batch_sizes']}), ready "
             f"{r['rss_ready_mb']}, before {r['rss_before_mb']} -> after {r['rss_after_mb']} "
-            f"({r['rss_growth_pct']:+.2f}%); every 1,000 requests {r['rss_mb_every_1000']}",
+            f"({r['rss_growth_pct']:+.2f}%), idle 1 s later {r['rss_after_idle_mb']} "
+            f"({r['rss_growth_idle_pct']:+.2f}%); "
+            f"every 1,000 requests {r['rss_mb_every_1000']}",
             flush=True,
         )
     if args.out:
