@@ -8,14 +8,14 @@ stays off under autocast (it would ignore it), while exporting or counting FLOPs
 and for any layer that is not a plain, hook-free `nn.Linear` (e.g. after int8 quantisation). `set_onednn_linear(False)`
 switches every model back to `F.linear`; the two agree to ~1e-6 relative in fp32 (tests/test_vit.py).
 
-Training (gradients needed) goes through `_OneDNNLinear`, an autograd function whose forward and
-grad_input matmuls are the same kernel (the weight passed transposed, as a strided view), and whose
-grad_weight is oneDNN too except where `torch.mm` measured faster: in bf16, and in fp32 where the
-reduction over tokens is long (>= 100 x in_features) and out_features >= in_features (Swin-T's stage 1
-at batch 8, stages 1-2 at batch 32: oneDNN took 1.2-1.8x mm's time there, 0.4-0.8x elsewhere).
-Under CPU autocast it casts input, weight and bias to the autocast dtype as autocast's `linear`
-would, so bf16 stays bf16. fp32 gradients match `F.linear`'s to float rounding (tests/test_linear.py);
-`set_onednn_linear(False)` turns this path off as well.
+Training in fp32 (gradients needed) goes through `_OneDNNLinear`, an autograd function whose forward
+and grad_input matmuls are the same kernel (the weight passed transposed, as a strided view), and
+whose grad_weight is oneDNN too except where `torch.mm` measured faster: where the reduction over
+tokens is long (>= 50 x in_features) and out_features >= in_features (Swin-T's stage 1 at batch 8,
+stages 1-2 at batch 32: oneDNN took 1.2-1.8x mm's time there, 0.4-0.8x elsewhere). bf16 training
+(autocast or bf16 weights) keeps `F.linear`, which reaches oneDNN through torch and measured faster.
+fp32 gradients match `F.linear`'s to float rounding (tests/test_linear.py); `set_onednn_linear(False)`
+turns this path off as well.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class _OneDNNLinear(torch.autograd.Function):
         grad_w = None
         if need_w:  # (out, M) @ (M, in)
             tokens, in_f, out_f = x.shape[0], x.shape[1], grad.shape[1]
-            use_mm = x.dtype != torch.float32 or (tokens >= _LONG_REDUCTION * in_f and out_f >= in_f)
+            use_mm = tokens >= _LONG_REDUCTION * in_f and out_f >= in_f
             grad_w = torch.mm(grad.t(), x) if use_mm else _lp(grad.t(), x.t())
         grad_b = grad.sum(0) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_b
@@ -91,20 +91,19 @@ def _common_checks(layer: nn.Module, x: torch.Tensor) -> bool:
     return True
 
 
-def _train_dtype(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype | None:
-    """The dtype the training path runs in, or None where it does not apply (no gradient needed, ...)."""
+def _use_onednn_training(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """The fp32 training path: a gradient is needed, no autocast, fp32 input and weight."""
     if not torch.is_grad_enabled() or not _common_checks(layer, x):  # first: a quantised layer's weight is a method
-        return None
+        return False
     w = layer.weight
     needs_grad = x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)
     if not needs_grad or x.numel() == 0:
-        return None  # an empty batch: oneDNN has no grad_weight primitive for a zero-length reduction
+        return False  # an empty batch: oneDNN has no grad_weight primitive for a zero-length reduction
     # fp32 only: in bf16 (autocast or bf16 weights) torch's own path already reaches oneDNN, and this
     # one took 1.0-1.15x its time per layer (forward + backward, DeiT-S, Swin-T and the Fashion-MNIST
     # ViT's shapes) and 1.09x per fmnist_best training step (AMD EPYC, AVX512_BF16, 2 threads)
-    if torch.is_autocast_enabled("cpu"):
-        return None
-    return torch.float32 if x.dtype == torch.float32 and w.dtype == torch.float32 else None
+    fp32 = x.dtype == w.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+    return fp32 and not torch.is_autocast_enabled("cpu")
 
 
 def _use_onednn(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -122,10 +121,8 @@ def linear(layer: nn.Module, x: torch.Tensor, gelu: bool = False, bias: torch.Te
 
     `bias` replaces the layer's own (Swin V2's qkv: q and v biases around a zero k bias)."""
     b = layer.bias if bias is None else bias
-    dtype = _train_dtype(layer, x, b)
-    if dtype is not None:
-        w, x2 = layer.weight.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype)  # autocast's casts, or no-ops
-        y = _OneDNNLinear.apply(x2, w, None if b is None else b.to(dtype))
+    if _use_onednn_training(layer, x, b):
+        y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), layer.weight, b)
         y = y.view(*x.shape[:-1], y.shape[-1])  # (..., out_features)
         return F.gelu(y) if gelu else y
     if _use_onednn(layer, x):
