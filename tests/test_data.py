@@ -71,6 +71,17 @@ def offline(tmp_path, monkeypatch):
     return tmp_path
 
 
+def offline_idx(mp: pytest.MonkeyPatch, root: Path, n_train: int, n_test: int) -> Path:
+    """For module-scoped fixtures: what `offline` sets (an empty cache under root, no Debian folder, no
+    download), with a tiny IDX Fashion-MNIST under root as $VITKIT_DATA; returns its folder."""
+    mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
+    mp.setenv("VITKIT_OFFLINE", "1")
+    mp.setattr(fashion_mnist, "DEBIAN_DIR", root / "no-debian")
+    data = write_idx(root / "idx", n_train=n_train, n_test=n_test)
+    mp.setenv("VITKIT_DATA", str(data))
+    return data
+
+
 def write_folder(root: Path, spec: dict[str, dict[str, list[tuple[str, tuple[int, int]]]]]) -> Path:
     """root/<split>/<class>/<i>.png from {split: {class: [(mode, (w, h)), ...]}}."""
     for split, classes in spec.items():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_data import fake_images, write_folder, write_idx
+from test_data import fake_images, offline_idx, write_folder
 from vitkit.cli import main
 from vitkit.data import fashion_mnist
 from vitkit.data.datasets import build_dataset, load_data
@@ -26,10 +26,7 @@ def run(tmp_path_factory):
     reproduction test covers a best.safetensors that holds the EMA."""
     tmp = tmp_path_factory.mktemp("eval")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp / "cache"))
-        mp.setenv("VITKIT_OFFLINE", "1")
-        mp.setenv("VITKIT_DATA", str(write_idx(tmp / "idx", n_train=400, n_test=60)))
-        mp.setattr(fashion_mnist, "DEBIAN_DIR", tmp / "no-debian")
+        offline_idx(mp, tmp, n_train=400, n_test=60)
         out = tmp / "run"
         code = main(
             [

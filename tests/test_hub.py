@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from test_data import offline, write_idx  # noqa: F401  (offline is a fixture)
+from test_data import offline, offline_idx, write_idx  # noqa: F401  (offline is a fixture)
 from test_train import TINY
 from vitkit.cli import main
 from vitkit.factory import load_model
@@ -23,12 +23,7 @@ def hub_run(tmp_path_factory):
     """A one-epoch tiny run on small IDX files and its hub folder."""
     root = tmp_path_factory.mktemp("hub")
     with pytest.MonkeyPatch.context() as mp:
-        from vitkit.data import fashion_mnist
-
-        mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
-        mp.setenv("VITKIT_OFFLINE", "1")
-        mp.setattr(fashion_mnist, "DEBIAN_DIR", root / "no-debian")
-        mp.setenv("VITKIT_DATA", str(write_idx(root / "idx", n_train=300, n_test=40)))
+        offline_idx(mp, root, n_train=300, n_test=40)
         run, out = root / "run", root / "hub"
         assert main(["train", "--output", str(run), "--seed", "0", *TINY, "--epochs", "1"]) == 0
         assert main(["export", "--format", "hub", "--run", str(run), "--output", str(out)]) == 0

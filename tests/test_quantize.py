@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from test_data import fake_images, write_idx
+from test_data import fake_images, offline_idx
 from vitkit.cli import main
 from vitkit.core.errors import VitkitError
 from vitkit.data import fashion_mnist
@@ -29,10 +29,7 @@ def run(tmp_path_factory):
     """A 2-epoch run of a one-block ViT on tiny IDX files."""
     tmp = tmp_path_factory.mktemp("quantize")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp / "cache"))
-        mp.setenv("VITKIT_OFFLINE", "1")
-        mp.setenv("VITKIT_DATA", str(write_idx(tmp / "idx", n_train=300, n_test=40)))
-        mp.setattr(fashion_mnist, "DEBIAN_DIR", tmp / "no-debian")
+        offline_idx(mp, tmp, n_train=300, n_test=40)
         out = tmp / "run"
         code = main(
             [

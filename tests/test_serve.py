@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 import vitkit
-from test_data import fake_images, write_idx
+from test_data import fake_images, offline_idx
 from vitkit.cli import main
 from vitkit.data import fashion_mnist
 from vitkit.serve import Predictor, load_served_model
@@ -47,10 +47,7 @@ def tiny_run(tmp: Path) -> Iterator[Path]:
     """A 1-epoch run of a one-block ViT on tiny IDX files (with a test split, so a logged test top-1);
     VITKIT_DATA points at those files until the context ends."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp / "cache"))
-        mp.setenv("VITKIT_OFFLINE", "1")
-        mp.setenv("VITKIT_DATA", str(write_idx(tmp / "idx", n_train=200, n_test=40)))
-        mp.setattr(fashion_mnist, "DEBIAN_DIR", tmp / "no-debian")
+        offline_idx(mp, tmp, n_train=200, n_test=40)
         out = tmp / "run"
         assert (
             main(
