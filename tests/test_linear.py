@@ -195,3 +195,61 @@ def test_compiled_training_step_matches_eager():
     F.cross_entropy(torch.compile(model)(x), target).backward()
     for n, p in model.named_parameters():
         assert (p.grad - eager[n]).abs().max().item() <= 1e-5 * eager[n].abs().max().item() + 1e-12, n
+
+
+# -- inference: prepacked weights --------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_inference_equals_plain_weight_and_follows_weight_changes(dtype):
+    """The packed weight gives the same outputs as the plain one, with and without the fused GELU, for
+    other row counts than the one it was packed for, and is rebuilt after every kind of weight change."""
+    from vitkit.layers.linear import _PACKED
+
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 96).to(dtype)
+    x = torch.randn(2, 37, 48).to(dtype)
+
+    def plain(x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, 48), layer.weight, layer.bias, "none", [], "")
+        return (F.gelu(y) if gelu else y).view(*x.shape[:-1], 96)
+
+    with torch.inference_mode():
+        assert torch.equal(linear(layer, x), plain(x))
+        packed = _PACKED[layer][1]
+        assert torch.equal(linear(layer, x[:1, :5]), plain(x[:1, :5]))  # 5 rows: same packed weight
+        assert _PACKED[layer][1] is packed
+        assert (linear(layer, x, gelu=True).float() - plain(x, gelu=True).float()).abs().max().item() <= (
+            1e-6 if dtype == torch.float32 else 2e-2
+        )
+    with torch.no_grad():
+        layer.weight.mul_(-1)  # in place: a new version
+        assert torch.equal(linear(layer, x), plain(x))
+        layer.load_state_dict({"weight": torch.randn(96, 48).to(dtype), "bias": layer.bias.clone()})
+        assert torch.equal(linear(layer, x), plain(x))
+        layer.load_state_dict({"weight": torch.randn(96, 48).to(dtype), "bias": layer.bias.clone()}, assign=True)
+        assert torch.equal(linear(layer, x), plain(x))  # a new Parameter object
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x.float().to(dtype)).sum().backward()
+    opt.step()  # an optimiser step between two inference calls
+    with torch.no_grad():
+        assert torch.equal(linear(layer, x), plain(x))
+
+
+def test_inplace_gelu_leaves_inputs_and_views_alone():
+    """Off the oneDNN path, GELU runs in place only on the layer's own new output, never on its input."""
+
+    class Passthrough(nn.Linear):  # not a plain nn.Linear: the F.linear path
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x if self.out_features == 8 else x[:, :4]
+
+    torch.manual_seed(0)
+    layer, x = nn.Linear(8, 8), torch.randn(3, 8)
+    previous = set_onednn_linear(False)
+    try:
+        with torch.no_grad():
+            assert torch.equal(linear(layer, x, gelu=True), F.gelu(layer(x)))
+            for passthrough in (Passthrough(8, 8), Passthrough(8, 4)):
+                before = x.clone()
+                y = linear(passthrough, x, gelu=True)
+                assert torch.equal(x, before) and torch.equal(y, F.gelu(passthrough(before)))
+    finally:
+        set_onednn_linear(previous)

@@ -7,6 +7,7 @@ The kernel has no backward, so this inference path runs only where no gradient i
 stays off under autocast (it would ignore it), while exporting or counting FLOPs, on other devices,
 and for any layer that is not a plain, hook-free `nn.Linear` (e.g. after int8 quantisation). `set_onednn_linear(False)`
 switches every model back to `F.linear`; the two agree to ~1e-6 relative in fp32 (tests/test_vit.py).
+Inference reuses each weight prepacked in oneDNN's layout (`packed_weight`), rebuilt when it changes.
 
 Training in fp32 (gradients needed) goes through `_OneDNNLinear`, an autograd function whose forward
 and grad_input matmuls are the same kernel (the weight passed transposed, as a strided view), and
@@ -20,6 +21,7 @@ turns this path off as well.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -28,6 +30,9 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _ENABLED = True
+# inference: each layer's weight reordered once into oneDNN's blocked layout, keyed by what identifies
+# the weight's values; the dict holds no reference to the layer (deepcopy, pickling and GC unaffected)
+_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor, weakref.ref]] = weakref.WeakKeyDictionary()
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -116,6 +121,31 @@ def _use_onednn(layer: nn.Module, x: torch.Tensor) -> bool:
     return not torch.is_autocast_enabled("cpu")
 
 
+def _weight_key(w: torch.Tensor) -> tuple:
+    """What identifies a weight's current values: its storage, its version (bumped by every in-place
+    write: copy_, load_state_dict, optimiser steps), dtype and shape. `packed_weight` also checks that
+    it is the same tensor object (a new Parameter, e.g. load_state_dict(assign=True), never matches)."""
+    version = 0 if w.is_inference() else w._version  # inference tensors cannot be written outside inference mode
+    return (w.data_ptr(), version, w.dtype, tuple(w.shape))
+
+
+def packed_weight(layer: nn.Module, rows: int) -> torch.Tensor:
+    """`layer.weight` in oneDNN's blocked layout, made once and reused while the weight is unchanged.
+
+    `_linear_pointwise` reorders a plain weight on every call; prepacked it ran 1.05-1.25x faster per
+    layer in bf16 (Swin-T 1.10x, DeiT-S 1.05x per forward at batch 8) and ~1.04x in fp32, with equal
+    outputs. `rows` (tokens in this call) only guides oneDNN's choice of layout; any row count works.
+    The packed copy costs one more copy of the weights in memory."""
+    w = layer.weight
+    key = _weight_key(w)
+    entry = _PACKED.get(layer)
+    if entry is None or entry[0] != key or entry[2]() is not w:
+        with torch.no_grad():
+            entry = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows), weakref.ref(w))
+        _PACKED[layer] = entry
+    return entry[1]
+
+
 def linear(layer: nn.Module, x: torch.Tensor, gelu: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`layer(x)`, then exact (erf) GELU when `gelu`; through oneDNN where that applies (see module).
 
@@ -126,9 +156,12 @@ def linear(layer: nn.Module, x: torch.Tensor, gelu: bool = False, bias: torch.Te
         y = y.view(*x.shape[:-1], y.shape[-1])  # (..., out_features)
         return F.gelu(y) if gelu else y
     if _use_onednn(layer, x):
+        x2 = x.reshape(-1, x.shape[-1])
         y = torch.ops.mkldnn._linear_pointwise(
-            x.reshape(-1, x.shape[-1]), layer.weight, b, "gelu" if gelu else "none", [], "none" if gelu else ""
+            x2, packed_weight(layer, x2.shape[0]), b, "gelu" if gelu else "none", [], "none" if gelu else ""
         )
         return y.view(*x.shape[:-1], y.shape[-1])  # (..., out_features)
     y = layer(x) if bias is None else F.linear(x, layer.weight, b)
+    if gelu and y is not x and not y._is_view() and not (torch.is_grad_enabled() and y.requires_grad):
+        return torch.ops.aten.gelu_(y)  # y is this call's own new output: in place saves an allocation
     return F.gelu(y) if gelu else y

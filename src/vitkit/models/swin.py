@@ -185,8 +185,8 @@ def attention_bias(bias: torch.Tensor, mask: torch.Tensor | None, dtype: torch.d
     batch: attention views its windows (B * nW, heads) as (B, nW * heads) instead of repeating the mask.
     """
     if mask is None:
-        return bias.to(dtype)[None]
-    return (bias[None] + mask[:, None]).to(dtype).flatten(0, 1)[None]
+        return bias.to(dtype).contiguous()[None]
+    return (bias[None] + mask[:, None]).to(dtype).contiguous().flatten(0, 1)[None]
 
 
 def window_sdpa(
