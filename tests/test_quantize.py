@@ -214,3 +214,67 @@ def test_the_scheme_choices_are_checked_when_parsed(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--run", "x", "--scheme", "per-row"])
     assert "'per-channel', 'per-tensor'" in capsys.readouterr().err
+
+
+# -- fc1 + GELU in one oneDNN int8 kernel (CPUs with VNNI) ---------------------------------------------
+def _int8_gelu_reference(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """GELU of the exact integer product the kernel should compute, in float64: x quantised to uint8
+    over its own range (containing 0), the layer's int8 weights and scales, the fp32 bias."""
+    weight, bias = layer._weight_bias()
+    if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        w_scale = weight.q_per_channel_scales().double()
+    else:
+        w_scale = torch.full((weight.shape[0],), weight.q_scale(), dtype=torch.float64)
+    lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+    scale = ((hi - lo) / 255).clamp(min=1e-12)
+    zero = torch.round(-lo / scale)
+    xq = (x / scale).round().add(zero).clamp(0, 255)
+    acc = (xq.double() - zero.double()) @ weight.int_repr().double().t()  # exact in float64
+    y = acc * scale.double() * w_scale + bias.double()
+    return torch.nn.functional.gelu(y)
+
+
+@pytest.mark.parametrize("scheme", ["per-channel", "per-tensor"])
+def test_int8_fc1_gelu_kernel_computes_the_integer_product(scheme):
+    """Where it applies (oneDNN int8 kernel, VNNI), fc1 + GELU equals the float64 reference of the same
+    quantised operands, and differs from fp32 less than torch.ao's fbgemm layer (7-bit activations)."""
+    from vitkit.layers import linear as lin
+
+    torch.manual_seed(0)
+    fp32 = create_model("deit_small_patch16_224", depth=1, img_size=32, patch_size=8, num_classes=5).eval()
+    int8 = quantize_model(fp32, scheme)
+    fc1 = int8.blocks[0].mlp.fc1
+    x = torch.randn(2, 17, fc1.in_features) * 3
+    if not lin._use_int8_gelu(fc1, x):
+        pytest.skip("no oneDNN int8 kernel or no VNNI on this CPU: fc1 keeps torch.ao's layer")
+    with torch.no_grad():
+        got = lin.linear(fc1, x, gelu=True)
+        want = _int8_gelu_reference(fc1, x.reshape(-1, fc1.in_features)).view_as(got)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        fbgemm = torch.nn.functional.gelu(fc1(x))
+        exact = torch.nn.functional.gelu(fp32.blocks[0].mlp.fc1(x))
+        assert (got - exact).norm() < (fbgemm - exact).norm()
+        # new weights (set_weight_bias): the packed copy is rebuilt
+        weight, bias = fc1._weight_bias()
+        fc1.set_weight_bias(weight, bias + 1.0)
+        moved = _int8_gelu_reference(fc1, x.reshape(-1, fc1.in_features)).view_as(got)
+        assert not torch.allclose(moved, want)
+        torch.testing.assert_close(lin.linear(fc1, x, gelu=True).double(), moved, rtol=1e-5, atol=1e-5)
+    # gradients needed: never this path (the kernel has no backward)
+    assert not lin._use_int8_gelu(fc1, x.requires_grad_())
+
+
+def test_int8_fc1_gelu_stays_off_without_vnni(monkeypatch):
+    """A CPU without VNNI keeps torch.ao's fbgemm layer (oneDNN's u8 x s8 sums could saturate there)."""
+    from vitkit.layers import linear as lin
+
+    int8 = quantize_model(create_model("deit_small_patch16_224", depth=1, img_size=32, patch_size=8).eval())
+    fc1 = int8.blocks[0].mlp.fc1
+    x = torch.randn(2, 5, fc1.in_features)
+    monkeypatch.setattr(lin, "_vnni", False)
+    assert not lin._use_int8_gelu(fc1, x)
+    with torch.no_grad():
+        torch.testing.assert_close(lin.linear(fc1, x, gelu=True), torch.nn.functional.gelu(fc1(x)))
+    monkeypatch.setattr(lin, "_vnni", None)
+    monkeypatch.setattr(lin, "cpu_info", lambda: {"model": "test", "flags": ["avx2", "avx512_vnni"]})
+    assert lin._has_vnni()  # the flag read from /proc/cpuinfo decides

@@ -27,13 +27,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from vitkit.core.hardware import cpu_info
 
 _ENABLED = True
 # inference: each layer's weight reordered once into oneDNN's blocked layout, keyed by what identifies
 # the weight's values; the dict holds no reference to the layer (deepcopy, pickling and GC unaffected)
 _PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor, weakref.ref]] = weakref.WeakKeyDictionary()
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_INT8_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+_vnni: bool | None = None  # read from /proc/cpuinfo on first use
+# int8 fc1 + GELU: per torch.ao layer, (its packed params object, oneDNN-packed int8 weight, fp32 scales,
+# zero points, bias)
+_INT8_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -146,6 +155,66 @@ def packed_weight(layer: nn.Module, rows: int) -> torch.Tensor:
     return entry[1]
 
 
+def _has_vnni() -> bool:
+    global _vnni
+    if _vnni is None:
+        _vnni = any(f in cpu_info()["flags"] for f in _VNNI_FLAGS)
+    return _vnni
+
+
+def _use_int8_gelu(layer: nn.Module, x: torch.Tensor) -> bool:
+    """A torch.ao dynamic int8 layer followed by GELU, on a CPU with VNNI, where no gradient is needed."""
+    if not (_ENABLED and _INT8_AVAILABLE) or type(layer) is not DynamicQuantizedLinear:
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0 or layer._forward_hooks:
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False  # the kernel has no backward
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+        return False
+    # without VNNI, oneDNN's u8 x s8 products go through 16-bit sums that can saturate (fbgemm's
+    # reduce_range exists for that); with it they accumulate in int32
+    return layer._packed_params.dtype == torch.qint8 and _has_vnni()
+
+
+def _int8_weight(layer: nn.Module, rows: int) -> tuple:
+    params = layer._packed_params._packed_params
+    entry = _INT8_PACKED.get(layer)
+    if entry is None or entry[0] is not params:  # set_weight_bias makes a new packed-params object
+        weight, bias = layer._weight_bias()
+        out = weight.shape[0]
+        if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            scales, zeros = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
+        else:
+            scales = torch.full((out,), weight.q_scale(), dtype=torch.float64)
+            zeros = torch.full((out,), weight.q_zero_point(), dtype=torch.int64)
+        packed = torch.ops.onednn.qlinear_prepack(weight.int_repr(), [rows, weight.shape[1]])
+        bias = None if bias is None else bias.detach().float()
+        entry = (params, packed, scales.float(), zeros.long(), bias, bool((zeros == 0).all()))
+        _INT8_PACKED[layer] = entry
+    return entry
+
+
+def _int8_linear_gelu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """GELU(layer(x)) for a torch.ao dynamic int8 layer in one oneDNN int8 kernel: the input quantised
+    per call to uint8 over its own range (8 bits, where fbgemm's dynamic layer uses 7), the layer's own
+    int8 weights and scales, int32 accumulation, GELU applied to the fp32 result. None when the
+    weights are not symmetric (zero points other than 0)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    _, packed, w_scales, w_zeros, bias, symmetric = _int8_weight(layer, x2.shape[0])
+    if not symmetric:
+        return None
+    lo, hi = torch.aminmax(x2)
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)  # the range holds 0, so 0 is exact
+    scale = ((hi - lo) / 255.0).clamp(min=1e-12)
+    zero = torch.round(-lo / scale)
+    xq = torch.div(x2, scale).round_().add_(zero).clamp_(0, 255).to(torch.uint8)
+    y = torch.ops.onednn.qlinear_pointwise.tensor(
+        xq, scale, zero.to(torch.int32), packed, w_scales, w_zeros, bias, 1.0, 0, torch.float32, "gelu", [], "none"
+    )
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 def linear(layer: nn.Module, x: torch.Tensor, gelu: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`layer(x)`, then exact (erf) GELU when `gelu`; through oneDNN where that applies (see module).
 
@@ -161,6 +230,10 @@ def linear(layer: nn.Module, x: torch.Tensor, gelu: bool = False, bias: torch.Te
             x2, packed_weight(layer, x2.shape[0]), b, "gelu" if gelu else "none", [], "none" if gelu else ""
         )
         return y.view(*x.shape[:-1], y.shape[-1])  # (..., out_features)
+    if gelu and bias is None and _use_int8_gelu(layer, x):
+        y = _int8_linear_gelu(layer, x)
+        if y is not None:
+            return y
     y = layer(x) if bias is None else F.linear(x, layer.weight, b)
     if gelu and y is not x and not y._is_view() and not (torch.is_grad_enabled() and y.requires_grad):
         return torch.ops.aten.gelu_(y)  # y is this call's own new output: in place saves an allocation
