@@ -10,6 +10,7 @@ from PIL import Image
 
 import vitkit
 from vitkit.cli import main
+from vitkit.layers.attention import set_attention_dtype
 from vitkit.tools.attention_maps import (
     attention_map,
     class_activation_maps,
@@ -178,3 +179,39 @@ def test_cli_writes_png(tmp_path, capsys):
     assert main(["attention", str(tmp_path / "none.png"), "--checkpoint", str(tmp_path / "vit.safetensors")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "name,fields",
+    [
+        ("deit_small_patch16_224", dict(depth=2, img_size=64)),
+        (
+            "swin_tiny_patch4_window7_224",
+            dict(depths=(2, 2), num_heads=(3, 6), embed_dim=48, img_size=56, pretrained_window_sizes=(0, 0)),
+        ),
+        (
+            "swinv2_tiny_window8_256",
+            dict(depths=(2, 2), num_heads=(3, 6), embed_dim=48, img_size=64, pretrained_window_sizes=(0, 0)),
+        ),
+    ],
+)
+def test_attention_in_bf16_inside_an_fp32_model(name, fields):
+    """set_attention_dtype(model, bf16): fp32 in and out, bf16 attention within 2% of the fp32 model's
+    largest logit; unchanged while gradients are needed (training never takes it); None restores fp32."""
+    torch.manual_seed(0)
+    model = vitkit.create_model(name, num_classes=10, **fields).eval()
+    for p in model.parameters():  # weights away from the init, so attention is not near-uniform
+        p.data.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, *model.config.img_size)
+    with torch.no_grad():
+        ref = model(x)
+    assert set_attention_dtype(model, torch.bfloat16) > 0
+    with torch.no_grad():
+        out = model(x)
+    assert out.dtype == torch.float32 and not torch.equal(out, ref)
+    assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
+    # gradients on: fp32 attention (the linear layers take their training path: equal to float rounding)
+    torch.testing.assert_close(model(x).detach(), ref, rtol=1e-5, atol=1e-5)
+    set_attention_dtype(model, None)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)

@@ -18,6 +18,28 @@ CPU_EXPLICIT_MAX_TOKENS = 40
 _CPU_EXPLICIT_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def core_dtype_applies(core_dtype: torch.dtype | None, q: torch.Tensor) -> bool:
+    """Whether attention runs in `core_dtype` rather than q's own: CPU inference only (no gradient),
+    never while compiling or tracing, and only when the two differ."""
+    if core_dtype is None or q.dtype == core_dtype or q.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and q.requires_grad:
+        return False
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+def set_attention_dtype(model: nn.Module, dtype: torch.dtype | None) -> int:
+    """Run the attention of every layer of `model` that supports it (ViT and Swin attention) in `dtype`
+    during CPU inference: scores, softmax and their product with v; None: in the input's dtype.
+    The projections around it keep their own dtype. Returns the number of layers set."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "core_dtype"):
+            setattr(module, "core_dtype", dtype)  # noqa: B010  (nn.Module types attributes as Tensor | Module)
+            count += 1
+    return count
+
+
 class Attention(nn.Module):
     """Global multi-head self-attention over a token sequence (parameters qkv / proj, as timm).
 
@@ -46,6 +68,9 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.record_attn = False
         self.last_attn: torch.Tensor | None = None
+        # inference only: the attention itself (scores, softmax, product) in this dtype, e.g. bfloat16
+        # in an int8 model on a CPU with bf16 units; None: in the input's dtype
+        self.core_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -53,6 +78,8 @@ class Attention(nn.Module):
         qkv = linear(self.qkv, x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         dropout_p = self.attn_drop if self.training else 0.0
+        if self.core_dtype is not None and self._core_in(q):
+            return self._attend_in_core_dtype(q, k, v, x)
         if x.device.type == "cpu" and (N <= CPU_EXPLICIT_MAX_TOKENS or q.dtype in _CPU_EXPLICIT_DTYPES):
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             if self.record_attn:
@@ -65,3 +92,15 @@ class Attention(nn.Module):
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(linear(self.proj, x))
+
+    def _core_in(self, q: torch.Tensor) -> bool:
+        return core_dtype_applies(self.core_dtype, q) and not self.record_attn
+
+    def _attend_in_core_dtype(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        dtype = self.core_dtype
+        q = q.to(dtype).mul_(self.scale)  # a new contiguous tensor: scaled in place
+        k, v = k.to(dtype), v.to(dtype)
+        out = (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v  # (B, heads, N, head_dim)
+        out = out.transpose(1, 2).to(x.dtype, memory_format=torch.contiguous_format).reshape(B, N, C)
+        return self.proj_drop(linear(self.proj, out))

@@ -25,6 +25,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import checkpoint
 
 from vitkit.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
+from vitkit.layers.attention import core_dtype_applies
 from vitkit.layers.features import take_indices
 from vitkit.layers.linear import linear
 from vitkit.layers.patch_embed import check_input_size, check_patch_grid
@@ -257,6 +258,9 @@ class _WindowAttentionBase(nn.Module):
         self.proj_drop = nn.Dropout(config.proj_drop_rate)
         # eval-mode cache of the attention bias: (key of its inputs, bias); see `cached_bias`
         self._bias_cache: tuple[tuple, torch.Tensor] | None = None
+        # inference only: the window attention in this dtype (e.g. bfloat16 in an int8 model on a CPU
+        # with bf16 units; `vitkit.layers.attention.set_attention_dtype`); None: in the input's dtype
+        self.core_dtype: torch.dtype | None = None
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self.qkv, x)
@@ -288,6 +292,10 @@ class _WindowAttentionBase(nn.Module):
         # (3, B * nW, heads, N, head_dim)
         q, k, v = self._qkv(x).reshape(B_, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         q, k, scale = self._scaled(q, k)
+        dtype = x.dtype
+        core = core_dtype_applies(self.core_dtype, q)
+        if core:  # one pass each, which also makes them contiguous
+            q, k, v = q.to(self.core_dtype), k.to(self.core_dtype), v.to(self.core_dtype)
         bias = self.cached_bias(mask, q.dtype)
         if mask is not None:
             # windows are batch-major, (B, nW): as (B, nW * heads) the bias (1, nW * heads, N, N)
@@ -295,7 +303,10 @@ class _WindowAttentionBase(nn.Module):
             nw = mask.shape[0]
             q, k, v = (t.reshape(B_ // nw, nw * heads, N, -1) for t in (q, k, v))
         x = window_sdpa(q, k, v, bias, self.attn_drop if self.training else 0.0, scale)
-        x = x.reshape(B_, heads, N, -1).transpose(1, 2).reshape(B_, N, C)
+        x = x.reshape(B_, heads, N, -1).transpose(1, 2)
+        if core:
+            x = x.to(dtype, memory_format=torch.contiguous_format)  # back, in the same pass as the transpose
+        x = x.reshape(B_, N, C)
         return self.proj_drop(linear(self.proj, x))
 
 

@@ -23,7 +23,7 @@ from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_q
 
 from vitkit.core.errors import VitkitError
 from vitkit.tools.inference import Inference, evaluate_split, load_inference
-from vitkit.weights.quantized import quantized_tensor_warnings_off, save_quantized
+from vitkit.weights.quantized import quantized_tensor_warnings_off, save_quantized, use_int8_attention_dtype
 from vitkit.weights.vitkit_format import read_metadata
 
 Scheme = Literal["per-channel", "per-tensor"]
@@ -59,7 +59,8 @@ def quantize_model(model: nn.Module, scheme: Scheme = "per-channel") -> nn.Modul
     if not names:
         raise ValueError(f"{type(model).__name__} has no Linear layer to quantise")
     with quantized_tensor_warnings_off():
-        return quantize_dynamic(source, {name: qconfig for name in names}, dtype=torch.qint8, inplace=True)
+        int8 = quantize_dynamic(source, {name: qconfig for name in names}, dtype=torch.qint8, inplace=True)
+    return use_int8_attention_dtype(int8)
 
 
 @dataclass
