@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from test_data import fake_images, offline_idx
 from vitkit.cli import main
 from vitkit.core.errors import VitkitError
+from vitkit.core.hardware import vnni_flags
 from vitkit.data import fashion_mnist
 from vitkit.factory import create_model
 from vitkit.layers.attention import set_attention_dtype
@@ -277,22 +278,22 @@ def test_int8_fc1_gelu_stays_off_without_vnni(monkeypatch):
     int8 = quantize_model(create_model("deit_small_patch16_224", depth=1, img_size=32, patch_size=8).eval())
     fc1 = int8.blocks[0].mlp.fc1
     x = torch.randn(2, 5, fc1.in_features)
-    monkeypatch.setattr(lin, "_vnni", False)
+    monkeypatch.setattr(lin, "vnni_flags", lambda: [])
     assert not lin._use_int8_gelu(fc1, x)
     with torch.no_grad():
         torch.testing.assert_close(lin.linear(fc1, x, gelu=True), torch.nn.functional.gelu(fc1(x)))
-    monkeypatch.setattr(lin, "_vnni", None)
-    monkeypatch.setattr(lin, "cpu_info", lambda: {"model": "test", "flags": ["avx2", "avx512_vnni"]})
-    assert lin._has_vnni()  # the flag read from /proc/cpuinfo decides
+    # the flag read from /proc/cpuinfo decides
+    assert vnni_flags({"model": "test", "flags": ["avx2", "avx512_vnni"]}) == ["avx512_vnni"]
+    assert vnni_flags({"model": "test", "flags": ["avx2", "fma", "avx512_bf16"]}) == []
 
 
 @pytest.mark.parametrize("flags,dtype", [(["avx512_bf16", "avx512f"], torch.bfloat16), (["avx2", "fma"], None)])
 def test_int8_attention_runs_in_bf16_only_on_cpus_with_bf16_units(flags, dtype, monkeypatch, tmp_path):
     """quantize_model and load_quantized both set the attention dtype from the CPU's flags: bf16 where the
     CPU has bf16 units (AVX512_BF16 / AMX), fp32 elsewhere, where bf16 is emulated and slow."""
-    from vitkit.weights import quantized
+    from vitkit.core import hardware
 
-    monkeypatch.setattr(quantized, "bf16_flags", lambda: [f for f in flags if "bf16" in f or "amx" in f])
+    monkeypatch.setattr(hardware, "cpu_info", lambda: {"model": "test", "flags": flags})
     for name, fields in (
         ("deit_small_patch16_224", dict(depth=1, img_size=32, patch_size=8)),
         ("swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1), img_size=56)),

@@ -22,6 +22,8 @@ AmpChoice = Literal["off", "bf16", "auto"]
 AMP_CHOICES: tuple[str, ...] = ("off", "bf16", "auto")
 # the flags that make bf16 pay on a CPU, best first
 BF16_FLAGS: tuple[str, ...] = ("amx_bf16", "amx_tile", "avx512_bf16")
+# the flags that give int8 dot products with 32-bit sums (oneDNN's u8 x s8 kernels without saturation)
+VNNI_FLAGS: tuple[str, ...] = ("amx_int8", "avx512_vnni", "avx_vnni")
 # other flags worth recording beside them (what the fp32 kernels use)
 _REPORTED_FLAGS = BF16_FLAGS + ("avx512f", "avx512_vnni", "amx_int8", "avx2", "fma")
 CPUINFO = Path("/proc/cpuinfo")
@@ -50,16 +52,24 @@ def cpu_info() -> dict[str, Any]:
     return parse_cpuinfo(text)
 
 
+def _present(wanted: tuple[str, ...], info: dict[str, Any] | None) -> list[str]:
+    flags = set((info or cpu_info())["flags"])
+    return [f for f in wanted if f in flags]
+
+
 def bf16_flags(info: dict[str, Any] | None = None) -> list[str]:
     """The CPU flags present that give bf16 hardware support (empty: bf16 is emulated)."""
-    flags = set((info or cpu_info())["flags"])
-    return [f for f in BF16_FLAGS if f in flags]
+    return _present(BF16_FLAGS, info)
+
+
+def vnni_flags(info: dict[str, Any] | None = None) -> list[str]:
+    """The CPU flags present that give int8 dot products with 32-bit sums (empty: no VNNI)."""
+    return _present(VNNI_FLAGS, info)
 
 
 def reported_flags(info: dict[str, Any] | None = None) -> list[str]:
     """The performance-relevant subset of the CPU flags, for reports."""
-    flags = set((info or cpu_info())["flags"])
-    return [f for f in _REPORTED_FLAGS if f in flags]
+    return _present(_REPORTED_FLAGS, info)
 
 
 def resolve_amp(

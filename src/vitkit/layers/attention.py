@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.layers.capture import capturing
 from vitkit.layers.linear import linear
 
 # On the CPU the fused attention kernel's fixed cost per call outweighs what it saves on short
@@ -25,7 +26,7 @@ def core_dtype_applies(core_dtype: torch.dtype | None, q: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and q.requires_grad:
         return False
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    return not capturing()
 
 
 def set_attention_dtype(model: nn.Module, dtype: torch.dtype | None) -> int:
@@ -78,8 +79,9 @@ class Attention(nn.Module):
         qkv = linear(self.qkv, x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         dropout_p = self.attn_drop if self.training else 0.0
-        if self.core_dtype is not None and self._core_in(q):
-            return self._attend_in_core_dtype(q, k, v, x)
+        core = core_dtype_applies(self.core_dtype, q) and not self.record_attn
+        if core:  # one pass each, which also makes them contiguous; bf16 then takes the explicit path
+            q, k, v = q.to(self.core_dtype), k.to(self.core_dtype), v.to(self.core_dtype)
         if x.device.type == "cpu" and (N <= CPU_EXPLICIT_MAX_TOKENS or q.dtype in _CPU_EXPLICIT_DTYPES):
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             if self.record_attn:
@@ -90,17 +92,7 @@ class Attention(nn.Module):
                 with torch.no_grad():
                     self.last_attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(linear(self.proj, x))
-
-    def _core_in(self, q: torch.Tensor) -> bool:
-        return core_dtype_applies(self.core_dtype, q) and not self.record_attn
-
-    def _attend_in_core_dtype(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        dtype = self.core_dtype
-        q = q.to(dtype).mul_(self.scale)  # a new contiguous tensor: scaled in place
-        k, v = k.to(dtype), v.to(dtype)
-        out = (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v  # (B, heads, N, head_dim)
-        out = out.transpose(1, 2).to(x.dtype, memory_format=torch.contiguous_format).reshape(B, N, C)
-        return self.proj_drop(linear(self.proj, out))
+        out = x.transpose(1, 2)
+        if core:
+            out = out.to(qkv.dtype, memory_format=torch.contiguous_format)  # back, in the same pass as the transpose
+        return self.proj_drop(linear(self.proj, out.reshape(B, N, C)))

@@ -30,7 +30,8 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from vitkit.core.hardware import cpu_info
+from vitkit.core.hardware import vnni_flags
+from vitkit.layers.capture import capturing
 
 _ENABLED = True
 # inference: each layer's weight reordered once into oneDNN's blocked layout, keyed by what identifies
@@ -38,8 +39,6 @@ _ENABLED = True
 _PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor, weakref.ref]] = weakref.WeakKeyDictionary()
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _INT8_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
-_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-_vnni: bool | None = None  # read from /proc/cpuinfo on first use
 # int8 fc1 + GELU: per torch.ao layer, (its packed params object, oneDNN-packed int8 weight, fp32 scales,
 # zero points, bias)
 _INT8_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
@@ -95,14 +94,18 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _plain_cpu_call(layer: nn.Module, x: torch.Tensor) -> bool:
+    """x on the CPU, a hook-free layer, and nothing watching the ops: no export, torch.compile or
+    tracing, no dispatch mode (FLOP counting), which are given the plain op they know."""
+    if x.device.type != "cpu" or layer._forward_hooks or layer._forward_pre_hooks:
+        return False
+    return not capturing() and _get_current_dispatch_mode() is None
+
+
 def _common_checks(layer: nn.Module, x: torch.Tensor) -> bool:
-    if not (_ENABLED and _AVAILABLE) or type(layer) is not nn.Linear or x.device.type != "cpu":
+    if not (_ENABLED and _AVAILABLE) or type(layer) is not nn.Linear or layer.weight.device.type != "cpu":
         return False
-    if layer._forward_hooks or layer._forward_pre_hooks or layer.weight.device.type != "cpu":
-        return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
-        return False  # export, torch.compile, FLOP counting: the plain op they know
-    return True
+    return _plain_cpu_call(layer, x)
 
 
 def _use_onednn_training(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -155,26 +158,17 @@ def packed_weight(layer: nn.Module, rows: int) -> torch.Tensor:
     return entry[1]
 
 
-def _has_vnni() -> bool:
-    global _vnni
-    if _vnni is None:
-        _vnni = any(f in cpu_info()["flags"] for f in _VNNI_FLAGS)
-    return _vnni
-
-
 def _use_int8_gelu(layer: nn.Module, x: torch.Tensor) -> bool:
     """A torch.ao dynamic int8 layer followed by GELU, on a CPU with VNNI, where no gradient is needed."""
     if not (_ENABLED and _INT8_AVAILABLE) or type(layer) is not DynamicQuantizedLinear:
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0 or layer._forward_hooks:
+    if x.dtype != torch.float32 or x.numel() == 0 or not _plain_cpu_call(layer, x):
         return False
     if torch.is_grad_enabled() and x.requires_grad:
         return False  # the kernel has no backward
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
-        return False
     # without VNNI, oneDNN's u8 x s8 products go through 16-bit sums that can saturate (fbgemm's
     # reduce_range exists for that); with it they accumulate in int32
-    return layer._packed_params.dtype == torch.qint8 and _has_vnni()
+    return layer._packed_params.dtype == torch.qint8 and bool(vnni_flags())
 
 
 def _int8_weight(layer: nn.Module, rows: int) -> tuple:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from vitkit.layers.capture import capturing
+
 # Activations per slice, in bytes: the (tokens, channels) map of one image times the images in a
 # slice. On an AMD EPYC (1 MiB of L2 per core, 32 MiB of L3, 2 threads), 4-8 MiB ran Swin-T at batch
 # 32 1.53-1.57x (fp32) and 1.14-1.16x (bf16) as fast as unsliced, DeiT-S 1.15-1.19x (fp32), and cost
@@ -31,7 +33,7 @@ def slicing_applies(x: torch.Tensor, training: bool) -> bool:
     """CPU inference without gradients, outside torch.compile / export / tracing."""
     if SLICE_BYTES is None or training or x.device.type != "cpu" or torch.is_grad_enabled():
         return False
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    return not capturing()
 
 
 def slice_size(x: torch.Tensor) -> int:

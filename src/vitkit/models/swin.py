@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vitkit.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
 from vitkit.layers.attention import core_dtype_applies
+from vitkit.layers.capture import capturing
 from vitkit.layers.features import take_indices
 from vitkit.layers.linear import linear
 from vitkit.layers.patch_embed import check_input_size, check_patch_grid
@@ -165,11 +166,6 @@ def shifted_window_mask(
     return torch.zeros(differs.shape, device=device).masked_fill(differs, -100.0)
 
 
-def _exporting() -> bool:
-    """torch.export / dynamo / TorchScript tracing: keep the plain ops (no caches, no custom autograd)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
-
-
 def _tensor_key(t: torch.Tensor | None) -> tuple | None:
     """What identifies a tensor's current values: storage, version (bumped by in-place writes), dtype."""
     if t is None:
@@ -198,7 +194,7 @@ def window_sdpa(
     In bf16 on the CPU the fused kernel is ~1.4x slower than two matmuls and a softmax at window
     sizes (N = 49-144 tokens), so those run explicitly; elsewhere (fp32: a tie; CUDA; export) SDPA.
     """
-    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) or _exporting():
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) or capturing():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     attn = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)  # (B, heads', N, N)
@@ -279,7 +275,7 @@ class _WindowAttentionBase(nn.Module):
         Recomputed in training or whenever gradients are on (the tables are learned), while
         exporting, and after any change to the tables (load_state_dict, an optimiser step, .to()).
         """
-        if self.training or torch.is_grad_enabled() or _exporting():
+        if self.training or torch.is_grad_enabled() or capturing():
             return attention_bias(self.position_bias(), mask, dtype)
         key = (tuple(_tensor_key(t) for t in self._bias_inputs()), _tensor_key(mask), dtype)
         if self._bias_cache is None or self._bias_cache[0] != key:
@@ -508,7 +504,7 @@ class SwinBlock(nn.Module):
         B, H, W, C = x.shape
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
         order = None
-        if (sh or sw) and not _exporting() and H % wh == 0 and W % ww == 0:
+        if (sh or sw) and not capturing() and H % wh == 0 and W % ww == 0:
             order = self._order_for((H, W), x.device)
         if order is not None:  # roll + partition as one gather, and back
             windows = permute_tokens(x.reshape(B, H * W, C), *order).view(-1, wh * ww, C)

@@ -28,7 +28,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 from vitkit.core.errors import VitkitError
 from vitkit.core.files import atomic_path
-from vitkit.core.hardware import bf16_flags
+from vitkit.core.hardware import resolve_amp
 from vitkit.layers.attention import set_attention_dtype
 from vitkit.weights.vitkit_format import config_fields
 
@@ -48,9 +48,9 @@ def quantized_tensor_warnings_off() -> Iterator[None]:
 
 
 def int8_attention_dtype() -> torch.dtype | None:
-    """The dtype int8 models compute attention in: bf16 on a CPU with bf16 units (AVX512_BF16 or AMX),
-    where it took ~0.5x fp32's time; None (fp32) elsewhere, where bf16 is emulated and slow."""
-    return torch.bfloat16 if bf16_flags() else None
+    """The dtype int8 models compute attention in: what `amp: auto` picks on the CPU, bf16 where it has
+    bf16 units (AVX512_BF16 or AMX; there it took ~0.5x fp32's time), None (fp32) elsewhere."""
+    return resolve_amp("auto", "cpu")[0]
 
 
 def use_int8_attention_dtype(model: nn.Module) -> nn.Module:
