@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: test test-all lint demo venv venv-dev browser clean
+.PHONY: test test-all lint demo venv venv-dev browser kernels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 venv: $(VENV)/.installed
 venv-dev: $(VENV)/.installed-dev
 
+# vitkit's C++ kernels (Swin's window attention) for this CPU, into ~/.cache/vitkit/kernels: ~15 s once per
+# machine, source and torch version, then a no-op. Without a compiler the models take their torch path.
+kernels: venv
+	@$(PY) -m vitkit.layers.kernels || echo "vitkit kernels not built: the models take their torch path"
+
 # ruff (lint and format), mypy, and the import-linter contracts (layers, no cycles) of pyproject.toml
 LINT_PATHS := src tests scripts hubconf.py
 lint: venv-dev
@@ -30,7 +35,7 @@ lint: venv-dev
 	$(VENV)/bin/lint-imports
 
 # --durations=15: the 15 slowest tests, to keep the suite under 15 minutes on 2 cores
-test: lint browser
+test: lint browser kernels
 	$(PY) -m pytest -q --durations=15
 
 # the `vitkit serve` page test drives Debian's chromium (no browser download is possible) on a Fashion-MNIST
@@ -47,7 +52,7 @@ browser:
 	fi
 
 # full-size parity for every variant (slow: large, huge and giant models at full depth)
-test-all: lint
+test-all: lint kernels
 	$(PY) -m pytest -q --run-slow --durations=15
 
 # Fashion-MNIST end to end: data (the Debian package when root), training of the fmnist_demo recipe
@@ -55,7 +60,7 @@ test-all: lint
 DEMO_RUN ?= runs/fmnist_demo
 # idle OpenMP threads sleep instead of spinning: on a busy 2-core machine, spinning slows training several-fold
 demo: export OMP_WAIT_POLICY ?= PASSIVE
-demo: venv
+demo: venv kernels
 	$(PY) scripts/demo.py data
 	rm -rf $(DEMO_RUN)
 	$(PY) -m vitkit train --recipe fmnist_demo --output $(DEMO_RUN)

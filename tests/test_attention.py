@@ -10,6 +10,7 @@ from PIL import Image
 
 import vitkit
 from vitkit.cli import main
+from vitkit.layers import kernels
 from vitkit.layers.attention import set_attention_dtype
 from vitkit.tools.attention_maps import (
     attention_map,
@@ -195,10 +196,14 @@ def test_cli_writes_png(tmp_path, capsys):
         ),
     ],
 )
-def test_attention_in_bf16_inside_an_fp32_model(name, fields):
+def test_attention_in_bf16_inside_an_fp32_model(name, fields, request):
     """set_attention_dtype(model, bf16): fp32 in and out, bf16 attention within 2% of the fp32 model's
     largest logit; unchanged while gradients are needed (training never takes it); None restores fp32."""
     torch.manual_seed(0)
+    # Swin's torch path: where vitkit's window kernel is built it takes Swin inference instead, in fp32
+    # (tests/test_kernels.py)
+    previous = kernels.set_kernels(False)
+    request.addfinalizer(lambda: kernels.set_kernels(previous))
     model = vitkit.create_model(name, num_classes=10, **fields).eval()
     for p in model.parameters():  # weights away from the init, so attention is not near-uniform
         p.data.add_(torch.randn_like(p) * 0.05)

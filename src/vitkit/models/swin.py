@@ -24,7 +24,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import checkpoint
 
-from vitkit.layers import DropPath, Mlp, PatchEmbed, drop_path_rates
+from vitkit.layers import DropPath, Mlp, PatchEmbed, drop_path_rates, kernels
 from vitkit.layers.attention import core_dtype_applies
 from vitkit.layers.capture import capturing
 from vitkit.layers.features import take_indices
@@ -288,6 +288,12 @@ class _WindowAttentionBase(nn.Module):
         # (3, B * nW, heads, N, head_dim)
         q, k, v = self._qkv(x).reshape(B_, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         q, k, scale = self._scaled(q, k)
+        dropout = self.attn_drop if self.training else 0.0
+        if not dropout and kernels.window_attention_applies(q):  # CPU inference: one pass, no copies in or out
+            bias = self.cached_bias(mask, torch.float32).view(-1, heads, N, N)
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            x = kernels.window_attention(q, k, v, bias, scale).view(B_, N, C)
+            return self.proj_drop(linear(self.proj, x))
         dtype = x.dtype
         core = core_dtype_applies(self.core_dtype, q)
         if core:  # one pass each, which also makes them contiguous
@@ -298,7 +304,7 @@ class _WindowAttentionBase(nn.Module):
             # broadcasts over the batch and every input stays 4-D (as ONNX's attention needs)
             nw = mask.shape[0]
             q, k, v = (t.reshape(B_ // nw, nw * heads, N, -1) for t in (q, k, v))
-        x = window_sdpa(q, k, v, bias, self.attn_drop if self.training else 0.0, scale)
+        x = window_sdpa(q, k, v, bias, dropout, scale)
         x = x.reshape(B_, heads, N, -1).transpose(1, 2)
         if core:
             x = x.to(dtype, memory_format=torch.contiguous_format)  # back, in the same pass as the transpose

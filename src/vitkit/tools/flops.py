@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitkit.factory import create_model
+from vitkit.layers import kernels
 from vitkit.registry import count_parameters, to_2tuple
 
 aten = torch.ops.aten
@@ -54,8 +55,13 @@ EXTRA_FORMULAS: dict[Any, Any] = {
 
 
 def flop_counter() -> FlopCounterMode:
-    """A silent `FlopCounterMode` that also counts the CPU attention kernel (forward and backward)."""
-    return FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS)
+    """A silent `FlopCounterMode` that also counts the CPU attention kernel (forward and backward) and
+    vitkit's window attention kernel (`vitkit.layers.kernels`, where built)."""
+    mapping = dict(EXTRA_FORMULAS)
+    if kernels.available():  # the op exists only once its library is loaded
+        # q, k, v (windows, heads, N, head_dim): the same two products as SDPA's
+        mapping[torch.ops.vitkit.window_attention] = _cpu_attention_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 # -- counting ----------------------------------------------------------------------------------------

@@ -1,0 +1,293 @@
+// Fused window attention for CPU inference: out = softmax(q k^T * scale + bias) v, one (window, head)
+// at a time, with the scores of a row kept in L1 instead of a (windows, heads, N, N) tensor in memory.
+//
+// Swin's windows are short (N = 49-576 tokens) and many (hundreds per image): torch's fused kernel and
+// the explicit bmm / softmax / bmm path both spend most of their time on per-call overhead, 49-wide
+// rows and round trips of the score tensor through memory. Here every loop runs over contiguous fp32
+// rows the compiler vectorises (built with the CPU's widest vector flags by vitkit.layers.kernels).
+//
+// q, k, v: (W, H, N, D), any strides with a unit last stride, float32 or bfloat16 (all three alike).
+// bias:    (G, H, N, N) float32, contiguous; window w adds bias[w % G] (G = 1 or the windows per image).
+// returns: (W, N, H, D) contiguous in q's dtype, i.e. (W, N, H * D) as the output projection reads it.
+// Accumulation is fp32 throughout; bf16 inputs are widened on load and the result rounded once.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even (inputs are finite)
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float load(const float* p) { return *p; }
+inline float load(const c10::BFloat16* p) { return bf16_to_float(p->x); }
+inline void store(float* p, float v) { *p = v; }
+inline void store(c10::BFloat16* p, float v) { p->x = float_to_bf16(v); }
+
+struct Views {
+  int64_t W, H, N, D, G;
+  int64_t q_s[3], k_s[3], v_s[3];  // strides of the first three dims (the last is 1)
+};
+
+// 16 fp32 lanes: one AVX-512 register, or two AVX2 ones (GCC's generic vectors lower to either)
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+constexpr int L = 16;
+constexpr int R = 4;  // query rows per block: R x (D / 16) accumulators stay in registers
+
+inline vf splat(float x) { return vf{} + x; }
+inline vf loadv(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+// exp(x) for x <= 0 (scores minus their row maximum), 16 lanes at a time: Cody-Waite range reduction
+// to r in [-ln2/2, ln2/2], Cephes' expf polynomial (~1 ulp), and 2^n put together from its bits.
+// Inputs below -87 (the padding's -inf included) give exp(-87) ~ 1.6e-38: zero next to the row
+// maximum's exp(0) = 1.
+inline vf exp_nonpositive(vf x) {
+  x = x > -87.0f ? x : splat(-87.0f);
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const vf n = (x * 1.44269504088896341f + magic) - magic;
+  vf r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * reinterpret_cast<const vf&>(bits);
+}
+
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int l = 1; l < L; ++l) m = std::max(m, v[l]);
+  return m;
+}
+inline float hsum(vf v) {
+  float s = 0.0f;
+  for (int l = 0; l < L; ++l) s += v[l];
+  return s;
+}
+
+// 16 values from memory as fp32 lanes (bf16: its bits are the top half of the fp32's)
+inline vf load16(const float* p) { return loadv(p); }
+inline vf load16(const c10::BFloat16* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  const vi bits = __builtin_convertvector(h, vi) << 16;
+  return reinterpret_cast<const vf&>(bits);
+}
+
+// One stage of a 16 x 16 transpose held in registers: rows i and i + B (i without bit B) swap the
+// lanes whose bit B differs from the row's; after the stages B = 8, 4, 2, 1, row r holds column r.
+template <int B>
+inline void transpose_stage(vf* r, vi lo, vi hi) {
+  for (int i = 0; i < L; ++i) {
+    if (i & B) continue;
+    const vf a = r[i], b = r[i + B];
+    r[i] = __builtin_shuffle(a, b, lo);
+    r[i + B] = __builtin_shuffle(a, b, hi);
+  }
+}
+
+inline void transpose16(vf* r) {
+  // lo[c] = c with bit B clear ? a[c] : b[c - B]; hi[c] = c with bit B clear ? a[c + B] : b[c] (b's lanes are 16-31)
+  transpose_stage<8>(r, vi{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                     vi{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  transpose_stage<4>(r, vi{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                     vi{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  transpose_stage<2>(r, vi{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                     vi{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  transpose_stage<1>(r, vi{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                     vi{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+}
+
+// one row of D values to fp32
+template <typename T, int64_t D>
+inline void widen_row(const T* src, float* dst) {
+  for (int64_t d = 0; d < D; d += L) storev(dst + d, load16(src + d));
+}
+
+// k (N rows of D, row stride ks) to fp32 (D, NP), zero-padded past N: 16 x 16 tiles transposed in
+// registers
+template <typename T, int64_t D>
+inline void widen_transposed(const T* k, int64_t ks, int64_t N, int64_t NP, float* kt) {
+  for (int64_t j0 = 0; j0 < NP; j0 += L)
+    for (int64_t d0 = 0; d0 < D; d0 += L) {
+      vf r[L];
+      for (int t = 0; t < L; ++t) r[t] = j0 + t < N ? load16(k + (j0 + t) * ks + d0) : vf{};
+      transpose16(r);
+      for (int t = 0; t < L; ++t) storev(kt + (d0 + t) * NP + j0, r[t]);
+    }
+}
+
+// One (window, head) with head_dim = 16 * DV. Scratch: kt (D, NP) = k transposed, vb (N, D), bias
+// (N, NP) padded with -inf, qb (R, D), sc (R, NP): all fp32.
+template <typename T, int DV>
+void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const Views& s, int64_t w, int64_t h,
+            float scale, float* kt, float* vb, float* bp, float* qb, float* sc) {
+  constexpr int64_t D = DV * L;
+  const int64_t N = s.N, NP = (N + L - 1) / L * L, NC = NP / L;
+  const T* qw = q + w * s.q_s[0] + h * s.q_s[1];
+  const T* kw = k + w * s.k_s[0] + h * s.k_s[1];
+  const T* vw = v + w * s.v_s[0] + h * s.v_s[1];
+  // v, then k, row by row into fp32 (whole rows: many cache misses in flight at once); k is staged in
+  // the score buffer (free until the first row block) and transposed from there in registers. At
+  // Swin-T's stage 1 in fp32 this took the kernel from 1.0 to 0.6-0.75x the time of the compiler's
+  // vectorisation of a plain transpose loop (scatter stores, slow on AMD CPUs).
+  for (int64_t j = 0; j < N; ++j) widen_row<T, D>(vw + j * s.v_s[2], vb + j * D);
+  for (int64_t j = 0; j < N; ++j) widen_row<T, D>(kw + j * s.k_s[2], sc + j * D);
+  widen_transposed<float, D>(sc, D, N, NP, kt);
+  const float* bh = bias + ((w % s.G) * s.H + h) * N * N;
+  for (int64_t i = 0; i < N; ++i) {
+    for (int64_t j = 0; j < N; ++j) bp[i * NP + j] = bh[i * N + j];
+    for (int64_t j = N; j < NP; ++j) bp[i * NP + j] = -std::numeric_limits<float>::infinity();
+  }
+  for (int64_t i0 = 0; i0 < N; i0 += R) {
+    const int64_t rows = std::min<int64_t>(R, N - i0);
+    for (int r = 0; r < R; ++r) {  // a short last block repeats its last row
+      const T* qi = qw + (i0 + std::min<int64_t>(r, rows - 1)) * s.q_s[2];
+      for (int64_t d = 0; d < D; ++d) qb[r * D + d] = load(qi + d) * scale;
+    }
+    // scores: R rows x 16 keys per step, the reduction over D in registers
+    for (int64_t c = 0; c < NC; ++c) {
+      vf a[R] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        const vf kv = loadv(kt + d * NP + c * L);
+        for (int r = 0; r < R; ++r) a[r] += qb[r * D + d] * kv;
+      }
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = i0 + std::min<int64_t>(r, rows - 1);
+        storev(sc + r * NP + c * L, a[r] + loadv(bp + i * NP + c * L));
+      }
+    }
+    // softmax numerators in place; 1 / row sum kept for the end
+    float inv[R];
+    for (int r = 0; r < R; ++r) {
+      float* row = sc + r * NP;
+      vf m = loadv(row);
+      for (int64_t c = 1; c < NC; ++c) {
+        const vf x = loadv(row + c * L);
+        m = x > m ? x : m;
+      }
+      const vf mx = splat(hmax(m));
+      vf sum = {};
+      for (int64_t c = 0; c < NC; ++c) {
+        const vf e = exp_nonpositive(loadv(row + c * L) - mx);
+        storev(row + c * L, e);
+        sum += e;
+      }
+      inv[r] = 1.0f / hsum(sum);
+    }
+    // out = numerators @ v / row sum: R rows x D in registers
+    vf acc[R][DV] = {};
+    for (int64_t j = 0; j < N; ++j) {
+      vf vj[DV];
+      for (int dv = 0; dv < DV; ++dv) vj[dv] = loadv(vb + j * D + dv * L);
+      for (int r = 0; r < R; ++r) {
+        const float p = sc[r * NP + j];
+        for (int dv = 0; dv < DV; ++dv) acc[r][dv] += p * vj[dv];
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      T* o = out + ((w * N + i0 + r) * s.H + h) * D;
+      for (int dv = 0; dv < DV; ++dv) {
+        const vf x = acc[r][dv] * inv[r];
+        for (int l = 0; l < L; ++l) store(o + dv * L + l, x[l]);
+      }
+    }
+  }
+}
+
+template <typename T, int DV>
+void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, at::Tensor& out,
+         const Views& s, float scale) {
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  const float* bp = bias.const_data_ptr<float>();
+  T* op = out.mutable_data_ptr<T>();
+  const int64_t N = s.N, NP = (N + L - 1) / L * L, D = DV * L;
+  at::parallel_for(0, s.W * s.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(D * NP + N * D + N * NP + R * D + std::max(R * NP, N * D));
+    float* kt = scratch.data();
+    float* vb = kt + D * NP;
+    float* bb = vb + N * D;
+    float* qb = bb + N * NP;
+    float* sc = qb + R * D;
+    for (int64_t t = begin; t < end; ++t) {
+      attend<T, DV>(qp, kp, vp, bp, op, s, t / s.H, t % s.H, scale, kt, vb, bb, qb, sc);
+    }
+  });
+}
+
+template <typename T>
+void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, at::Tensor& out,
+              const Views& s, float scale) {
+  switch (s.D / L) {
+    case 1: return run<T, 1>(q, k, v, bias, out, s, scale);
+    case 2: return run<T, 2>(q, k, v, bias, out, s, scale);
+    case 3: return run<T, 3>(q, k, v, bias, out, s, scale);
+    default: return run<T, 4>(q, k, v, bias, out, s, scale);
+  }
+}
+
+at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+              "window_attention: q, k and v must be (windows, heads, N, head_dim) of one shape");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && bias.device().is_cpu(),
+              "window_attention: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "window_attention: q, k and v must all be float32 or all bfloat16");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "window_attention: the head_dim of q, k and v must be contiguous");
+  const int64_t W = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  TORCH_CHECK(D % L == 0 && D > 0 && D <= 4 * L, "window_attention: head_dim must be 16, 32, 48 or 64, got ", D);
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.dim() == 4 && bias.size(1) == H &&
+                  bias.size(2) == N && bias.size(3) == N && bias.size(0) > 0 && W % bias.size(0) == 0,
+              "window_attention: bias must be contiguous float32 (G, heads, N, N) with G dividing the windows");
+  Views s{W, H, N, D, bias.size(0), {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
+          {v.stride(0), v.stride(1), v.stride(2)}};
+  at::Tensor out = at::empty({W, N, H, D}, q.options());
+  if (q.scalar_type() == at::kFloat)
+    dispatch<float>(q, k, v, bias, out, s, static_cast<float>(scale));
+  else
+    dispatch<c10::BFloat16>(q, k, v, bias, out, s, static_cast<float>(scale));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(vitkit, m) { m.def("window_attention(Tensor q, Tensor k, Tensor v, Tensor bias, float scale) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(vitkit, CPU, m) { m.impl("window_attention", &window_attention); }

@@ -1,0 +1,193 @@
+"""vitkit's own CPU kernels: C++ sources in `layers/csrc`, compiled once per machine and loaded as torch ops.
+
+One kernel so far, `torch.ops.vitkit.window_attention`: Swin's window attention for CPU inference,
+softmax(q k^T * scale + bias) v with each row's scores kept in L1 (see its source for why).
+
+Build: `python -m vitkit.layers.kernels` (the Makefile runs it before the tests and the demo) compiles
+the sources for this CPU's vector width (AVX-512 or AVX2) with the system's C++ compiler (`$CXX`, else
+`c++`) against the installed torch, into `$VITKIT_CACHE/kernels` (default ~/.cache/vitkit/kernels).
+The file name carries a hash of the source, the torch version and the instruction set, so a changed
+source, another torch or another CPU never loads a stale build. No pip-time compilation: vitkit stays
+a pure-Python package, and a machine without a compiler loses speed, not function.
+
+Where no build is loadable (no compiler, a CPU without AVX2, `VITKIT_KERNELS=0`, or
+`set_kernels(False)`) the models take their torch path, which agrees with the kernel to float
+rounding (tests/test_kernels.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from vitkit.core.errors import VitkitError
+from vitkit.core.hardware import cpu_info
+from vitkit.layers.capture import capturing
+
+SOURCES = (Path(__file__).parent / "csrc" / "window_attention.cpp",)
+# instruction sets, widest first: (name, the /proc/cpuinfo flags it needs, compiler flags)
+ISAS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    (
+        "avx512",
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx2"),
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2", "-mprefer-vector-width=512"),
+    ),
+    ("avx2", ("avx2", "fma"), ("-mavx2", "-mfma")),
+)
+
+_ENABLED = os.environ.get("VITKIT_KERNELS", "1") not in ("0", "false", "off")
+_LOADED: bool | None = None  # None: not tried yet in this process
+
+
+def isa(info: dict | None = None) -> str | None:
+    """The widest instruction set this CPU has that the kernels are built for (None: no x86 vector unit
+    they support, e.g. an ARM CPU)."""
+    flags = set((info or cpu_info())["flags"])
+    for name, needs, _ in ISAS:
+        if flags.issuperset(needs):
+            return name
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VITKIT_CACHE") or "~/.cache/vitkit").expanduser() / "kernels"
+
+
+def library_path(isa_name: str) -> Path:
+    """Where the build for `isa_name` of the current sources and torch lives."""
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    tag = f"{torch.__version__}-{isa_name}-{digest.hexdigest()[:16]}".replace("+", "_")
+    return cache_dir() / f"vitkit_kernels-{tag}.so"
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def build(force: bool = False, verbose: bool = False) -> Path:
+    """Compile the kernels for this CPU (once: an existing build is reused unless `force`); returns the
+    library's path. Raises VitkitError where no build is possible (no compiler, unsupported CPU)."""
+    name = isa()
+    if name is None:
+        raise VitkitError("vitkit's kernels need an x86 CPU with AVX2 and FMA; the torch path is used instead")
+    path = library_path(name)
+    if path.exists() and not force:
+        return path
+    cxx = compiler()
+    if cxx is None:
+        raise VitkitError("no C++ compiler found for vitkit's kernels: install g++ (or set $CXX), then rerun the build")
+    flags = next(f for n, _, f in ISAS if n == name)
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    root = Path(torch.__file__).parent  # torch's headers and libraries (what torch.utils.cpp_extension uses)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # compiled next to its destination, then renamed: a concurrent or interrupted build never leaves a
+    # half-written library where the loader looks
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=path.parent)
+    os.close(fd)
+    command = [
+        cxx,
+        "-O3",
+        "-std=c++20",  # torch 2.14's headers use concepts
+        "-shared",
+        "-fPIC",
+        "-fopenmp",  # at::parallel_for runs on OpenMP, which resolves to the libgomp torch already loaded
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *flags,
+        f"-I{root / 'include'}",
+        f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+        *(str(s) for s in SOURCES),
+        f"-L{root / 'lib'}",
+        "-lc10",
+        "-ltorch_cpu",
+        "-o",
+        tmp,
+    ]
+    try:
+        result = subprocess.run(command, capture_output=not verbose, text=True)
+        if result.returncode != 0:
+            tail = (result.stderr or "").strip().splitlines()[-5:]
+            raise VitkitError(f"building vitkit's kernels failed ({cxx}): " + " | ".join(tail))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def set_kernels(enabled: bool) -> bool:
+    """Use vitkit's compiled kernels where built (default True, `VITKIT_KERNELS=0` turns them off);
+    returns the previous setting."""
+    global _ENABLED
+    previous, _ENABLED = _ENABLED, bool(enabled)
+    return previous
+
+
+def available() -> bool:
+    """Whether the kernels are on and loaded (loading the build for this CPU on the first call)."""
+    global _LOADED
+    if not _ENABLED:
+        return False
+    if _LOADED is None:
+        _LOADED = False
+        name = isa()
+        if name is not None and (path := library_path(name)).exists():
+            torch.ops.load_library(str(path))
+            _LOADED = True
+    return _LOADED
+
+
+def window_attention_applies(q: torch.Tensor) -> bool:
+    """Whether `window_attention` takes q (windows, heads, N, head_dim): CPU inference without gradients,
+    fp32 or bf16, a head_dim of 16-64 in steps of 16, outside compilation, export and tracing."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if torch.is_grad_enabled() and q.requires_grad or q.shape[-1] % 16 or q.shape[-1] > 64:
+        return False
+    return not capturing() and available()
+    return available()
+
+
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v for q, k, v (windows, heads, N, head_dim) with a unit last stride and
+    bias (G, heads, N, N) float32, window w adding bias[w % G]; returns (windows, N, heads, head_dim)."""
+    return torch.ops.vitkit.window_attention(q, k, v, bias, scale)
+
+
+def status() -> str:
+    """One line for logs and benchmarks: which kernels run here, or why none do."""
+    if not _ENABLED:
+        return "vitkit kernels: off"
+    if available():
+        return f"vitkit kernels: {isa()} ({library_path(isa() or '').name})"
+    if isa() is None:
+        return "vitkit kernels: none for this CPU (torch path)"
+    return "vitkit kernels: not built (torch path; `python -m vitkit.layers.kernels` builds them)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        path = build(force="--force" in args, verbose="--verbose" in args)
+    except VitkitError as err:
+        print(f"{err}", file=sys.stderr)
+        return 1
+    print(f"vitkit kernels: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""vitkit's compiled window attention kernel: it builds, matches a float64 reference (fp32 to float rounding,
+bf16 within its rounding), takes Swin's strided q / k / v and per-window biases, runs inside Swin and
+Swin V2 inference with the same outputs as the torch path, and steps aside where it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitkit
+from vitkit.core.errors import VitkitError
+from vitkit.layers import kernels
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The kernels for this CPU, built (once per machine and source) and loaded."""
+    if kernels.isa() is None:
+        pytest.skip("vitkit's kernels need an x86 CPU with AVX2 and FMA")
+    if kernels.compiler() is None:
+        pytest.skip("no C++ compiler: vitkit's kernels cannot be built here")
+    kernels.build()
+    assert kernels.available(), kernels.status()
+    return True
+
+
+def reference(q, k, v, bias, scale):
+    """(W, H, N, D) -> (W, N, H, D) in float64; window w adds bias[w % G]."""
+    q, k, v, bias = (t.double() for t in (q, k, v, bias))
+    W, H, N, _ = q.shape
+    b = bias.repeat(W // bias.shape[0], 1, 1, 1)
+    attn = (q @ k.transpose(-2, -1) * scale + b).softmax(-1)
+    return (attn @ v).transpose(1, 2)
+
+
+def qkv_views(windows, heads, n, d, dtype):
+    """q, k, v as Swin's attention makes them: strided views of one (W, N, 3, H, D) projection."""
+    qkv = torch.randn(windows, n, 3, heads, d).to(dtype)
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@pytest.mark.parametrize(
+    "windows,groups,heads,n,d",
+    [(16, 4, 3, 49, 32), (6, 1, 2, 64, 32), (4, 2, 1, 144, 16), (3, 3, 2, 9, 48), (2, 1, 4, 20, 64)],
+)
+def test_matches_float64_reference(built, windows, groups, heads, n, d):
+    q, k, v = qkv_views(windows, heads, n, d, torch.float32)
+    bias = torch.randn(groups, heads, n, n)
+    bias[0, 0, :, -1] = -100.0  # a masked key, as Swin's shift mask sets it
+    scale = d**-0.5
+    want = reference(q, k, v, bias, scale)
+    got = kernels.window_attention(q, k, v, bias, scale)
+    assert got.shape == (windows, n, heads, d) and got.dtype == torch.float32 and got.is_contiguous()
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6
+
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    got16 = kernels.window_attention(qb, kb, vb, bias, scale)
+    assert got16.dtype == torch.bfloat16
+    # bf16 inputs are rounded (2^-9 relative) before fp32 arithmetic: the reference of the rounded
+    # inputs is matched to the output's own rounding
+    want16 = reference(qb, kb, vb, bias, scale)
+    assert ((got16.double() - want16).abs().max() / want16.abs().max()).item() < 8e-3
+
+
+def test_rejects_what_it_cannot_take(built):
+    q, k, v = qkv_views(2, 2, 9, 32, torch.float32)
+    with pytest.raises(RuntimeError, match="head_dim must be"):
+        kernels.window_attention(q[..., :24], k[..., :24], v[..., :24], torch.zeros(1, 2, 9, 9), 1.0)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        kernels.window_attention(q, k, v, torch.zeros(3, 2, 9, 9), 1.0)  # 3 does not divide 2 windows
+    with pytest.raises(RuntimeError, match="float32 or all bfloat16"):
+        kernels.window_attention(q.double(), k.double(), v.double(), torch.zeros(1, 2, 9, 9), 1.0)
+
+
+def test_applies_only_to_cpu_inference(built):
+    q = torch.randn(2, 2, 9, 32)
+    with torch.no_grad():
+        assert kernels.window_attention_applies(q)
+        assert not kernels.window_attention_applies(q[..., :24])  # head_dim 24
+        assert not kernels.window_attention_applies(q.double())
+    assert not kernels.window_attention_applies(q.requires_grad_())  # training needs the torch path
+    previous = kernels.set_kernels(False)
+    try:
+        with torch.no_grad():
+            assert not kernels.window_attention_applies(q.detach())
+        assert kernels.status() == "vitkit kernels: off"
+    finally:
+        kernels.set_kernels(previous)
+
+
+@pytest.mark.parametrize("name,size", [("swin_tiny_patch4_window7_224", 112), ("swinv2_tiny_window8_256", 128)])
+def test_swin_inference_runs_the_kernel_with_the_same_outputs(built, name, size, monkeypatch):
+    model = vitkit.create_model(name, img_size=size, depths=(2, 2, 2, 2), num_classes=10).eval()
+    x = torch.randn(3, 3, size, size)
+    calls = []
+    real = kernels.window_attention
+    monkeypatch.setattr(kernels, "window_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.no_grad():
+        fast = model(x)
+        assert len(calls) == 8  # every block, shifted ones (with a mask) included
+        kernels.set_kernels(False)
+        try:
+            plain = model(x)
+        finally:
+            kernels.set_kernels(True)
+    assert len(calls) == 8
+    assert ((fast - plain).abs().max() / plain.abs().max()).item() < 1e-5
+
+    # bf16 weights (vitkit's bf16 inference): the kernel against the torch path, same tolerance as
+    # the bf16 attention core (tests/test_attention.py)
+    bf16 = vitkit.create_model(name, img_size=size, depths=(2, 2, 2, 2), num_classes=10).eval()
+    bf16.load_state_dict(model.state_dict())
+    bf16 = bf16.to(torch.bfloat16)
+    with torch.no_grad():
+        fast16 = bf16(x.bfloat16()).float()
+    assert ((fast16 - plain).abs().max() / plain.abs().max()).item() < 0.05
+
+
+def test_training_forward_takes_the_torch_path(built, monkeypatch):
+    model = vitkit.create_model("swin_tiny_patch4_window7_224", img_size=64, depths=(2, 2, 2, 2), num_classes=4)
+    monkeypatch.setattr(kernels, "window_attention", lambda *a: pytest.fail("the kernel has no backward"))
+    loss = model(torch.randn(2, 3, 64, 64)).sum()
+    loss.backward()
+    assert model.layers[0].blocks[0].attn.relative_position_bias_table.grad is not None
+
+
+def test_build_without_a_compiler_names_the_fix(monkeypatch, tmp_path):
+    if kernels.isa() is None:
+        pytest.skip("no supported instruction set: the error would name the CPU instead")
+    monkeypatch.setenv("VITKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "compiler", lambda: None)
+    with pytest.raises(VitkitError, match="install g\\+\\+"):
+        kernels.build()
+    assert not list(tmp_path.rglob("*.so*"))  # nothing half-written left behind
+
+
+def test_the_flop_count_includes_the_kernel(built):
+    from vitkit.tools.flops import count_macs
+
+    model = vitkit.create_model("swin_tiny_patch4_window7_224", img_size=112, depths=(2, 2, 2, 2)).eval()
+    x = torch.randn(1, 3, 112, 112)
+    on_cpu, _ = count_macs(model, x)
+    on_meta, _ = count_macs(model.to("meta"), x.to("meta"))  # the torch path, counted by torch
+    assert on_cpu == on_meta
