@@ -62,6 +62,21 @@ def test_matches_float64_reference(built, windows, groups, heads, n, d):
     assert ((got16.double() - want16).abs().max() / want16.abs().max()).item() < 8e-3
 
 
+def test_cosine_attention_matches_float64_reference(built):
+    """Swin V2: q and k L2-normalised, head h's scores times cosine[h] (and scale)."""
+    q, k, v = qkv_views(8, 3, 64, 32, torch.float32)
+    q[0, 0, 0] = 0.0  # a zero row: F.normalize's eps keeps it finite
+    bias = torch.randn(4, 3, 64, 64)
+    cosine = torch.tensor([3.0, 10.0, 100.0])
+    qn = torch.nn.functional.normalize(q.double(), dim=-1) * cosine.double().view(1, 3, 1, 1)
+    want = reference(qn, torch.nn.functional.normalize(k.double(), dim=-1), v, bias, 0.5)
+    got = kernels.window_attention(q, k, v, bias, 0.5, cosine)
+    # scores up to +-50 carry fp32 rounding of ~3e-6 into the exponent: the parity bound, 1e-5
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+    with pytest.raises(RuntimeError, match="one value per head"):
+        kernels.window_attention(q, k, v, bias, 0.5, cosine[:2])
+
+
 def test_rejects_what_it_cannot_take(built):
     q, k, v = qkv_views(2, 2, 9, 32, torch.float32)
     with pytest.raises(RuntimeError, match="head_dim must be"):

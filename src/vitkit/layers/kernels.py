@@ -160,11 +160,18 @@ def window_attention_applies(q: torch.Tensor) -> bool:
 
 
 def window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    cosine: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v for q, k, v (windows, heads, N, head_dim) with a unit last stride and
-    bias (G, heads, N, N) float32, window w adding bias[w % G]; returns (windows, N, heads, head_dim)."""
-    return torch.ops.vitkit.window_attention(q, k, v, bias, scale)
+    bias (G, heads, N, N) float32, window w adding bias[w % G]; returns (windows, N, heads, head_dim).
+    `cosine` (heads,) float32: Swin V2's cosine attention, q and k L2-normalised first and head h's
+    scores multiplied by cosine[h] as well."""
+    return torch.ops.vitkit.window_attention(q, k, v, bias, scale, cosine)
 
 
 def status() -> str:

@@ -265,6 +265,10 @@ class _WindowAttentionBase(nn.Module):
         """The tensors `position_bias` reads: a change to any of them invalidates the cache."""
         raise NotImplementedError
 
+    def _cosine_scale(self) -> torch.Tensor | None:
+        """Swin V2: the per-head multiplier of cosine similarities, (heads,) fp32; None: dot products."""
+        return None
+
     def train(self, mode: bool = True) -> _WindowAttentionBase:
         self._bias_cache = None
         return super().train(mode)
@@ -287,13 +291,14 @@ class _WindowAttentionBase(nn.Module):
         heads = self.num_heads
         # (3, B * nW, heads, N, head_dim)
         q, k, v = self._qkv(x).reshape(B_, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k, scale = self._scaled(q, k)
         dropout = self.attn_drop if self.training else 0.0
         if not dropout and kernels.window_attention_applies(q):  # CPU inference: one pass, no copies in or out
             bias = self.cached_bias(mask, torch.float32).view(-1, heads, N, N)
-            scale = q.shape[-1] ** -0.5 if scale is None else scale
-            x = kernels.window_attention(q, k, v, bias, scale).view(B_, N, C)
+            cosine = self._cosine_scale()
+            scale = 1.0 if cosine is not None else q.shape[-1] ** -0.5
+            x = kernels.window_attention(q, k, v, bias, scale, cosine).view(B_, N, C)
             return self.proj_drop(linear(self.proj, x))
+        q, k, scale = self._scaled(q, k)
         dtype = x.dtype
         core = core_dtype_applies(self.core_dtype, q)
         if core:  # one pass each, which also makes them contiguous
@@ -415,6 +420,9 @@ class WindowAttentionV2(_WindowAttentionBase):
 
     def _bias_inputs(self) -> tuple[torch.Tensor, ...]:
         return (*self.cpb_mlp.parameters(), self.relative_coords_table, self.relative_position_index)
+
+    def _cosine_scale(self) -> torch.Tensor:
+        return torch.clamp(self.logit_scale, max=math.log(100.0)).exp().float().flatten()
 
     def _scaled(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float | None]:
         # cosine attention: the temperature is folded into q, so SDPA's scale is 1

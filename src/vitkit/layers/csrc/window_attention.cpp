@@ -8,6 +8,8 @@
 //
 // q, k, v: (W, H, N, D), any strides with a unit last stride, float32 or bfloat16 (all three alike).
 // bias:    (G, H, N, N) float32, contiguous; window w adds bias[w % G] (G = 1 or the windows per image).
+// cosine:  optional (H,) float32: Swin V2's cosine attention, q and k divided by their L2 norms first and
+//          head h's scores multiplied by cosine[h] (its clamped, exponentiated logit scale) and scale.
 // returns: (W, N, H, D) contiguous in q's dtype, i.e. (W, N, H * D) as the output projection reads it.
 // Accumulation is fp32 throughout; bf16 inputs are widened on load and the result rounded once.
 
@@ -21,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -149,11 +152,23 @@ inline void widen_transposed(const T* k, int64_t ks, int64_t N, int64_t NP, floa
     }
 }
 
+// Swin V2's cosine attention: a row divided by its L2 norm (at least 1e-12, as F.normalize), times `gain`
+template <int64_t D>
+inline void normalize(float* x, float gain) {
+  vf sq = {};
+  for (int64_t d = 0; d < D; d += L) {
+    const vf v = loadv(x + d);
+    sq += v * v;
+  }
+  const float f = gain / std::max(std::sqrt(hsum(sq)), 1e-12f);
+  for (int64_t d = 0; d < D; d += L) storev(x + d, loadv(x + d) * f);
+}
+
 // One (window, head) with head_dim = 16 * DV. Scratch: kt (D, NP) = k transposed, vb (N, D), bias
 // (N, NP) padded with -inf, qb (R, D), sc (R, NP): all fp32.
 template <typename T, int DV>
 void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const Views& s, int64_t w, int64_t h,
-            float scale, float* kt, float* vb, float* bp, float* qb, float* sc) {
+            float scale, const float* cosine, float* kt, float* vb, float* bp, float* qb, float* sc) {
   constexpr int64_t D = DV * L;
   const int64_t N = s.N, NP = (N + L - 1) / L * L, NC = NP / L;
   const T* qw = q + w * s.q_s[0] + h * s.q_s[1];
@@ -165,6 +180,8 @@ void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const
   // vectorisation of a plain transpose loop (scatter stores, slow on AMD CPUs).
   for (int64_t j = 0; j < N; ++j) widen_row<T, D>(vw + j * s.v_s[2], vb + j * D);
   for (int64_t j = 0; j < N; ++j) widen_row<T, D>(kw + j * s.k_s[2], sc + j * D);
+  if (cosine)
+    for (int64_t j = 0; j < N; ++j) normalize<D>(sc + j * D, 1.0f);
   widen_transposed<float, D>(sc, D, N, NP, kt);
   const float* bh = bias + ((w % s.G) * s.H + h) * N * N;
   for (int64_t i = 0; i < N; ++i) {
@@ -175,7 +192,12 @@ void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const
     const int64_t rows = std::min<int64_t>(R, N - i0);
     for (int r = 0; r < R; ++r) {  // a short last block repeats its last row
       const T* qi = qw + (i0 + std::min<int64_t>(r, rows - 1)) * s.q_s[2];
-      for (int64_t d = 0; d < D; ++d) qb[r * D + d] = load(qi + d) * scale;
+      if (cosine) {
+        widen_row<T, D>(qi, qb + r * D);
+        normalize<D>(qb + r * D, cosine[h] * scale);
+      } else {
+        for (int64_t d = 0; d < D; ++d) qb[r * D + d] = load(qi + d) * scale;
+      }
     }
     // scores: R rows x 16 keys per step, the reduction over D in registers
     for (int64_t c = 0; c < NC; ++c) {
@@ -228,12 +250,13 @@ void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const
 }
 
 template <typename T, int DV>
-void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, at::Tensor& out,
-         const Views& s, float scale) {
+void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+         const std::optional<at::Tensor>& cosine, at::Tensor& out, const Views& s, float scale) {
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
   const float* bp = bias.const_data_ptr<float>();
+  const float* cp = cosine ? cosine->const_data_ptr<float>() : nullptr;
   T* op = out.mutable_data_ptr<T>();
   const int64_t N = s.N, NP = (N + L - 1) / L * L, D = DV * L;
   at::parallel_for(0, s.W * s.H, 1, [&](int64_t begin, int64_t end) {
@@ -244,24 +267,24 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
     float* qb = bb + N * NP;
     float* sc = qb + R * D;
     for (int64_t t = begin; t < end; ++t) {
-      attend<T, DV>(qp, kp, vp, bp, op, s, t / s.H, t % s.H, scale, kt, vb, bb, qb, sc);
+      attend<T, DV>(qp, kp, vp, bp, op, s, t / s.H, t % s.H, scale, cp, kt, vb, bb, qb, sc);
     }
   });
 }
 
 template <typename T>
-void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, at::Tensor& out,
-              const Views& s, float scale) {
+void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+              const std::optional<at::Tensor>& cosine, at::Tensor& out, const Views& s, float scale) {
   switch (s.D / L) {
-    case 1: return run<T, 1>(q, k, v, bias, out, s, scale);
-    case 2: return run<T, 2>(q, k, v, bias, out, s, scale);
-    case 3: return run<T, 3>(q, k, v, bias, out, s, scale);
-    default: return run<T, 4>(q, k, v, bias, out, s, scale);
+    case 1: return run<T, 1>(q, k, v, bias, cosine, out, s, scale);
+    case 2: return run<T, 2>(q, k, v, bias, cosine, out, s, scale);
+    case 3: return run<T, 3>(q, k, v, bias, cosine, out, s, scale);
+    default: return run<T, 4>(q, k, v, bias, cosine, out, s, scale);
   }
 }
 
 at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-                            double scale) {
+                            double scale, const std::optional<at::Tensor>& cosine) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
               "window_attention: q, k and v must be (windows, heads, N, head_dim) of one shape");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && bias.device().is_cpu(),
@@ -276,18 +299,22 @@ at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.dim() == 4 && bias.size(1) == H &&
                   bias.size(2) == N && bias.size(3) == N && bias.size(0) > 0 && W % bias.size(0) == 0,
               "window_attention: bias must be contiguous float32 (G, heads, N, N) with G dividing the windows");
+  TORCH_CHECK(!cosine || (cosine->scalar_type() == at::kFloat && cosine->is_contiguous() && cosine->numel() == H),
+              "window_attention: cosine must be contiguous float32 with one value per head");
   Views s{W, H, N, D, bias.size(0), {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
           {v.stride(0), v.stride(1), v.stride(2)}};
   at::Tensor out = at::empty({W, N, H, D}, q.options());
   if (q.scalar_type() == at::kFloat)
-    dispatch<float>(q, k, v, bias, out, s, static_cast<float>(scale));
+    dispatch<float>(q, k, v, bias, cosine, out, s, static_cast<float>(scale));
   else
-    dispatch<c10::BFloat16>(q, k, v, bias, out, s, static_cast<float>(scale));
+    dispatch<c10::BFloat16>(q, k, v, bias, cosine, out, s, static_cast<float>(scale));
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(vitkit, m) { m.def("window_attention(Tensor q, Tensor k, Tensor v, Tensor bias, float scale) -> Tensor"); }
+TORCH_LIBRARY(vitkit, m) { 
+  m.def("window_attention(Tensor q, Tensor k, Tensor v, Tensor bias, float scale, Tensor? cosine=None) -> Tensor");
+ }
 
 TORCH_LIBRARY_IMPL(vitkit, CPU, m) { m.impl("window_attention", &window_attention); }
