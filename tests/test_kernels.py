@@ -87,32 +87,62 @@ def test_rejects_what_it_cannot_take(built):
         kernels.window_attention(q.double(), k.double(), v.double(), torch.zeros(1, 2, 9, 9), 1.0)
 
 
+def test_gathers_windows_from_a_map_and_writes_them_back(built):
+    """With `rows`: q, k, v are (B, T, heads, D) maps, window b * nW + n is image b's tokens rows[n], and
+    each output token lands where it came from: partition, shift and their inverses without copies."""
+    B, T, heads, d, nw, n = 2, 36, 3, 32, 4, 9
+    qkv = torch.randn(B, T, 3, heads, d)
+    q, k, v = qkv.unbind(2)
+    rows = torch.randperm(T).view(nw, n)
+    bias = torch.randn(nw, heads, n, n)
+    got = kernels.window_attention(q, k, v, bias, 0.3, None, rows)
+    assert got.shape == (B, T, heads, d)
+    # the same windows gathered by hand, through the window form
+    gather = lambda t: t[:, rows.flatten()].view(B * nw, n, heads, d).transpose(1, 2)  # noqa: E731
+    want = reference(gather(q), gather(k), gather(v), bias, 0.3)  # (B * nw, n, heads, d)
+    back = torch.empty(B, T, heads, d, dtype=torch.float64)
+    back[:, rows.flatten()] = want.reshape(B, T, heads, d)
+    assert ((got.double() - back).abs().max() / back.abs().max()).item() < 1e-6
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.window_attention(q, k, v, bias, 0.3, None, rows.clone().fill_(T))
+    with pytest.raises(RuntimeError, match="covering every token"):
+        kernels.window_attention(q, k, v, bias, 0.3, None, rows[:2])
+
+
 def test_applies_only_to_cpu_inference(built):
-    q = torch.randn(2, 2, 9, 32)
+    x = torch.randn(2, 9, 64)
     with torch.no_grad():
-        assert kernels.window_attention_applies(q)
-        assert not kernels.window_attention_applies(q[..., :24])  # head_dim 24
-        assert not kernels.window_attention_applies(q.double())
-    assert not kernels.window_attention_applies(q.requires_grad_())  # training needs the torch path
+        assert kernels.window_attention_applies(x, 32)
+        assert not kernels.window_attention_applies(x, 24)  # head_dim 24
+        assert not kernels.window_attention_applies(x.double(), 32)
+    assert not kernels.window_attention_applies(x.requires_grad_(), 32)  # training needs the torch path
     previous = kernels.set_kernels(False)
     try:
         with torch.no_grad():
-            assert not kernels.window_attention_applies(q.detach())
+            assert not kernels.window_attention_applies(x.detach(), 32)
         assert kernels.status() == "vitkit kernels: off"
     finally:
         kernels.set_kernels(previous)
 
 
-@pytest.mark.parametrize("name,size", [("swin_tiny_patch4_window7_224", 112), ("swinv2_tiny_window8_256", 128)])
-def test_swin_inference_runs_the_kernel_with_the_same_outputs(built, name, size, monkeypatch):
+@pytest.mark.parametrize(
+    "name,size,mapped",
+    [
+        ("swin_tiny_patch4_window7_224", 112, 8),  # maps of whole windows: all 8 blocks gather from the map
+        # 24 x 24 and 12 x 12 maps pad to whole windows (window form); 6 x 6 and 3 x 3 are one window each
+        ("swin_tiny_patch4_window7_224", 96, 4),
+        ("swinv2_tiny_window8_256", 128, 8),
+    ],
+)
+def test_swin_inference_runs_the_kernel_with_the_same_outputs(built, name, size, mapped, monkeypatch):
     model = vitkit.create_model(name, img_size=size, depths=(2, 2, 2, 2), num_classes=10).eval()
     x = torch.randn(3, 3, size, size)
     calls = []
     real = kernels.window_attention
-    monkeypatch.setattr(kernels, "window_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(kernels, "window_attention", lambda *a: calls.append(a[6] is not None) or real(*a))
     with torch.no_grad():
         fast = model(x)
-        assert len(calls) == 8  # every block, shifted ones (with a mask) included
+        assert len(calls) == 8 and sum(calls) == mapped  # every block, shifted ones (with a mask) included
         kernels.set_kernels(False)
         try:
             plain = model(x)

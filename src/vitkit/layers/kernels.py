@@ -148,15 +148,14 @@ def available() -> bool:
     return _LOADED
 
 
-def window_attention_applies(q: torch.Tensor) -> bool:
-    """Whether `window_attention` takes q (windows, heads, N, head_dim): CPU inference without gradients,
+def window_attention_applies(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether `window_attention` takes attention over x (its input): CPU inference without gradients,
     fp32 or bf16, a head_dim of 16-64 in steps of 16, outside compilation, export and tracing."""
-    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return False
-    if torch.is_grad_enabled() and q.requires_grad or q.shape[-1] % 16 or q.shape[-1] > 64:
+    if torch.is_grad_enabled() and x.requires_grad or head_dim % 16 or head_dim > 64:
         return False
     return not capturing() and available()
-    return available()
 
 
 def window_attention(
@@ -166,12 +165,18 @@ def window_attention(
     bias: torch.Tensor,
     scale: float,
     cosine: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v for q, k, v (windows, heads, N, head_dim) with a unit last stride and
-    bias (G, heads, N, N) float32, window w adding bias[w % G]; returns (windows, N, heads, head_dim).
-    `cosine` (heads,) float32: Swin V2's cosine attention, q and k L2-normalised first and head h's
-    scores multiplied by cosine[h] as well."""
-    return torch.ops.vitkit.window_attention(q, k, v, bias, scale, cosine)
+    """softmax(q k^T * scale + bias) v per window and head; accumulation in fp32.
+
+    q, k, v: views of one projection with a unit last stride, fp32 or bf16 alike. Without `rows`:
+    (windows, heads, N, head_dim), returning (windows, N, heads, head_dim). With `rows` (nW, N) int64,
+    each image's token indices per window: (B, T, heads, head_dim) maps, window b * nW + n gathering
+    image b's tokens rows[n], returning (B, T, heads, head_dim) with every token back in its place.
+    bias: (G, heads, N, N) float32, window w adding bias[w % G]. `cosine` (heads,) float32: Swin V2's
+    cosine attention, q and k L2-normalised first and head h's scores multiplied by cosine[h] too.
+    """
+    return torch.ops.vitkit.window_attention(q, k, v, bias, scale, cosine, rows)
 
 
 def status() -> str:

@@ -286,17 +286,38 @@ class _WindowAttentionBase(nn.Module):
             self._bias_cache = (key, attention_bias(self.position_bias(), mask, dtype))
         return self._bias_cache[1]
 
+    def kernel_applies(self, x: torch.Tensor) -> bool:
+        """Whether vitkit's window kernel computes this attention (`vitkit.layers.kernels`): CPU inference."""
+        if self.training and self.attn_drop:
+            return False
+        return kernels.window_attention_applies(x, self.proj.in_features // self.num_heads)
+
+    def _kernel_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        N = self.window_size[0] * self.window_size[1]
+        bias = self.cached_bias(mask, torch.float32).view(-1, self.num_heads, N, N)
+        cosine = self._cosine_scale()
+        scale = 1.0 if cosine is not None else q.shape[-1] ** -0.5
+        return kernels.window_attention(q, k, v, bias, scale, cosine, rows)
+
+    def forward_map(self, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Window attention on a whole map, (B, T, C) -> (B, T, C), through vitkit's kernel (`kernel_applies`):
+        the projections run per token on the map and the kernel gathers each window's tokens by `rows`
+        (nW, N) and writes them back in place, so no partition, shift or their inverses are copied."""
+        B, T, C = x.shape
+        q, k, v = self._qkv(x).view(B, T, 3, self.num_heads, -1).unbind(2)  # each (B, T, heads, head_dim)
+        x = self._kernel_attention(q, k, v, mask, rows).view(B, T, C)
+        return self.proj_drop(linear(self.proj, x))
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B_, N, C = x.shape
         heads = self.num_heads
         # (3, B * nW, heads, N, head_dim)
         q, k, v = self._qkv(x).reshape(B_, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         dropout = self.attn_drop if self.training else 0.0
-        if not dropout and kernels.window_attention_applies(q):  # CPU inference: one pass, no copies in or out
-            bias = self.cached_bias(mask, torch.float32).view(-1, heads, N, N)
-            cosine = self._cosine_scale()
-            scale = 1.0 if cosine is not None else q.shape[-1] ** -0.5
-            x = kernels.window_attention(q, k, v, bias, scale, cosine).view(B_, N, C)
+        if self.kernel_applies(x):  # CPU inference: one pass, no copies in or out
+            x = self._kernel_attention(q, k, v, mask).view(B_, N, C)
             return self.proj_drop(linear(self.proj, x))
         q, k, scale = self._scaled(q, k)
         dtype = x.dtype
@@ -472,6 +493,7 @@ class SwinBlock(nn.Module):
         """(Re)compute the non-persistent buffers (mask, position index) on the parameters' device."""
         self.attn.init_buffers()
         self._mask_cache, self._order_cache = {}, {}  # type: ignore[var-annotated]  # typed in __init__ / _order_for
+        self._rows_cache: dict[tuple, torch.Tensor] = {}  # see _rows_for
         mask, order = None, (None, None)
         if any(self.shift_size) and not self.dynamic:
             device = self.norm1.weight.device
@@ -513,10 +535,22 @@ class SwinBlock(nn.Module):
             self._order_cache[key] = tuple(t.to(device) for t in order)
         return self._order_cache[key]
 
+    def _rows_for(self, resolution: Window, device: torch.device) -> torch.Tensor:
+        """Each window's token indices in an unpadded (H * W) map, (nW, N), shift included: the kernel's gather."""
+        key = (resolution, device)
+        if key not in self._rows_cache:
+            index, _ = shifted_window_order(resolution, self.window_size, self.shift_size)
+            self._rows_cache[key] = index.view(-1, self.window_size[0] * self.window_size[1]).to(device)
+        return self._rows_cache[key]
+
     def windowed_attention(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C): roll, pad to whole windows, attend per window, undo."""
         B, H, W, C = x.shape
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
+        if self.attn.kernel_applies(x) and H % wh == 0 and W % ww == 0:  # no copies: the kernel gathers
+            rows = self._rows_for((H, W), x.device)
+            out = self.attn.forward_map(x.reshape(B, H * W, C), rows, self._mask_for((H, W), x.device))
+            return out.view(B, H, W, C)
         order = None
         if (sh or sw) and not capturing() and H % wh == 0 and W % ww == 0:
             order = self._order_for((H, W), x.device)

@@ -9,6 +9,7 @@ device by default: exact shapes, no arithmetic, no memory.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,6 +49,12 @@ def _cpu_attention_backward_flops(
     return 2 * b * h * nq * nk * (3 * d + 2 * dv)
 
 
+def _window_kernel_flops(query: Shape, key: Shape, value: Shape, bias: Shape, *args: Any, **kwargs: Any) -> int:
+    # vitkit.layers.kernels.window_attention: q holds every window's N tokens per head (in the window
+    # or the map layout), each scored against its window's N keys (bias (G, heads, N, N)) and their values
+    return 4 * math.prod(query) * bias[-1]
+
+
 EXTRA_FORMULAS: dict[Any, Any] = {
     aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
@@ -59,8 +66,7 @@ def flop_counter() -> FlopCounterMode:
     vitkit's window attention kernel (`vitkit.layers.kernels`, where built)."""
     mapping = dict(EXTRA_FORMULAS)
     if kernels.available():  # the op exists only once its library is loaded
-        # q, k, v (windows, heads, N, head_dim): the same two products as SDPA's
-        mapping[torch.ops.vitkit.window_attention] = _cpu_attention_flops
+        mapping[torch.ops.vitkit.window_attention] = _window_kernel_flops
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 

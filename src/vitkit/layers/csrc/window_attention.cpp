@@ -6,11 +6,14 @@
 // rows and round trips of the score tensor through memory. Here every loop runs over contiguous fp32
 // rows the compiler vectorises (built with the CPU's widest vector flags by vitkit.layers.kernels).
 //
-// q, k, v: (W, H, N, D), any strides with a unit last stride, float32 or bfloat16 (all three alike).
+// q, k, v: (W, H, N, D) views of one projection (equal strides, unit last stride), float32 or bfloat16;
+//          returns (W, N, H, D) contiguous in q's dtype, i.e. (W, N, H * D) as the output projection reads it.
+// rows:    optional (nW, N) int64: q, k, v are then (B, T, H, D) maps of T tokens per image, window
+//          b * nW + n gathers the tokens rows[n] of image b, and the output (B, T, H, D) goes back to the
+//          same places: Swin's (shifted) window partition and its inverse without a copy either way.
 // bias:    (G, H, N, N) float32, contiguous; window w adds bias[w % G] (G = 1 or the windows per image).
 // cosine:  optional (H,) float32: Swin V2's cosine attention, q and k divided by their L2 norms first and
 //          head h's scores multiplied by cosine[h] (its clamped, exponentiated logit scale) and scale.
-// returns: (W, N, H, D) contiguous in q's dtype, i.e. (W, N, H * D) as the output projection reads it.
 // Accumulation is fp32 throughout; bf16 inputs are widened on load and the result rounded once.
 
 #include <ATen/Parallel.h>
@@ -48,9 +51,30 @@ inline float load(const c10::BFloat16* p) { return bf16_to_float(p->x); }
 inline void store(float* p, float v) { *p = v; }
 inline void store(c10::BFloat16* p, float v) { p->x = float_to_bf16(v); }
 
-struct Views {
+// Where window w's token i and head h live, as element offsets shared by q, k and v (views of one
+// projection): token_offset(w, i) + h * head_stride; and where its output goes.
+struct Layout {
   int64_t W, H, N, D, G;
-  int64_t q_s[3], k_s[3], v_s[3];  // strides of the first three dims (the last is 1)
+  int64_t head_stride, outer_stride, token_stride;  // outer: per window, or per image with `rows`
+  const int64_t* rows;                              // (windows per image, N) token indices; nullptr: none
+  int64_t windows_per_image, tokens_per_image;
+
+  // fills off[i] (input) and out_off[i] (output, heads * D per token) for window w's N tokens
+  void offsets(int64_t w, int64_t* off, int64_t* out_off) const {
+    if (rows == nullptr) {
+      for (int64_t i = 0; i < N; ++i) {
+        off[i] = w * outer_stride + i * token_stride;
+        out_off[i] = (w * N + i) * H * D;
+      }
+    } else {
+      const int64_t b = w / windows_per_image;
+      const int64_t* r = rows + (w % windows_per_image) * N;
+      for (int64_t i = 0; i < N; ++i) {
+        off[i] = b * outer_stride + r[i] * token_stride;
+        out_off[i] = (b * tokens_per_image + r[i]) * H * D;
+      }
+    }
+  }
 };
 
 // 16 fp32 lanes: one AVX-512 register, or two AVX2 ones (GCC's generic vectors lower to either)
@@ -165,21 +189,20 @@ inline void normalize(float* x, float gain) {
 }
 
 // One (window, head) with head_dim = 16 * DV. Scratch: kt (D, NP) = k transposed, vb (N, D), bias
-// (N, NP) padded with -inf, qb (R, D), sc (R, NP): all fp32.
+// (N, NP) padded with -inf, qb (R, D), sc (R, NP): all fp32; off / out_off: the window's token offsets.
 template <typename T, int DV>
-void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const Views& s, int64_t w, int64_t h,
-            float scale, const float* cosine, float* kt, float* vb, float* bp, float* qb, float* sc) {
+void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const Layout& s, int64_t w, int64_t h,
+            float scale, const float* cosine, float* kt, float* vb, float* bp, float* qb, float* sc,
+            const int64_t* off, const int64_t* out_off) {
   constexpr int64_t D = DV * L;
   const int64_t N = s.N, NP = (N + L - 1) / L * L, NC = NP / L;
-  const T* qw = q + w * s.q_s[0] + h * s.q_s[1];
-  const T* kw = k + w * s.k_s[0] + h * s.k_s[1];
-  const T* vw = v + w * s.v_s[0] + h * s.v_s[1];
+  const int64_t hs = h * s.head_stride;
   // v, then k, row by row into fp32 (whole rows: many cache misses in flight at once); k is staged in
   // the score buffer (free until the first row block) and transposed from there in registers. At
   // Swin-T's stage 1 in fp32 this took the kernel from 1.0 to 0.6-0.75x the time of the compiler's
   // vectorisation of a plain transpose loop (scatter stores, slow on AMD CPUs).
-  for (int64_t j = 0; j < N; ++j) widen_row<T, D>(vw + j * s.v_s[2], vb + j * D);
-  for (int64_t j = 0; j < N; ++j) widen_row<T, D>(kw + j * s.k_s[2], sc + j * D);
+  for (int64_t j = 0; j < N; ++j) widen_row<T, D>(v + off[j] + hs, vb + j * D);
+  for (int64_t j = 0; j < N; ++j) widen_row<T, D>(k + off[j] + hs, sc + j * D);
   if (cosine)
     for (int64_t j = 0; j < N; ++j) normalize<D>(sc + j * D, 1.0f);
   widen_transposed<float, D>(sc, D, N, NP, kt);
@@ -191,7 +214,7 @@ void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const
   for (int64_t i0 = 0; i0 < N; i0 += R) {
     const int64_t rows = std::min<int64_t>(R, N - i0);
     for (int r = 0; r < R; ++r) {  // a short last block repeats its last row
-      const T* qi = qw + (i0 + std::min<int64_t>(r, rows - 1)) * s.q_s[2];
+      const T* qi = q + off[i0 + std::min<int64_t>(r, rows - 1)] + hs;
       if (cosine) {
         widen_row<T, D>(qi, qb + r * D);
         normalize<D>(qb + r * D, cosine[h] * scale);
@@ -240,7 +263,7 @@ void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const
       }
     }
     for (int r = 0; r < rows; ++r) {
-      T* o = out + ((w * N + i0 + r) * s.H + h) * D;
+      T* o = out + out_off[i0 + r] + h * D;
       for (int dv = 0; dv < DV; ++dv) {
         const vf x = acc[r][dv] * inv[r];
         for (int l = 0; l < L; ++l) store(o + dv * L + l, x[l]);
@@ -251,7 +274,7 @@ void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const
 
 template <typename T, int DV>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-         const std::optional<at::Tensor>& cosine, at::Tensor& out, const Views& s, float scale) {
+         const std::optional<at::Tensor>& cosine, at::Tensor& out, const Layout& s, float scale) {
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
@@ -266,15 +289,22 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
     float* bb = vb + N * D;
     float* qb = bb + N * NP;
     float* sc = qb + R * D;
+    std::vector<int64_t> offsets(2 * N);
+    int64_t window = -1;
     for (int64_t t = begin; t < end; ++t) {
-      attend<T, DV>(qp, kp, vp, bp, op, s, t / s.H, t % s.H, scale, cp, kt, vb, bb, qb, sc);
+      if (t / s.H != window) {  // tasks run the heads of a window in turn
+        window = t / s.H;
+        s.offsets(window, offsets.data(), offsets.data() + N);
+      }
+      attend<T, DV>(qp, kp, vp, bp, op, s, window, t % s.H, scale, cp, kt, vb, bb, qb, sc, offsets.data(),
+                    offsets.data() + N);
     }
   });
 }
 
 template <typename T>
 void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-              const std::optional<at::Tensor>& cosine, at::Tensor& out, const Views& s, float scale) {
+              const std::optional<at::Tensor>& cosine, at::Tensor& out, const Layout& s, float scale) {
   switch (s.D / L) {
     case 1: return run<T, 1>(q, k, v, bias, cosine, out, s, scale);
     case 2: return run<T, 2>(q, k, v, bias, cosine, out, s, scale);
@@ -284,26 +314,45 @@ void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
 }
 
 at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-                            double scale, const std::optional<at::Tensor>& cosine) {
-  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
-              "window_attention: q, k and v must be (windows, heads, N, head_dim) of one shape");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && bias.device().is_cpu(),
-              "window_attention: CPU tensors only");
+                            double scale, const std::optional<at::Tensor>& cosine,
+                            const std::optional<at::Tensor>& rows) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes() && k.strides() == q.strides() &&
+                  v.strides() == q.strides(),
+              "window_attention: q, k and v must be 4-D views of one shape and layout");
+  TORCH_CHECK(q.device().is_cpu() && bias.device().is_cpu(), "window_attention: CPU tensors only");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
                   (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
               "window_attention: q, k and v must all be float32 or all bfloat16");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
-              "window_attention: the head_dim of q, k and v must be contiguous");
-  const int64_t W = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  TORCH_CHECK(q.stride(3) == 1, "window_attention: the head_dim of q, k and v must be contiguous");
+  const int64_t D = q.size(3);
   TORCH_CHECK(D % L == 0 && D > 0 && D <= 4 * L, "window_attention: head_dim must be 16, 32, 48 or 64, got ", D);
+  Layout s{};
+  s.D = D;
+  at::Tensor out;
+  if (!rows) {  // q: (windows, heads, N, D)
+    s.W = q.size(0), s.H = q.size(1), s.N = q.size(2);
+    s.outer_stride = q.stride(0), s.head_stride = q.stride(1), s.token_stride = q.stride(2);
+    out = at::empty({s.W, s.N, s.H, D}, q.options());
+  } else {  // q: (images, tokens, heads, D), windows gathered by `rows`
+    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->dim() == 2 &&
+                    rows->numel() == q.size(1),
+                "window_attention: rows must be contiguous int64 (windows, N) covering every token once");
+    const int64_t* r = rows->const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < rows->numel(); ++i)
+      TORCH_CHECK(r[i] >= 0 && r[i] < q.size(1), "window_attention: rows holds a token index out of range");
+    s.windows_per_image = rows->size(0), s.tokens_per_image = q.size(1), s.rows = r;
+    s.W = q.size(0) * rows->size(0), s.H = q.size(2), s.N = rows->size(1);
+    s.outer_stride = q.stride(0), s.token_stride = q.stride(1), s.head_stride = q.stride(2);
+    out = at::empty({q.size(0), q.size(1), s.H, D}, q.options());
+  }
+  const int64_t H = s.H, N = s.N;
   TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.dim() == 4 && bias.size(1) == H &&
-                  bias.size(2) == N && bias.size(3) == N && bias.size(0) > 0 && W % bias.size(0) == 0,
+                  bias.size(2) == N && bias.size(3) == N && bias.size(0) > 0 && s.W % bias.size(0) == 0 &&
+                  (!rows || rows->size(0) % bias.size(0) == 0),
               "window_attention: bias must be contiguous float32 (G, heads, N, N) with G dividing the windows");
+  s.G = bias.size(0);
   TORCH_CHECK(!cosine || (cosine->scalar_type() == at::kFloat && cosine->is_contiguous() && cosine->numel() == H),
               "window_attention: cosine must be contiguous float32 with one value per head");
-  Views s{W, H, N, D, bias.size(0), {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
-          {v.stride(0), v.stride(1), v.stride(2)}};
-  at::Tensor out = at::empty({W, N, H, D}, q.options());
   if (q.scalar_type() == at::kFloat)
     dispatch<float>(q, k, v, bias, cosine, out, s, static_cast<float>(scale));
   else
@@ -314,7 +363,9 @@ at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }  // namespace
 
 TORCH_LIBRARY(vitkit, m) { 
-  m.def("window_attention(Tensor q, Tensor k, Tensor v, Tensor bias, float scale, Tensor? cosine=None) -> Tensor");
+  m.def(
+      "window_attention(Tensor q, Tensor k, Tensor v, Tensor bias, float scale, Tensor? cosine=None, "
+      "Tensor? rows=None) -> Tensor");
  }
 
 TORCH_LIBRARY_IMPL(vitkit, CPU, m) { m.impl("window_attention", &window_attention); }
