@@ -293,7 +293,12 @@ class _WindowAttentionBase(nn.Module):
         return kernels.window_attention_applies(x, self.proj.in_features // self.num_heads)
 
     def _kernel_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         N = self.window_size[0] * self.window_size[1]
         bias = self.cached_bias(mask, torch.float32).view(-1, self.num_heads, N, N)
