@@ -33,11 +33,18 @@ from vitkit.layers.capture import capturing
 
 SOURCES = (Path(__file__).parent / "csrc" / "window_attention.cpp",)
 # instruction sets, widest first: (name, the /proc/cpuinfo flags it needs, compiler flags)
+_AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2", "-mprefer-vector-width=512")
 ISAS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    # bf16 inputs: products by AVX512_BF16's pairwise dot product instead of widening to fp32 first
+    (
+        "avx512bf16",
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx2", "avx512_bf16"),
+        (*_AVX512, "-mavx512bf16"),
+    ),
     (
         "avx512",
         ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx2"),
-        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2", "-mprefer-vector-width=512"),
+        _AVX512,
     ),
     ("avx2", ("avx2", "fma"), ("-mavx2", "-mfma")),
 )

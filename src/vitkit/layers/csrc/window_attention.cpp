@@ -17,6 +17,7 @@
 // Accumulation is fp32 throughout; bf16 inputs are widened on load and the result rounded once.
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -272,6 +273,117 @@ void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const
   }
 }
 
+#ifdef __AVX512BF16__
+// bf16 inputs on a CPU with AVX512_BF16: both products by vdpbf16ps, which multiplies pairs of bf16
+// values and adds both products into one fp32 lane, half the instructions of widening to fp32 first.
+// q k^T is exact (bf16 x bf16 products fit fp32); the probabilities are rounded to bf16 before the
+// product with v, as torch's bf16 attention rounds them. Layouts, as 32-bit words of two bf16:
+//   kt2 (D/2, NP): word (e, j) = k[j][2e], k[j][2e+1]  (k's rows, word by word, transposed)
+//   vp  (NP/2, D): word (f, d) = v[2f][d], v[2f+1][d]  (two rows of v interleaved)
+//   q and the probabilities are read as words of their own rows and broadcast.
+inline vf dot2(vf acc, vf a, vf b) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<const __m512bh&>(a), reinterpret_cast<const __m512bh&>(b));
+}
+inline vf bcast_word(const void* p) {
+  uint32_t u;
+  std::memcpy(&u, p, sizeof u);
+  const vi w = vi{} + static_cast<int32_t>(u);
+  return reinterpret_cast<const vf&>(w);
+}
+
+template <int DV>
+void attend_bf16_dot(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v, const float* bias,
+                     c10::BFloat16* out, const Layout& s, int64_t w, int64_t h, float scale, float* kt, float* vb,
+                     float* bp, float* sc, const int64_t* off, const int64_t* out_off) {
+  constexpr int64_t D = DV * L, E = D / 2;  // E: words per row
+  const int64_t N = s.N, NP = (N + L - 1) / L * L, NC = NP / L;
+  const int64_t hs = h * s.head_stride;
+  // kt2: 16 x 16 word tiles of k transposed in registers (E = 8 * DV words per row: one tile holds
+  // 16 keys x 16 words, i.e. D = 32; other D take E / 16 tiles or a part of one)
+  uint32_t* kt2 = reinterpret_cast<uint32_t*>(kt);
+  for (int64_t j0 = 0; j0 < NP; j0 += L)
+    for (int64_t e0 = 0; e0 < E; e0 += L) {
+      vf r[L];
+      for (int t = 0; t < L; ++t) {
+        r[t] = vf{};
+        if (j0 + t < N) std::memcpy(&r[t], k + off[j0 + t] + hs + 2 * e0, std::min<int64_t>(L, E - e0) * 4);
+      }
+      transpose16(r);
+      for (int t = 0; t < L && e0 + t < E; ++t) storev(reinterpret_cast<float*>(kt2 + (e0 + t) * NP + j0), r[t]);
+    }
+  // vp: rows 2f and 2f + 1 interleaved, zero past N
+  uint32_t* vp = reinterpret_cast<uint32_t*>(vb);
+  for (int64_t f = 0; f < NP / 2; ++f) {
+    const int64_t j = 2 * f;
+    for (int64_t d0 = 0; d0 < D; d0 += L) {
+      vh a = {}, b = {};
+      if (j < N) std::memcpy(&a, v + off[j] + hs + d0, sizeof a);
+      if (j + 1 < N) std::memcpy(&b, v + off[j + 1] + hs + d0, sizeof b);
+      const vi word = __builtin_convertvector(a, vi) | (__builtin_convertvector(b, vi) << 16);
+      std::memcpy(vp + f * D + d0, &word, sizeof word);
+    }
+  }
+  const float* bh = bias + ((w % s.G) * s.H + h) * N * N;
+  for (int64_t i = 0; i < N; ++i) {
+    for (int64_t j = 0; j < N; ++j) bp[i * NP + j] = bh[i * N + j];
+    for (int64_t j = N; j < NP; ++j) bp[i * NP + j] = -std::numeric_limits<float>::infinity();
+  }
+  const vf sv = splat(scale);
+  for (int64_t i0 = 0; i0 < N; i0 += R) {
+    const int64_t rows = std::min<int64_t>(R, N - i0);
+    const c10::BFloat16* qi[R];
+    for (int r = 0; r < R; ++r) qi[r] = q + off[i0 + std::min<int64_t>(r, rows - 1)] + hs;
+    for (int64_t c = 0; c < NC; ++c) {
+      vf a[R] = {};
+      for (int64_t e = 0; e < E; ++e) {
+        const vf kv = loadv(reinterpret_cast<const float*>(kt2 + e * NP + c * L));
+        for (int r = 0; r < R; ++r) a[r] = dot2(a[r], kv, bcast_word(qi[r] + 2 * e));
+      }
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = i0 + std::min<int64_t>(r, rows - 1);
+        storev(sc + r * NP + c * L, a[r] * sv + loadv(bp + i * NP + c * L));
+      }
+    }
+    float inv[R];
+    for (int r = 0; r < R; ++r) {
+      float* row = sc + r * NP;
+      vf m = loadv(row);
+      for (int64_t c = 1; c < NC; ++c) {
+        const vf x = loadv(row + c * L);
+        m = x > m ? x : m;
+      }
+      const vf mx = splat(hmax(m));
+      vf sum = {};
+      // the numerators, rounded to bf16 in place: row's first NP / 2 words (its bytes are read ahead of
+      // where they are written: chunk c's 16 values land in bytes 32c..32c+31, below chunk c's own)
+      for (int64_t c = 0; c < NC; ++c) {
+        const vf e = exp_nonpositive(loadv(row + c * L) - mx);
+        sum += e;
+        const __m256bh packed = _mm512_cvtneps_pbh(e);
+        std::memcpy(reinterpret_cast<char*>(row) + c * 32, &packed, 32);
+      }
+      inv[r] = 1.0f / hsum(sum);
+    }
+    vf acc[R][DV] = {};
+    for (int64_t f = 0; f < NP / 2; ++f) {
+      vf vj[DV];
+      for (int dv = 0; dv < DV; ++dv) vj[dv] = loadv(reinterpret_cast<const float*>(vp + f * D + dv * L));
+      for (int r = 0; r < R; ++r) {
+        const vf pw = bcast_word(reinterpret_cast<const char*>(sc + r * NP) + 4 * f);
+        for (int dv = 0; dv < DV; ++dv) acc[r][dv] = dot2(acc[r][dv], vj[dv], pw);
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      c10::BFloat16* o = out + out_off[i0 + r] + h * D;
+      for (int dv = 0; dv < DV; ++dv) {
+        const vf x = acc[r][dv] * inv[r];
+        for (int l = 0; l < L; ++l) store(o + dv * L + l, x[l]);
+      }
+    }
+  }
+}
+#endif
+
 template <typename T, int DV>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
          const std::optional<at::Tensor>& cosine, at::Tensor& out, const Layout& s, float scale) {
@@ -283,10 +395,12 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   T* op = out.mutable_data_ptr<T>();
   const int64_t N = s.N, NP = (N + L - 1) / L * L, D = DV * L;
   at::parallel_for(0, s.W * s.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(D * NP + N * D + N * NP + R * D + std::max(R * NP, N * D));
+    // vb: v widened (N, D), or the bf16 path's interleaved pairs (NP / 2, D)
+    const int64_t vb_size = std::max(N, NP / 2) * D;
+    std::vector<float> scratch(D * NP + vb_size + N * NP + R * D + std::max(R * NP, N * D));
     float* kt = scratch.data();
     float* vb = kt + D * NP;
-    float* bb = vb + N * D;
+    float* bb = vb + vb_size;
     float* qb = bb + N * NP;
     float* sc = qb + R * D;
     std::vector<int64_t> offsets(2 * N);
@@ -296,6 +410,15 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
         window = t / s.H;
         s.offsets(window, offsets.data(), offsets.data() + N);
       }
+#ifdef __AVX512BF16__
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (cp == nullptr) {  // Swin V2's normalised q and k are fp32 values: the widening path keeps them
+          attend_bf16_dot<DV>(qp, kp, vp, bp, op, s, window, t % s.H, scale, kt, vb, bb, sc, offsets.data(),
+                              offsets.data() + N);
+          continue;
+        }
+      }
+#endif
       attend<T, DV>(qp, kp, vp, bp, op, s, window, t % s.H, scale, cp, kt, vb, bb, qb, sc, offsets.data(),
                     offsets.data() + N);
     }
