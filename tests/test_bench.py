@@ -8,6 +8,7 @@ import json
 import pytest
 
 from vitkit.cli import main
+from vitkit.layers import kernels
 from vitkit.tools.bench import BenchOptions, benchmark, compare_with_timm, search_largest, timm_pair
 
 
@@ -65,6 +66,7 @@ def test_amp_choice_is_printed_and_timm_autocasts(capsys):
     assert result["amp_choice"]["chosen"] == "bf16" and result["amp_choice"]["requested"] == "bf16"
     assert result["ours"]["weights"] == "bfloat16" and result["timm"]["weights"] == "float32"
     assert result["ours"]["amp"] == result["timm"]["amp"] == "bf16"
+    assert result["kernels"] == kernels.status()  # which of vitkit's own kernels ran, or why none did
     assert main([*argv[:-1], "--autocast-only", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ours"]["weights"] == "float32"
     assert main(argv[:-3] + ["--amp", "auto"]) == 0

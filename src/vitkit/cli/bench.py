@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     from vitkit.core.hardware import describe_amp  # noqa: PLC0415  fast CLI start-up
     from vitkit.factory import get_variant  # noqa: PLC0415  fast CLI start-up
+    from vitkit.layers import kernels  # noqa: PLC0415  fast CLI start-up
     from vitkit.tools.bench import BenchOptions, amp_dtype, benchmark, compare_with_timm, largest_batch  # noqa: PLC0415  fast CLI start-up
 
     get_variant(args.model)  # unknown names fail before anything is built
@@ -86,8 +87,11 @@ def run(args: argparse.Namespace) -> int:
     )
     opts.validate()
     _, amp_info = amp_dtype(opts)
+    # which of vitkit's own kernels run (Swin's window attention in CPU inference), or why none do
+    kernel_line = kernels.status() if device.startswith("cpu") else "vitkit kernels: none off the CPU"
     if not args.json:
         print(describe_amp(amp_info))
+        print(kernel_line)
     if args.preset == "deit":
         opts = dataclasses.replace(opts, img_size=(224, 224))
         batch = largest_batch(args.model, opts, vs_timm=args.vs == "timm")
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if args.vs == "timm":
         cmp = compare_with_timm(args.model, opts, rounds=args.rounds)
         if args.json:
-            print(json.dumps({**cmp.to_dict(), "amp_choice": amp_info}, indent=2))
+            print(json.dumps({**cmp.to_dict(), "amp_choice": amp_info, "kernels": kernel_line}, indent=2))
             return 0
         _table([cmp.ours, cmp.timm])
         print(
@@ -108,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result = benchmark(args.model, opts)
     if args.json:
-        print(json.dumps({**result.to_dict(), "amp_choice": amp_info}, indent=2))
+        print(json.dumps({**result.to_dict(), "amp_choice": amp_info, "kernels": kernel_line}, indent=2))
         return 0
     _table([result])
     return 0
