@@ -161,6 +161,28 @@ def test_swin_inference_runs_the_kernel_with_the_same_outputs(built, name, size,
     assert ((fast16 - plain).abs().max() / plain.abs().max()).item() < 0.05
 
 
+def test_autocast_inference(built, monkeypatch):
+    """bf16 autocast (`vitkit bench --autocast-only`): the projections give bf16 q, k, v and the kernel
+    takes them; fp16 autocast (which the kernel does not take) keeps the torch path."""
+    model = vitkit.create_model("swin_tiny_patch4_window7_224", img_size=56, depths=(2, 2), num_heads=(3, 6))
+    model.eval()
+    x = torch.randn(2, 3, 56, 56)
+    calls = []
+    real = kernels.window_attention
+    monkeypatch.setattr(kernels, "window_attention", lambda *a: calls.append(a[0].dtype) or real(*a))
+    with torch.no_grad():
+        plain = model(x)
+        with torch.autocast("cpu", torch.bfloat16):
+            fast = model(x)
+        assert calls and set(calls) == {torch.bfloat16}
+        calls.clear()
+        with torch.autocast("cpu", torch.float16):
+            half = model(x)
+        assert not calls
+    for out in (fast, half):
+        assert ((out.float() - plain).abs().max() / plain.abs().max()).item() < 0.05
+
+
 def test_training_forward_takes_the_torch_path(built, monkeypatch):
     model = vitkit.create_model("swin_tiny_patch4_window7_224", img_size=64, depths=(2, 2, 2, 2), num_classes=4)
     monkeypatch.setattr(kernels, "window_attention", lambda *a: pytest.fail("the kernel has no backward"))

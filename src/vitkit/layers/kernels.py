@@ -17,6 +17,7 @@ rounding (tests/test_kernels.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -50,7 +51,7 @@ ISAS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
 )
 
 _ENABLED = os.environ.get("VITKIT_KERNELS", "1") not in ("0", "false", "off")
-_LOADED: bool | None = None  # None: not tried yet in this process
+_LOADED = False  # loaded in this process (looked for again on each call until it is)
 
 
 def isa(info: dict | None = None) -> str | None:
@@ -67,12 +68,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VITKIT_CACHE") or "~/.cache/vitkit").expanduser() / "kernels"
 
 
-def library_path(isa_name: str) -> Path:
-    """Where the build for `isa_name` of the current sources and torch lives."""
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
     digest = hashlib.sha256()
     for source in SOURCES:
         digest.update(source.read_bytes())
-    tag = f"{torch.__version__}-{isa_name}-{digest.hexdigest()[:16]}".replace("+", "_")
+    return digest.hexdigest()[:16]
+
+
+def library_path(isa_name: str) -> Path:
+    """Where the build for `isa_name` of the current sources and torch lives."""
+    tag = f"{torch.__version__}-{isa_name}-{_source_digest()}".replace("+", "_")
     return cache_dir() / f"vitkit_kernels-{tag}.so"
 
 
@@ -146,8 +152,7 @@ def available() -> bool:
     global _LOADED
     if not _ENABLED:
         return False
-    if _LOADED is None:
-        _LOADED = False
+    if not _LOADED:  # a build made later in the process (or a cache folder set later) is still found
         name = isa()
         if name is not None and (path := library_path(name)).exists():
             torch.ops.load_library(str(path))
@@ -162,6 +167,8 @@ def window_attention_applies(x: torch.Tensor, head_dim: int) -> bool:
         return False
     if torch.is_grad_enabled() and x.requires_grad or head_dim % 16 or head_dim > 64:
         return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return False  # q, k and v would come out of the projection in fp16
     return not capturing() and available()
 
 
