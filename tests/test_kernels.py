@@ -164,9 +164,9 @@ def test_swin_inference_runs_the_kernel_with_the_same_outputs(built, name, size,
 def test_autocast_inference(built, monkeypatch):
     """bf16 autocast (`vitkit bench --autocast-only`): the projections give bf16 q, k, v and the kernel
     takes them; fp16 autocast (which the kernel does not take) keeps the torch path."""
-    model = vitkit.create_model("swin_tiny_patch4_window7_224", img_size=56, depths=(2, 2), num_heads=(3, 6))
+    model = vitkit.create_model("swin_tiny_patch4_window7_224", img_size=112, depths=(2, 2, 2, 2), num_classes=10)
     model.eval()
-    x = torch.randn(2, 3, 56, 56)
+    x = torch.randn(2, 3, 112, 112)
     calls = []
     real = kernels.window_attention
     monkeypatch.setattr(kernels, "window_attention", lambda *a: calls.append(a[0].dtype) or real(*a))
