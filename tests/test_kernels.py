@@ -172,6 +172,7 @@ def test_autocast_inference(built, monkeypatch):
     monkeypatch.setattr(kernels, "window_attention", lambda *a: calls.append(a[0].dtype) or real(*a))
     with torch.no_grad():
         plain = model(x)
+        calls.clear()
         with torch.autocast("cpu", torch.bfloat16):
             fast = model(x)
         assert calls and set(calls) == {torch.bfloat16}
