@@ -84,7 +84,7 @@ typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));
 constexpr int L = 16;
 // query rows per block: R x (D / 16) accumulators stay in registers. 7 where it divides N (Swin's
-// 49-token windows: no padded rows) measured 1.05-1.15x the time-per-window of 4; 4 elsewhere.
+// 49-token windows: no padded rows) took 0.84-0.98x the time of 4 per call; 4 elsewhere.
 constexpr int R_MAX = 7;
 
 inline vf splat(float x) { return vf{} + x; }
@@ -202,8 +202,8 @@ void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const
   const int64_t hs = h * s.head_stride;
   // v, then k, row by row into fp32 (whole rows: many cache misses in flight at once); k is staged in
   // the score buffer (free until the first row block) and transposed from there in registers. At
-  // Swin-T's stage 1 in fp32 this took the kernel from 1.0 to 0.6-0.75x the time of the compiler's
-  // vectorisation of a plain transpose loop (scatter stores, slow on AMD CPUs).
+  // Swin-T's stage 1 in fp32 this took 0.55-0.75x the time of one loop transposing straight from
+  // memory, as the compiler vectorised it.
   for (int64_t j = 0; j < N; ++j) widen_row<T, D>(v + off[j] + hs, vb + j * D);
   for (int64_t j = 0; j < N; ++j) widen_row<T, D>(k + off[j] + hs, sc + j * D);
   if (cosine)
