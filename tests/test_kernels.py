@@ -77,6 +77,17 @@ def test_cosine_attention_matches_float64_reference(built):
         kernels.window_attention(q, k, v, bias, 0.5, cosine[:2])
 
 
+def test_nan_propagates_as_through_softmax(built):
+    """A NaN score (here from a NaN in q) makes its row's output NaN, as torch's softmax does; other rows
+    are untouched."""
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = qkv_views(2, 2, 9, 32, dtype)
+        q[1, 0, 4, 3] = float("nan")  # q is a view of the projection: written in place
+        out = kernels.window_attention(q, k, v, torch.zeros(1, 2, 9, 9), 0.2)
+        assert out[1, 4, 0].isnan().all()
+        assert out.isnan().sum() == 32 and torch.isfinite(out[0]).all()
+
+
 def test_rejects_what_it_cannot_take(built):
     q, k, v = qkv_views(2, 2, 9, 32, torch.float32)
     with pytest.raises(RuntimeError, match="head_dim must be"):

@@ -40,7 +40,8 @@ inline float bf16_to_float(uint16_t b) {
   return f;
 }
 
-inline uint16_t float_to_bf16(float f) {  // round to nearest even (inputs are finite)
+inline uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  if (f != f) return 0x7FC0;
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   u += 0x7FFFu + ((u >> 16) & 1u);
@@ -98,9 +99,10 @@ inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 // exp(x) for x <= 0 (scores minus their row maximum), 16 lanes at a time: Cody-Waite range reduction
 // to r in [-ln2/2, ln2/2], Cephes' expf polynomial (~1 ulp), and 2^n put together from its bits.
 // Inputs below -87 (the padding's -inf included) give exp(-87) ~ 1.6e-38: zero next to the row
-// maximum's exp(0) = 1.
+// maximum's exp(0) = 1. NaN stays NaN (the comparison keeps it), so a NaN score reaches the output
+// as it does through torch's softmax.
 inline vf exp_nonpositive(vf x) {
-  x = x > -87.0f ? x : splat(-87.0f);
+  x = x < -87.0f ? splat(-87.0f) : x;
   const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   const vf n = (x * 1.44269504088896341f + magic) - magic;
   vf r = x - n * 0.693359375f;
@@ -453,7 +455,9 @@ at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes() && k.strides() == q.strides() &&
                   v.strides() == q.strides(),
               "window_attention: q, k and v must be 4-D views of one shape and layout");
-  TORCH_CHECK(q.device().is_cpu() && bias.device().is_cpu(), "window_attention: CPU tensors only");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && bias.device().is_cpu() &&
+                  (!cosine || cosine->device().is_cpu()) && (!rows || rows->device().is_cpu()),
+              "window_attention: CPU tensors only");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
                   (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
               "window_attention: q, k and v must all be float32 or all bfloat16");
