@@ -168,10 +168,10 @@ inline void widen_row(const T* src, float* dst) {
   for (int64_t d = 0; d < D; d += L) storev(dst + d, load16(src + d));
 }
 
-// k (N rows of D, row stride ks) to fp32 (D, NP), zero-padded past N: 16 x 16 tiles transposed in
+// k (N fp32 rows of D, row stride ks) to (D, NP), zero-padded past N: 16 x 16 tiles transposed in
 // registers
-template <typename T, int64_t D>
-inline void widen_transposed(const T* k, int64_t ks, int64_t N, int64_t NP, float* kt) {
+template <int64_t D>
+inline void transpose_padded(const float* k, int64_t ks, int64_t N, int64_t NP, float* kt) {
   for (int64_t j0 = 0; j0 < NP; j0 += L)
     for (int64_t d0 = 0; d0 < D; d0 += L) {
       vf r[L];
@@ -193,6 +193,35 @@ inline void normalize(float* x, float gain) {
   for (int64_t d = 0; d < D; d += L) storev(x + d, loadv(x + d) * f);
 }
 
+// Window w's bias for head h, (N, N), into bp as (N, NP) rows padded with -inf (the padded keys get no weight)
+inline void pad_bias(const float* bias, const Layout& s, int64_t w, int64_t h, int64_t NP, float* bp) {
+  const int64_t N = s.N;
+  const float* bh = bias + ((w % s.G) * s.H + h) * N * N;
+  for (int64_t i = 0; i < N; ++i) {
+    for (int64_t j = 0; j < N; ++j) bp[i * NP + j] = bh[i * N + j];
+    for (int64_t j = N; j < NP; ++j) bp[i * NP + j] = -std::numeric_limits<float>::infinity();
+  }
+}
+
+// A row of scores (NC chunks of 16) to its softmax numerators exp(x - max), each chunk handed to
+// put(c, e) after chunk c is read; returns 1 / their sum
+template <typename Put>
+inline float softmax_numerators(const float* row, int64_t NC, Put put) {
+  vf m = loadv(row);
+  for (int64_t c = 1; c < NC; ++c) {
+    const vf x = loadv(row + c * L);
+    m = x > m ? x : m;
+  }
+  const vf mx = splat(hmax(m));
+  vf sum = {};
+  for (int64_t c = 0; c < NC; ++c) {
+    const vf e = exp_nonpositive(loadv(row + c * L) - mx);
+    sum += e;
+    put(c, e);
+  }
+  return 1.0f / hsum(sum);
+}
+
 // One (window, head) with head_dim = 16 * DV. Scratch: kt (D, NP) = k transposed, vb (N, D), bias
 // (N, NP) padded with -inf, qb (R, D), sc (R, NP): all fp32; off / out_off: the window's token offsets.
 template <typename T, int DV, int R>
@@ -210,12 +239,8 @@ void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const
   for (int64_t j = 0; j < N; ++j) widen_row<T, D>(k + off[j] + hs, sc + j * D);
   if (cosine)
     for (int64_t j = 0; j < N; ++j) normalize<D>(sc + j * D, 1.0f);
-  widen_transposed<float, D>(sc, D, N, NP, kt);
-  const float* bh = bias + ((w % s.G) * s.H + h) * N * N;
-  for (int64_t i = 0; i < N; ++i) {
-    for (int64_t j = 0; j < N; ++j) bp[i * NP + j] = bh[i * N + j];
-    for (int64_t j = N; j < NP; ++j) bp[i * NP + j] = -std::numeric_limits<float>::infinity();
-  }
+  transpose_padded<D>(sc, D, N, NP, kt);
+  pad_bias(bias, s, w, h, NP, bp);
   for (int64_t i0 = 0; i0 < N; i0 += R) {
     const int64_t rows = std::min<int64_t>(R, N - i0);
     for (int r = 0; r < R; ++r) {  // a short last block repeats its last row
@@ -243,19 +268,7 @@ void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const
     float inv[R];
     for (int r = 0; r < R; ++r) {
       float* row = sc + r * NP;
-      vf m = loadv(row);
-      for (int64_t c = 1; c < NC; ++c) {
-        const vf x = loadv(row + c * L);
-        m = x > m ? x : m;
-      }
-      const vf mx = splat(hmax(m));
-      vf sum = {};
-      for (int64_t c = 0; c < NC; ++c) {
-        const vf e = exp_nonpositive(loadv(row + c * L) - mx);
-        storev(row + c * L, e);
-        sum += e;
-      }
-      inv[r] = 1.0f / hsum(sum);
+      inv[r] = softmax_numerators(row, NC, [row](int64_t c, vf e) { storev(row + c * L, e); });
     }
     // out = numerators @ v / row sum: R rows x D in registers
     vf acc[R][DV] = {};
@@ -327,11 +340,7 @@ void attend_bf16_dot(const c10::BFloat16* q, const c10::BFloat16* k, const c10::
       std::memcpy(vp + f * D + d0, &word, sizeof word);
     }
   }
-  const float* bh = bias + ((w % s.G) * s.H + h) * N * N;
-  for (int64_t i = 0; i < N; ++i) {
-    for (int64_t j = 0; j < N; ++j) bp[i * NP + j] = bh[i * N + j];
-    for (int64_t j = N; j < NP; ++j) bp[i * NP + j] = -std::numeric_limits<float>::infinity();
-  }
+  pad_bias(bias, s, w, h, NP, bp);
   const vf sv = splat(scale);
   for (int64_t i0 = 0; i0 < N; i0 += R) {
     const int64_t rows = std::min<int64_t>(R, N - i0);
@@ -348,25 +357,15 @@ void attend_bf16_dot(const c10::BFloat16* q, const c10::BFloat16* k, const c10::
         storev(sc + r * NP + c * L, a[r] * sv + loadv(bp + i * NP + c * L));
       }
     }
+    // the numerators, rounded to bf16 in place: row's first NP / 2 words (chunk c's 16 values land in
+    // bytes 32c..32c+31, below chunk c's own, which has been read by then)
     float inv[R];
     for (int r = 0; r < R; ++r) {
-      float* row = sc + r * NP;
-      vf m = loadv(row);
-      for (int64_t c = 1; c < NC; ++c) {
-        const vf x = loadv(row + c * L);
-        m = x > m ? x : m;
-      }
-      const vf mx = splat(hmax(m));
-      vf sum = {};
-      // the numerators, rounded to bf16 in place: row's first NP / 2 words (its bytes are read ahead of
-      // where they are written: chunk c's 16 values land in bytes 32c..32c+31, below chunk c's own)
-      for (int64_t c = 0; c < NC; ++c) {
-        const vf e = exp_nonpositive(loadv(row + c * L) - mx);
-        sum += e;
+      char* row = reinterpret_cast<char*>(sc + r * NP);
+      inv[r] = softmax_numerators(sc + r * NP, NC, [row](int64_t c, vf e) {
         const __m256bh packed = _mm512_cvtneps_pbh(e);
-        std::memcpy(reinterpret_cast<char*>(row) + c * 32, &packed, 32);
-      }
-      inv[r] = 1.0f / hsum(sum);
+        std::memcpy(row + c * 32, &packed, 32);
+      });
     }
     vf acc[R][DV] = {};
     for (int64_t f = 0; f < NP / 2; ++f) {
