@@ -447,12 +447,16 @@ class WindowAttentionV2(_WindowAttentionBase):
     def _bias_inputs(self) -> tuple[torch.Tensor, ...]:
         return (*self.cpb_mlp.parameters(), self.relative_coords_table, self.relative_position_index)
 
+    def _temperature(self) -> torch.Tensor:
+        """The per-head multiplier of cosine similarities, (heads, 1, 1): exp(logit_scale), at most 100."""
+        return torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+
     def _cosine_scale(self) -> torch.Tensor:
-        return torch.clamp(self.logit_scale, max=math.log(100.0)).exp().float().flatten()
+        return self._temperature().float().flatten()
 
     def _scaled(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float | None]:
         # cosine attention: the temperature is folded into q, so SDPA's scale is 1
-        temperature = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()  # (heads, 1, 1)
+        temperature = self._temperature()
         # in q's dtype: under bf16 autocast an fp32 temperature would promote q to fp32 and send the
         # attention to the mixed-dtype SDPA path (Swin V2 bf16 training ran at 0.8x timm's speed)
         return F.normalize(q, dim=-1) * temperature.to(q.dtype), F.normalize(k, dim=-1), 1.0
