@@ -12,20 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Any
 
 import torch
 
 from vitkit.factory import create_model
+from vitkit.tools.bench import images_per_s
 from vitkit.tools.quantize import SCHEMES, quantize_model
-
-
-def images_per_s(model: torch.nn.Module, x: torch.Tensor, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        model(x)
-    return steps * x.shape[0] / (time.perf_counter() - start)
 
 
 def main() -> None:

@@ -13,29 +13,22 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from vitkit.core.hardware import cpu_info, reported_flags
-from vitkit.factory import create_model
+from vitkit.factory import create_model, default_img_size
 from vitkit.layers import kernels
 from vitkit.layers.precision import cast_for_inference
+from vitkit.tools.bench import images_per_s
 
 MODELS = ("swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256")
-
-
-def images_per_s(model: torch.nn.Module, x: torch.Tensor, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        model(x)
-    return steps * x.shape[0] / (time.perf_counter() - start)
 
 
 def compare(name: str, amp: str, batch: int, rounds: int, steps: int) -> str:
     dtype = torch.bfloat16 if amp == "bf16" else None
     model = cast_for_inference(create_model(name).eval(), dtype)
-    size = 256 if "v2" in name else 224  # the two defaults' input sizes
+    size = default_img_size(name)
     x = torch.randn(batch, 3, size, size, dtype=dtype or torch.float32)
     speeds: dict[bool, list[float]] = {True: [], False: []}
     try:

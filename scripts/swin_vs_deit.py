@@ -12,21 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from vitkit.factory import create_model
 from vitkit.layers.precision import cast_for_inference
+from vitkit.tools.bench import images_per_s
 
 MODELS = ("deit_small_patch16_224", "swin_tiny_patch4_window7_224")
-
-
-def images_per_s(model: torch.nn.Module, x: torch.Tensor, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        model(x)
-    return steps * x.shape[0] / (time.perf_counter() - start)
 
 
 def compare(amp: str, batch: int, rounds: int, steps: int) -> str:

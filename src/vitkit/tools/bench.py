@@ -245,6 +245,15 @@ def _img_size(name: str, img_size: int | tuple[int, int] | None) -> tuple[int, i
 
 
 # -- public API ----------------------------------------------------------------------------------
+def images_per_s(model: nn.Module | Callable[[torch.Tensor], Any], x: torch.Tensor, steps: int) -> float:
+    """Images per second of `steps` back-to-back calls model(x), wall clock, nothing synchronised: the
+    CPU A/B scripts (scripts/swin_vs_deit.py, kernel_speed.py, int8_speed.py) alternate it between peers."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(x)
+    return steps * x.shape[0] / (time.perf_counter() - start)
+
+
 def benchmark(
     model: nn.Module | str, opts: BenchOptions | None = None, name: str | None = None, **overrides: Any
 ) -> BenchResult:
