@@ -211,6 +211,10 @@ def test_build_without_a_compiler_names_the_fix(monkeypatch, tmp_path):
     with pytest.raises(VitkitError, match="install g\\+\\+"):
         kernels.build()
     assert not list(tmp_path.rglob("*.so*"))  # nothing half-written left behind
+    monkeypatch.setattr(kernels, "compiler", lambda: "false")  # a compiler that fails
+    with pytest.raises(VitkitError, match="failed \\(false, exit 1\\).*--verbose"):
+        kernels.build()
+    assert not list(tmp_path.rglob("*.so*")) and not list(tmp_path.rglob("*.tmp"))
 
 
 def test_the_flop_count_includes_the_kernel(built):

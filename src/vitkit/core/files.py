@@ -1,4 +1,4 @@
-"""Atomic file writes: nothing the user made is ever half-written."""
+"""Atomic file writes (nothing the user made is ever half-written) and vitkit's cache folder."""
 
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def cache_root() -> Path:
+    """Where vitkit keeps what it downloads or builds: `$VITKIT_CACHE`, default ~/.cache/vitkit."""
+    return Path(os.environ.get("VITKIT_CACHE") or "~/.cache/vitkit").expanduser()
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -23,12 +23,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from vitkit.core.errors import VitkitError
+from vitkit.core.files import atomic_path, cache_root
 from vitkit.core.hardware import cpu_info
 from vitkit.layers.capture import capturing
 
@@ -65,7 +65,7 @@ def isa(info: dict | None = None) -> str | None:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("VITKIT_CACHE") or "~/.cache/vitkit").expanduser() / "kernels"
+    return cache_root() / "kernels"
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,11 +104,6 @@ def build(force: bool = False, verbose: bool = False) -> Path:
     flags = next(f for n, _, f in ISAS if n == name)
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     root = Path(torch.__file__).parent  # torch's headers and libraries (what torch.utils.cpp_extension uses)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # compiled next to its destination, then renamed: a concurrent or interrupted build never leaves a
-    # half-written library where the loader looks
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=path.parent)
-    os.close(fd)
     command = [
         cxx,
         "-O3",
@@ -125,17 +120,17 @@ def build(force: bool = False, verbose: bool = False) -> Path:
         "-lc10",
         "-ltorch_cpu",
         "-o",
-        tmp,
     ]
-    try:
-        result = subprocess.run(command, capture_output=not verbose, text=True)
+    # compiled next to its destination, then renamed: a concurrent or interrupted build never leaves a
+    # half-written library where the loader looks
+    with atomic_path(path) as tmp:
+        result = subprocess.run([*command, str(tmp)], capture_output=not verbose, text=True)
         if result.returncode != 0:
-            tail = (result.stderr or "").strip().splitlines()[-5:]
-            raise VitkitError(f"building vitkit's kernels failed ({cxx}): " + " | ".join(tail))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            tail = " | ".join((result.stderr or "").strip().splitlines()[-5:]) or "no output"
+            raise VitkitError(
+                f"building vitkit's kernels failed ({cxx}, exit {result.returncode}): {tail}; "
+                "`python -m vitkit.layers.kernels --verbose` shows the compiler's whole output"
+            )
     return path
 
 

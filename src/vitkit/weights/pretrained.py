@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from torchvision.transforms import v2
 
 import vitkit.models  # noqa: F401  (fills the variant table that get_variant reads)
-from vitkit.core.files import atomic_path
+from vitkit.core.files import atomic_path, cache_root
 from vitkit.registry import get_variant
 from vitkit.weights.checkpoint import LoadReport, load_checkpoint
 from vitkit.weights.records import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, RECORDS, WeightRecord
@@ -51,7 +51,7 @@ def get_record(name: str) -> WeightRecord:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("VITKIT_CACHE") or "~/.cache/vitkit").expanduser()
+    return cache_root()
 
 
 def _sha256(path: Path) -> str:
