@@ -1,50 +1,78 @@
-"""Swin inference with vitkit's window attention kernel against the same model on its torch path, in one
-process (docs/PERFORMANCE.md, item 16).
+"""Swin with vitkit's window attention kernel against the same model on its torch path, in one process
+(docs/PERFORMANCE.md, items 16 and 17).
 
 The kernel is switched on and off around alternating rounds (`vitkit.layers.kernels.set_kernels`), so
-both see the same process and machine state; fp32, or bf16 with the weights held in bf16 as
-`vitkit bench --amp bf16` does. Prints the median per-round speed-up and its range, and which build ran.
+both see the same process and machine state. Inference: fp32, or bf16 with the weights held in bf16
+as `vitkit bench --amp bf16` does. Training (`--mode train`): a step of forward, cross-entropy,
+backward and vitkit's AdamW, in fp32 or under bf16 autocast, as `vitkit bench --mode train` times it.
+Prints the median per-round speed-up and its range, and which build ran.
 
     python -m vitkit.layers.kernels          # build the kernel for this CPU first (the Makefile does)
     python scripts/kernel_speed.py --threads 2
+    python scripts/kernel_speed.py --threads 2 --mode train
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from vitkit.core.hardware import cpu_info, reported_flags
 from vitkit.factory import create_model, default_img_size
 from vitkit.layers import kernels
 from vitkit.layers.precision import cast_for_inference
 from vitkit.tools.bench import images_per_s
+from vitkit.train.optim import build_optimizer
 
 MODELS = ("swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256")
 
 
-def compare(name: str, amp: str, batch: int, rounds: int, steps: int) -> str:
+def training_step(model: torch.nn.Module, dtype: torch.dtype | None) -> Callable[[torch.Tensor], None]:
+    """One training step on a batch x (random targets), under bf16 autocast when `dtype` is bf16."""
+    optimizer = build_optimizer(model, lr=1e-6, weight_decay=0.05)
+
+    def step(x: torch.Tensor) -> None:
+        target = torch.randint(0, 1000, (x.shape[0],))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x).float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def compare(name: str, amp: str, batch: int, rounds: int, steps: int, mode: str = "infer") -> str:
     dtype = torch.bfloat16 if amp == "bf16" else None
-    model = cast_for_inference(create_model(name).eval(), dtype)
     size = default_img_size(name)
-    x = torch.randn(batch, 3, size, size, dtype=dtype or torch.float32)
+    if mode == "train":
+        run = training_step(create_model(name).train(), dtype)
+        x = torch.randn(batch, 3, size, size)
+        grad: contextlib.AbstractContextManager = torch.enable_grad()
+    else:
+        run = cast_for_inference(create_model(name).eval(), dtype)
+        x = torch.randn(batch, 3, size, size, dtype=dtype or torch.float32)
+        grad = torch.inference_mode()
     speeds: dict[bool, list[float]] = {True: [], False: []}
     try:
-        with torch.inference_mode():
-            for on in (True, False):  # warm-up: caches, packed weights
+        with grad:
+            for on in (True, False):  # warm-up: caches, packed weights, the optimiser's state
                 kernels.set_kernels(on)
-                images_per_s(model, x, 1)
+                images_per_s(run, x, 1)
             for r in range(rounds):
                 for on in (True, False) if r % 2 == 0 else (False, True):
                     kernels.set_kernels(on)
-                    speeds[on].append(images_per_s(model, x, steps))
+                    speeds[on].append(images_per_s(run, x, steps))
     finally:
         kernels.set_kernels(True)
     ratios = [a / b for a, b in zip(speeds[True], speeds[False])]
     return (
-        f"{name} {amp} batch {batch}: torch path {statistics.median(speeds[False]):.1f} img/s, kernel "
+        f"{name} {mode} {amp} batch {batch}: torch path {statistics.median(speeds[False]):.1f} img/s, kernel "
         f"{statistics.median(speeds[True]):.1f} img/s, {statistics.median(ratios):.2f}x "
         f"({min(ratios):.2f}-{max(ratios):.2f})"
     )
@@ -56,7 +84,8 @@ def main() -> None:
     parser.add_argument("--amp", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=2, help="forward passes per setting and round")
+    parser.add_argument("--mode", choices=("infer", "train"), default="infer")
+    parser.add_argument("--steps", type=int, default=2, help="forward passes (or training steps) per setting and round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
     if args.threads:
@@ -71,7 +100,7 @@ def main() -> None:
     for name in args.models:
         for amp in args.amp:
             for batch in args.batch_sizes:
-                print(compare(name, amp, batch, args.rounds, args.steps), flush=True)
+                print(compare(name, amp, batch, args.rounds, args.steps, args.mode), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """vitkit's compiled window attention kernel: it builds, matches a float64 reference (fp32 to float rounding,
 bf16 within its rounding), takes Swin's strided q / k / v and per-window biases, runs inside Swin and
-Swin V2 inference with the same outputs as the torch path, and steps aside where it does not apply."""
+Swin V2 inference with the same outputs as the torch path, trains with the same gradients (its
+backward against float64 and against the torch path in whole models), and steps aside where it
+does not apply."""
 
 from __future__ import annotations
 
@@ -126,7 +128,10 @@ def test_applies_only_to_cpu_inference(built):
         assert kernels.window_attention_applies(x, 32)
         assert not kernels.window_attention_applies(x, 24)  # head_dim 24
         assert not kernels.window_attention_applies(x.double(), 32)
-    assert not kernels.window_attention_applies(x.requires_grad_(), 32)  # training needs the torch path
+    assert not kernels.window_attention_applies(x.requires_grad_(), 32)  # training: window_attention_train
+    assert kernels.window_attention_trains(x, 32) and not kernels.window_attention_trains(x, 24)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not kernels.window_attention_trains(x, 32)
     previous = kernels.set_kernels(False)
     try:
         with torch.no_grad():
@@ -195,12 +200,121 @@ def test_autocast_inference(built, monkeypatch):
         assert ((out.float() - plain).abs().max() / plain.abs().max()).item() < 0.05
 
 
-def test_training_forward_takes_the_torch_path(built, monkeypatch):
-    model = vitkit.create_model("swin_tiny_patch4_window7_224", img_size=64, depths=(2, 2, 2, 2), num_classes=4)
-    monkeypatch.setattr(kernels, "window_attention", lambda *a: pytest.fail("the kernel has no backward"))
-    loss = model(torch.randn(2, 3, 64, 64)).sum()
+def map_reference(qkv, bias, scale, rows):
+    """`window_attention_train`'s result in float64 from gathered windows: qkv (B, T, 3, H, D), rows (nW, N)."""
+    B, T, _, H, D = qkv.shape
+    nW, N = rows.shape
+    q, k, v = qkv[:, rows.flatten()].view(B, nW, N, 3, H, D).permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, nW, H, N, D)
+    G = bias.shape[0]
+    b = bias.repeat(B // G, 1, 1, 1).view(B, 1, H, N, N) if nW == 1 else bias.repeat(nW // G, 1, 1, 1)[None]
+    windows = (q @ k.transpose(-2, -1) * scale + b).softmax(-1) @ v
+    out = torch.empty(B, T, H, D, dtype=windows.dtype)
+    out[:, rows.flatten()] = windows.permute(0, 1, 3, 2, 4).reshape(B, nW * N, H, D)
+    return out
+
+
+@pytest.mark.parametrize(
+    "images,windows,groups,heads,n,d",
+    [
+        (2, 4, 4, 3, 49, 32),  # shifted: one bias per window of an image
+        (2, 4, 1, 3, 49, 32),  # one bias for all windows
+        (3, 1, 1, 2, 64, 16),  # each image one window
+        (6, 1, 3, 2, 9, 48),  # window form: each window an image, the bias cycling with them
+        (2, 6, 3, 4, 20, 64),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_op_and_its_gradients_match_float64(built, images, windows, groups, heads, n, d, dtype):
+    torch.manual_seed(0)
+    T = windows * n
+    rows = torch.randperm(T).view(windows, n)
+    qkv = torch.randn(images, T, 3, heads, d)
+    bias = torch.randn(groups, heads, n, n)
+    bias[0, 0, :, -1] = -100.0  # a masked key
+    grad = torch.randn(images, T, heads, d)
+    scale = d**-0.5
+    q64, b64 = qkv.double().requires_grad_(), bias.double().requires_grad_()
+    want = map_reference(q64, b64, scale, rows)
+    want.backward(grad.double())
+    q, b = qkv.to(dtype).requires_grad_(), bias.clone().requires_grad_()
+    out = kernels.window_attention_train(q, b, scale, rows)
+    out.backward(grad.to(dtype))
+    assert out.dtype == q.grad.dtype == dtype and b.grad.dtype == torch.float32
+    assert q.grad.shape == qkv.shape and b.grad.shape == bias.shape
+    # fp32: float rounding; bf16: inputs and outputs rounded to 8 bits, arithmetic in fp32
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, ref in ((out, want), (q.grad, q64.grad), (b.grad, b64.grad)):
+        assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < tol
+
+
+def test_training_op_rejects_what_it_cannot_take(built):
+    qkv = torch.randn(2, 8, 3, 2, 32)
+    rows = torch.arange(8).view(2, 4)
+    bias = torch.zeros(1, 2, 4, 4)
+    out = kernels.window_attention_train(qkv, bias, 0.2, rows)
+    q, k, v = qkv.unbind(2)
+    lse = torch.zeros(4, 2, 4)
+    with pytest.raises(RuntimeError, match="out and grad must be contiguous"):
+        torch.ops.vitkit.window_attention_backward(out[:, :4].contiguous(), q, k, v, out, lse, bias, 0.2, rows)
+    with pytest.raises(RuntimeError, match="lse must be"):
+        torch.ops.vitkit.window_attention_backward(out, q, k, v, out, lse[:2], bias, 0.2, rows)
+
+
+def _grads(model, x, autocast=None):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        loss = model(x).float().square().mean()
     loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "name,size,mapped",
+    [
+        ("swin_tiny_patch4_window7_224", 112, 8),  # maps of whole windows: the kernel gathers from the map
+        ("swin_tiny_patch4_window7_224", 96, 4),  # 24 x 24 and 12 x 12 maps pad to whole windows: window form
+        ("swinv2_tiny_window8_256", 128, 8),  # cosine attention: q and k normalised in torch, then the kernel
+    ],
+)
+def test_swin_training_runs_the_kernel_with_the_same_gradients(built, name, size, mapped, monkeypatch):
+    """Training (gradients on) takes the kernel and its backward in every block; every parameter's
+    gradient (the position-bias tables and Swin V2's logit scales included) matches the torch path's."""
+    torch.manual_seed(0)
+    model = vitkit.create_model(name, img_size=size, depths=(2, 2, 2, 2), num_classes=10, drop_path_rate=0.0).train()
+    x = torch.randn(2, 3, size, size)
+    calls = []
+    real = kernels.window_attention_train
+    # map form: qkv holds the 2 images (window form: one row per window)
+    monkeypatch.setattr(kernels, "window_attention_train", lambda *a: calls.append(a[0].shape[0] == 2) or real(*a))
+    fast = _grads(model, x)
+    assert len(calls) == 8 and sum(calls) == mapped
+    kernels.set_kernels(False)
+    try:
+        plain = _grads(model, x)
+    finally:
+        kernels.set_kernels(True)
+    assert len(calls) == 8 and fast.keys() == plain.keys()
+    assert any("relative_position_bias_table" in n or "cpb_mlp" in n for n in fast)
+    for n, g in plain.items():
+        assert ((fast[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item() < 1e-4, n
+
+    # bf16 autocast: the kernel on bf16 q, k, v against the fp32 torch path, to bf16's rounding
+    calls.clear()
+    fast16 = _grads(model, x, torch.bfloat16)
+    assert len(calls) == 8
+    total = sum(((fast16[n] - g).square().sum() for n, g in plain.items()))
+    assert (total / sum(g.square().sum() for g in plain.values())).sqrt().item() < 0.05
+
+
+def test_training_with_attention_dropout_takes_the_torch_path(built, monkeypatch):
+    model = vitkit.create_model(
+        "swin_tiny_patch4_window7_224", img_size=64, depths=(2, 2, 2, 2), num_classes=4, attn_drop_rate=0.1
+    )
+    monkeypatch.setattr(kernels, "window_attention_train", lambda *a: pytest.fail("the kernel has no dropout"))
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
     assert model.layers[0].blocks[0].attn.relative_position_bias_table.grad is not None
+    with torch.no_grad():
+        model.eval()(torch.randn(1, 3, 64, 64))  # inference: no dropout, the kernel applies again
 
 
 def test_build_without_a_compiler_names_the_fix(monkeypatch, tmp_path):

@@ -1,7 +1,11 @@
 """vitkit's own CPU kernels: C++ sources in `layers/csrc`, compiled once per machine and loaded as torch ops.
 
-One kernel so far, `torch.ops.vitkit.window_attention`: Swin's window attention for CPU inference,
-softmax(q k^T * scale + bias) v with each row's scores kept in L1 (see its source for why).
+One kernel so far: Swin's window attention, softmax(q k^T * scale + bias) v with each row's scores
+kept in L1 (see its source for why), as three ops: `torch.ops.vitkit.window_attention` for
+inference, and for training `window_attention_lse` (the same forward, also returning each row's
+log-sum-exp) with `window_attention_backward`, which recomputes the probabilities from it instead
+of keeping a (windows, heads, N, N) tensor between the passes. `window_attention_train` is the
+autograd function over the two.
 
 Build: `python -m vitkit.layers.kernels` (the Makefile runs it before the tests and the demo) compiles
 the sources for this CPU's vector width (AVX-512 or AVX2) with the system's C++ compiler (`$CXX`, else
@@ -26,6 +30,8 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from vitkit.core.errors import VitkitError
 from vitkit.core.files import atomic_path, cache_root
@@ -167,6 +173,57 @@ def window_attention_applies(x: torch.Tensor, head_dim: int) -> bool:
     return not capturing() and available()
 
 
+def _require() -> None:
+    if not available():
+        raise VitkitError(f"{status()}: build them first, or check `available()` and use the torch path")
+
+
+def window_attention_trains(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether `window_attention_train` takes attention over x where gradients may be needed: the CPU,
+    fp32 or bf16 (autocast included, fp16 autocast not), a head_dim of 16-64 in steps of 16, outside
+    compilation, export, tracing and dispatch modes (FLOP counting)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or head_dim % 16 or head_dim > 64:
+        return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return False
+    return not capturing() and _get_current_dispatch_mode() is None and available()
+
+
+class _WindowAttentionTrain(torch.autograd.Function):
+    """`window_attention` in map layout with a backward: the forward keeps each row's log-sum-exp
+    (windows, heads, N) fp32, the backward recomputes the probabilities from it."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor, scale: float, rows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        q, k, v = qkv.unbind(2)
+        out, lse = torch.ops.vitkit.window_attention_lse(q, k, v, bias, scale, rows)
+        ctx.save_for_backward(qkv, bias, out, lse, rows)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # type: ignore[override]
+        qkv, bias, out, lse, rows = ctx.saved_tensors
+        q, k, v = qkv.unbind(2)
+        grad = grad.to(out.dtype).contiguous()
+        dqkv, dbias = torch.ops.vitkit.window_attention_backward(grad, q, k, v, out, lse, bias, ctx.scale, rows)
+        return dqkv, dbias if ctx.needs_input_grad[1] else None, None, None
+
+
+def window_attention_train(qkv: torch.Tensor, bias: torch.Tensor, scale: float, rows: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v per window and head, differentiable in qkv and bias.
+
+    qkv: (B, T, 3, heads, head_dim), fp32 or bf16, unit last stride (the qkv projection's output as a
+    view); rows: (nW, N) int64, each image's token indices per window (window b * nW + n gathers image
+    b's tokens rows[n]; (1, T) with T = N: each image is one window). bias: (G, heads, N, N) float32,
+    window w adding bias[w % G]. Returns (B, T, heads, head_dim) with every token in its place. The
+    gradient of qkv comes back as one (B, T, 3, heads, head_dim) tensor; no double backward.
+    """
+    _require()
+    return _WindowAttentionTrain.apply(qkv, bias, scale, rows)
+
+
 def window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -185,6 +242,7 @@ def window_attention(
     bias: (G, heads, N, N) float32, window w adding bias[w % G]. `cosine` (heads,) float32: Swin V2's
     cosine attention, q and k L2-normalised first and head h's scores multiplied by cosine[h] too.
     """
+    _require()
     return torch.ops.vitkit.window_attention(q, k, v, bias, scale, cosine, rows)
 
 

@@ -9,14 +9,16 @@ and for any layer that is not a plain, hook-free `nn.Linear` (e.g. after int8 qu
 switches every model back to `F.linear`; the two agree to ~1e-6 relative in fp32 (tests/test_vit.py).
 Inference reuses each weight prepacked in oneDNN's layout (`packed_weight`), rebuilt when it changes.
 
-Training in fp32 (gradients needed) goes through `_OneDNNLinear`, an autograd function whose forward
-and grad_input matmuls are the same kernel (the weight passed transposed, as a strided view), and
-whose grad_weight is oneDNN too except where `torch.mm` measured faster: where the reduction over
-tokens is long (>= 50 x in_features) and out_features >= in_features (Swin-T's stage 1 at batch 8,
-stages 1-2 at batch 32: oneDNN took 1.2-1.8x mm's time there, 0.4-0.8x elsewhere). bf16 training
-(autocast or bf16 weights) keeps `F.linear`, which reaches oneDNN through torch and measured faster.
-fp32 gradients match `F.linear`'s to float rounding (tests/test_linear.py); `set_onednn_linear(False)`
-turns this path off as well.
+Training (gradients needed) goes through `_OneDNNLinear`, an autograd function whose forward is the
+same kernel with the bias added inside it (`F.linear` copies the bias into its output first, a pass
+over the output). In fp32 its grad_input is that kernel too (the weight passed transposed, as a
+strided view), and its grad_weight is oneDNN except where `torch.mm` measured faster: where the
+reduction over tokens is long (>= 50 x in_features) and out_features >= in_features (Swin-T's stage 1
+at batch 8, stages 1-2 at batch 32: oneDNN took 1.2-1.8x mm's time there, 0.4-0.8x elsewhere). Under
+bf16 autocast the weight, bias and input are cast to bf16 as autocast would, and both backward
+products are `torch.mm` (oneDNN through torch), which measured faster than the kernel in bf16.
+Gradients match `F.linear`'s to float rounding in fp32 and to bf16 rounding under autocast
+(tests/test_linear.py); `set_onednn_linear(False)` turns this path off as well.
 """
 
 from __future__ import annotations
@@ -84,13 +86,15 @@ class _OneDNNLinear(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops, for a second backward
             grad_b = grad.sum(0) if need_b and ctx.has_bias else None
             return grad @ weight if need_x else None, grad.t() @ x if need_w else None, grad_b
+        grad_b = grad.sum(0) if need_b and ctx.has_bias else None
+        if x.dtype == torch.bfloat16:  # torch.mm reaches oneDNN's bf16 matmul, faster here than _lp
+            return torch.mm(grad, weight) if need_x else None, torch.mm(grad.t(), x) if need_w else None, grad_b
         grad_x = _lp(grad, weight.t()) if need_x else None  # (M, out) @ (out, in)
         grad_w = None
         if need_w:  # (out, M) @ (M, in)
             tokens, in_f, out_f = x.shape[0], x.shape[1], grad.shape[1]
             use_mm = tokens >= _LONG_REDUCTION * in_f and out_f >= in_f
             grad_w = torch.mm(grad.t(), x) if use_mm else _lp(grad.t(), x.t())
-        grad_b = grad.sum(0) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_b
 
 
@@ -108,19 +112,22 @@ def _common_checks(layer: nn.Module, x: torch.Tensor) -> bool:
     return _plain_cpu_call(layer, x)
 
 
-def _use_onednn_training(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """The fp32 training path: a gradient is needed, no autocast, fp32 input and weight."""
+def _onednn_training_dtype(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype | None:
+    """The dtype of the training path where a gradient is needed: fp32 (fp32 input, weight and bias, no
+    autocast) or bf16 (bf16 autocast over fp32 weights); None: `F.linear`."""
     if not torch.is_grad_enabled() or not _common_checks(layer, x):  # first: a quantised layer's weight is a method
-        return False
+        return None
     w = layer.weight
     needs_grad = x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)
     if not needs_grad or x.numel() == 0:
-        return False  # an empty batch: oneDNN has no grad_weight primitive for a zero-length reduction
-    # fp32 only: in bf16 (autocast or bf16 weights) torch's own path already reaches oneDNN, and this
-    # one took 1.0-1.15x its time per layer (forward + backward, DeiT-S, Swin-T and the Fashion-MNIST
-    # ViT's shapes) and 1.09x per fmnist_best training step (AMD EPYC, AVX512_BF16, 2 threads)
-    fp32 = x.dtype == w.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
-    return fp32 and not torch.is_autocast_enabled("cpu")
+        return None  # an empty batch: oneDNN has no grad_weight primitive for a zero-length reduction
+    fp32_params = w.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32 if fp32_params and x.dtype == torch.float32 else None
+    # bf16 autocast: the forward with its bias inside oneDNN, the backward on torch.mm, took 0.8-1.0x
+    # F.linear's time per layer at Swin-T's shapes (fewest at stage 1: no pass copying the bias)
+    bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in _DTYPES
+    return torch.bfloat16 if bf16 and fp32_params else None
 
 
 def _use_onednn(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -214,8 +221,15 @@ def linear(layer: nn.Module, x: torch.Tensor, gelu: bool = False, bias: torch.Te
 
     `bias` replaces the layer's own (Swin V2's qkv: q and v biases around a zero k bias)."""
     b = layer.bias if bias is None else bias
-    if _use_onednn_training(layer, x, b):
-        y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), layer.weight, b)
+    dtype = _onednn_training_dtype(layer, x, b)
+    if dtype is not None:
+        x2, w = x.reshape(-1, x.shape[-1]), layer.weight
+        if dtype != w.dtype:  # bf16 autocast over fp32 weights: the casts autocast makes, differentiable
+            with torch.autocast("cpu", enabled=False):
+                x2, w, b = x2.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+                y = _OneDNNLinear.apply(x2, w, b)
+        else:
+            y = _OneDNNLinear.apply(x2, w, b)
         y = y.view(*x.shape[:-1], y.shape[-1])  # (..., out_features)
         return F.gelu(y) if gelu else y
     if _use_onednn(layer, x):

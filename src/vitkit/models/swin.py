@@ -306,20 +306,47 @@ class _WindowAttentionBase(nn.Module):
         scale = 1.0 if cosine is not None else q.shape[-1] ** -0.5
         return kernels.window_attention(q, k, v, bias, scale, cosine, rows)
 
+    def kernel_trains(self, x: torch.Tensor) -> bool:
+        """Whether vitkit's window kernel with its backward computes this attention where gradients may be
+        needed (`kernels.window_attention_trains`): on the CPU, without attention dropout."""
+        if self.training and self.attn_drop:
+            return False
+        return kernels.window_attention_trains(x, self.proj.in_features // self.num_heads)
+
+    def _kernel_train(self, qkv: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, heads, head_dim) -> (B, T, heads, head_dim) by `kernels.window_attention_train`."""
+        q, k, v = qkv.unbind(2)  # each (B, T, heads, head_dim)
+        qt = q.transpose(1, 2)
+        q2, k2, scale = self._scaled(qt, k.transpose(1, 2))  # as (B, heads, T, head_dim)
+        if q2 is not qt:  # Swin V2: q and k normalised in torch (the temperature folded into q), so autograd
+            qkv = torch.stack((q2.transpose(1, 2), k2.transpose(1, 2), v), dim=2)  # differentiates them and the scale
+        N = self.window_size[0] * self.window_size[1]
+        bias = self.cached_bias(mask, torch.float32).view(-1, self.num_heads, N, N)
+        return kernels.window_attention_train(qkv, bias, q.shape[-1] ** -0.5 if scale is None else scale, rows)
+
     def forward_map(self, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Window attention on a whole map, (B, T, C) -> (B, T, C), through vitkit's kernel (`kernel_applies`):
-        the projections run per token on the map and the kernel gathers each window's tokens by `rows`
-        (nW, N) and writes them back in place, so no partition, shift or their inverses are copied."""
+        """Window attention on a whole map, (B, T, C) -> (B, T, C), through vitkit's kernel (`kernel_applies`
+        or `kernel_trains`): the projections run per token on the map and the kernel gathers each window's
+        tokens by `rows` (nW, N) and writes them back in place, so no partition, shift or their inverses
+        are copied, in the forward or the backward."""
         B, T, C = x.shape
-        q, k, v = self._qkv(x).view(B, T, 3, self.num_heads, -1).unbind(2)  # each (B, T, heads, head_dim)
-        x = self._kernel_attention(q, k, v, mask, rows).view(B, T, C)
+        qkv = self._qkv(x).view(B, T, 3, self.num_heads, -1)
+        if self.kernel_applies(x):
+            q, k, v = qkv.unbind(2)  # each (B, T, heads, head_dim)
+            x = self._kernel_attention(q, k, v, mask, rows).view(B, T, C)
+        else:
+            x = self._kernel_train(qkv, mask, rows).view(B, T, C)
         return self.proj_drop(linear(self.proj, x))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B_, N, C = x.shape
         heads = self.num_heads
-        # (3, B * nW, heads, N, head_dim)
-        q, k, v = self._qkv(x).reshape(B_, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self._qkv(x).reshape(B_, N, 3, heads, -1)
+        if self.kernel_trains(x) and not self.kernel_applies(x):  # each window as an image of N tokens, in order
+            rows = torch.arange(N, device=x.device).view(1, N)
+            x = self._kernel_train(qkv, mask, rows).view(B_, N, C)
+            return self.proj_drop(linear(self.proj, x))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B * nW, heads, N, head_dim)
         dropout = self.attn_drop if self.training else 0.0
         if self.kernel_applies(x):  # CPU inference: one pass, no copies in or out
             x = self._kernel_attention(q, k, v, mask).view(B_, N, C)
@@ -556,7 +583,8 @@ class SwinBlock(nn.Module):
         """(B, H, W, C) -> (B, H, W, C): roll, pad to whole windows, attend per window, undo."""
         B, H, W, C = x.shape
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
-        if self.attn.kernel_applies(x) and H % wh == 0 and W % ww == 0:  # no copies: the kernel gathers
+        kernel = self.attn.kernel_applies(x) or self.attn.kernel_trains(x)
+        if kernel and H % wh == 0 and W % ww == 0:  # no copies: the kernel gathers
             rows = self._rows_for((H, W), x.device)
             out = self.attn.forward_map(x.reshape(B, H * W, C), rows, self._mask_for((H, W), x.device))
             return out.view(B, H, W, C)

@@ -53,6 +53,13 @@ inline float load(const c10::BFloat16* p) { return bf16_to_float(p->x); }
 inline void store(float* p, float v) { *p = v; }
 inline void store(c10::BFloat16* p, float v) { p->x = float_to_bf16(v); }
 
+// One (window, head) of the work. Tasks are ordered by (bias group g, head, window among those with
+// w % G == g), so that a thread runs all the windows sharing one (N, N) bias in a row: the bias is
+// padded once for them, and in the backward its gradient is summed in L1 before it is written out.
+struct Task {
+  int64_t w, h, group;  // group: g * H + h
+};
+
 // Where window w's token i and head h live, as element offsets shared by q, k and v (views of one
 // projection): token_offset(w, i) + h * head_stride; and where its output goes.
 struct Layout {
@@ -60,6 +67,11 @@ struct Layout {
   int64_t head_stride, outer_stride, token_stride;  // outer: per window, or per image with `rows`
   const int64_t* rows;                              // (windows per image, N) token indices; nullptr: none
   int64_t windows_per_image, tokens_per_image;
+
+  Task task(int64_t t) const {
+    const int64_t per_group = W / G, group = t / per_group;
+    return {group / H + (t % per_group) * G, group % H, group};
+  }
 
   // fills off[i] (input) and out_off[i] (output, heads * D per token) for window w's N tokens
   void offsets(int64_t w, int64_t* off, int64_t* out_off) const {
@@ -138,6 +150,16 @@ inline vf load16(const c10::BFloat16* p) {
   return reinterpret_cast<const vf&>(bits);
 }
 
+// 16 fp32 lanes to memory (bf16: rounded to nearest even, NaN kept a NaN, as float_to_bf16)
+inline void store16(float* p, vf x) { storev(p, x); }
+inline void store16(c10::BFloat16* p, vf x) {
+  const vi u = reinterpret_cast<const vi&>(x);
+  const vi rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16;  // arithmetic shift: the low 16 bits are kept below
+  const vi bits = x != x ? vi{} + 0x7FC0 : rounded;
+  const vh h = __builtin_convertvector(bits & 0xFFFF, vh);
+  std::memcpy(p, &h, sizeof h);
+}
+
 // One stage of a 16 x 16 transpose held in registers: rows i and i + B (i without bit B) swap the
 // lanes whose bit B differs from the row's; after the stages B = 8, 4, 2, 1, row r holds column r.
 template <int B>
@@ -206,13 +228,15 @@ inline void pad_bias(const float* bias, const Layout& s, int64_t w, int64_t h, i
 // A row of scores (NC chunks of 16) to its softmax numerators exp(x - max), each chunk handed to
 // put(c, e) after chunk c is read; returns 1 / their sum
 template <typename Put>
-inline float softmax_numerators(const float* row, int64_t NC, Put put) {
+inline float softmax_numerators(const float* row, int64_t NC, Put put, float* row_max = nullptr) {
   vf m = loadv(row);
   for (int64_t c = 1; c < NC; ++c) {
     const vf x = loadv(row + c * L);
     m = x > m ? x : m;
   }
-  const vf mx = splat(hmax(m));
+  const float top = hmax(m);
+  if (row_max) *row_max = top;
+  const vf mx = splat(top);
   vf sum = {};
   for (int64_t c = 0; c < NC; ++c) {
     const vf e = exp_nonpositive(loadv(row + c * L) - mx);
@@ -222,12 +246,21 @@ inline float softmax_numerators(const float* row, int64_t NC, Put put) {
   return 1.0f / hsum(sum);
 }
 
+// Training: each row's log-sum-exp of its scores, max + log(sum of exp(x - max)), into lse (W, H, N)
+// for the backward, which recomputes the probabilities from it
+template <int R>
+inline void store_lse(float* lse, const Layout& s, int64_t w, int64_t h, int64_t i0, int64_t rows, const float* top,
+                      const float* inv) {
+  float* out = lse + (w * s.H + h) * s.N + i0;
+  for (int64_t r = 0; r < rows; ++r) out[r] = top[r] - std::log(inv[r]);
+}
+
 // One (window, head) with head_dim = 16 * DV. Scratch: kt (D, NP) = k transposed, vb (N, D), bias
 // (N, NP) padded with -inf, qb (R, D), sc (R, NP): all fp32; off / out_off: the window's token offsets.
 template <typename T, int DV, int R>
-void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const Layout& s, int64_t w, int64_t h,
+void attend(const T* q, const T* k, const T* v, T* out, const Layout& s, int64_t w, int64_t h,
             float scale, const float* cosine, float* kt, float* vb, float* bp, float* qb, float* sc,
-            const int64_t* off, const int64_t* out_off) {
+            const int64_t* off, const int64_t* out_off, float* lse) {
   constexpr int64_t D = DV * L;
   const int64_t N = s.N, NP = (N + L - 1) / L * L, NC = NP / L;
   const int64_t hs = h * s.head_stride;
@@ -240,7 +273,6 @@ void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const
   if (cosine)
     for (int64_t j = 0; j < N; ++j) normalize<D>(sc + j * D, 1.0f);
   transpose_padded<D>(sc, D, N, NP, kt);
-  pad_bias(bias, s, w, h, NP, bp);
   for (int64_t i0 = 0; i0 < N; i0 += R) {
     const int64_t rows = std::min<int64_t>(R, N - i0);
     for (int r = 0; r < R; ++r) {  // a short last block repeats its last row
@@ -265,11 +297,12 @@ void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const
       }
     }
     // softmax numerators in place; 1 / row sum kept for the end
-    float inv[R];
+    float inv[R], top[R];
     for (int r = 0; r < R; ++r) {
       float* row = sc + r * NP;
-      inv[r] = softmax_numerators(row, NC, [row](int64_t c, vf e) { storev(row + c * L, e); });
+      inv[r] = softmax_numerators(row, NC, [row](int64_t c, vf e) { storev(row + c * L, e); }, top + r);
     }
+    if (lse) store_lse<R>(lse, s, w, h, i0, rows, top, inv);
     // out = numerators @ v / row sum: R rows x D in registers
     vf acc[R][DV] = {};
     for (int64_t j = 0; j < N; ++j) {
@@ -284,7 +317,7 @@ void attend(const T* q, const T* k, const T* v, const float* bias, T* out, const
       T* o = out + out_off[i0 + r] + h * D;
       for (int dv = 0; dv < DV; ++dv) {
         const vf x = acc[r][dv] * inv[r];
-        for (int l = 0; l < L; ++l) store(o + dv * L + l, x[l]);
+        store16(o + dv * L, x);
       }
     }
   }
@@ -309,9 +342,8 @@ inline vf bcast_word(const void* p) {
 }
 
 template <int DV, int R>
-void attend_bf16_dot(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v, const float* bias,
-                     c10::BFloat16* out, const Layout& s, int64_t w, int64_t h, float scale, float* kt, float* vb,
-                     float* bp, float* sc, const int64_t* off, const int64_t* out_off) {
+void attend_bf16_dot(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v, c10::BFloat16* out, const Layout& s, int64_t w, int64_t h, float scale, float* kt, float* vb,
+                     float* bp, float* sc, const int64_t* off, const int64_t* out_off, float* lse) {
   constexpr int64_t D = DV * L, E = D / 2;  // E: words per row
   const int64_t N = s.N, NP = (N + L - 1) / L * L, NC = NP / L;
   const int64_t hs = h * s.head_stride;
@@ -340,7 +372,6 @@ void attend_bf16_dot(const c10::BFloat16* q, const c10::BFloat16* k, const c10::
       std::memcpy(vp + f * D + d0, &word, sizeof word);
     }
   }
-  pad_bias(bias, s, w, h, NP, bp);
   const vf sv = splat(scale);
   for (int64_t i0 = 0; i0 < N; i0 += R) {
     const int64_t rows = std::min<int64_t>(R, N - i0);
@@ -359,14 +390,18 @@ void attend_bf16_dot(const c10::BFloat16* q, const c10::BFloat16* k, const c10::
     }
     // the numerators, rounded to bf16 in place: row's first NP / 2 words (chunk c's 16 values land in
     // bytes 32c..32c+31, below chunk c's own, which has been read by then)
-    float inv[R];
+    float inv[R], top[R];
     for (int r = 0; r < R; ++r) {
       char* row = reinterpret_cast<char*>(sc + r * NP);
-      inv[r] = softmax_numerators(sc + r * NP, NC, [row](int64_t c, vf e) {
-        const __m256bh packed = _mm512_cvtneps_pbh(e);
-        std::memcpy(row + c * 32, &packed, 32);
-      });
+      inv[r] = softmax_numerators(
+          sc + r * NP, NC,
+          [row](int64_t c, vf e) {
+            const __m256bh packed = _mm512_cvtneps_pbh(e);
+            std::memcpy(row + c * 32, &packed, 32);
+          },
+          top + r);
     }
+    if (lse) store_lse<R>(lse, s, w, h, i0, rows, top, inv);
     vf acc[R][DV] = {};
     for (int64_t f = 0; f < NP / 2; ++f) {
       vf vj[DV];
@@ -380,7 +415,7 @@ void attend_bf16_dot(const c10::BFloat16* q, const c10::BFloat16* k, const c10::
       c10::BFloat16* o = out + out_off[i0 + r] + h * D;
       for (int dv = 0; dv < DV; ++dv) {
         const vf x = acc[r][dv] * inv[r];
-        for (int l = 0; l < L; ++l) store(o + dv * L + l, x[l]);
+        store16(o + dv * L, x);
       }
     }
   }
@@ -389,7 +424,7 @@ void attend_bf16_dot(const c10::BFloat16* q, const c10::BFloat16* k, const c10::
 
 template <typename T, int DV, int R>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-         const std::optional<at::Tensor>& cosine, at::Tensor& out, const Layout& s, float scale) {
+         const std::optional<at::Tensor>& cosine, at::Tensor& out, float* lse, const Layout& s, float scale) {
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
@@ -407,102 +442,332 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
     float* qb = bb + N * NP;
     float* sc = qb + R_MAX * D;
     std::vector<int64_t> offsets(2 * N);
-    int64_t window = -1;
+    int64_t group = -1;
     for (int64_t t = begin; t < end; ++t) {
-      if (t / s.H != window) {  // tasks run the heads of a window in turn
-        window = t / s.H;
-        s.offsets(window, offsets.data(), offsets.data() + N);
+      const Task task = s.task(t);
+      s.offsets(task.w, offsets.data(), offsets.data() + N);
+      if (task.group != group) {  // a new (bias, head): its bias padded once for all its windows
+        group = task.group;
+        pad_bias(bp, s, task.w, task.h, NP, bb);
       }
 #ifdef __AVX512BF16__
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (cp == nullptr) {  // Swin V2's normalised q and k are fp32 values: the widening path keeps them
-          attend_bf16_dot<DV, R>(qp, kp, vp, bp, op, s, window, t % s.H, scale, kt, vb, bb, sc, offsets.data(),
-                              offsets.data() + N);
+          attend_bf16_dot<DV, R>(qp, kp, vp, op, s, task.w, task.h, scale, kt, vb, bb, sc, offsets.data(),
+                                 offsets.data() + N, lse);
           continue;
         }
       }
 #endif
-      attend<T, DV, R>(qp, kp, vp, bp, op, s, window, t % s.H, scale, cp, kt, vb, bb, qb, sc, offsets.data(),
-                    offsets.data() + N);
+      attend<T, DV, R>(qp, kp, vp, op, s, task.w, task.h, scale, cp, kt, vb, bb, qb, sc, offsets.data(),
+                       offsets.data() + N, lse);
     }
   });
 }
 
-template <typename T, int DV>
-void dispatch_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-                   const std::optional<at::Tensor>& cosine, at::Tensor& out, const Layout& s, float scale) {
-  if (s.N % 7 == 0)
-    run<T, DV, 7>(q, k, v, bias, cosine, out, s, scale);
-  else
-    run<T, DV, 4>(q, k, v, bias, cosine, out, s, scale);
+// ---- backward --------------------------------------------------------------------------------------
+// One (window, head) of the gradient, with S = q k^T * scale + bias and P = exp(S - lse) recomputed
+// from the forward's log-sum-exp (nothing of size N x N is kept between the passes):
+//   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ = dS K * scale,  dK = dS^T Q * scale,
+//   dbias[w % G] += dS.
+// R query rows at a time; dK and dV accumulate over the row blocks in fp32 and are rounded once at the end.
+// Scratch (fp32): qs, go (N + R, D), their last R rows zero; kr, dk, dv (N, D); kt, vt (D, NP); bp (N + R, NP);
+// pb, db (R, NP); delta, lse (N + R); and dbias (N, NP), the gradient of the current (bias, head) summed
+// over its windows so far.
+struct Grads {
+  float* qs; float* go; float* kr; float* dk; float* dv; float* kt; float* vt; float* bp; float* pb; float* db;
+  float* delta; float* lse; float* dbias;
+};
+
+// acc[j] += sum_r w[r][j] x[r] for the N keys j: the R rows of x (R, D) stay in registers, w is (R, NP)
+template <int DV, int R>
+inline void accumulate_keys(const float* w, int64_t NP, const float* x, int64_t N, float* acc) {
+  constexpr int64_t D = DV * L;
+  vf xr[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int dv = 0; dv < DV; ++dv) xr[r][dv] = loadv(x + r * D + dv * L);
+  for (int64_t j = 0; j < N; ++j) {
+    vf a[DV];
+    for (int dv = 0; dv < DV; ++dv) a[dv] = loadv(acc + j * D + dv * L);
+    for (int r = 0; r < R; ++r) {
+      const float c = w[r * NP + j];
+      for (int dv = 0; dv < DV; ++dv) a[dv] += c * xr[r][dv];
+    }
+    for (int dv = 0; dv < DV; ++dv) storev(acc + j * D + dv * L, a[dv]);
+  }
 }
 
-template <typename T>
-void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-              const std::optional<at::Tensor>& cosine, at::Tensor& out, const Layout& s, float scale) {
-  switch (s.D / L) {
-    case 1: return dispatch_rows<T, 1>(q, k, v, bias, cosine, out, s, scale);
-    case 2: return dispatch_rows<T, 2>(q, k, v, bias, cosine, out, s, scale);
-    case 3: return dispatch_rows<T, 3>(q, k, v, bias, cosine, out, s, scale);
-    default: return dispatch_rows<T, 4>(q, k, v, bias, cosine, out, s, scale);
+template <typename T, int DV, int R>
+void attend_backward(const T* q, const T* k, const T* v, const T* o, const T* g, const float* lse, T* dqkv,
+                     const Layout& s, int64_t w, int64_t h, float scale, const Grads& m,
+                     const int64_t* off, const int64_t* out_off) {
+  constexpr int64_t D = DV * L;
+  const int64_t N = s.N, NP = (N + L - 1) / L * L, NC = NP / L, H = s.H;
+  const int64_t hs = h * s.head_stride, hd = h * D;
+  // rows in: k as rows (kr) and transposed (kt); v transposed through dv as staging; q scaled; dO
+  for (int64_t j = 0; j < N; ++j) widen_row<T, D>(k + off[j] + hs, m.kr + j * D);
+  transpose_padded<D>(m.kr, D, N, NP, m.kt);
+  for (int64_t j = 0; j < N; ++j) widen_row<T, D>(v + off[j] + hs, m.dv + j * D);
+  transpose_padded<D>(m.dv, D, N, NP, m.vt);
+  std::fill(m.dv, m.dv + N * D, 0.0f);
+  std::fill(m.dk, m.dk + N * D, 0.0f);
+  for (int64_t i = 0; i < N; ++i) {
+    const T* qi = q + off[i] + hs;
+    for (int64_t d = 0; d < D; d += L) storev(m.qs + i * D + d, load16(qi + d) * scale);
+    widen_row<T, D>(g + out_off[i] + hd, m.go + i * D);
+    vf acc = {};  // delta_i = dO_i . O_i
+    for (int64_t d = 0; d < D; d += L) acc += loadv(m.go + i * D + d) * load16(o + out_off[i] + hd + d);
+    m.delta[i] = hsum(acc);
   }
+  std::copy(lse + (w * H + h) * N, lse + (w * H + h + 1) * N, m.lse);
+  for (int64_t i0 = 0; i0 < N; i0 += R) {
+    // this block's R rows, contiguous (past N: zero rows of the padded scratch, whose P and dS are zeroed)
+    const int64_t rows = std::min<int64_t>(R, N - i0);
+    const float* qb = m.qs + i0 * D;
+    const float* gb = m.go + i0 * D;
+    // P and dS, 16 keys at a time: the scores and dP = dO V^T reduce over D in registers
+    for (int64_t c = 0; c < NC; ++c) {
+      vf sa[R] = {}, ga[R] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        const vf kv = loadv(m.kt + d * NP + c * L), vv = loadv(m.vt + d * NP + c * L);
+        for (int r = 0; r < R; ++r) {
+          sa[r] += qb[r * D + d] * kv;
+          ga[r] += gb[r * D + d] * vv;
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = i0 + r;
+        const vf x = sa[r] + loadv(m.bp + i * NP + c * L) - m.lse[i];
+        const vf p = r < rows ? exp_nonpositive(x) : vf{};  // x <= 0 up to rounding; padded keys: -inf
+        storev(m.pb + r * NP + c * L, p);
+        storev(m.db + r * NP + c * L, p * (ga[r] - m.delta[i]));
+      }
+    }
+    // dQ = dS K * scale: R rows x D in registers
+    vf acc[R][DV] = {};
+    for (int64_t j = 0; j < N; ++j) {
+      vf kj[DV];
+      for (int dv = 0; dv < DV; ++dv) kj[dv] = loadv(m.kr + j * D + dv * L);
+      for (int r = 0; r < R; ++r) {
+        const float x = m.db[r * NP + j];
+        for (int dv = 0; dv < DV; ++dv) acc[r][dv] += x * kj[dv];
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      T* dq = dqkv + 3 * out_off[i0 + r] + hd;
+      for (int dv = 0; dv < DV; ++dv) store16(dq + dv * L, acc[r][dv] * scale);
+    }
+    accumulate_keys<DV, R>(m.pb, NP, gb, N, m.dv);  // dV += P^T dO
+    accumulate_keys<DV, R>(m.db, NP, qb, N, m.dk);  // dK += dS^T (Q * scale)
+    for (int r = 0; r < rows; ++r)  // this (bias, head)'s gradient so far, (N, NP)
+      for (int64_t c = 0; c < NC; ++c)
+        storev(m.dbias + (i0 + r) * NP + c * L, loadv(m.dbias + (i0 + r) * NP + c * L) + loadv(m.db + r * NP + c * L));
+  }
+  for (int64_t j = 0; j < N; ++j) {
+    T* dk = dqkv + 3 * out_off[j] + H * D + hd;
+    T* dv = dk + H * D;
+    for (int64_t d = 0; d < D; d += L) store16(dk + d, loadv(m.dk + j * D + d)), store16(dv + d, loadv(m.dv + j * D + d));
+  }
+}
+
+template <typename T, int DV, int R>
+void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                  const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& bias, at::Tensor& dqkv,
+                  at::Tensor& dbias, const Layout& s, float scale) {
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  const T* op = out.const_data_ptr<T>();
+  const T* gp = grad.const_data_ptr<T>();
+  const float* lp = lse.const_data_ptr<float>();
+  const float* bp = bias.const_data_ptr<float>();
+  T* dp = dqkv.mutable_data_ptr<T>();
+  const int64_t N = s.N, NP = (N + L - 1) / L * L, D = DV * L;
+  const int64_t bias_size = s.G * s.H * N * N;
+  // the bias gradient sums over windows: one fp32 buffer per thread, added up at the end
+  const int threads = at::get_num_threads();
+  std::vector<float> partial(static_cast<size_t>(threads) * bias_size, 0.0f);
+  at::parallel_for(0, s.W * s.H, 1, [&](int64_t begin, int64_t end) {
+    const int64_t NR = N + R;  // rows of the scratch that blocks read past N
+    std::vector<float> scratch(2 * NR * D + 3 * N * D + 2 * D * NP + NR * NP + 2 * R * NP + 2 * NR + N * NP, 0.0f);
+    Grads m{};
+    m.qs = scratch.data(), m.go = m.qs + NR * D, m.kr = m.go + NR * D, m.dk = m.kr + N * D, m.dv = m.dk + N * D;
+    m.kt = m.dv + N * D, m.vt = m.kt + D * NP, m.bp = m.vt + D * NP, m.pb = m.bp + NR * NP, m.db = m.pb + R * NP;
+    m.delta = m.db + R * NP, m.lse = m.delta + NR, m.dbias = m.lse + NR;
+    float* partial_thread = partial.data() + static_cast<size_t>(at::get_thread_num()) * bias_size;
+    auto flush = [&](int64_t group) {  // the summed gradient of one (bias, head) into this thread's buffer
+      float* dst = partial_thread + group * N * N;
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t j = 0; j < N; ++j) dst[i * N + j] += m.dbias[i * NP + j];
+    };
+    std::vector<int64_t> offsets(2 * N);
+    int64_t group = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const Task task = s.task(t);
+      s.offsets(task.w, offsets.data(), offsets.data() + N);
+      if (task.group != group) {
+        if (group >= 0) flush(group);
+        group = task.group;
+        pad_bias(bp, s, task.w, task.h, NP, m.bp);
+        std::fill(m.dbias, m.dbias + N * NP, 0.0f);
+      }
+      attend_backward<T, DV, R>(qp, kp, vp, op, gp, lp, dp, s, task.w, task.h, scale, m, offsets.data(),
+                                offsets.data() + N);
+    }
+    if (group >= 0) flush(group);
+  });
+  float* dst = dbias.mutable_data_ptr<float>();
+  at::parallel_for(0, bias_size, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      float x = 0.0f;
+      for (int t = 0; t < threads; ++t) x += partial[static_cast<size_t>(t) * bias_size + e];
+      dst[e] = x;
+    }
+  });
+}
+
+// head_dim / 16 and the rows per block as template arguments, then `F<T, DV, R>::call(args...)`
+template <template <typename, int, int> class F, typename T, typename... Args>
+void dispatch(const Layout& s, Args&... args) {
+  auto rows = [&]<int DV>() {
+    if (s.N % 7 == 0)
+      F<T, DV, 7>::call(args...);
+    else
+      F<T, DV, 4>::call(args...);
+  };
+  switch (s.D / L) {
+    case 1: return rows.template operator()<1>();
+    case 2: return rows.template operator()<2>();
+    case 3: return rows.template operator()<3>();
+    default: return rows.template operator()<4>();
+  }
+}
+
+template <typename T, int DV, int R>
+struct Forward {
+  template <typename... Args>
+  static void call(Args&... args) { run<T, DV, R>(args...); }
+};
+template <typename T, int DV, int R>
+struct Backward {
+  template <typename... Args>
+  static void call(Args&... args) { run_backward<T, DV, R>(args...); }
+};
+
+// Checks the inputs and fills the layout: q, k, v as (windows, heads, N, D) or, with rows, (images,
+// tokens, heads, D) maps; the bias (G, heads, N, N)
+Layout check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& bias, const std::optional<at::Tensor>& rows) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes() && k.strides() == q.strides() &&
+                  v.strides() == q.strides(),
+              op, ": q, k and v must be 4-D views of one shape and layout");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && bias.device().is_cpu() &&
+                  (!rows || rows->device().is_cpu()),
+              op, ": CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              op, ": q, k and v must all be float32 or all bfloat16");
+  TORCH_CHECK(q.stride(3) == 1, op, ": the head_dim of q, k and v must be contiguous");
+  const int64_t D = q.size(3);
+  TORCH_CHECK(D % L == 0 && D > 0 && D <= 4 * L, op, ": head_dim must be 16, 32, 48 or 64, got ", D);
+  Layout s{};
+  s.D = D;
+  if (!rows) {  // q: (windows, heads, N, D)
+    s.W = q.size(0), s.H = q.size(1), s.N = q.size(2);
+    s.outer_stride = q.stride(0), s.head_stride = q.stride(1), s.token_stride = q.stride(2);
+  } else {  // q: (images, tokens, heads, D), windows gathered by `rows`
+    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->dim() == 2 &&
+                    rows->numel() == q.size(1),
+                op, ": rows must be contiguous int64 (windows, N) covering every token once");
+    const int64_t* r = rows->const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < rows->numel(); ++i)
+      TORCH_CHECK(r[i] >= 0 && r[i] < q.size(1), op, ": rows holds a token index out of range");
+    s.windows_per_image = rows->size(0), s.tokens_per_image = q.size(1), s.rows = r;
+    s.W = q.size(0) * rows->size(0), s.H = q.size(2), s.N = rows->size(1);
+    s.outer_stride = q.stride(0), s.token_stride = q.stride(1), s.head_stride = q.stride(2);
+  }
+  const int64_t H = s.H, N = s.N;
+  // with rows, G divides the windows of an image, or each image is one window (G then cycles over images)
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.dim() == 4 && bias.size(1) == H &&
+                  bias.size(2) == N && bias.size(3) == N && bias.size(0) > 0 && s.W % bias.size(0) == 0 &&
+                  (!rows || rows->size(0) % bias.size(0) == 0 || rows->size(0) == 1),
+              op, ": bias must be contiguous float32 (G, heads, N, N) with G dividing the windows");
+  s.G = bias.size(0);
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& bias, double scale,
+                                           const std::optional<at::Tensor>& cosine,
+                                           const std::optional<at::Tensor>& rows, bool with_lse) {
+  const Layout s = check_inputs("window_attention", q, k, v, bias, rows);
+  TORCH_CHECK(!cosine || (cosine->device().is_cpu() && cosine->scalar_type() == at::kFloat &&
+                          cosine->is_contiguous() && cosine->numel() == s.H),
+              "window_attention: cosine must be contiguous float32 with one value per head");
+  at::Tensor out = rows ? at::empty({q.size(0), q.size(1), s.H, s.D}, q.options())
+                        : at::empty({s.W, s.N, s.H, s.D}, q.options());
+  at::Tensor lse = at::empty({with_lse ? s.W : 0, s.H, s.N}, q.options().dtype(at::kFloat));
+  float* lp = with_lse ? lse.mutable_data_ptr<float>() : nullptr;
+  const float sc = static_cast<float>(scale);
+  if (q.scalar_type() == at::kFloat)
+    dispatch<Forward, float>(s, q, k, v, bias, cosine, out, lp, s, sc);
+  else
+    dispatch<Forward, c10::BFloat16>(s, q, k, v, bias, cosine, out, lp, s, sc);
+  return {out, lse};
 }
 
 at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
                             double scale, const std::optional<at::Tensor>& cosine,
                             const std::optional<at::Tensor>& rows) {
-  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes() && k.strides() == q.strides() &&
-                  v.strides() == q.strides(),
-              "window_attention: q, k and v must be 4-D views of one shape and layout");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && bias.device().is_cpu() &&
-                  (!cosine || cosine->device().is_cpu()) && (!rows || rows->device().is_cpu()),
-              "window_attention: CPU tensors only");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
-                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
-              "window_attention: q, k and v must all be float32 or all bfloat16");
-  TORCH_CHECK(q.stride(3) == 1, "window_attention: the head_dim of q, k and v must be contiguous");
-  const int64_t D = q.size(3);
-  TORCH_CHECK(D % L == 0 && D > 0 && D <= 4 * L, "window_attention: head_dim must be 16, 32, 48 or 64, got ", D);
-  Layout s{};
-  s.D = D;
-  at::Tensor out;
-  if (!rows) {  // q: (windows, heads, N, D)
-    s.W = q.size(0), s.H = q.size(1), s.N = q.size(2);
-    s.outer_stride = q.stride(0), s.head_stride = q.stride(1), s.token_stride = q.stride(2);
-    out = at::empty({s.W, s.N, s.H, D}, q.options());
-  } else {  // q: (images, tokens, heads, D), windows gathered by `rows`
-    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->dim() == 2 &&
-                    rows->numel() == q.size(1),
-                "window_attention: rows must be contiguous int64 (windows, N) covering every token once");
-    const int64_t* r = rows->const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < rows->numel(); ++i)
-      TORCH_CHECK(r[i] >= 0 && r[i] < q.size(1), "window_attention: rows holds a token index out of range");
-    s.windows_per_image = rows->size(0), s.tokens_per_image = q.size(1), s.rows = r;
-    s.W = q.size(0) * rows->size(0), s.H = q.size(2), s.N = rows->size(1);
-    s.outer_stride = q.stride(0), s.token_stride = q.stride(1), s.head_stride = q.stride(2);
-    out = at::empty({q.size(0), q.size(1), s.H, D}, q.options());
-  }
-  const int64_t H = s.H, N = s.N;
-  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.dim() == 4 && bias.size(1) == H &&
-                  bias.size(2) == N && bias.size(3) == N && bias.size(0) > 0 && s.W % bias.size(0) == 0 &&
-                  (!rows || rows->size(0) % bias.size(0) == 0),
-              "window_attention: bias must be contiguous float32 (G, heads, N, N) with G dividing the windows");
-  s.G = bias.size(0);
-  TORCH_CHECK(!cosine || (cosine->scalar_type() == at::kFloat && cosine->is_contiguous() && cosine->numel() == H),
-              "window_attention: cosine must be contiguous float32 with one value per head");
+  return std::get<0>(forward(q, k, v, bias, scale, cosine, rows, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> window_attention_lse(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v, const at::Tensor& bias, double scale,
+                                                        const at::Tensor& rows) {
+  return forward(q, k, v, bias, scale, std::nullopt, rows, true);
+}
+
+// The gradient of window_attention_lse (map layout): returns dqkv as one (B, T, 3, H, D) tensor in q's
+// dtype (q, k, v's gradients side by side, as the qkv projection's output is laid out) and dbias (G, H, N, N)
+std::tuple<at::Tensor, at::Tensor> window_attention_backward(const at::Tensor& grad, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& out, const at::Tensor& lse,
+                                                             const at::Tensor& bias, double scale,
+                                                             const at::Tensor& rows) {
+  const Layout s = check_inputs("window_attention_backward", q, k, v, bias, rows);
+  const std::vector<int64_t> shape{q.size(0), q.size(1), s.H, s.D};
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(shape) && out.is_contiguous() && out.scalar_type() == q.scalar_type() &&
+                  grad.sizes() == at::IntArrayRef(shape) && grad.is_contiguous() && grad.scalar_type() == q.scalar_type(),
+              "window_attention_backward: out and grad must be contiguous (B, T, heads, head_dim) in q's dtype");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == s.W * s.H * s.N,
+              "window_attention_backward: lse must be the forward's contiguous float32 (windows, heads, N)");
+  at::Tensor dqkv = at::empty({q.size(0), q.size(1), 3, s.H, s.D}, q.options());
+  at::Tensor dbias = at::empty(bias.sizes(), bias.options());
+  const float sc = static_cast<float>(scale);
   if (q.scalar_type() == at::kFloat)
-    dispatch<float>(q, k, v, bias, cosine, out, s, static_cast<float>(scale));
+    dispatch<Backward, float>(s, q, k, v, out, grad, lse, bias, dqkv, dbias, s, sc);
   else
-    dispatch<c10::BFloat16>(q, k, v, bias, cosine, out, s, static_cast<float>(scale));
-  return out;
+    dispatch<Backward, c10::BFloat16>(s, q, k, v, out, grad, lse, bias, dqkv, dbias, s, sc);
+  return {dqkv, dbias};
 }
 
 }  // namespace
 
-TORCH_LIBRARY(vitkit, m) { 
+TORCH_LIBRARY(vitkit, m) {
   m.def(
       "window_attention(Tensor q, Tensor k, Tensor v, Tensor bias, float scale, Tensor? cosine=None, "
       "Tensor? rows=None) -> Tensor");
- }
+  m.def(
+      "window_attention_lse(Tensor q, Tensor k, Tensor v, Tensor bias, float scale, Tensor rows) -> "
+      "(Tensor, Tensor)");
+  m.def(
+      "window_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor bias, "
+      "float scale, Tensor rows) -> (Tensor, Tensor)");
+}
 
-TORCH_LIBRARY_IMPL(vitkit, CPU, m) { m.impl("window_attention", &window_attention); }
+TORCH_LIBRARY_IMPL(vitkit, CPU, m) {
+  m.impl("window_attention", &window_attention);
+  m.impl("window_attention_lse", &window_attention_lse);
+  m.impl("window_attention_backward", &window_attention_backward);
+}
