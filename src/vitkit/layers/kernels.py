@@ -194,34 +194,43 @@ class _WindowAttentionTrain(torch.autograd.Function):
     (windows, heads, N) fp32, the backward recomputes the probabilities from it."""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor, scale: float, rows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, qkv: torch.Tensor, bias: torch.Tensor, scale: float, rows: torch.Tensor, cosine: torch.Tensor | None
+    ) -> torch.Tensor:
         q, k, v = qkv.unbind(2)
-        out, lse = torch.ops.vitkit.window_attention_lse(q, k, v, bias, scale, rows)
-        ctx.save_for_backward(qkv, bias, out, lse, rows)
+        out, lse = torch.ops.vitkit.window_attention_lse(q, k, v, bias, scale, cosine, rows)
+        ctx.save_for_backward(qkv, bias, out, lse, rows, cosine)
         ctx.scale = scale
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple:  # type: ignore[override]
-        qkv, bias, out, lse, rows = ctx.saved_tensors
+        qkv, bias, out, lse, rows, cosine = ctx.saved_tensors
         q, k, v = qkv.unbind(2)
         grad = grad.to(out.dtype).contiguous()
-        dqkv, dbias = torch.ops.vitkit.window_attention_backward(grad, q, k, v, out, lse, bias, ctx.scale, rows)
-        return dqkv, dbias if ctx.needs_input_grad[1] else None, None, None
+        dqkv, dbias, dcos = torch.ops.vitkit.window_attention_backward(
+            grad, q, k, v, out, lse, bias, ctx.scale, cosine, rows
+        )
+        need = ctx.needs_input_grad
+        return dqkv, dbias if need[1] else None, None, None, dcos if cosine is not None and need[4] else None
 
 
-def window_attention_train(qkv: torch.Tensor, bias: torch.Tensor, scale: float, rows: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v per window and head, differentiable in qkv and bias.
+def window_attention_train(
+    qkv: torch.Tensor, bias: torch.Tensor, scale: float, rows: torch.Tensor, cosine: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v per window and head, differentiable in qkv, bias and cosine.
 
     qkv: (B, T, 3, heads, head_dim), fp32 or bf16, unit last stride (the qkv projection's output as a
     view); rows: (nW, N) int64, each image's token indices per window (window b * nW + n gathers image
     b's tokens rows[n]; (1, T) with T = N: each image is one window). bias: (G, heads, N, N) float32,
-    window w adding bias[w % G]. Returns (B, T, heads, head_dim) with every token in its place. The
-    gradient of qkv comes back as one (B, T, 3, heads, head_dim) tensor; no double backward.
+    window w adding bias[w % G]. `cosine` (heads,) float32: Swin V2's cosine attention, q and k
+    L2-normalised first and head h's scores multiplied by cosine[h] too. Returns (B, T, heads, head_dim)
+    with every token in its place. The gradient of qkv comes back as one (B, T, 3, heads, head_dim)
+    tensor; no double backward.
     """
     _require()
-    return _WindowAttentionTrain.apply(qkv, bias, scale, rows)
+    return _WindowAttentionTrain.apply(qkv, bias, scale, rows, cosine)
 
 
 def window_attention(

@@ -314,15 +314,13 @@ class _WindowAttentionBase(nn.Module):
         return kernels.window_attention_trains(x, self.proj.in_features // self.num_heads)
 
     def _kernel_train(self, qkv: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, heads, head_dim) -> (B, T, heads, head_dim) by `kernels.window_attention_train`."""
-        q, k, v = qkv.unbind(2)  # each (B, T, heads, head_dim)
-        qt = q.transpose(1, 2)
-        q2, k2, scale = self._scaled(qt, k.transpose(1, 2))  # as (B, heads, T, head_dim)
-        if q2 is not qt:  # Swin V2: q and k normalised in torch (the temperature folded into q), so autograd
-            qkv = torch.stack((q2.transpose(1, 2), k2.transpose(1, 2), v), dim=2)  # differentiates them and the scale
+        """(B, T, 3, heads, head_dim) -> (B, T, heads, head_dim) by `kernels.window_attention_train`; Swin
+        V2's cosine normalisation and logit scale inside it, their gradients included."""
         N = self.window_size[0] * self.window_size[1]
         bias = self.cached_bias(mask, torch.float32).view(-1, self.num_heads, N, N)
-        return kernels.window_attention_train(qkv, bias, q.shape[-1] ** -0.5 if scale is None else scale, rows)
+        cosine = self._cosine_scale()
+        scale = 1.0 if cosine is not None else qkv.shape[-1] ** -0.5
+        return kernels.window_attention_train(qkv, bias, scale, rows, cosine)
 
     def forward_map(self, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Window attention on a whole map, (B, T, C) -> (B, T, C), through vitkit's kernel (`kernel_applies`

@@ -476,8 +476,28 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
 // over its windows so far.
 struct Grads {
   float* qs; float* go; float* kr; float* dk; float* dv; float* kt; float* vt; float* bp; float* pb; float* db;
-  float* delta; float* lse; float* dbias;
+  float* delta; float* lse; float* dbias; float* nq; float* nk;
 };
+
+// Swin V2: x's L2 norm as F.normalize divides by it (at least 1e-12); and the gradient through x / norm of
+// the gradient gx of the normalised row xn: (gx - xn (xn . gx)) / norm, or gx / 1e-12 where the floor held
+template <int64_t D>
+inline float row_norm(const float* x) {
+  vf sq = {};
+  for (int64_t d = 0; d < D; d += L) sq += loadv(x + d) * loadv(x + d);
+  return std::sqrt(hsum(sq));
+}
+template <int64_t D>
+inline void unnormalize_grad(float* gx, const float* xn, float norm) {
+  if (norm <= 1e-12f) {
+    for (int64_t d = 0; d < D; d += L) storev(gx + d, loadv(gx + d) * 1e12f);
+    return;
+  }
+  vf dot = {};
+  for (int64_t d = 0; d < D; d += L) dot += loadv(xn + d) * loadv(gx + d);
+  const vf p = splat(hsum(dot)), inv = splat(1.0f / norm);
+  for (int64_t d = 0; d < D; d += L) storev(gx + d, (loadv(gx + d) - loadv(xn + d) * p) * inv);
+}
 
 // acc[j] += sum_r w[r][j] x[r] for the N keys j: the R rows of x (R, D) stay in registers, w is (R, NP)
 template <int DV, int R>
@@ -499,13 +519,20 @@ inline void accumulate_keys(const float* w, int64_t NP, const float* x, int64_t 
 
 template <typename T, int DV, int R>
 void attend_backward(const T* q, const T* k, const T* v, const T* o, const T* g, const float* lse, T* dqkv,
-                     const Layout& s, int64_t w, int64_t h, float scale, const Grads& m,
-                     const int64_t* off, const int64_t* out_off) {
+                     const Layout& s, int64_t w, int64_t h, float scale, const float* cosine, float* dcosine,
+                     const Grads& m, const int64_t* off, const int64_t* out_off) {
   constexpr int64_t D = DV * L;
   const int64_t N = s.N, NP = (N + L - 1) / L * L, NC = NP / L, H = s.H;
   const int64_t hs = h * s.head_stride, hd = h * D;
-  // rows in: k as rows (kr) and transposed (kt); v transposed through dv as staging; q scaled; dO
+  // rows in: k as rows (kr) and transposed (kt); v transposed through dv as staging; q scaled; dO.
+  // Swin V2 (cosine): q and k normalised first as in the forward, their norms kept for the gradient
+  const float mult = cosine ? cosine[h] * scale : scale;  // the scores' multiplier of q . k
   for (int64_t j = 0; j < N; ++j) widen_row<T, D>(k + off[j] + hs, m.kr + j * D);
+  if (cosine)
+    for (int64_t j = 0; j < N; ++j) {
+      m.nk[j] = row_norm<D>(m.kr + j * D);
+      normalize<D>(m.kr + j * D, 1.0f);
+    }
   transpose_padded<D>(m.kr, D, N, NP, m.kt);
   for (int64_t j = 0; j < N; ++j) widen_row<T, D>(v + off[j] + hs, m.dv + j * D);
   transpose_padded<D>(m.dv, D, N, NP, m.vt);
@@ -513,7 +540,13 @@ void attend_backward(const T* q, const T* k, const T* v, const T* o, const T* g,
   std::fill(m.dk, m.dk + N * D, 0.0f);
   for (int64_t i = 0; i < N; ++i) {
     const T* qi = q + off[i] + hs;
-    for (int64_t d = 0; d < D; d += L) storev(m.qs + i * D + d, load16(qi + d) * scale);
+    if (cosine) {
+      widen_row<T, D>(qi, m.qs + i * D);
+      m.nq[i] = row_norm<D>(m.qs + i * D);
+      normalize<D>(m.qs + i * D, mult);
+    } else {
+      for (int64_t d = 0; d < D; d += L) storev(m.qs + i * D + d, load16(qi + d) * scale);
+    }
     widen_row<T, D>(g + out_off[i] + hd, m.go + i * D);
     vf acc = {};  // delta_i = dO_i . O_i
     for (int64_t d = 0; d < D; d += L) acc += loadv(m.go + i * D + d) * load16(o + out_off[i] + hd + d);
@@ -555,7 +588,21 @@ void attend_backward(const T* q, const T* k, const T* v, const T* o, const T* g,
     }
     for (int r = 0; r < rows; ++r) {
       T* dq = dqkv + 3 * out_off[i0 + r] + hd;
-      for (int dv = 0; dv < DV; ++dv) store16(dq + dv * L, acc[r][dv] * scale);
+      if (cosine) {  // acc = dS k^: the logit scale's gradient, then q's through its normalisation
+        float gq[D], qn[D];
+        vf dot = {};
+        for (int dv = 0; dv < DV; ++dv) {
+          const vf qh = loadv(qb + r * D + dv * L) * (1.0f / mult);  // q / |q|
+          dot += qh * acc[r][dv];
+          storev(qn + dv * L, qh);
+          storev(gq + dv * L, acc[r][dv] * mult);
+        }
+        *dcosine += hsum(dot) * scale;
+        unnormalize_grad<D>(gq, qn, m.nq[i0 + r]);
+        for (int dv = 0; dv < DV; ++dv) store16(dq + dv * L, loadv(gq + dv * L));
+      } else {
+        for (int dv = 0; dv < DV; ++dv) store16(dq + dv * L, acc[r][dv] * scale);
+      }
     }
     accumulate_keys<DV, R>(m.pb, NP, gb, N, m.dv);  // dV += P^T dO
     accumulate_keys<DV, R>(m.db, NP, qb, N, m.dk);  // dK += dS^T (Q * scale)
@@ -563,6 +610,8 @@ void attend_backward(const T* q, const T* k, const T* v, const T* o, const T* g,
       for (int64_t c = 0; c < NC; ++c)
         storev(m.dbias + (i0 + r) * NP + c * L, loadv(m.dbias + (i0 + r) * NP + c * L) + loadv(m.db + r * NP + c * L));
   }
+  if (cosine)
+    for (int64_t j = 0; j < N; ++j) unnormalize_grad<D>(m.dk + j * D, m.kr + j * D, m.nk[j]);
   for (int64_t j = 0; j < N; ++j) {
     T* dk = dqkv + 3 * out_off[j] + H * D + hd;
     T* dv = dk + H * D;
@@ -572,8 +621,8 @@ void attend_backward(const T* q, const T* k, const T* v, const T* o, const T* g,
 
 template <typename T, int DV, int R>
 void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                  const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& bias, at::Tensor& dqkv,
-                  at::Tensor& dbias, const Layout& s, float scale) {
+                  const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& bias, const float* cosine,
+                  at::Tensor& dqkv, at::Tensor& dbias, float* dcosine, const Layout& s, float scale) {
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
@@ -587,13 +636,15 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   // the bias gradient sums over windows: one fp32 buffer per thread, added up at the end
   const int threads = at::get_num_threads();
   std::vector<float> partial(static_cast<size_t>(threads) * bias_size, 0.0f);
+  std::vector<float> dcos_partial(cosine ? static_cast<size_t>(threads) * s.H : 0, 0.0f);  // per head
   at::parallel_for(0, s.W * s.H, 1, [&](int64_t begin, int64_t end) {
     const int64_t NR = N + R;  // rows of the scratch that blocks read past N
-    std::vector<float> scratch(2 * NR * D + 3 * N * D + 2 * D * NP + NR * NP + 2 * R * NP + 2 * NR + N * NP, 0.0f);
+    std::vector<float> scratch(2 * NR * D + 3 * N * D + 2 * D * NP + NR * NP + 2 * R * NP + 4 * NR + N * NP, 0.0f);
     Grads m{};
     m.qs = scratch.data(), m.go = m.qs + NR * D, m.kr = m.go + NR * D, m.dk = m.kr + N * D, m.dv = m.dk + N * D;
     m.kt = m.dv + N * D, m.vt = m.kt + D * NP, m.bp = m.vt + D * NP, m.pb = m.bp + NR * NP, m.db = m.pb + R * NP;
-    m.delta = m.db + R * NP, m.lse = m.delta + NR, m.dbias = m.lse + NR;
+    m.delta = m.db + R * NP, m.lse = m.delta + NR, m.nq = m.lse + NR, m.nk = m.nq + NR, m.dbias = m.nk + NR;
+    float* dcos_thread = cosine ? dcos_partial.data() + static_cast<size_t>(at::get_thread_num()) * s.H : nullptr;
     float* partial_thread = partial.data() + static_cast<size_t>(at::get_thread_num()) * bias_size;
     auto flush = [&](int64_t group) {  // the summed gradient of one (bias, head) into this thread's buffer
       float* dst = partial_thread + group * N * N;
@@ -611,8 +662,8 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         pad_bias(bp, s, task.w, task.h, NP, m.bp);
         std::fill(m.dbias, m.dbias + N * NP, 0.0f);
       }
-      attend_backward<T, DV, R>(qp, kp, vp, op, gp, lp, dp, s, task.w, task.h, scale, m, offsets.data(),
-                                offsets.data() + N);
+      attend_backward<T, DV, R>(qp, kp, vp, op, gp, lp, dp, s, task.w, task.h, scale, cosine,
+                                cosine ? dcos_thread + task.h : nullptr, m, offsets.data(), offsets.data() + N);
     }
     if (group >= 0) flush(group);
   });
@@ -624,6 +675,12 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       dst[e] = x;
     }
   });
+  if (cosine)
+    for (int64_t h = 0; h < s.H; ++h) {
+      float x = 0.0f;
+      for (int t = 0; t < threads; ++t) x += dcos_partial[static_cast<size_t>(t) * s.H + h];
+      dcosine[h] = x;
+    }
 }
 
 // head_dim / 16 and the rows per block as template arguments, then `F<T, DV, R>::call(args...)`
@@ -724,17 +781,18 @@ at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 std::tuple<at::Tensor, at::Tensor> window_attention_lse(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v, const at::Tensor& bias, double scale,
+                                                        const std::optional<at::Tensor>& cosine,
                                                         const at::Tensor& rows) {
-  return forward(q, k, v, bias, scale, std::nullopt, rows, true);
+  return forward(q, k, v, bias, scale, cosine, rows, true);
 }
 
 // The gradient of window_attention_lse (map layout): returns dqkv as one (B, T, 3, H, D) tensor in q's
-// dtype (q, k, v's gradients side by side, as the qkv projection's output is laid out) and dbias (G, H, N, N)
-std::tuple<at::Tensor, at::Tensor> window_attention_backward(const at::Tensor& grad, const at::Tensor& q,
-                                                             const at::Tensor& k, const at::Tensor& v,
-                                                             const at::Tensor& out, const at::Tensor& lse,
-                                                             const at::Tensor& bias, double scale,
-                                                             const at::Tensor& rows) {
+// dtype (q, k, v's gradients side by side, as the qkv projection's output is laid out), dbias (G, H, N, N)
+// and, with cosine, its gradient (H,) (else an empty tensor)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& bias, double scale, const std::optional<at::Tensor>& cosine,
+    const at::Tensor& rows) {
   const Layout s = check_inputs("window_attention_backward", q, k, v, bias, rows);
   const std::vector<int64_t> shape{q.size(0), q.size(1), s.H, s.D};
   TORCH_CHECK(out.sizes() == at::IntArrayRef(shape) && out.is_contiguous() && out.scalar_type() == q.scalar_type() &&
@@ -742,14 +800,20 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward(const at::Tensor& g
               "window_attention_backward: out and grad must be contiguous (B, T, heads, head_dim) in q's dtype");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == s.W * s.H * s.N,
               "window_attention_backward: lse must be the forward's contiguous float32 (windows, heads, N)");
+  TORCH_CHECK(!cosine || (cosine->device().is_cpu() && cosine->scalar_type() == at::kFloat &&
+                          cosine->is_contiguous() && cosine->numel() == s.H),
+              "window_attention_backward: cosine must be contiguous float32 with one value per head");
   at::Tensor dqkv = at::empty({q.size(0), q.size(1), 3, s.H, s.D}, q.options());
   at::Tensor dbias = at::empty(bias.sizes(), bias.options());
+  at::Tensor dcos = at::empty({cosine ? s.H : 0}, bias.options());
+  const float* cp = cosine ? cosine->const_data_ptr<float>() : nullptr;
+  float* dcp = cosine ? dcos.mutable_data_ptr<float>() : nullptr;
   const float sc = static_cast<float>(scale);
   if (q.scalar_type() == at::kFloat)
-    dispatch<Backward, float>(s, q, k, v, out, grad, lse, bias, dqkv, dbias, s, sc);
+    dispatch<Backward, float>(s, q, k, v, out, grad, lse, bias, cp, dqkv, dbias, dcp, s, sc);
   else
-    dispatch<Backward, c10::BFloat16>(s, q, k, v, out, grad, lse, bias, dqkv, dbias, s, sc);
-  return {dqkv, dbias};
+    dispatch<Backward, c10::BFloat16>(s, q, k, v, out, grad, lse, bias, cp, dqkv, dbias, dcp, s, sc);
+  return {dqkv, dbias, dcos};
 }
 
 }  // namespace
@@ -759,11 +823,11 @@ TORCH_LIBRARY(vitkit, m) {
       "window_attention(Tensor q, Tensor k, Tensor v, Tensor bias, float scale, Tensor? cosine=None, "
       "Tensor? rows=None) -> Tensor");
   m.def(
-      "window_attention_lse(Tensor q, Tensor k, Tensor v, Tensor bias, float scale, Tensor rows) -> "
+      "window_attention_lse(Tensor q, Tensor k, Tensor v, Tensor bias, float scale, Tensor? cosine, Tensor rows) -> "
       "(Tensor, Tensor)");
   m.def(
       "window_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor bias, "
-      "float scale, Tensor rows) -> (Tensor, Tensor)");
+      "float scale, Tensor? cosine, Tensor rows) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vitkit, CPU, m) {
