@@ -341,25 +341,32 @@ inline vf bcast_word(const void* p) {
   return reinterpret_cast<const vf&>(w);
 }
 
+// N bf16 rows of E words (x + off[j]) to (E, NP) words, zero past N: 16 x 16 word tiles transposed in
+// registers (E = 8 * DV words per row: one tile holds 16 rows x 16 words, i.e. D = 32; other D take E / 16
+// tiles or a part of one)
+inline void transpose_words(const c10::BFloat16* x, const int64_t* off, int64_t N, int64_t NP, int64_t E,
+                            uint32_t* out) {
+  for (int64_t j0 = 0; j0 < NP; j0 += L)
+    for (int64_t e0 = 0; e0 < E; e0 += L) {
+      vf r[L];
+      for (int t = 0; t < L; ++t) {
+        r[t] = vf{};
+        if (j0 + t < N) std::memcpy(&r[t], x + off[j0 + t] + 2 * e0, std::min<int64_t>(L, E - e0) * 4);
+      }
+      transpose16(r);
+      for (int t = 0; t < L && e0 + t < E; ++t) storev(reinterpret_cast<float*>(out + (e0 + t) * NP + j0), r[t]);
+    }
+}
+
 template <int DV, int R>
 void attend_bf16_dot(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v, c10::BFloat16* out, const Layout& s, int64_t w, int64_t h, float scale, float* kt, float* vb,
                      float* bp, float* sc, const int64_t* off, const int64_t* out_off, float* lse) {
   constexpr int64_t D = DV * L, E = D / 2;  // E: words per row
   const int64_t N = s.N, NP = (N + L - 1) / L * L, NC = NP / L;
   const int64_t hs = h * s.head_stride;
-  // kt2: 16 x 16 word tiles of k transposed in registers (E = 8 * DV words per row: one tile holds
-  // 16 keys x 16 words, i.e. D = 32; other D take E / 16 tiles or a part of one)
+  // kt2: k's rows, word by word, transposed
   uint32_t* kt2 = reinterpret_cast<uint32_t*>(kt);
-  for (int64_t j0 = 0; j0 < NP; j0 += L)
-    for (int64_t e0 = 0; e0 < E; e0 += L) {
-      vf r[L];
-      for (int t = 0; t < L; ++t) {
-        r[t] = vf{};
-        if (j0 + t < N) std::memcpy(&r[t], k + off[j0 + t] + hs + 2 * e0, std::min<int64_t>(L, E - e0) * 4);
-      }
-      transpose16(r);
-      for (int t = 0; t < L && e0 + t < E; ++t) storev(reinterpret_cast<float*>(kt2 + (e0 + t) * NP + j0), r[t]);
-    }
+  transpose_words(k + hs, off, N, NP, E, kt2);
   // vp: rows 2f and 2f + 1 interleaved, zero past N
   uint32_t* vp = reinterpret_cast<uint32_t*>(vb);
   for (int64_t f = 0; f < NP / 2; ++f) {
@@ -477,6 +484,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
 struct Grads {
   float* qs; float* go; float* kr; float* dk; float* dv; float* kt; float* vt; float* bp; float* pb; float* db;
   float* delta; float* lse; float* dbias; float* nq; float* nk;
+  uint16_t* qh; uint16_t* gh;  // bf16 with AVX512_BF16: q and dO rows as they came, (N + R, D), for vdpbf16ps
 };
 
 // Swin V2: x's L2 norm as F.normalize divides by it (at least 1e-12); and the gradient through x / norm of
@@ -527,15 +535,34 @@ void attend_backward(const T* q, const T* k, const T* v, const T* o, const T* g,
   // rows in: k as rows (kr) and transposed (kt); v transposed through dv as staging; q scaled; dO.
   // Swin V2 (cosine): q and k normalised first as in the forward, their norms kept for the gradient
   const float mult = cosine ? cosine[h] * scale : scale;  // the scores' multiplier of q . k
+  // bf16 on a CPU with AVX512_BF16: q k^T and dO v^T from the bf16 values by vdpbf16ps (exact products,
+  // the forward's scores bit for bit), k and v transposed word by word; fp32 copies still feed the rest
+  bool words = false;
+#ifdef __AVX512BF16__
+  if constexpr (std::is_same_v<T, c10::BFloat16>) words = cosine == nullptr;
+#endif
   for (int64_t j = 0; j < N; ++j) widen_row<T, D>(k + off[j] + hs, m.kr + j * D);
   if (cosine)
     for (int64_t j = 0; j < N; ++j) {
       m.nk[j] = row_norm<D>(m.kr + j * D);
       normalize<D>(m.kr + j * D, 1.0f);
     }
-  transpose_padded<D>(m.kr, D, N, NP, m.kt);
-  for (int64_t j = 0; j < N; ++j) widen_row<T, D>(v + off[j] + hs, m.dv + j * D);
-  transpose_padded<D>(m.dv, D, N, NP, m.vt);
+  if (words) {
+#ifdef __AVX512BF16__
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      transpose_words(k + hs, off, N, NP, D / 2, reinterpret_cast<uint32_t*>(m.kt));
+      transpose_words(v + hs, off, N, NP, D / 2, reinterpret_cast<uint32_t*>(m.vt));
+      for (int64_t i = 0; i < N; ++i) {
+        std::memcpy(m.qh + i * D, q + off[i] + hs, D * sizeof(uint16_t));
+        std::memcpy(m.gh + i * D, g + out_off[i] + hd, D * sizeof(uint16_t));
+      }
+    }
+#endif
+  } else {
+    transpose_padded<D>(m.kr, D, N, NP, m.kt);
+    for (int64_t j = 0; j < N; ++j) widen_row<T, D>(v + off[j] + hs, m.dv + j * D);
+    transpose_padded<D>(m.dv, D, N, NP, m.vt);
+  }
   std::fill(m.dv, m.dv + N * D, 0.0f);
   std::fill(m.dk, m.dk + N * D, 0.0f);
   for (int64_t i = 0; i < N; ++i) {
@@ -561,11 +588,29 @@ void attend_backward(const T* q, const T* k, const T* v, const T* o, const T* g,
     // P and dS, 16 keys at a time: the scores and dP = dO V^T reduce over D in registers
     for (int64_t c = 0; c < NC; ++c) {
       vf sa[R] = {}, ga[R] = {};
-      for (int64_t d = 0; d < D; ++d) {
-        const vf kv = loadv(m.kt + d * NP + c * L), vv = loadv(m.vt + d * NP + c * L);
-        for (int r = 0; r < R; ++r) {
-          sa[r] += qb[r * D + d] * kv;
-          ga[r] += gb[r * D + d] * vv;
+      if (words) {  // pairs of bf16 products by vdpbf16ps, the scores scaled after, as in the forward
+#ifdef __AVX512BF16__
+        const uint16_t* qhb = m.qh + i0 * D;
+        const uint16_t* ghb = m.gh + i0 * D;
+        const uint32_t* kt2 = reinterpret_cast<const uint32_t*>(m.kt);
+        const uint32_t* vt2 = reinterpret_cast<const uint32_t*>(m.vt);
+        for (int64_t e = 0; e < D / 2; ++e) {
+          const vf kv = loadv(reinterpret_cast<const float*>(kt2 + e * NP + c * L));
+          const vf vv = loadv(reinterpret_cast<const float*>(vt2 + e * NP + c * L));
+          for (int r = 0; r < R; ++r) {
+            sa[r] = dot2(sa[r], kv, bcast_word(qhb + r * D + 2 * e));
+            ga[r] = dot2(ga[r], vv, bcast_word(ghb + r * D + 2 * e));
+          }
+        }
+        for (int r = 0; r < R; ++r) sa[r] *= scale;
+#endif
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          const vf kv = loadv(m.kt + d * NP + c * L), vv = loadv(m.vt + d * NP + c * L);
+          for (int r = 0; r < R; ++r) {
+            sa[r] += qb[r * D + d] * kv;
+            ga[r] += gb[r * D + d] * vv;
+          }
         }
       }
       for (int r = 0; r < R; ++r) {
@@ -639,11 +684,12 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   std::vector<float> dcos_partial(cosine ? static_cast<size_t>(threads) * s.H : 0, 0.0f);  // per head
   at::parallel_for(0, s.W * s.H, 1, [&](int64_t begin, int64_t end) {
     const int64_t NR = N + R;  // rows of the scratch that blocks read past N
-    std::vector<float> scratch(2 * NR * D + 3 * N * D + 2 * D * NP + NR * NP + 2 * R * NP + 4 * NR + N * NP, 0.0f);
+    std::vector<float> scratch(3 * NR * D + 3 * N * D + 2 * D * NP + NR * NP + 2 * R * NP + 4 * NR + N * NP, 0.0f);
     Grads m{};
     m.qs = scratch.data(), m.go = m.qs + NR * D, m.kr = m.go + NR * D, m.dk = m.kr + N * D, m.dv = m.dk + N * D;
     m.kt = m.dv + N * D, m.vt = m.kt + D * NP, m.bp = m.vt + D * NP, m.pb = m.bp + NR * NP, m.db = m.pb + R * NP;
     m.delta = m.db + R * NP, m.lse = m.delta + NR, m.nq = m.lse + NR, m.nk = m.nq + NR, m.dbias = m.nk + NR;
+    m.qh = reinterpret_cast<uint16_t*>(m.dbias + N * NP), m.gh = m.qh + NR * D;
     float* dcos_thread = cosine ? dcos_partial.data() + static_cast<size_t>(at::get_thread_num()) * s.H : nullptr;
     float* partial_thread = partial.data() + static_cast<size_t>(at::get_thread_num()) * bias_size;
     auto flush = [&](int64_t group) {  // the summed gradient of one (bias, head) into this thread's buffer
