@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.autograd.function import once_differentiable
+import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from vitkit.core.errors import VitkitError
@@ -189,9 +189,32 @@ def window_attention_trains(x: torch.Tensor, head_dim: int) -> bool:
     return not capturing() and _get_current_dispatch_mode() is None and available()
 
 
+def window_attention_reference(
+    qkv: torch.Tensor, bias: torch.Tensor, scale: float, rows: torch.Tensor, cosine: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`window_attention_train`'s result by differentiable torch ops (windows gathered from the map,
+    attention, scattered back): the backward's path for a second derivative (create_graph=True)."""
+    B, T, _, H, D = qkv.shape
+    nW, N = rows.shape
+    index = rows.flatten()
+    q, k, v = qkv[:, index].view(B, nW, N, 3, H, D).permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, nW, H, N, D)
+    if cosine is not None:
+        q, k = F.normalize(q, dim=-1) * cosine.view(H, 1, 1).to(q.dtype), F.normalize(k, dim=-1)
+    G = bias.shape[0]
+    if nW == 1:  # each image one window, the bias cycling with the images
+        b = bias.repeat(B // G, 1, 1, 1).view(B, 1, H, N, N)
+    else:
+        b = bias.repeat(nW // G, 1, 1, 1)[None]
+    scores = (q @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32))  # bf16: softmax in fp32
+    attn = (scores * scale + b).softmax(-1)
+    windows = (attn.to(v.dtype) @ v).permute(0, 1, 3, 2, 4).reshape(B, nW * N, H, D)
+    return windows[:, torch.argsort(index)]  # each token back in its place
+
+
 class _WindowAttentionTrain(torch.autograd.Function):
     """`window_attention` in map layout with a backward: the forward keeps each row's log-sum-exp
-    (windows, heads, N) fp32, the backward recomputes the probabilities from it."""
+    (windows, heads, N) fp32, the backward recomputes the probabilities from it. A backward that must
+    itself be differentiable (create_graph=True) recomputes through `window_attention_reference`."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -204,15 +227,21 @@ class _WindowAttentionTrain(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple:  # type: ignore[override]
         qkv, bias, out, lse, rows, cosine = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops, for a second backward
+            inputs = [t for t, n in ((qkv, need[0]), (bias, need[1]), (cosine, need[4])) if n and t is not None]
+            ref = window_attention_reference(qkv, bias, ctx.scale, rows, cosine)
+            grads = iter(torch.autograd.grad(ref, inputs, grad, create_graph=True))
+            return tuple(
+                next(grads) if n and t is not None else None for t, n in zip((qkv, bias, None, None, cosine), need)
+            )
         q, k, v = qkv.unbind(2)
         grad = grad.to(out.dtype).contiguous()
         dqkv, dbias, dcos = torch.ops.vitkit.window_attention_backward(
             grad, q, k, v, out, lse, bias, ctx.scale, cosine, rows
         )
-        need = ctx.needs_input_grad
         return dqkv, dbias if need[1] else None, None, None, dcos if cosine is not None and need[4] else None
 
 
@@ -227,7 +256,7 @@ def window_attention_train(
     window w adding bias[w % G]. `cosine` (heads,) float32: Swin V2's cosine attention, q and k
     L2-normalised first and head h's scores multiplied by cosine[h] too. Returns (B, T, heads, head_dim)
     with every token in its place. The gradient of qkv comes back as one (B, T, 3, heads, head_dim)
-    tensor; no double backward.
+    tensor; a second derivative (create_graph=True) goes through `window_attention_reference`.
     """
     _require()
     return _WindowAttentionTrain.apply(qkv, bias, scale, rows, cosine)
