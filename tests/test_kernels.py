@@ -263,6 +263,28 @@ def test_training_op_and_its_gradients_match_float64(built, images, windows, gro
         assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < tol
 
 
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_bias_gradient_whatever_the_thread_count(built, threads):
+    """The bias gradient's (bias, head) groups split between threads at different places with 1, 3 or 4
+    threads: each thread writes the groups it holds whole and sets the split ones aside; all sum right."""
+    torch.manual_seed(0)
+    rows = torch.randperm(4 * 49).view(4, 49)
+    qkv = torch.randn(3, 4 * 49, 3, 5, 32)
+    grad = torch.randn(3, 4 * 49, 5, 32)
+    previous = torch.get_num_threads()
+    for groups in (1, 2, 4):
+        bias = torch.randn(groups, 5, 49, 49)
+        b64 = bias.double().requires_grad_()
+        map_reference(qkv.double(), b64, 0.2, rows).backward(grad.double())
+        b = bias.clone().requires_grad_()
+        torch.set_num_threads(threads)
+        try:
+            kernels.window_attention_train(qkv, b, 0.2, rows).backward(grad)
+        finally:
+            torch.set_num_threads(previous)
+        assert ((b.grad.double() - b64.grad).abs().max() / b64.grad.abs().max()).item() < 1e-5
+
+
 def test_training_op_rejects_what_it_cannot_take(built):
     qkv = torch.randn(2, 8, 3, 2, 32)
     rows = torch.arange(8).view(2, 4)

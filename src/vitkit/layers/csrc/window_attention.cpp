@@ -20,6 +20,7 @@
 #include <immintrin.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,6 +30,7 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -677,10 +679,14 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const float* bp = bias.const_data_ptr<float>();
   T* dp = dqkv.mutable_data_ptr<T>();
   const int64_t N = s.N, NP = (N + L - 1) / L * L, D = DV * L;
-  const int64_t bias_size = s.G * s.H * N * N;
-  // the bias gradient sums over windows: one fp32 buffer per thread, added up at the end
+  // The bias gradient sums over the windows that share a (bias, head) group. Tasks run group by group, so
+  // a thread writes each group whose tasks all fall in its range straight into dbias (zeroed by the
+  // caller); a group split between threads (at most the first and last of a range) is kept aside and
+  // added at the end. Memory: a few N x N buffers, whatever the thread count.
   const int threads = at::get_num_threads();
-  std::vector<float> partial(static_cast<size_t>(threads) * bias_size, 0.0f);
+  const int64_t per_group = s.W / s.G;  // tasks per (bias, head) group
+  float* dst = dbias.mutable_data_ptr<float>();
+  std::vector<std::vector<std::pair<int64_t, std::vector<float>>>> aside(threads);
   std::vector<float> dcos_partial(cosine ? static_cast<size_t>(threads) * s.H : 0, 0.0f);  // per head
   at::parallel_for(0, s.W * s.H, 1, [&](int64_t begin, int64_t end) {
     const int64_t NR = N + R;  // rows of the scratch that blocks read past N
@@ -691,11 +697,15 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     m.delta = m.db + R * NP, m.lse = m.delta + NR, m.nq = m.lse + NR, m.nk = m.nq + NR, m.dbias = m.nk + NR;
     m.qh = reinterpret_cast<uint16_t*>(m.dbias + N * NP), m.gh = m.qh + NR * D;
     float* dcos_thread = cosine ? dcos_partial.data() + static_cast<size_t>(at::get_thread_num()) * s.H : nullptr;
-    float* partial_thread = partial.data() + static_cast<size_t>(at::get_thread_num()) * bias_size;
-    auto flush = [&](int64_t group) {  // the summed gradient of one (bias, head) into this thread's buffer
-      float* dst = partial_thread + group * N * N;
+    auto& kept = aside[at::get_thread_num()];
+    auto flush = [&](int64_t group) {  // the summed gradient of one (bias, head) group, out of L1
+      float* out = dst + group * N * N;
+      if (group * per_group < begin || (group + 1) * per_group > end) {  // shared with another thread
+        kept.emplace_back(group, std::vector<float>(N * N));
+        out = kept.back().second.data();
+      }
       for (int64_t i = 0; i < N; ++i)
-        for (int64_t j = 0; j < N; ++j) dst[i * N + j] += m.dbias[i * NP + j];
+        for (int64_t j = 0; j < N; ++j) out[i * N + j] = m.dbias[i * NP + j];
     };
     std::vector<int64_t> offsets(2 * N);
     int64_t group = -1;
@@ -713,14 +723,9 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     }
     if (group >= 0) flush(group);
   });
-  float* dst = dbias.mutable_data_ptr<float>();
-  at::parallel_for(0, bias_size, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      float x = 0.0f;
-      for (int t = 0; t < threads; ++t) x += partial[static_cast<size_t>(t) * bias_size + e];
-      dst[e] = x;
-    }
-  });
+  for (const auto& kept : aside)
+    for (const auto& [group, grad] : kept)
+      for (int64_t e = 0; e < N * N; ++e) dst[group * N * N + e] += grad[e];
   if (cosine)
     for (int64_t h = 0; h < s.H; ++h) {
       float x = 0.0f;
@@ -850,7 +855,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
                           cosine->is_contiguous() && cosine->numel() == s.H),
               "window_attention_backward: cosine must be contiguous float32 with one value per head");
   at::Tensor dqkv = at::empty({q.size(0), q.size(1), 3, s.H, s.D}, q.options());
-  at::Tensor dbias = at::empty(bias.sizes(), bias.options());
+  at::Tensor dbias = at::zeros(bias.sizes(), bias.options());  // groups split between threads add into it
   at::Tensor dcos = at::empty({cosine ? s.H : 0}, bias.options());
   const float* cp = cosine ? cosine->const_data_ptr<float>() : nullptr;
   float* dcp = cosine ? dcos.mutable_data_ptr<float>() : nullptr;
