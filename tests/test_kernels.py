@@ -285,6 +285,17 @@ def test_bias_gradient_whatever_the_thread_count(built, threads):
         assert ((b.grad.double() - b64.grad).abs().max() / b64.grad.abs().max()).item() < 1e-5
 
 
+def test_calling_the_kernel_while_it_is_off_names_the_fix(built):
+    previous = kernels.set_kernels(False)
+    try:
+        with pytest.raises(VitkitError, match=r"kernels: off: set_kernels\(True\)"):
+            kernels.window_attention_train(
+                torch.randn(2, 8, 3, 2, 32), torch.zeros(1, 2, 4, 4), 1.0, torch.arange(8).view(2, 4)
+            )
+    finally:
+        kernels.set_kernels(previous)
+
+
 def test_training_op_rejects_what_it_cannot_take(built):
     qkv = torch.randn(2, 8, 3, 2, 32)
     rows = torch.arange(8).view(2, 4)

@@ -161,32 +161,37 @@ def available() -> bool:
     return _LOADED
 
 
-def window_attention_applies(x: torch.Tensor, head_dim: int) -> bool:
-    """Whether `window_attention` takes attention over x (its input): CPU inference without gradients,
-    fp32 or bf16, a head_dim of 16-64 in steps of 16, outside compilation, export and tracing."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    if torch.is_grad_enabled() and x.requires_grad or head_dim % 16 or head_dim > 64:
+def _takes(x: torch.Tensor, head_dim: int) -> bool:
+    """What both kernel paths need of the attention's input x: the CPU, fp32 or bf16 (bf16 autocast
+    included), a head_dim of 16-64 in steps of 16, outside compilation, export and tracing, a build."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or head_dim % 16 or head_dim > 64:
         return False
     if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
         return False  # q, k and v would come out of the projection in fp16
     return not capturing() and available()
 
 
+def window_attention_applies(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether `window_attention` takes attention over x (its input): CPU inference without gradients,
+    fp32 or bf16, a head_dim of 16-64 in steps of 16, outside compilation, export and tracing."""
+    return not (torch.is_grad_enabled() and x.requires_grad) and _takes(x, head_dim)
+
+
 def _require() -> None:
-    if not available():
-        raise VitkitError(f"{status()}: build them first, or check `available()` and use the torch path")
+    if available():
+        return
+    if not _ENABLED:
+        fix = "set_kernels(True) (or VITKIT_KERNELS unset) turns them on"
+    else:
+        fix = "`python -m vitkit.layers.kernels` builds them for this CPU"
+    raise VitkitError(f"{status()}: {fix}; where `available()` is False, take the torch path instead")
 
 
 def window_attention_trains(x: torch.Tensor, head_dim: int) -> bool:
     """Whether `window_attention_train` takes attention over x where gradients may be needed: the CPU,
     fp32 or bf16 (autocast included, fp16 autocast not), a head_dim of 16-64 in steps of 16, outside
     compilation, export, tracing and dispatch modes (FLOP counting)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or head_dim % 16 or head_dim > 64:
-        return False
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
-        return False
-    return not capturing() and _get_current_dispatch_mode() is None and available()
+    return _get_current_dispatch_mode() is None and _takes(x, head_dim)
 
 
 def window_attention_reference(

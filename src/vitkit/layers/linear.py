@@ -225,11 +225,8 @@ def linear(layer: nn.Module, x: torch.Tensor, gelu: bool = False, bias: torch.Te
     if dtype is not None:
         x2, w = x.reshape(-1, x.shape[-1]), layer.weight
         if dtype != w.dtype:  # bf16 autocast over fp32 weights: the casts autocast makes, differentiable
-            with torch.autocast("cpu", enabled=False):
-                x2, w, b = x2.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
-                y = _OneDNNLinear.apply(x2, w, b)
-        else:
-            y = _OneDNNLinear.apply(x2, w, b)
+            x2, w, b = x2.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        y = _OneDNNLinear.apply(x2, w, b)  # autocast does not reach the oneDNN op inside
         y = y.view(*x.shape[:-1], y.shape[-1])  # (..., out_features)
         return F.gelu(y) if gelu else y
     if _use_onednn(layer, x):

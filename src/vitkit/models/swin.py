@@ -292,6 +292,14 @@ class _WindowAttentionBase(nn.Module):
             return False
         return kernels.window_attention_applies(x, self.proj.in_features // self.num_heads)
 
+    def _kernel_inputs(self, mask: torch.Tensor | None) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+        """The kernel's bias (G, heads, N, N) fp32, scale and Swin V2 cosine multiplier (None for V1)."""
+        N = self.window_size[0] * self.window_size[1]
+        bias = self.cached_bias(mask, torch.float32).view(-1, self.num_heads, N, N)
+        cosine = self._cosine_scale()
+        scale = 1.0 if cosine is not None else (self.proj.in_features // self.num_heads) ** -0.5
+        return bias, scale, cosine
+
     def _kernel_attention(
         self,
         q: torch.Tensor,
@@ -300,10 +308,7 @@ class _WindowAttentionBase(nn.Module):
         mask: torch.Tensor | None,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        N = self.window_size[0] * self.window_size[1]
-        bias = self.cached_bias(mask, torch.float32).view(-1, self.num_heads, N, N)
-        cosine = self._cosine_scale()
-        scale = 1.0 if cosine is not None else q.shape[-1] ** -0.5
+        bias, scale, cosine = self._kernel_inputs(mask)
         return kernels.window_attention(q, k, v, bias, scale, cosine, rows)
 
     def kernel_trains(self, x: torch.Tensor) -> bool:
@@ -316,10 +321,7 @@ class _WindowAttentionBase(nn.Module):
     def _kernel_train(self, qkv: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, heads, head_dim) -> (B, T, heads, head_dim) by `kernels.window_attention_train`; Swin
         V2's cosine normalisation and logit scale inside it, their gradients included."""
-        N = self.window_size[0] * self.window_size[1]
-        bias = self.cached_bias(mask, torch.float32).view(-1, self.num_heads, N, N)
-        cosine = self._cosine_scale()
-        scale = 1.0 if cosine is not None else qkv.shape[-1] ** -0.5
+        bias, scale, cosine = self._kernel_inputs(mask)
         return kernels.window_attention_train(qkv, bias, scale, rows, cosine)
 
     def forward_map(self, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -340,13 +342,14 @@ class _WindowAttentionBase(nn.Module):
         B_, N, C = x.shape
         heads = self.num_heads
         qkv = self._qkv(x).reshape(B_, N, 3, heads, -1)
-        if self.kernel_trains(x) and not self.kernel_applies(x):  # each window as an image of N tokens, in order
+        applies = self.kernel_applies(x)
+        if not applies and self.kernel_trains(x):  # each window as an image of N tokens, in order
             rows = torch.arange(N, device=x.device).view(1, N)
             x = self._kernel_train(qkv, mask, rows).view(B_, N, C)
             return self.proj_drop(linear(self.proj, x))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B * nW, heads, N, head_dim)
         dropout = self.attn_drop if self.training else 0.0
-        if self.kernel_applies(x):  # CPU inference: one pass, no copies in or out
+        if applies:  # CPU inference: one pass, no copies in or out
             x = self._kernel_attention(q, k, v, mask).view(B_, N, C)
             return self.proj_drop(linear(self.proj, x))
         q, k, scale = self._scaled(q, k)

@@ -1,5 +1,7 @@
-// Fused window attention for CPU inference: out = softmax(q k^T * scale + bias) v, one (window, head)
-// at a time, with the scores of a row kept in L1 instead of a (windows, heads, N, N) tensor in memory.
+// Fused window attention on the CPU: out = softmax(q k^T * scale + bias) v, one (window, head) at a time,
+// with the scores of a row kept in L1 instead of a (windows, heads, N, N) tensor in memory; for training,
+// the same forward keeping each row's log-sum-exp and a backward that recomputes the scores from it
+// (see "backward" below).
 //
 // Swin's windows are short (N = 49-576 tokens) and many (hundreds per image): torch's fused kernel and
 // the explicit bmm / softmax / bmm path both spend most of their time on per-call overhead, 49-wide
@@ -763,9 +765,10 @@ struct Backward {
 };
 
 // Checks the inputs and fills the layout: q, k, v as (windows, heads, N, D) or, with rows, (images,
-// tokens, heads, D) maps; the bias (G, heads, N, N)
+// tokens, heads, D) maps; the bias (G, heads, N, N); cosine (heads,)
 Layout check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const at::Tensor& bias, const std::optional<at::Tensor>& rows) {
+                    const at::Tensor& bias, const std::optional<at::Tensor>& rows,
+                    const std::optional<at::Tensor>& cosine) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes() && k.strides() == q.strides() &&
                   v.strides() == q.strides(),
               op, ": q, k and v must be 4-D views of one shape and layout");
@@ -801,6 +804,9 @@ Layout check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, co
                   (!rows || rows->size(0) % bias.size(0) == 0 || rows->size(0) == 1),
               op, ": bias must be contiguous float32 (G, heads, N, N) with G dividing the windows");
   s.G = bias.size(0);
+  TORCH_CHECK(!cosine || (cosine->device().is_cpu() && cosine->scalar_type() == at::kFloat &&
+                          cosine->is_contiguous() && cosine->numel() == H),
+              op, ": cosine must be contiguous float32 with one value per head");
   return s;
 }
 
@@ -808,10 +814,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            const at::Tensor& bias, double scale,
                                            const std::optional<at::Tensor>& cosine,
                                            const std::optional<at::Tensor>& rows, bool with_lse) {
-  const Layout s = check_inputs("window_attention", q, k, v, bias, rows);
-  TORCH_CHECK(!cosine || (cosine->device().is_cpu() && cosine->scalar_type() == at::kFloat &&
-                          cosine->is_contiguous() && cosine->numel() == s.H),
-              "window_attention: cosine must be contiguous float32 with one value per head");
+  const Layout s = check_inputs("window_attention", q, k, v, bias, rows, cosine);
   at::Tensor out = rows ? at::empty({q.size(0), q.size(1), s.H, s.D}, q.options())
                         : at::empty({s.W, s.N, s.H, s.D}, q.options());
   at::Tensor lse = at::empty({with_lse ? s.W : 0, s.H, s.N}, q.options().dtype(at::kFloat));
@@ -844,16 +847,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& bias, double scale, const std::optional<at::Tensor>& cosine,
     const at::Tensor& rows) {
-  const Layout s = check_inputs("window_attention_backward", q, k, v, bias, rows);
+  const Layout s = check_inputs("window_attention_backward", q, k, v, bias, rows, cosine);
   const std::vector<int64_t> shape{q.size(0), q.size(1), s.H, s.D};
   TORCH_CHECK(out.sizes() == at::IntArrayRef(shape) && out.is_contiguous() && out.scalar_type() == q.scalar_type() &&
                   grad.sizes() == at::IntArrayRef(shape) && grad.is_contiguous() && grad.scalar_type() == q.scalar_type(),
               "window_attention_backward: out and grad must be contiguous (B, T, heads, head_dim) in q's dtype");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == s.W * s.H * s.N,
               "window_attention_backward: lse must be the forward's contiguous float32 (windows, heads, N)");
-  TORCH_CHECK(!cosine || (cosine->device().is_cpu() && cosine->scalar_type() == at::kFloat &&
-                          cosine->is_contiguous() && cosine->numel() == s.H),
-              "window_attention_backward: cosine must be contiguous float32 with one value per head");
   at::Tensor dqkv = at::empty({q.size(0), q.size(1), 3, s.H, s.D}, q.options());
   at::Tensor dbias = at::zeros(bias.sizes(), bias.options());  // groups split between threads add into it
   at::Tensor dcos = at::empty({cosine ? s.H : 0}, bias.options());
