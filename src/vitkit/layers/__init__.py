@@ -5,6 +5,7 @@ from vitkit.layers.drop_path import DropPath, drop_path_rates
 from vitkit.layers.init import trunc_normal_
 from vitkit.layers.layer_scale import LayerScale
 from vitkit.layers.mlp import Mlp
+from vitkit.layers.norm import LayerNorm
 from vitkit.layers.patch_dropout import PatchDropout
 from vitkit.layers.patch_embed import PatchEmbed
 from vitkit.layers.pos_embed import resample_abs_pos_embed, sincos_2d_pos_embed
@@ -12,6 +13,7 @@ from vitkit.layers.pos_embed import resample_abs_pos_embed, sincos_2d_pos_embed
 __all__ = [
     "Attention",
     "DropPath",
+    "LayerNorm",
     "LayerScale",
     "Mlp",
     "PatchDropout",

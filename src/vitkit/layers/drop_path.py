@@ -19,9 +19,10 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        # one Bernoulli draw per sample, broadcast over the remaining dims
+        # one Bernoulli draw per sample, broadcast over the remaining dims; the rescale goes into the
+        # (B, 1, ...) mask, so the branch is read once (as timm computes it)
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return x * mask.div_(keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -1,11 +1,14 @@
 """vitkit's own CPU kernels: C++ sources in `layers/csrc`, compiled once per machine and loaded as torch ops.
 
-One kernel so far: Swin's window attention, softmax(q k^T * scale + bias) v with each row's scores
-kept in L1 (see its source for why), as three ops: `torch.ops.vitkit.window_attention` for
-inference, and for training `window_attention_lse` (the same forward, also returning each row's
-log-sum-exp) with `window_attention_backward`, which recomputes the probabilities from it instead
-of keeping a (windows, heads, N, N) tensor between the passes. `window_attention_train` is the
-autograd function over the two.
+Swin's window attention, softmax(q k^T * scale + bias) v with each row's scores kept in L1 (see its
+source for why), as three ops: `torch.ops.vitkit.window_attention` for inference, and for training
+`window_attention_lse` (the same forward, also returning each row's log-sum-exp) with
+`window_attention_backward`, which recomputes the probabilities from it instead of keeping a
+(windows, heads, N, N) tensor between the passes. `window_attention_train` is the autograd function
+over the two. Around the linear layers and norms (bf16 training, `csrc/linear_ops.cpp` and
+`csrc/layer_norm.cpp`): `gelu_train` / `gelu_backward` (GELU writing its slope; the backward a product
+with the bias gradient summed in the same pass), `column_sums` (bias gradients in fp32), and
+`layer_norm_forward` / `layer_norm_backward`, used by `layers.linear` and `layers.norm.LayerNorm`.
 
 Build: `python -m vitkit.layers.kernels` (the Makefile runs it before the tests and the demo) compiles
 the sources for this CPU's vector width (AVX-512 or AVX2) with the system's C++ compiler (`$CXX`, else
@@ -38,7 +41,9 @@ from vitkit.core.files import atomic_path, cache_root
 from vitkit.core.hardware import cpu_info
 from vitkit.layers.capture import capturing
 
-SOURCES = (Path(__file__).parent / "csrc" / "window_attention.cpp",)
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = (_CSRC / "window_attention.cpp", _CSRC / "linear_ops.cpp", _CSRC / "layer_norm.cpp")
+HEADERS = (_CSRC / "vec.h",)  # included by the sources: hashed with them
 # instruction sets, widest first: (name, the /proc/cpuinfo flags it needs, compiler flags)
 _AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2", "-mprefer-vector-width=512")
 ISAS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
@@ -77,7 +82,7 @@ def cache_dir() -> Path:
 @functools.lru_cache(maxsize=1)
 def _source_digest() -> str:
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -117,6 +122,7 @@ def build(force: bool = False, verbose: bool = False) -> Path:
         "-shared",
         "-fPIC",
         "-fopenmp",  # at::parallel_for runs on OpenMP, which resolves to the libgomp torch already loaded
+        "-fno-math-errno",  # sqrt and log as instructions, without a branch to set errno
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *flags,
         f"-I{root / 'include'}",

@@ -34,11 +34,14 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from vitkit.core.hardware import vnni_flags
 from vitkit.layers.capture import capturing
+from vitkit.layers.weight_key import weight_key
 
 _ENABLED = True
 # inference: each layer's weight reordered once into oneDNN's blocked layout, keyed by what identifies
 # the weight's values; the dict holds no reference to the layer (deepcopy, pickling and GC unaffected)
-_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor, weakref.ref]] = weakref.WeakKeyDictionary()
+_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple | None, torch.Tensor, weakref.ref]] = (
+    weakref.WeakKeyDictionary()
+)
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _INT8_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 # int8 fc1 + GELU: per torch.ao layer, (its packed params object, oneDNN-packed int8 weight, fp32 scales,
@@ -66,36 +69,129 @@ def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torc
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """y = x @ w.T + b for 2-D x, with its three backward products on the kernels that measured fastest."""
+    """y = x @ w.T + b for 2-D x, with its three backward products on the kernels that measured fastest.
+
+    `weight` and `bias` are what autograd differentiates (the layer's parameters); the products use
+    `wc` and `bc`, the same tensors, or their bf16 copies under autocast (`_bf16_copy`), and the
+    gradients come back in the parameters' dtype."""
 
     @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return _lp(x, weight, bias)  # (M, out)
+    def forward(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        wc: torch.Tensor,
+        bc: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return _lp(x, wc, bc)  # (M, out)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        x, weight, bias = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        x, weight, bias, wc, _ = inputs
+        ctx.save_for_backward(x, wc)
+        # the parameter itself only for a second backward: not saved, so that (as under autocast) a graph
+        # holding bf16 copies survives an in-place change of the fp32 weight before its backward
+        ctx.weight = weight
+        ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:  # type: ignore[override]
-        x, weight = ctx.saved_tensors  # (M, in), (out, in)
+        x, wc = ctx.saved_tensors  # (M, in), (out, in)
+        weight = ctx.weight
         grad = grad if grad.is_contiguous() else grad.contiguous()  # (M, out); may arrive expanded
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.bias_dtype is not None
+        if not need_b:
+            grad_b = None
+        elif grad.dtype == torch.bfloat16 and not torch.is_grad_enabled() and _gelu_kernel():
+            grad_b = torch.ops.vitkit.column_sums(grad).to(ctx.bias_dtype)  # summed in fp32, not rounded to bf16
+        else:
+            grad_b = grad.sum(0).to(ctx.bias_dtype)
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops, for a second backward
-            grad_b = grad.sum(0) if need_b and ctx.has_bias else None
-            return grad @ weight if need_x else None, grad.t() @ x if need_w else None, grad_b
-        grad_b = grad.sum(0) if need_b and ctx.has_bias else None
+            w = weight.to(x.dtype)  # the cast differentiable, as autocast's
+            grad_x = grad @ w if need_x else None
+            return grad_x, (grad.t() @ x).to(weight.dtype) if need_w else None, grad_b, None, None
         if x.dtype == torch.bfloat16:  # torch.mm reaches oneDNN's bf16 matmul, faster here than _lp
-            return torch.mm(grad, weight) if need_x else None, torch.mm(grad.t(), x) if need_w else None, grad_b
-        grad_x = _lp(grad, weight.t()) if need_x else None  # (M, out) @ (out, in)
+            grad_x = torch.mm(grad, wc) if need_x else None
+            grad_w = torch.mm(grad.t(), x).to(weight.dtype) if need_w else None
+            return grad_x, grad_w, grad_b, None, None
+        grad_x = _lp(grad, wc.t()) if need_x else None  # (M, out) @ (out, in)
         grad_w = None
         if need_w:  # (out, M) @ (M, in)
             tokens, in_f, out_f = x.shape[0], x.shape[1], grad.shape[1]
             use_mm = tokens >= _LONG_REDUCTION * in_f and out_f >= in_f
             grad_w = torch.mm(grad.t(), x) if use_mm else _lp(grad.t(), x.t())
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None, None
+
+
+class _OneDNNLinearGelu(torch.autograd.Function):
+    """gelu(x @ w.T + b) for 2-D bf16 x (bf16 autocast training), arguments as `_OneDNNLinear`: the
+    product, then vitkit's GELU kernel, which writes the GELU's slope beside its output. The backward
+    multiplies the incoming gradient by that slope and sums the bias gradient in the same pass, where
+    torch's path evaluates erf and exp again (`gelu_backward`) and sums in another pass."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        wc: torch.Tensor,
+        bc: torch.Tensor | None,
+    ) -> torch.Tensor:
+        y, slope = torch.ops.vitkit.gelu_train(_lp(x, wc, bc))
+        ctx.save_for_backward(x, wc, slope)
+        ctx.weight, ctx.bias = weight, bias  # for a second backward only, as in _OneDNNLinear
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:  # type: ignore[override]
+        x, wc, slope = ctx.saved_tensors
+        weight, bias = ctx.weight, ctx.bias
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        if torch.is_grad_enabled():  # create_graph=True: recomputed by differentiable ops, for a second backward
+            inputs = [t for t, n in ((x, need_x), (weight, need_w), (bias, need_b)) if n]
+            b = None if bias is None else bias.to(x.dtype)
+            y = F.gelu(F.linear(x, weight.to(x.dtype), b))
+            grads = iter(torch.autograd.grad(y, inputs, grad, create_graph=True))
+            return (*(next(grads) if n else None for n in (need_x, need_w, need_b)), None, None)
+        grad_h, grad_b = torch.ops.vitkit.gelu_backward(grad.contiguous(), slope, need_b)  # (M, out), (out,) fp32
+        return (
+            torch.mm(grad_h, wc) if need_x else None,
+            torch.mm(grad_h.t(), x).to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+            None,
+            None,
+        )
+
+
+# bf16 autocast training: each layer's bf16 copies of its weight and bias, kept between steps and refilled
+# in place on every forward. autocast makes a new copy per forward: a fresh allocation the OS maps page by
+# page, 4-5x the time of refilling a kept one (a 3072 x 768 weight: 1.6-1.9 ms against 0.36-0.42 ms, 2
+# threads, AMD EPYC). Refilled every time, so the copy always holds the weight's current values however
+# they were changed; a copy still held by a graph not yet backpropagated (two forwards, then one backward)
+# is left to it, and a new one made. The copies cost 2 bytes per parameter.
+_BF16_COPIES: weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _bf16_copy(layer: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+    """`t` (the layer's parameter `name`) in bf16, as autocast casts it, in the layer's kept buffer."""
+    copies = _BF16_COPIES.setdefault(layer, {})
+    kept = copies.get(name)
+    with torch.no_grad():
+        held = kept is not None and kept._use_count() > 1  # type: ignore[attr-defined]  # the TensorImpl's refcount
+        if kept is not None and kept.shape == t.shape and not held:  # no graph still holds it
+            return kept.copy_(t)
+        copies[name] = t.to(torch.bfloat16)
+    return copies[name]
+
+
+def _gelu_kernel() -> bool:
+    # imported here: `python -m vitkit.layers.kernels` (the build) runs with this module already loaded
+    from vitkit.layers import kernels  # noqa: PLC0415
+
+    return kernels.available()
 
 
 def _plain_cpu_call(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -140,23 +236,16 @@ def _use_onednn(layer: nn.Module, x: torch.Tensor) -> bool:
     return not torch.is_autocast_enabled("cpu")
 
 
-def _weight_key(w: torch.Tensor) -> tuple:
-    """What identifies a weight's current values: its storage, its version (bumped by every in-place
-    write: copy_, load_state_dict, optimiser steps), dtype and shape. `packed_weight` also checks that
-    it is the same tensor object (a new Parameter, e.g. load_state_dict(assign=True), never matches)."""
-    version = 0 if w.is_inference() else w._version  # inference tensors cannot be written outside inference mode
-    return (w.data_ptr(), version, w.dtype, tuple(w.shape))
-
-
 def packed_weight(layer: nn.Module, rows: int) -> torch.Tensor:
-    """`layer.weight` in oneDNN's blocked layout, made once and reused while the weight is unchanged.
+    """`layer.weight` in oneDNN's blocked layout, made once and reused while the weight is unchanged
+    (`vitkit.layers.weight_key`: the same tensor, version and optimiser-step count).
 
     `_linear_pointwise` reorders a plain weight on every call; prepacked it ran 1.05-1.25x faster per
     layer in bf16 (Swin-T 1.10x, DeiT-S 1.05x per forward at batch 8) and ~1.04x in fp32, with equal
     outputs. `rows` (tokens in this call) only guides oneDNN's choice of layout; any row count works.
     The packed copy costs one more copy of the weights in memory."""
     w = layer.weight
-    key = _weight_key(w)
+    key = weight_key(w)
     entry = _PACKED.get(layer)
     if entry is None or entry[0] != key or entry[2]() is not w:
         with torch.no_grad():
@@ -224,9 +313,17 @@ def linear(layer: nn.Module, x: torch.Tensor, gelu: bool = False, bias: torch.Te
     dtype = _onednn_training_dtype(layer, x, b)
     if dtype is not None:
         x2, w = x.reshape(-1, x.shape[-1]), layer.weight
-        if dtype != w.dtype:  # bf16 autocast over fp32 weights: the casts autocast makes, differentiable
-            x2, w, b = x2.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
-        y = _OneDNNLinear.apply(x2, w, b)  # autocast does not reach the oneDNN op inside
+        wc, bc = w, b
+        if dtype != w.dtype:  # bf16 autocast over fp32 weights: the input cast as autocast's, the
+            x2 = x2.to(dtype)  # parameters' from the layer's kept copies (bias=: one made in this forward)
+            wc = _bf16_copy(layer, "weight", w)
+            if b is not None:
+                bc = _bf16_copy(layer, "bias", b) if b is layer.bias else b.to(dtype)
+                b = b if b is layer.bias else bc  # a bias made here: its cast differentiable, as autocast's
+        if gelu and dtype == torch.bfloat16 and _gelu_kernel():
+            y = _OneDNNLinearGelu.apply(x2, w, b, wc, bc)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        y = _OneDNNLinear.apply(x2, w, b, wc, bc)  # autocast does not reach the oneDNN op inside
         y = y.view(*x.shape[:-1], y.shape[-1])  # (..., out_features)
         return F.gelu(y) if gelu else y
     if _use_onednn(layer, x):

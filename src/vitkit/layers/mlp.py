@@ -20,6 +20,12 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and type(self.act) is nn.GELU and self.act.approximate == "none":
-            return linear(self.fc2, linear(self.fc1, x, gelu=True))  # dropout is the identity in eval
-        return self.drop2(linear(self.fc2, self.drop1(self.act(linear(self.fc1, x)))))
+        act = self.act
+        if type(act) is nn.GELU and act.approximate == "none" and not (act._forward_hooks or act._forward_pre_hooks):
+            # fc1 and its GELU in one call: fused where `linear` has a kernel for it (inference, bf16 training)
+            h = linear(self.fc1, x, gelu=True)
+        else:
+            h = act(linear(self.fc1, x))
+        if not self.training:
+            return linear(self.fc2, h)  # dropout is the identity in eval
+        return self.drop2(linear(self.fc2, self.drop1(h)))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vitkit.layers.norm import LayerNorm
+
 
 class PatchEmbed(nn.Module):
     """(B, C, H, W) -> (B, H / p, W / p, D) with a p x p convolution of stride p."""
@@ -13,7 +15,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim) if norm else nn.Identity()
+        self.norm = LayerNorm(embed_dim) if norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H', W', D)

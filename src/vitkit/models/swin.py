@@ -24,7 +24,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import checkpoint
 
-from vitkit.layers import DropPath, Mlp, PatchEmbed, drop_path_rates, kernels
+from vitkit.layers import DropPath, LayerNorm, Mlp, PatchEmbed, drop_path_rates, kernels
 from vitkit.layers.attention import core_dtype_applies
 from vitkit.layers.capture import capturing
 from vitkit.layers.features import take_indices
@@ -32,6 +32,7 @@ from vitkit.layers.linear import linear
 from vitkit.layers.patch_embed import check_input_size, check_patch_grid
 from vitkit.layers.rel_pos import relative_position_index, resize_rel_pos_bias_table
 from vitkit.layers.slicing import in_slices
+from vitkit.layers.weight_key import weight_key
 from vitkit.registry import register, to_2tuple
 
 Window = tuple[int, int]
@@ -166,14 +167,6 @@ def shifted_window_mask(
     return torch.zeros(differs.shape, device=device).masked_fill(differs, -100.0)
 
 
-def _tensor_key(t: torch.Tensor | None) -> tuple | None:
-    """What identifies a tensor's current values: storage, version (bumped by in-place writes), dtype."""
-    if t is None:
-        return None
-    version = 0 if t.is_inference() else t._version  # inference tensors cannot be written outside inference mode
-    return (t.data_ptr(), version, t.dtype, t.device, tuple(t.shape))
-
-
 def attention_bias(bias: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """The additive attention mask for SDPA: (1, heads, N, N) from the position bias (heads, N, N), or
     with a shift mask (nW, N, N) the sum laid out as (1, nW * heads, N, N).
@@ -281,7 +274,7 @@ class _WindowAttentionBase(nn.Module):
         """
         if self.training or torch.is_grad_enabled() or capturing():
             return attention_bias(self.position_bias(), mask, dtype)
-        key = (tuple(_tensor_key(t) for t in self._bias_inputs()), _tensor_key(mask), dtype)
+        key = (tuple(weight_key(t) for t in self._bias_inputs()), weight_key(mask), dtype)
         if self._bias_cache is None or self._bias_cache[0] != key:
             self._bias_cache = (key, attention_bias(self.position_bias(), mask, dtype))
         return self._bias_cache[1]
@@ -511,10 +504,10 @@ class SwinBlock(nn.Module):
         self.resolution = resolution
         self.window_size, self.shift_size = fit_window(resolution, window, self.shifted)
         num_heads = config.num_heads[stage]
-        self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.norm1 = LayerNorm(dim, eps=config.norm_eps)
         self.attn = self.attention_cls(dim, num_heads, self.window_size, config, stage)  # type: ignore[call-arg]  # V1 / V2 subclasses take these
         self.drop_path1 = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.norm2 = LayerNorm(dim, eps=config.norm_eps)
         self.mlp = Mlp(dim, int(dim * config.mlp_ratio), config.proj_drop_rate)
         self.drop_path2 = DropPath(drop_path)
         self._mask_cache: dict[tuple, torch.Tensor] = {}
@@ -631,7 +624,7 @@ class SwinBlockV2(SwinBlock):
     ) -> None:
         super().__init__(config, stage, index, dim, resolution, window, drop_path)
         n = config.extra_norm_every_n_blocks
-        self.norm3 = nn.LayerNorm(dim, eps=config.norm_eps) if n and (index + 1) % n == 0 else nn.Identity()
+        self.norm3 = LayerNorm(dim, eps=config.norm_eps) if n and (index + 1) % n == 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.norm1(self.windowed_attention(x)))
@@ -663,7 +656,7 @@ class PatchMerging(nn.Module):
 
     def __init__(self, dim: int, out_dim: int, eps: float) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(4 * dim, eps=eps)
+        self.norm = LayerNorm(4 * dim, eps=eps)
         self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -676,7 +669,7 @@ class PatchMergingV2(nn.Module):
     def __init__(self, dim: int, out_dim: int, eps: float) -> None:
         super().__init__()
         self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
-        self.norm = nn.LayerNorm(out_dim, eps=eps)
+        self.norm = LayerNorm(out_dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(linear(self.reduction, merge_2x2(x)))
@@ -781,7 +774,7 @@ class SwinTransformer(nn.Module):
                 for i in range(stages)
             ]
         )
-        self.norm = nn.LayerNorm(self.num_features, eps=config.norm_eps)
+        self.norm = LayerNorm(self.num_features, eps=config.norm_eps)
         self.head = ClassifierHead(self.num_features, config.num_classes, config.drop_rate)
         self.init_weights()
 

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from vitkit.layers import (
     Attention,
     DropPath,
+    LayerNorm,
     LayerScale,
     Mlp,
     PatchEmbed,
@@ -117,11 +118,11 @@ class Block(nn.Module):
         def scale() -> nn.Module:
             return LayerScale(dim, config.init_values) if config.init_values is not None else nn.Identity()
 
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm1 = LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, config.num_heads, config.qkv_bias, config.attn_drop_rate, config.proj_drop_rate)
         self.ls1 = scale()
         self.drop_path1 = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * config.mlp_ratio), config.proj_drop_rate)
         self.ls2 = scale()
         self.drop_path2 = DropPath(drop_path)
@@ -170,8 +171,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(*[Block(config, rates[i]) for i in range(config.depth)])
         # timm's layout: with average pooling the final norm is applied after pooling (fc_norm)
         avg = config.global_pool == "avg"
-        self.norm = nn.Identity() if avg else nn.LayerNorm(dim, eps=config.norm_eps)
-        self.fc_norm = nn.LayerNorm(dim, eps=config.norm_eps) if avg else nn.Identity()
+        self.norm = nn.Identity() if avg else LayerNorm(dim, eps=config.norm_eps)
+        self.fc_norm = LayerNorm(dim, eps=config.norm_eps) if avg else nn.Identity()
         self.pre_logits = PreLogits(dim, config.representation_size) if config.representation_size else nn.Identity()
         self.head_drop = nn.Dropout(config.drop_rate)
         self.head = self._make_head(config.num_classes)

@@ -25,6 +25,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -37,25 +39,8 @@
 
 namespace {
 
-inline float bf16_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+using namespace vitkit_cpu;
 
-inline uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
-  if (f != f) return 0x7FC0;
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-inline float load(const float* p) { return *p; }
-inline float load(const c10::BFloat16* p) { return bf16_to_float(p->x); }
-inline void store(float* p, float v) { *p = v; }
-inline void store(c10::BFloat16* p, float v) { p->x = float_to_bf16(v); }
 
 // One (window, head) of the work. Tasks are ordered by (bias group g, head, window among those with
 // w % G == g), so that a thread runs all the windows sharing one (N, N) bias in a row: the bias is
@@ -95,74 +80,9 @@ struct Layout {
   }
 };
 
-// 16 fp32 lanes: one AVX-512 register, or two AVX2 ones (GCC's generic vectors lower to either)
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-constexpr int L = 16;
 // query rows per block: R x (D / 16) accumulators stay in registers. 7 where it divides N (Swin's
 // 49-token windows: no padded rows) took 0.84-0.98x the time of 4 per call; 4 elsewhere.
 constexpr int R_MAX = 7;
-
-inline vf splat(float x) { return vf{} + x; }
-inline vf loadv(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-
-// exp(x) for x <= 0 (scores minus their row maximum), 16 lanes at a time: Cody-Waite range reduction
-// to r in [-ln2/2, ln2/2], Cephes' expf polynomial (~1 ulp), and 2^n put together from its bits.
-// Inputs below -87 (the padding's -inf included) give exp(-87) ~ 1.6e-38: zero next to the row
-// maximum's exp(0) = 1. NaN stays NaN (the comparison keeps it), so a NaN score reaches the output
-// as it does through torch's softmax.
-inline vf exp_nonpositive(vf x) {
-  x = x < -87.0f ? splat(-87.0f) : x;
-  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const vf n = (x * 1.44269504088896341f + magic) - magic;
-  vf r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  return p * reinterpret_cast<const vf&>(bits);
-}
-
-inline float hmax(vf v) {
-  float m = v[0];
-  for (int l = 1; l < L; ++l) m = std::max(m, v[l]);
-  return m;
-}
-inline float hsum(vf v) {
-  float s = 0.0f;
-  for (int l = 0; l < L; ++l) s += v[l];
-  return s;
-}
-
-// 16 values from memory as fp32 lanes (bf16: its bits are the top half of the fp32's)
-inline vf load16(const float* p) { return loadv(p); }
-inline vf load16(const c10::BFloat16* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  const vi bits = __builtin_convertvector(h, vi) << 16;
-  return reinterpret_cast<const vf&>(bits);
-}
-
-// 16 fp32 lanes to memory (bf16: rounded to nearest even, NaN kept a NaN, as float_to_bf16)
-inline void store16(float* p, vf x) { storev(p, x); }
-inline void store16(c10::BFloat16* p, vf x) {
-  const vi u = reinterpret_cast<const vi&>(x);
-  const vi rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16;  // arithmetic shift: the low 16 bits are kept below
-  const vi bits = x != x ? vi{} + 0x7FC0 : rounded;
-  const vh h = __builtin_convertvector(bits & 0xFFFF, vh);
-  std::memcpy(p, &h, sizeof h);
-}
 
 // One stage of a 16 x 16 transpose held in registers: rows i and i + B (i without bit B) swap the
 // lanes whose bit B differs from the row's; after the stages B = 8, 4, 2, 1, row r holds column r.
