@@ -43,6 +43,8 @@ def _gelu64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def test_gelu_and_its_slope_match_float64(built):
     x = torch.cat([torch.randn(4099) * 3, torch.linspace(-12, 12, 2001), torch.tensor([0.0, -0.0, 1e-30])])
     y, slope = torch.ops.vitkit.gelu_train(x)
+    inplace = x.clone()
+    assert torch.equal(torch.ops.vitkit.gelu_train_(inplace), slope) and torch.equal(inplace, y)
     want_y, want_s = _gelu64(x)
     assert (y.double() - want_y).abs().max().item() < 1e-6  # torch's own fp32 GELU is within ~1.2e-6
     assert (slope.double() - want_s).abs().max().item() < 1e-6

@@ -15,8 +15,11 @@ over the output). In fp32 its grad_input is that kernel too (the weight passed t
 strided view), and its grad_weight is oneDNN except where `torch.mm` measured faster: where the
 reduction over tokens is long (>= 50 x in_features) and out_features >= in_features (Swin-T's stage 1
 at batch 8, stages 1-2 at batch 32: oneDNN took 1.2-1.8x mm's time there, 0.4-0.8x elsewhere). Under
-bf16 autocast the weight, bias and input are cast to bf16 as autocast would, and both backward
-products are `torch.mm` (oneDNN through torch), which measured faster than the kernel in bf16.
+bf16 autocast the input is cast to bf16 as autocast would, the weight and bias come from the layer's
+bf16 copies, kept between steps and refilled each forward (`_bf16_copy`), both backward products are
+`torch.mm` (oneDNN through torch), which measured faster than the kernel in bf16, and the bias gradient
+is summed in fp32 (vitkit's `column_sums`). fc1 and its GELU train as `_OneDNNLinearGelu`: vitkit's GELU
+kernel keeps the GELU's slope, so its backward is a product (see `layers/csrc/linear_ops.cpp`).
 Gradients match `F.linear`'s to float rounding in fp32 and to bf16 rounding under autocast
 (tests/test_linear.py); `set_onednn_linear(False)` turns this path off as well.
 """
@@ -139,7 +142,8 @@ class _OneDNNLinearGelu(torch.autograd.Function):
         wc: torch.Tensor,
         bc: torch.Tensor | None,
     ) -> torch.Tensor:
-        y, slope = torch.ops.vitkit.gelu_train(_lp(x, wc, bc))
+        y = _lp(x, wc, bc)  # fc1's output, this call's own: the GELU goes over it in place
+        slope = torch.ops.vitkit.gelu_train_(y)
         ctx.save_for_backward(x, wc, slope)
         ctx.weight, ctx.bias = weight, bias  # for a second backward only, as in _OneDNNLinear
         return y

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from vitkit.layers import kernels
 from vitkit.layers.capture import capturing
 
 
@@ -67,6 +66,9 @@ class LayerNorm(nn.LayerNorm):
             return False
         if (self.weight is None) != (self.bias is None) or x.numel() == 0:
             return False  # the kernel takes both parameters or neither
+        # imported here: `python -m vitkit.layers.kernels` (the build) runs with this module already loaded
+        from vitkit.layers import kernels  # noqa: PLC0415
+
         return not capturing() and _get_current_dispatch_mode() is None and kernels.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 // The passes around a linear layer in training on the CPU, other than its products (oneDNN's):
 //
 //   gelu_train(x)                          -> (y, s):  y = x * Phi(x),  s = dy/dx = Phi(x) + x * phi(x)
+//   gelu_train_(x)                         -> s, with y written over x
 //   gelu_backward(grad, s, bias_grad)      -> (dx, db): dx = grad * s,  db = column sums of dx (fp32)
 //   column_sums(x)                         -> (C,) fp32: the bias gradient of a layer whose output grad is x
 //
@@ -162,6 +163,20 @@ std::tuple<at::Tensor, at::Tensor> gelu_train(const at::Tensor& x) {
   return {y, s};
 }
 
+// in place: y written over x (fc1's output, which nothing needs once its GELU is taken), one fresh
+// tensor fewer per call; returns the slope
+at::Tensor gelu_train_(at::Tensor& x) {
+  check_input("gelu_train_", "x", x);
+  at::Tensor s = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat) {
+    gelu_forward_impl(x.data_ptr<float>(), x.data_ptr<float>(), s.data_ptr<float>(), x.numel());
+  } else {
+    gelu_forward_impl(x.data_ptr<c10::BFloat16>(), x.data_ptr<c10::BFloat16>(), s.data_ptr<c10::BFloat16>(),
+                      x.numel());
+  }
+  return s;
+}
+
 std::tuple<at::Tensor, at::Tensor> gelu_backward(const at::Tensor& grad, const at::Tensor& slope, bool bias_grad) {
   check_input("gelu_backward", "grad", grad);
   check_input("gelu_backward", "slope", slope);
@@ -200,12 +215,14 @@ at::Tensor column_sums(const at::Tensor& x) {
 
 TORCH_LIBRARY_FRAGMENT(vitkit, m) {
   m.def("gelu_train(Tensor x) -> (Tensor, Tensor)");
+  m.def("gelu_train_(Tensor(a!) x) -> Tensor");
   m.def("gelu_backward(Tensor grad, Tensor slope, bool bias_grad) -> (Tensor, Tensor)");
   m.def("column_sums(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vitkit, CPU, m) {
   m.impl("gelu_train", &gelu_train);
+  m.impl("gelu_train_", &gelu_train_);
   m.impl("gelu_backward", &gelu_backward);
   m.impl("column_sums", &column_sums);
 }
