@@ -18,3 +18,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def built():
+    """vitkit's kernels for this CPU, built (once per machine and source) and loaded; skips where none can be."""
+    from vitkit.layers import kernels  # noqa: PLC0415
+
+    if kernels.isa() is None:
+        pytest.skip("vitkit's kernels need an x86 CPU with AVX2 and FMA")
+    if kernels.compiler() is None:
+        pytest.skip("no C++ compiler: vitkit's kernels cannot be built here")
+    kernels.build()
+    assert kernels.available(), kernels.status()
+    return True

@@ -15,18 +15,6 @@ from vitkit.core.errors import VitkitError
 from vitkit.layers import kernels
 
 
-@pytest.fixture(scope="module")
-def built():
-    """The kernels for this CPU, built (once per machine and source) and loaded."""
-    if kernels.isa() is None:
-        pytest.skip("vitkit's kernels need an x86 CPU with AVX2 and FMA")
-    if kernels.compiler() is None:
-        pytest.skip("no C++ compiler: vitkit's kernels cannot be built here")
-    kernels.build()
-    assert kernels.available(), kernels.status()
-    return True
-
-
 def reference(q, k, v, bias, scale):
     """(W, H, N, D) -> (W, N, H, D) in float64; window w adds bias[w % G]."""
     q, k, v, bias = (t.double() for t in (q, k, v, bias))

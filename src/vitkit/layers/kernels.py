@@ -6,7 +6,7 @@ source for why), as three ops: `torch.ops.vitkit.window_attention` for inference
 `window_attention_backward`, which recomputes the probabilities from it instead of keeping a
 (windows, heads, N, N) tensor between the passes. `window_attention_train` is the autograd function
 over the two. Around the linear layers and norms (bf16 training, `csrc/linear_ops.cpp` and
-`csrc/layer_norm.cpp`): `gelu_train` / `gelu_backward` (GELU writing its slope; the backward a product
+`csrc/layer_norm.cpp`): `gelu_train_` / `gelu_backward` (GELU writing its slope; the backward a product
 with the bias gradient summed in the same pass), `column_sums` (bias gradients in fp32), and
 `layer_norm_forward` / `layer_norm_backward`, used by `layers.linear` and `layers.norm.LayerNorm`.
 

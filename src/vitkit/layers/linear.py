@@ -18,8 +18,8 @@ at batch 8, stages 1-2 at batch 32: oneDNN took 1.2-1.8x mm's time there, 0.4-0.
 bf16 autocast the input is cast to bf16 as autocast would, the weight and bias come from the layer's
 bf16 copies, kept between steps and refilled each forward (`_bf16_copy`), both backward products are
 `torch.mm` (oneDNN through torch), which measured faster than the kernel in bf16, and the bias gradient
-is summed in fp32 (vitkit's `column_sums`). fc1 and its GELU train as `_OneDNNLinearGelu`: vitkit's GELU
-kernel keeps the GELU's slope, so its backward is a product (see `layers/csrc/linear_ops.cpp`).
+is summed in fp32 (vitkit's `column_sums`). fc1 and its GELU train as one `_OneDNNLinear` call: vitkit's
+GELU kernel keeps the GELU's slope, so its backward is a product (see `layers/csrc/linear_ops.cpp`).
 Gradients match `F.linear`'s to float rounding in fp32 and to bf16 rounding under autocast
 (tests/test_linear.py); `set_onednn_linear(False)` turns this path off as well.
 """
@@ -72,66 +72,15 @@ def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torc
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """y = x @ w.T + b for 2-D x, with its three backward products on the kernels that measured fastest.
+    """y = x @ w.T + b for 2-D x, then exact GELU when `gelu` (bf16 only), with the backward products
+    on the kernels that measured fastest.
 
     `weight` and `bias` are what autograd differentiates (the layer's parameters); the products use
     `wc` and `bc`, the same tensors, or their bf16 copies under autocast (`_bf16_copy`), and the
-    gradients come back in the parameters' dtype."""
-
-    @staticmethod
-    def forward(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        wc: torch.Tensor,
-        bc: torch.Tensor | None,
-    ) -> torch.Tensor:
-        return _lp(x, wc, bc)  # (M, out)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        x, weight, bias, wc, _ = inputs
-        ctx.save_for_backward(x, wc)
-        # the parameter itself only for a second backward: not saved, so that (as under autocast) a graph
-        # holding bf16 copies survives an in-place change of the fp32 weight before its backward
-        ctx.weight = weight
-        ctx.bias_dtype = None if bias is None else bias.dtype
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:  # type: ignore[override]
-        x, wc = ctx.saved_tensors  # (M, in), (out, in)
-        weight = ctx.weight
-        grad = grad if grad.is_contiguous() else grad.contiguous()  # (M, out); may arrive expanded
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and ctx.bias_dtype is not None
-        if not need_b:
-            grad_b = None
-        elif grad.dtype == torch.bfloat16 and not torch.is_grad_enabled() and _gelu_kernel():
-            grad_b = torch.ops.vitkit.column_sums(grad).to(ctx.bias_dtype)  # summed in fp32, not rounded to bf16
-        else:
-            grad_b = grad.sum(0).to(ctx.bias_dtype)
-        if torch.is_grad_enabled():  # create_graph=True: differentiable ops, for a second backward
-            w = weight.to(x.dtype)  # the cast differentiable, as autocast's
-            grad_x = grad @ w if need_x else None
-            return grad_x, (grad.t() @ x).to(weight.dtype) if need_w else None, grad_b, None, None
-        if x.dtype == torch.bfloat16:  # torch.mm reaches oneDNN's bf16 matmul, faster here than _lp
-            grad_x = torch.mm(grad, wc) if need_x else None
-            grad_w = torch.mm(grad.t(), x).to(weight.dtype) if need_w else None
-            return grad_x, grad_w, grad_b, None, None
-        grad_x = _lp(grad, wc.t()) if need_x else None  # (M, out) @ (out, in)
-        grad_w = None
-        if need_w:  # (out, M) @ (M, in)
-            tokens, in_f, out_f = x.shape[0], x.shape[1], grad.shape[1]
-            use_mm = tokens >= _LONG_REDUCTION * in_f and out_f >= in_f
-            grad_w = torch.mm(grad.t(), x) if use_mm else _lp(grad.t(), x.t())
-        return grad_x, grad_w, grad_b, None, None
-
-
-class _OneDNNLinearGelu(torch.autograd.Function):
-    """gelu(x @ w.T + b) for 2-D bf16 x (bf16 autocast training), arguments as `_OneDNNLinear`: the
-    product, then vitkit's GELU kernel, which writes the GELU's slope beside its output. The backward
-    multiplies the incoming gradient by that slope and sums the bias gradient in the same pass, where
-    torch's path evaluates erf and exp again (`gelu_backward`) and sums in another pass."""
+    gradients come back in the parameters' dtype. With `gelu`, vitkit's GELU kernel goes over the
+    product in place and keeps the GELU's slope: the backward multiplies the incoming gradient by it
+    and sums the bias gradient in the same pass, where torch's path evaluates erf and exp again
+    (`gelu_backward`) and sums in another pass."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -141,33 +90,49 @@ class _OneDNNLinearGelu(torch.autograd.Function):
         bias: torch.Tensor | None,
         wc: torch.Tensor,
         bc: torch.Tensor | None,
+        gelu: bool,
     ) -> torch.Tensor:
-        y = _lp(x, wc, bc)  # fc1's output, this call's own: the GELU goes over it in place
-        slope = torch.ops.vitkit.gelu_train_(y)
+        y = _lp(x, wc, bc)  # (M, out), this call's own: the GELU may go over it in place
+        slope = torch.ops.vitkit.gelu_train_(y) if gelu else None
         ctx.save_for_backward(x, wc, slope)
-        ctx.weight, ctx.bias = weight, bias  # for a second backward only, as in _OneDNNLinear
+        # the parameters themselves only for a second backward: not saved, so that (as under autocast) a
+        # graph holding bf16 copies survives an in-place change of the fp32 weight before its backward
+        ctx.weight, ctx.bias, ctx.gelu = weight, bias, gelu
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:  # type: ignore[override]
-        x, wc, slope = ctx.saved_tensors
+        x, wc, slope = ctx.saved_tensors  # (M, in), (out, in), (M, out) or None
         weight, bias = ctx.weight, ctx.bias
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
         if torch.is_grad_enabled():  # create_graph=True: recomputed by differentiable ops, for a second backward
             inputs = [t for t, n in ((x, need_x), (weight, need_w), (bias, need_b)) if n]
-            b = None if bias is None else bias.to(x.dtype)
-            y = F.gelu(F.linear(x, weight.to(x.dtype), b))
+            y = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))  # casts as autocast's
+            y = F.gelu(y) if ctx.gelu else y
             grads = iter(torch.autograd.grad(y, inputs, grad, create_graph=True))
-            return (*(next(grads) if n else None for n in (need_x, need_w, need_b)), None, None)
-        grad_h, grad_b = torch.ops.vitkit.gelu_backward(grad.contiguous(), slope, need_b)  # (M, out), (out,) fp32
-        return (
-            torch.mm(grad_h, wc) if need_x else None,
-            torch.mm(grad_h.t(), x).to(weight.dtype) if need_w else None,
-            grad_b.to(bias.dtype) if need_b else None,
-            None,
-            None,
-        )
+            return (*(next(grads) if n else None for n in (need_x, need_w, need_b)), None, None, None)
+        grad = grad if grad.is_contiguous() else grad.contiguous()  # (M, out); may arrive expanded
+        if slope is not None:
+            grad, grad_b = torch.ops.vitkit.gelu_backward(grad, slope, need_b)  # the product's gradient, fp32 sums
+        elif not need_b:
+            grad_b = None
+        elif grad.dtype == torch.bfloat16 and kernels_available():
+            grad_b = torch.ops.vitkit.column_sums(grad)  # summed in fp32, not rounded to bf16
+        else:
+            grad_b = grad.sum(0)
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        if x.dtype == torch.bfloat16:  # torch.mm reaches oneDNN's bf16 matmul, faster here than _lp
+            grad_x = torch.mm(grad, wc) if need_x else None
+            grad_w = torch.mm(grad.t(), x).to(weight.dtype) if need_w else None
+            return grad_x, grad_w, grad_b, None, None, None
+        grad_x = _lp(grad, wc.t()) if need_x else None  # (M, out) @ (out, in)
+        grad_w = None
+        if need_w:  # (out, M) @ (M, in)
+            tokens, in_f, out_f = x.shape[0], x.shape[1], grad.shape[1]
+            use_mm = tokens >= _LONG_REDUCTION * in_f and out_f >= in_f
+            grad_w = torch.mm(grad.t(), x) if use_mm else _lp(grad.t(), x.t())
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 # bf16 autocast training: each layer's bf16 copies of its weight and bias, kept between steps and refilled
@@ -191,8 +156,10 @@ def _bf16_copy(layer: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
     return copies[name]
 
 
-def _gelu_kernel() -> bool:
-    # imported here: `python -m vitkit.layers.kernels` (the build) runs with this module already loaded
+def kernels_available() -> bool:
+    """`vitkit.layers.kernels.available()`, for the modules `vitkit.layers` imports (this one, norm): they
+    import the kernels module on first use, since `python -m vitkit.layers.kernels` (the build) runs with
+    them already loaded."""
     from vitkit.layers import kernels  # noqa: PLC0415
 
     return kernels.available()
@@ -324,12 +291,10 @@ def linear(layer: nn.Module, x: torch.Tensor, gelu: bool = False, bias: torch.Te
             if b is not None:
                 bc = _bf16_copy(layer, "bias", b) if b is layer.bias else b.to(dtype)
                 b = b if b is layer.bias else bc  # a bias made here: its cast differentiable, as autocast's
-        if gelu and dtype == torch.bfloat16 and _gelu_kernel():
-            y = _OneDNNLinearGelu.apply(x2, w, b, wc, bc)
-            return y.view(*x.shape[:-1], y.shape[-1])
-        y = _OneDNNLinear.apply(x2, w, b, wc, bc)  # autocast does not reach the oneDNN op inside
+        fused = gelu and dtype == torch.bfloat16 and kernels_available()
+        y = _OneDNNLinear.apply(x2, w, b, wc, bc, fused)  # autocast does not reach the oneDNN op inside
         y = y.view(*x.shape[:-1], y.shape[-1])  # (..., out_features)
-        return F.gelu(y) if gelu else y
+        return F.gelu(y) if gelu and not fused else y
     if _use_onednn(layer, x):
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.ops.mkldnn._linear_pointwise(

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from vitkit.layers.capture import capturing
+from vitkit.layers.linear import kernels_available
 
 
 class _LayerNormKernel(torch.autograd.Function):
@@ -66,10 +67,7 @@ class LayerNorm(nn.LayerNorm):
             return False
         if (self.weight is None) != (self.bias is None) or x.numel() == 0:
             return False  # the kernel takes both parameters or neither
-        # imported here: `python -m vitkit.layers.kernels` (the build) runs with this module already loaded
-        from vitkit.layers import kernels  # noqa: PLC0415
-
-        return not capturing() and _get_current_dispatch_mode() is None and kernels.available()
+        return not capturing() and _get_current_dispatch_mode() is None and kernels_available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._kernel_applies(x):

@@ -144,13 +144,6 @@ void backward_rows(const T* g, const T* x, const float* mean, const float* rstd,
   }
 }
 
-void check_activation(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
-              " must be float32 or bfloat16, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous() && t.dim() >= 1, op, ": ", name, " must be contiguous, with at least one dimension");
-}
-
 const float* check_param(const char* op, const char* name, const std::optional<at::Tensor>& t, int64_t C) {
   if (!t.has_value() || !t->defined()) return nullptr;
   TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 1 &&
@@ -164,6 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tens
                                                                   const std::optional<at::Tensor>& weight,
                                                                   const std::optional<at::Tensor>& bias, double eps) {
   check_activation("layer_norm_forward", "x", x);
+  TORCH_CHECK(x.dim() >= 1, "layer_norm_forward: x must have at least one dimension");
   const int64_t C = x.size(-1), M = C == 0 ? 0 : x.numel() / C;
   TORCH_CHECK(C > 0, "layer_norm_forward: the normalised dimension is empty");
   const float* w = check_param("layer_norm_forward", "weight", weight, C);
@@ -186,6 +180,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& grad, c
                                                        const std::optional<at::Tensor>& weight, bool param_grads) {
   check_activation("layer_norm_backward", "grad", grad);
   check_activation("layer_norm_backward", "x", x);
+  TORCH_CHECK(x.dim() >= 1, "layer_norm_backward: x must have at least one dimension");
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(), "layer_norm_backward: grad ",
               grad.sizes(), " and x ", x.sizes(), " must match in shape and dtype");
   const int64_t C = x.size(-1), M = C == 0 ? 0 : x.numel() / C;

@@ -1,7 +1,6 @@
 // The passes around a linear layer in training on the CPU, other than its products (oneDNN's):
 //
-//   gelu_train(x)                          -> (y, s):  y = x * Phi(x),  s = dy/dx = Phi(x) + x * phi(x)
-//   gelu_train_(x)                         -> s, with y written over x
+//   gelu_train_(x)                         -> s:  y = x * Phi(x) written over x,  s = dy/dx = Phi(x) + x * phi(x)
 //   gelu_backward(grad, s, bias_grad)      -> (dx, db): dx = grad * s,  db = column sums of dx (fp32)
 //   column_sums(x)                         -> (C,) fp32: the bias gradient of a layer whose output grad is x
 //
@@ -144,29 +143,10 @@ void column_sums_impl(const T* x, float* sums, int64_t M, int64_t C) {
   });
 }
 
-void check_input(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
-              " must be float32 or bfloat16, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous() first)");
-}
-
-std::tuple<at::Tensor, at::Tensor> gelu_train(const at::Tensor& x) {
-  check_input("gelu_train", "x", x);
-  at::Tensor y = at::empty_like(x), s = at::empty_like(x);
-  if (x.scalar_type() == at::kFloat) {
-    gelu_forward_impl(x.data_ptr<float>(), y.data_ptr<float>(), s.data_ptr<float>(), x.numel());
-  } else {
-    gelu_forward_impl(x.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(), s.data_ptr<c10::BFloat16>(),
-                      x.numel());
-  }
-  return {y, s};
-}
-
 // in place: y written over x (fc1's output, which nothing needs once its GELU is taken), one fresh
 // tensor fewer per call; returns the slope
 at::Tensor gelu_train_(at::Tensor& x) {
-  check_input("gelu_train_", "x", x);
+  check_activation("gelu_train_", "x", x);
   at::Tensor s = at::empty_like(x);
   if (x.scalar_type() == at::kFloat) {
     gelu_forward_impl(x.data_ptr<float>(), x.data_ptr<float>(), s.data_ptr<float>(), x.numel());
@@ -178,8 +158,8 @@ at::Tensor gelu_train_(at::Tensor& x) {
 }
 
 std::tuple<at::Tensor, at::Tensor> gelu_backward(const at::Tensor& grad, const at::Tensor& slope, bool bias_grad) {
-  check_input("gelu_backward", "grad", grad);
-  check_input("gelu_backward", "slope", slope);
+  check_activation("gelu_backward", "grad", grad);
+  check_activation("gelu_backward", "slope", slope);
   TORCH_CHECK(grad.sizes() == slope.sizes() && grad.scalar_type() == slope.scalar_type(),
               "gelu_backward: grad ", grad.sizes(), " ", grad.scalar_type(), " and slope ", slope.sizes(), " ",
               slope.scalar_type(), " must match in shape and dtype");
@@ -199,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> gelu_backward(const at::Tensor& grad, const a
 }
 
 at::Tensor column_sums(const at::Tensor& x) {
-  check_input("column_sums", "x", x);
+  check_activation("column_sums", "x", x);
   TORCH_CHECK(x.dim() >= 1, "column_sums: x must have at least one dimension");
   const int64_t C = x.size(-1), M = C == 0 ? 0 : x.numel() / C;
   at::Tensor sums = at::empty({C}, x.options().dtype(at::kFloat));
@@ -214,14 +194,12 @@ at::Tensor column_sums(const at::Tensor& x) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vitkit, m) {
-  m.def("gelu_train(Tensor x) -> (Tensor, Tensor)");
   m.def("gelu_train_(Tensor(a!) x) -> Tensor");
   m.def("gelu_backward(Tensor grad, Tensor slope, bool bias_grad) -> (Tensor, Tensor)");
   m.def("column_sums(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vitkit, CPU, m) {
-  m.impl("gelu_train", &gelu_train);
   m.impl("gelu_train_", &gelu_train_);
   m.impl("gelu_backward", &gelu_backward);
   m.impl("column_sums", &column_sums);

@@ -1,10 +1,12 @@
 // Helpers shared by vitkit's CPU kernels: bf16 <-> fp32 conversion, 16-lane fp32 vectors in GCC's generic
 // vector types (one AVX-512 register, or two AVX2 ones, whichever the build's flags give), exp for
-// non-positive arguments, and rows in blocks over the threads with column sums. Included by each kernel
-// source; vitkit.layers.kernels hashes this header with the sources, so a change here rebuilds them.
+// non-positive arguments, rows in blocks over the threads with column sums, and the inputs' checks.
+// Included by each kernel source; vitkit.layers.kernels hashes this header with the sources, so a change
+// here rebuilds them.
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
@@ -111,6 +113,15 @@ inline void store16(c10::BFloat16* p, vf x) {
   const vh h = __builtin_convertvector(bits & 0xFFFF, vh);
   std::memcpy(p, &h, sizeof h);
 #endif
+}
+
+// An activation an op takes: on the CPU, float32 or bfloat16, contiguous; else a one-line error naming
+// the op, the argument and the fix
+inline void check_activation(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous() first)");
 }
 
 constexpr int64_t kRowBlock = 64;  // rows per block of the column sums
