@@ -322,12 +322,107 @@ def test_drop_path_scales_the_mask_as_timm_does():
 @needs_onednn
 def test_swin_bf16_training_step_matches_the_torch_path(built):
     """A whole Swin-T (small) bf16 training step with the kernels on against them off: the same loss
-    and gradients within bf16 rounding; the LayerNorm weights and biases closer to float64 on."""
+    and matmul gradients within bf16 rounding."""
     torch.manual_seed(0)
     model = vitkit.create_model(
         "swin_tiny_patch4_window7_224", img_size=112, depths=(1, 1, 1, 1), num_classes=10, drop_path_rate=0.0
     ).train()
-    x = torch.randn(2, 3, 112, 112)
+    _assert_bf16_step_matches(model, torch.randn(2, 3, 112, 112))
+
+
+# -- ViT attention through the window kernel (one window per image) ----------------------------------
+def _vit_attention(dim: int = 128, heads: int = 4, attn_drop: float = 0.0) -> nn.Module:
+    from vitkit.layers.attention import Attention  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    return Attention(dim, heads, attn_drop=attn_drop)
+
+
+def _attention_grads(attn: nn.Module, x: torch.Tensor, g: torch.Tensor, bf16: bool) -> list[torch.Tensor]:
+    m = copy.deepcopy(attn).train()
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = m(x)
+    y.float().backward(g)
+    return [y.detach().float(), x.grad, *(p.grad for p in m.parameters())]
+
+
+@pytest.mark.parametrize("tokens", [17, 197])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_vit_attention_kernel_matches_the_torch_path(built, monkeypatch, tokens, bf16):
+    """ViT attention through the kernel (each image one window, zero bias) against the torch path
+    (explicit or SDPA): output and every gradient, fp32 to float rounding, bf16 to bf16 rounding; and
+    in inference the same output as in training."""
+    import vitkit.layers.attention as attention  # noqa: PLC0415
+
+    attn = _vit_attention(dim=128 if tokens == 17 else 192, heads=4 if tokens == 17 else 3)
+    x, g = torch.randn(3, tokens, attn.qkv.in_features), torch.randn(3, tokens, attn.qkv.in_features)
+    calls = []
+    real = kernels.window_attention_train
+    monkeypatch.setattr(kernels, "window_attention_train", lambda *a: calls.append(1) or real(*a))
+    on = _attention_grads(attn, x, g, bf16)
+    assert calls, "the kernel did not run"
+    monkeypatch.setattr(attention, "KERNEL_MAX_TOKENS", 0)
+    off = _attention_grads(attn, x, g, bf16)
+    tol = 2e-2 if bf16 else 1e-5
+    for a, b in zip(on, off, strict=True):
+        assert _rel(a, b) < tol
+    monkeypatch.setattr(attention, "KERNEL_MAX_TOKENS", 256)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        inferred = copy.deepcopy(attn).eval()(x).float()
+    assert _rel(inferred, on[0]) < (1e-2 if bf16 else 1e-6)
+
+
+def test_vit_attention_kernel_steps_aside(built, monkeypatch):
+    """Attention dropout in training, longer sequences than the cap, and a bf16 core in an fp32 model
+    keep the torch paths; recording keeps the kernel's output and records softmax(q k^T * scale)."""
+    import vitkit.layers.attention as attention  # noqa: PLC0415
+
+    calls = []
+    real = kernels.window_attention
+    monkeypatch.setattr(kernels, "window_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 17, 128)
+    with torch.no_grad():
+        plain = _vit_attention().eval()(x)
+        assert len(calls) == 1
+        dropped = _vit_attention(attn_drop=0.1).train()
+        assert dropped._kernel_mode(x) is None and dropped.eval()._kernel_mode(x) == "infer"
+        monkeypatch.setattr(attention, "KERNEL_MAX_TOKENS", 16)
+        assert _vit_attention().eval()._kernel_mode(x) is None
+        monkeypatch.setattr(attention, "KERNEL_MAX_TOKENS", 256)
+        cored = _vit_attention().eval()
+        cored.core_dtype = torch.bfloat16
+        assert cored._kernel_mode(x) is None
+        recorder = _vit_attention().eval()
+        recorder.record_attn = True
+        assert torch.equal(recorder(x), plain)
+        q, k, _ = recorder.qkv(x).view(2, 17, 3, 4, 32).permute(2, 0, 3, 1, 4)
+        expected = (q @ k.transpose(-2, -1) * recorder.scale).softmax(-1)
+        torch.testing.assert_close(recorder.last_attn, expected)
+
+
+@needs_onednn
+def test_vit_bf16_training_step_matches_the_torch_path(built):
+    """The Fashion-MNIST ViT's bf16 training step with every kernel on against all off: the same loss and
+    matmul-weight gradients within bf16 rounding."""
+    torch.manual_seed(0)
+    model = vitkit.create_model(
+        "vit_tiny_patch16_224",
+        img_size=28,
+        in_chans=1,
+        num_classes=10,
+        patch_size=7,
+        embed_dim=128,
+        depth=2,
+        num_heads=4,
+        mlp_ratio=2.0,
+    ).train()
+    _assert_bf16_step_matches(model, torch.randn(8, 1, 28, 28))
+
+
+def _assert_bf16_step_matches(model: nn.Module, x: torch.Tensor) -> None:
+    """A bf16 training step of `model` with the kernels on against them off: the same loss, and the
+    matmul weights' gradients within bf16 rounding (relative L2 over all of them)."""
 
     def step(on: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m = copy.deepcopy(model)

@@ -3,6 +3,8 @@ sequences and in bf16."""
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,29 @@ CPU_EXPLICIT_MAX_TOKENS = 40
 # In bf16 (and fp16) the CPU kernel is slower at every ViT length measured: explicit attention took
 # 0.53x its time at 197 tokens and 0.91x at 577 (AVX512_BF16, one thread).
 _CPU_EXPLICIT_DTYPES = (torch.bfloat16, torch.float16)
+# Where vitkit's attention kernel is built (`vitkit.layers.kernels`, written for Swin's windows: one
+# window per image here), it replaces both paths up to this length: forward + backward took 0.51x the
+# explicit path's time at 17 tokens in bf16 (the Fashion-MNIST ViT, batch 128) and 0.72x in fp32, and
+# 0.62x SDPA's in fp32 at 197 tokens (docs/PERFORMANCE.md item 19). Longer sequences are not measured.
+KERNEL_MAX_TOKENS = 256
+# per (heads, tokens): the kernel's zero position bias (1, heads, N, N) and token order (1, N)
+_KERNEL_INPUTS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _kernels() -> types.ModuleType:
+    """`vitkit.layers.kernels`, imported on first use (`python -m vitkit.layers.kernels`, the build, runs
+    with this module loaded)."""
+    from vitkit.layers import kernels  # noqa: PLC0415
+
+    return kernels
+
+
+def _kernel_inputs(heads: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    entry = _KERNEL_INPUTS.get((heads, tokens))
+    if entry is None:
+        entry = (torch.zeros(1, heads, tokens, tokens), torch.arange(tokens).view(1, tokens))
+        _KERNEL_INPUTS[(heads, tokens)] = entry
+    return entry
 
 
 def core_dtype_applies(core_dtype: torch.dtype | None, q: torch.Tensor) -> bool:
@@ -75,8 +100,34 @@ class Attention(nn.Module):
         # in an int8 model on a CPU with bf16 units; None: in the input's dtype
         self.core_dtype: torch.dtype | None = None
 
+    def _kernel_mode(self, x: torch.Tensor) -> str | None:
+        """ "train" or "infer" where vitkit's attention kernel computes this attention (CPU, fp32 or bf16,
+        head_dim 16-64 in steps of 16, at most KERNEL_MAX_TOKENS tokens, no attention dropout, no bf16
+        core in an fp32 model); None: the torch paths."""
+        if x.device.type != "cpu" or x.shape[1] > KERNEL_MAX_TOKENS:
+            return None
+        if (self.training and self.attn_drop) or self.core_dtype is not None:
+            return None
+        kernels = _kernels()
+        if kernels.window_attention_applies(x, self.head_dim):
+            return "infer"
+        return "train" if kernels.window_attention_trains(x, self.head_dim) else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
+        mode = self._kernel_mode(x)
+        if mode is not None:  # each image one window of N tokens, a zero bias; out (B, N, heads, head_dim)
+            qkv = linear(self.qkv, x).reshape(B, N, 3, self.num_heads, self.head_dim)
+            bias, rows = _kernel_inputs(self.num_heads, N)
+            if self.record_attn:  # the weights computed beside the kernel, as beside SDPA below
+                with torch.no_grad():
+                    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+                    self.last_attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            if mode == "train":
+                out = _kernels().window_attention_train(qkv, bias, self.scale, rows)
+            else:
+                out = _kernels().window_attention(*qkv.unbind(2), bias, self.scale, rows=rows)
+            return self.proj_drop(linear(self.proj, out.view(B, N, C)))
         # (3, B, heads, N, head_dim)
         qkv = linear(self.qkv, x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
