@@ -23,8 +23,6 @@ last answer, +0.9% (batching off) and -17.5% (on) once idle for 1 s (docs/RESULT
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import io
 import math
 import threading
@@ -40,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from vitkit.core.errors import VitkitError
+from vitkit.core.heap import release_memory
 from vitkit.data.transforms import eval_transform
 from vitkit.serve.loading import ServedModel
 from vitkit.tools.attention_maps import attention_map
@@ -49,18 +48,6 @@ from vitkit.train.engine import mirror_averaged_log_probs
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 Buckets = Literal["pow2", "none"]
 IDLE_TRIM_S = 0.2  # how long the queue stays empty before freed memory is handed back
-
-
-def release_memory() -> bool:
-    """Return the C heap's free memory to the system (glibc's malloc_trim); False where there is none."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    trim(0)
-    return True
 
 
 def bucket_sizes(max_batch: int, buckets: Buckets = "pow2") -> tuple[int, ...]:
