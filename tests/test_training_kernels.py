@@ -433,7 +433,7 @@ def _assert_bf16_step_matches(model: nn.Module, x: torch.Tensor) -> None:
             loss.backward()
         finally:
             kernels.set_kernels(previous)
-        return loss.detach(), {n: p.grad for n, p in m.named_parameters()}
+        return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
 
     loss_on, on = step(True)
     loss_off, off = step(False)
