@@ -26,6 +26,7 @@ Gradients match `F.linear`'s to float rounding in fp32 and to bf16 rounding unde
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
 
@@ -91,9 +92,10 @@ class _OneDNNLinear(torch.autograd.Function):
         wc: torch.Tensor,
         bc: torch.Tensor | None,
         gelu: bool,
+        slope_buffer: torch.Tensor | None = None,
     ) -> torch.Tensor:
         y = _lp(x, wc, bc)  # (M, out), this call's own: the GELU may go over it in place
-        slope = torch.ops.vitkit.gelu_train_(y) if gelu else None
+        slope = torch.ops.vitkit.gelu_train_(y, slope_buffer) if gelu else None
         ctx.save_for_backward(x, wc, slope)
         # the parameters themselves only for a second backward: not saved, so that (as under autocast) a
         # graph holding bf16 copies survives an in-place change of the fp32 weight before its backward
@@ -111,10 +113,11 @@ class _OneDNNLinear(torch.autograd.Function):
             y = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))  # casts as autocast's
             y = F.gelu(y) if ctx.gelu else y
             grads = iter(torch.autograd.grad(y, inputs, grad, create_graph=True))
-            return (*(next(grads) if n else None for n in (need_x, need_w, need_b)), None, None, None)
+            return (*(next(grads) if n else None for n in (need_x, need_w, need_b)), None, None, None, None)
         grad = grad if grad.is_contiguous() else grad.contiguous()  # (M, out); may arrive expanded
         if slope is not None:
-            grad, grad_b = torch.ops.vitkit.gelu_backward(grad, slope, need_b)  # the product's gradient, fp32 sums
+            # the product's gradient (into a kept scratch buffer: it is used only here), fp32 sums
+            grad, grad_b = torch.ops.vitkit.gelu_backward(grad, slope, need_b, _scratch(slope))
         elif not need_b:
             grad_b = None
         elif grad.dtype == torch.bfloat16 and kernels_available():
@@ -125,14 +128,14 @@ class _OneDNNLinear(torch.autograd.Function):
         if x.dtype == torch.bfloat16:  # torch.mm reaches oneDNN's bf16 matmul, faster here than _lp
             grad_x = torch.mm(grad, wc) if need_x else None
             grad_w = torch.mm(grad.t(), x).to(weight.dtype) if need_w else None
-            return grad_x, grad_w, grad_b, None, None, None
+            return grad_x, grad_w, grad_b, None, None, None, None
         grad_x = _lp(grad, wc.t()) if need_x else None  # (M, out) @ (out, in)
         grad_w = None
         if need_w:  # (out, M) @ (M, in)
             tokens, in_f, out_f = x.shape[0], x.shape[1], grad.shape[1]
             use_mm = tokens >= _LONG_REDUCTION * in_f and out_f >= in_f
             grad_w = torch.mm(grad.t(), x) if use_mm else _lp(grad.t(), x.t())
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 # bf16 autocast training: each layer's bf16 copies of its weight and bias, kept between steps and refilled
@@ -149,11 +152,35 @@ def _bf16_copy(layer: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
     copies = _BF16_COPIES.setdefault(layer, {})
     kept = copies.get(name)
     with torch.no_grad():
-        held = kept is not None and kept._use_count() > 1  # type: ignore[attr-defined]  # the TensorImpl's refcount
-        if kept is not None and kept.shape == t.shape and not held:  # no graph still holds it
-            return kept.copy_(t)
+        if kept is not None and kept.shape == t.shape and kept._use_count() == 1:  # type: ignore[attr-defined]
+            return kept.copy_(t)  # no graph still holds it
         copies[name] = t.to(torch.bfloat16)
     return copies[name]
+
+
+def _slope_buffer(layer: nn.Module, rows: int) -> torch.Tensor:
+    """Where fc1's GELU writes its slope in bf16 training: the layer's kept (rows, out_features) buffer,
+    or a new one while a graph not yet backpropagated still holds it (saved for its backward)."""
+    copies = _BF16_COPIES.setdefault(layer, {})
+    kept = copies.get("slope")
+    shape = (rows, layer.weight.shape[0])
+    if kept is None or kept.shape != shape or kept._use_count() != 1:  # type: ignore[attr-defined]
+        kept = copies["slope"] = torch.empty(shape, dtype=torch.bfloat16)
+    return kept
+
+
+# the GELU backward's product, which lives only inside `_OneDNNLinear.backward`: one buffer per shape and
+# dtype, per thread (autograd may run backward passes on several threads at once)
+_SCRATCH = threading.local()
+
+
+def _scratch(like: torch.Tensor) -> torch.Tensor:
+    buffers: dict[tuple, torch.Tensor] = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (tuple(like.shape), like.dtype)
+    kept = buffers.get(key)
+    if kept is None or kept._use_count() != 1:  # type: ignore[attr-defined]
+        kept = buffers[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+    return kept
 
 
 def kernels_available() -> bool:
@@ -292,7 +319,8 @@ def linear(layer: nn.Module, x: torch.Tensor, gelu: bool = False, bias: torch.Te
                 bc = _bf16_copy(layer, "bias", b) if b is layer.bias else b.to(dtype)
                 b = b if b is layer.bias else bc  # a bias made here: its cast differentiable, as autocast's
         fused = gelu and dtype == torch.bfloat16 and kernels_available()
-        y = _OneDNNLinear.apply(x2, w, b, wc, bc, fused)  # autocast does not reach the oneDNN op inside
+        slope = _slope_buffer(layer, x2.shape[0]) if fused else None
+        y = _OneDNNLinear.apply(x2, w, b, wc, bc, fused, slope)  # autocast does not reach the oneDNN op inside
         y = y.view(*x.shape[:-1], y.shape[-1])  # (..., out_features)
         return F.gelu(y) if gelu and not fused else y
     if _use_onednn(layer, x):

@@ -1,8 +1,9 @@
 // The passes around a linear layer in training on the CPU, other than its products (oneDNN's):
 //
-//   gelu_train_(x)                         -> s:  y = x * Phi(x) written over x,  s = dy/dx = Phi(x) + x * phi(x)
-//   gelu_backward(grad, s, bias_grad)      -> (dx, db): dx = grad * s,  db = column sums of dx (fp32)
-//   column_sums(x)                         -> (C,) fp32: the bias gradient of a layer whose output grad is x
+//   gelu_train_(x, s?)                      -> s:  y = x * Phi(x) written over x,  s = dy/dx = Phi(x) + x * phi(x)
+//   gelu_backward(grad, s, bias_grad, out?) -> (dx, db): dx = grad * s,  db = column sums of dx (fp32)
+//   column_sums(x)                          -> (C,) fp32: the bias gradient of a layer whose output grad is x
+// (s and out, where given: buffers to write into, which the caller keeps between steps)
 //
 // Exact (erf) GELU in one pass that also writes its slope, so the backward is a product instead of a
 // second evaluation of erf and exp.
@@ -143,11 +144,23 @@ void column_sums_impl(const T* x, float* sums, int64_t M, int64_t C) {
   });
 }
 
+// `out`, where given: a contiguous tensor of x's shape and dtype to write into (a buffer the caller keeps
+// between steps: fresh memory is page-faulted in on every call, which at Swin-T's stage 1 took longer
+// than the arithmetic)
+at::Tensor output_like(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& out) {
+  if (!out.has_value() || !out->defined()) return at::empty_like(x);
+  TORCH_CHECK(out->sizes() == x.sizes() && out->scalar_type() == x.scalar_type() && out->is_contiguous() &&
+                  out->device().is_cpu(),
+              op, ": out must be a contiguous CPU tensor of ", x.sizes(), " ", x.scalar_type(), ", got ", out->sizes(),
+              " ", out->scalar_type());
+  return *out;
+}
+
 // in place: y written over x (fc1's output, which nothing needs once its GELU is taken), one fresh
-// tensor fewer per call; returns the slope
-at::Tensor gelu_train_(at::Tensor& x) {
+// tensor fewer per call; returns the slope (in `slope` where given)
+at::Tensor gelu_train_(at::Tensor& x, const std::optional<at::Tensor>& slope) {
   check_activation("gelu_train_", "x", x);
-  at::Tensor s = at::empty_like(x);
+  at::Tensor s = output_like("gelu_train_", x, slope);
   if (x.scalar_type() == at::kFloat) {
     gelu_forward_impl(x.data_ptr<float>(), x.data_ptr<float>(), s.data_ptr<float>(), x.numel());
   } else {
@@ -157,7 +170,8 @@ at::Tensor gelu_train_(at::Tensor& x) {
   return s;
 }
 
-std::tuple<at::Tensor, at::Tensor> gelu_backward(const at::Tensor& grad, const at::Tensor& slope, bool bias_grad) {
+std::tuple<at::Tensor, at::Tensor> gelu_backward(const at::Tensor& grad, const at::Tensor& slope, bool bias_grad,
+                                                 const std::optional<at::Tensor>& out) {
   check_activation("gelu_backward", "grad", grad);
   check_activation("gelu_backward", "slope", slope);
   TORCH_CHECK(grad.sizes() == slope.sizes() && grad.scalar_type() == slope.scalar_type(),
@@ -165,7 +179,8 @@ std::tuple<at::Tensor, at::Tensor> gelu_backward(const at::Tensor& grad, const a
               slope.scalar_type(), " must match in shape and dtype");
   TORCH_CHECK(grad.dim() >= 1, "gelu_backward: grad must have at least one dimension");
   const int64_t C = grad.size(-1), M = C == 0 ? 0 : grad.numel() / C;
-  at::Tensor dx = at::empty_like(grad);
+  at::Tensor dx = output_like("gelu_backward", grad, out);
+  TORCH_CHECK(!dx.is_same(grad) && !dx.is_same(slope), "gelu_backward: out must be a tensor of its own");
   const auto f32 = grad.options().dtype(at::kFloat);
   at::Tensor db = at::empty({bias_grad ? C : 0}, f32);
   float* sums = bias_grad ? db.data_ptr<float>() : nullptr;
@@ -194,8 +209,8 @@ at::Tensor column_sums(const at::Tensor& x) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vitkit, m) {
-  m.def("gelu_train_(Tensor(a!) x) -> Tensor");
-  m.def("gelu_backward(Tensor grad, Tensor slope, bool bias_grad) -> (Tensor, Tensor)");
+  m.def("gelu_train_(Tensor(a!) x, Tensor(b!)? slope=None) -> Tensor");
+  m.def("gelu_backward(Tensor grad, Tensor slope, bool bias_grad, Tensor(a!)? out=None) -> (Tensor, Tensor)");
   m.def("column_sums(Tensor x) -> Tensor");
 }
 
