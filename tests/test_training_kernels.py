@@ -441,3 +441,13 @@ def _assert_bf16_step_matches(model: nn.Module, x: torch.Tensor) -> None:
     matmul_grads = [n for n in off if n.endswith("weight") and "norm" not in n]
     total = sum(float((on[n] - off[n]).square().sum()) for n in matmul_grads)
     assert (total / sum(float(off[n].square().sum()) for n in matmul_grads)) ** 0.5 < 0.05
+
+
+def test_vit_attention_kernel_trains_after_inference_mode(built):
+    """The kernel's cached zero bias, first made under inference_mode, can still be saved by a training step."""
+    attn = _vit_attention(dim=64, heads=2)
+    x = torch.randn(2, 9, 64)
+    with torch.inference_mode():
+        attn.eval()(x)
+    attn.train()(x.requires_grad_()).sum().backward()
+    assert x.grad is not None

@@ -39,7 +39,8 @@ def _kernels() -> types.ModuleType:
 def _kernel_inputs(heads: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     entry = _KERNEL_INPUTS.get((heads, tokens))
     if entry is None:
-        entry = (torch.zeros(1, heads, tokens, tokens), torch.arange(tokens).view(1, tokens))
+        with torch.inference_mode(False):  # made under inference_mode, a training step could not save them
+            entry = (torch.zeros(1, heads, tokens, tokens), torch.arange(tokens).view(1, tokens))
         _KERNEL_INPUTS[(heads, tokens)] = entry
     return entry
 
