@@ -281,6 +281,35 @@ def test_bf16_weight_copies_follow_every_weight_change(built):
 
 
 @needs_onednn
+def test_gelu_buffers_are_reused_only_when_free(built):
+    """fc1 + GELU's slope lives in a buffer kept per layer and its backward's product in a kept scratch:
+    reused step after step, never while a graph still holds them. Two forwards before their backwards,
+    and a backward run twice (retain_graph), give the gradients of separate steps."""
+    torch.manual_seed(0)
+    mlp = Mlp(32, 64).train()
+    xs = [torch.randn(4, 6, 32) for _ in range(2)]
+
+    def grads(*inputs: torch.Tensor, twice: bool = False) -> torch.Tensor:
+        m = copy.deepcopy(mlp)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sum(m(x).float().square().sum() for x in inputs)
+        loss.backward(retain_graph=twice)
+        if twice:
+            loss.backward()
+        return m.fc1.weight.grad
+
+    separate = grads(xs[0]) + grads(xs[1])
+    assert _rel(grads(*xs), separate) < 1e-6  # the second forward did not write over the first's slope
+    assert _rel(grads(xs[0], twice=True), 2 * grads(xs[0])) < 1e-6  # the slope survived the first backward
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mlp(xs[0]).float().sum().backward()
+        kept = _BF16_COPIES[mlp.fc1]["slope"]
+        mlp(xs[0]).float().sum().backward()
+    assert _BF16_COPIES[mlp.fc1]["slope"].data_ptr() == kept.data_ptr()  # reused once its graph was done
+
+
+@needs_onednn
 def test_inference_caches_follow_a_fused_optimiser_step():
     """Prepacked inference weights and Swin's eval-mode bias are keyed on the weights' versions and on
     the optimiser steps taken: a fused AdamW step (no version bump) between two evaluations shows."""

@@ -1,5 +1,5 @@
-"""Multi-head self-attention: `scaled_dot_product_attention`, or explicit on the CPU for short
-sequences and in bf16."""
+"""Multi-head self-attention: on the CPU vitkit's attention kernel where it is built, else
+`scaled_dot_product_attention`, or explicit on the CPU for short sequences and in bf16."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ CPU_EXPLICIT_MAX_TOKENS = 40
 # 0.53x its time at 197 tokens and 0.91x at 577 (AVX512_BF16, one thread).
 _CPU_EXPLICIT_DTYPES = (torch.bfloat16, torch.float16)
 # Where vitkit's attention kernel is built (`vitkit.layers.kernels`, written for Swin's windows: one
-# window per image here), it replaces both paths up to this length: forward + backward took 0.51x the
-# explicit path's time at 17 tokens in bf16 (the Fashion-MNIST ViT, batch 128) and 0.72x in fp32, and
-# 0.62x SDPA's in fp32 at 197 tokens (docs/PERFORMANCE.md item 19). Longer sequences are not measured.
+# window per image here), it replaces both paths up to this length. Forward + backward, 2 threads, AMD
+# EPYC Zen 4: 0.42-0.51x the explicit path's time at 17 tokens in bf16 (the Fashion-MNIST ViT, batch 128),
+# 0.74x in fp32; at 197 tokens 0.91x the explicit path's in bf16 and 0.68-0.73x SDPA's in fp32; inference
+# 0.5-0.77x (docs/PERFORMANCE.md item 19). Longer sequences are not measured.
 KERNEL_MAX_TOKENS = 256
 # per (heads, tokens): the kernel's zero position bias (1, heads, N, N) and token order (1, N)
 _KERNEL_INPUTS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
