@@ -158,12 +158,11 @@ def _bf16_copy(layer: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
     return copies[name]
 
 
-def _slope_buffer(layer: nn.Module, rows: int) -> torch.Tensor:
+def _slope_buffer(layer: nn.Module, shape: tuple[int, int]) -> torch.Tensor:
     """Where fc1's GELU writes its slope in bf16 training: the layer's kept (rows, out_features) buffer,
     or a new one while a graph not yet backpropagated still holds it (saved for its backward)."""
     copies = _BF16_COPIES.setdefault(layer, {})
     kept = copies.get("slope")
-    shape = (rows, layer.weight.shape[0])
     if kept is None or kept.shape != shape or kept._use_count() != 1:  # type: ignore[attr-defined]
         kept = copies["slope"] = torch.empty(shape, dtype=torch.bfloat16)
     return kept
@@ -319,7 +318,7 @@ def linear(layer: nn.Module, x: torch.Tensor, gelu: bool = False, bias: torch.Te
                 bc = _bf16_copy(layer, "bias", b) if b is layer.bias else b.to(dtype)
                 b = b if b is layer.bias else bc  # a bias made here: its cast differentiable, as autocast's
         fused = gelu and dtype == torch.bfloat16 and kernels_available()
-        slope = _slope_buffer(layer, x2.shape[0]) if fused else None
+        slope = _slope_buffer(layer, (x2.shape[0], int(layer.out_features))) if fused else None
         y = _OneDNNLinear.apply(x2, w, b, wc, bc, fused, slope)  # autocast does not reach the oneDNN op inside
         y = y.view(*x.shape[:-1], y.shape[-1])  # (..., out_features)
         return F.gelu(y) if gelu and not fused else y
