@@ -46,8 +46,10 @@ def release_memory() -> bool:
 
 @contextmanager
 def heap_kept(enabled: bool = True) -> Iterator[bool]:
-    """Inside: large blocks come from the heap and freed memory stays in it for reuse (see the module);
-    glibc's defaults come back on exit. Yields whether it applied (False: not glibc, or not `enabled`)."""
+    """Inside: large blocks come from the heap and freed memory stays in it for reuse (see the module).
+    On exit the three settings get glibc's default values back and the heap is trimmed; glibc's dynamic
+    mmap threshold stays off, as after any `mallopt` of these settings. Yields whether it applied (False:
+    not glibc, or not `enabled`)."""
     libc = _glibc() if enabled else None
     if libc is None:
         yield False

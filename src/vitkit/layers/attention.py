@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vitkit.layers.capture import capturing
-from vitkit.layers.linear import linear
+from vitkit.layers.linear import kernels_module, linear
 
 # On the CPU the fused attention kernel's fixed cost per call outweighs what it saves on short
 # sequences: a training step of the Fashion-MNIST ViT (17 tokens) is ~1.18x faster with the attention
@@ -27,14 +25,6 @@ _CPU_EXPLICIT_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_MAX_TOKENS = 256
 # per (heads, tokens): the kernel's zero position bias (1, heads, N, N) and token order (1, N)
 _KERNEL_INPUTS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _kernels() -> types.ModuleType:
-    """`vitkit.layers.kernels`, imported on first use (`python -m vitkit.layers.kernels`, the build, runs
-    with this module loaded)."""
-    from vitkit.layers import kernels  # noqa: PLC0415
-
-    return kernels
 
 
 def _kernel_inputs(heads: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +100,7 @@ class Attention(nn.Module):
             return None
         if (self.training and self.attn_drop) or self.core_dtype is not None:
             return None
-        kernels = _kernels()
+        kernels = kernels_module()
         if kernels.window_attention_applies(x, self.head_dim):
             return "infer"
         return "train" if kernels.window_attention_trains(x, self.head_dim) else None
@@ -126,9 +116,9 @@ class Attention(nn.Module):
                     q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
                     self.last_attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             if mode == "train":
-                out = _kernels().window_attention_train(qkv, bias, self.scale, rows)
+                out = kernels_module().window_attention_train(qkv, bias, self.scale, rows)
             else:
-                out = _kernels().window_attention(*qkv.unbind(2), bias, self.scale, rows=rows)
+                out = kernels_module().window_attention(*qkv.unbind(2), bias, self.scale, rows=rows)
             return self.proj_drop(linear(self.proj, out.view(B, N, C)))
         # (3, B, heads, N, head_dim)
         qkv = linear(self.qkv, x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)

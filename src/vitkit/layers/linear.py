@@ -27,6 +27,7 @@ Gradients match `F.linear`'s to float rounding in fp32 and to bf16 rounding unde
 from __future__ import annotations
 
 import threading
+import types
 import weakref
 from typing import Any
 
@@ -147,25 +148,26 @@ class _OneDNNLinear(torch.autograd.Function):
 _BF16_COPIES: weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
+def _kept(store: dict, key: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """`store[key]` where it has this shape and dtype and nothing else holds it (no graph that has not run
+    its backward, no caller: the TensorImpl's reference count is the store's alone); else a new empty
+    CPU tensor, kept in its place."""
+    kept = store.get(key)
+    if kept is None or kept.shape != shape or kept.dtype != dtype or kept._use_count() != 1:  # type: ignore[attr-defined]
+        kept = store[key] = torch.empty(shape, dtype=dtype, device="cpu")
+    return kept
+
+
 def _bf16_copy(layer: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
     """`t` (the layer's parameter `name`) in bf16, as autocast casts it, in the layer's kept buffer."""
-    copies = _BF16_COPIES.setdefault(layer, {})
-    kept = copies.get(name)
     with torch.no_grad():
-        if kept is not None and kept.shape == t.shape and kept._use_count() == 1:  # type: ignore[attr-defined]
-            return kept.copy_(t)  # no graph still holds it
-        copies[name] = t.to(torch.bfloat16)
-    return copies[name]
+        return _kept(_BF16_COPIES.setdefault(layer, {}), name, t.shape, torch.bfloat16).copy_(t)
 
 
 def _slope_buffer(layer: nn.Module, shape: tuple[int, int]) -> torch.Tensor:
     """Where fc1's GELU writes its slope in bf16 training: the layer's kept (rows, out_features) buffer,
     or a new one while a graph not yet backpropagated still holds it (saved for its backward)."""
-    copies = _BF16_COPIES.setdefault(layer, {})
-    kept = copies.get("slope")
-    if kept is None or kept.shape != shape or kept._use_count() != 1:  # type: ignore[attr-defined]
-        kept = copies["slope"] = torch.empty(shape, dtype=torch.bfloat16)
-    return kept
+    return _kept(_BF16_COPIES.setdefault(layer, {}), "slope", shape, torch.bfloat16)
 
 
 # the GELU backward's product, which lives only inside `_OneDNNLinear.backward`: one buffer per shape and
@@ -175,20 +177,20 @@ _SCRATCH = threading.local()
 
 def _scratch(like: torch.Tensor) -> torch.Tensor:
     buffers: dict[tuple, torch.Tensor] = _SCRATCH.__dict__.setdefault("buffers", {})
-    key = (tuple(like.shape), like.dtype)
-    kept = buffers.get(key)
-    if kept is None or kept._use_count() != 1:  # type: ignore[attr-defined]
-        kept = buffers[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
-    return kept
+    return _kept(buffers, (tuple(like.shape), like.dtype), like.shape, like.dtype)
+
+
+def kernels_module() -> types.ModuleType:
+    """`vitkit.layers.kernels`, imported on first use by the modules `vitkit.layers` imports (this one,
+    norm, attention): `python -m vitkit.layers.kernels` (the build) runs with them already loaded."""
+    from vitkit.layers import kernels  # noqa: PLC0415
+
+    return kernels
 
 
 def kernels_available() -> bool:
-    """`vitkit.layers.kernels.available()`, for the modules `vitkit.layers` imports (this one, norm): they
-    import the kernels module on first use, since `python -m vitkit.layers.kernels` (the build) runs with
-    them already loaded."""
-    from vitkit.layers import kernels  # noqa: PLC0415
-
-    return kernels.available()
+    """`vitkit.layers.kernels.available()` (see `kernels_module`)."""
+    return kernels_module().available()
 
 
 def _plain_cpu_call(layer: nn.Module, x: torch.Tensor) -> bool:
