@@ -24,7 +24,7 @@ import torch
 
 from vitkit.core.files import write_text
 from vitkit.core.hardware import bf16_flags, cpu_info, reported_flags
-from vitkit.layers.linear import onednn_linear_enabled
+from vitkit.layers.linear import onednn_linear_supports
 from vitkit.tools.bench import BenchOptions, compare_with_timm
 from vitkit.tools.flops import model_macs
 
@@ -38,7 +38,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     of torch's matmul and the oneDNN kernel vitkit's linear layers use (MKL's is slow on AMD CPUs)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     kernels = [lambda: a @ b]
-    if onednn_linear_enabled():
+    if onednn_linear_supports(dtype):
         kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = 0.0
     for run in kernels:
@@ -54,7 +54,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 def measure(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peaks = {amp: matmul_peak(dtypes[amp]) for amp in args.amps}
+    peaks = {amp: matmul_peak(dtypes[amp], args.peak_size) for amp in args.amps}
     rows = []
     for name in args.models:
         macs = model_macs(name, args.img_size)
@@ -89,7 +89,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
                     )
                     print(rows[-1], flush=True)
     # the peak again at the end, keeping the better: on a shared machine a single reading can be low
-    peaks = {amp: max(peak, matmul_peak(dtypes[amp])) for amp, peak in peaks.items()}
+    peaks = {amp: max(peak, matmul_peak(dtypes[amp], args.peak_size)) for amp, peak in peaks.items()}
     for r in rows:
         r["share"] = r["gflops"] / peaks[r["amp"]]
     return rows, peaks
@@ -129,7 +129,8 @@ def render(rows: list[dict], peaks: dict[str, float], args: argparse.Namespace, 
         f"- CPU: {info['model']}; flags: {', '.join(reported_flags(info)) or 'none reported'} "
         f"(bf16 units: {', '.join(bf16_flags(info)) or 'none'})",
         f"- torch {torch.__version__}, Python {platform.python_version()}",
-        "- matmul peak (2048², measured here): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()),
+        f"- matmul peak ({args.peak_size}², measured here): "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()),
         "",
         "| model | mode | amp | batch | vitkit img/s | timm img/s | ratio (low-high) | vitkit GFLOP/s | of peak |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -145,15 +146,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
-    p.add_argument("--amps", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    p.add_argument(
+        "--amps",
+        nargs="+",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="default: fp32 and bf16 on a CPU with bf16 units, fp32 alone elsewhere (bf16 is emulated there)",
+    )
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32])
     p.add_argument("--img-size", type=int, default=None, help="square input size (default: each model's own)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round and side")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (the ratio is their median)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul that measures the peak")
     p.add_argument("--out", type=Path, default=DOC, help="the markdown file whose table is replaced")
     args = p.parse_args()
+    if args.amps is None:
+        args.amps = ["fp32", "bf16"] if bf16_flags() else ["fp32"]
     text = args.out.read_text() if args.out.exists() else f"# Performance\n\n{START}\n{END}\n"
     if START not in text or END not in text:
         raise SystemExit(f"{args.out} has no {START} ... {END} markers to replace: add them where the table goes")

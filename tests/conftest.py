@@ -32,3 +32,14 @@ def built():
     kernels.build()
     assert kernels.available(), kernels.status()
     return True
+
+
+@pytest.fixture
+def onednn_bf16():
+    """oneDNN's bf16 linear path (vitkit's bf16 training and inference products); skips on a CPU without it
+    (AVX2-only: oneDNN refuses bf16 there, and vitkit takes F.linear, tested in tests/test_linear.py)."""
+    from vitkit.layers.linear import onednn_linear_supports  # noqa: PLC0415
+
+    if not onednn_linear_supports(torch.bfloat16):
+        pytest.skip("oneDNN's bf16 linear needs avx512bw/vl/dq or avx_ne_convert; this CPU has neither")
+    return True

@@ -166,7 +166,13 @@ def _reference(case: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, Avera
     return model, opt, ema
 
 
-def _assert_same(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], tol: float = 1e-5) -> None:
+# 3 AdamW steps at lr 1e-3 move a weight by up to 3e-3; the two ranks' gradients are summed in another order
+# than one process's, and Adam's normalised update carries that rounding into the weights: 1.3e-5 at most
+# seen (patch_embed's convolution on an AVX2-only CPU, whose kernels block the reduction differently)
+_TOL = 3e-5
+
+
+def _assert_same(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], tol: float = _TOL) -> None:
     assert state.keys() == reference.keys()
     for key, value in reference.items():
         diff = (state[key].float() - value.float()).abs().max().item()

@@ -69,7 +69,7 @@ def test_separate_bias_gets_its_gradient():
 
 
 @pytest.mark.parametrize("in_f,out_f,tokens", [(96, 384, 784), (384, 1152, 49)])
-def test_bf16_autocast_training_matches_f_linear_to_bf16_rounding(in_f, out_f, tokens):
+def test_bf16_autocast_training_matches_f_linear_to_bf16_rounding(onednn_bf16, in_f, out_f, tokens):
     """Under bf16 autocast the layer casts as autocast does (weights, bias and input to bf16; gradients
     back to the fp32 parameters) and adds the bias inside oneDNN: forward and gradients agree with
     autocast's F.linear to bf16 rounding, and the parameters' gradients come back in fp32."""
@@ -91,6 +91,30 @@ def test_bf16_autocast_training_matches_f_linear_to_bf16_rounding(in_f, out_f, t
     assert _rel(y.float(), ref.float()) <= 1e-2
     for a, b in zip(got, want, strict=True):
         assert a.dtype == torch.float32 and _rel(a, b) <= 1e-2
+
+
+def test_bf16_without_onednn_bf16_takes_f_linear(monkeypatch):
+    """On a CPU whose oneDNN has no bf16 inner product (AVX2 only: it refuses to make the primitive), bf16
+    autocast training and bf16 inference go through F.linear and give exactly its numbers, and the fp32
+    paths keep oneDNN. Faked here by the probe's result, so that it runs on every CPU."""
+    import vitkit.layers.linear as linear_module
+
+    monkeypatch.setattr(linear_module, "_BF16_AVAILABLE", False)
+    assert linear_module.onednn_linear_supports(torch.float32)
+    assert not linear_module.onednn_linear_supports(torch.bfloat16)
+    layer = nn.Linear(48, 96)
+    x = torch.randn(2, 17, 48, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(layer, x, gelu=True)
+        ref = F.gelu(F.linear(x, layer.weight, layer.bias))
+    assert y.dtype == torch.bfloat16 and "_OneDNNLinearBackward" not in _grad_fns(y)
+    assert torch.equal(y, ref)
+    assert "_OneDNNLinearBackward" in _grad_fns(linear(layer, x))  # fp32 training keeps oneDNN
+    bf16 = nn.Linear(48, 96).bfloat16()
+    xb = torch.randn(2, 17, 48, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(linear(bf16, xb, gelu=True), F.gelu(F.linear(xb, bf16.weight, bf16.bias)))
+        assert bf16 not in linear_module._PACKED  # no oneDNN bf16 weight was packed
 
 
 def test_bf16_weights_keep_torchs_linear():
@@ -215,10 +239,13 @@ def test_compiled_training_step_matches_eager():
 
 # -- inference: prepacked weights --------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prepacked_inference_equals_plain_weight_and_follows_weight_changes(dtype):
+def test_prepacked_inference_equals_plain_weight_and_follows_weight_changes(request, dtype):
     """The packed weight gives the same outputs as the plain one, with and without the fused GELU, for
     other row counts than the one it was packed for, and is rebuilt after every kind of weight change."""
     from vitkit.layers.linear import _PACKED
+
+    if dtype == torch.bfloat16:
+        request.getfixturevalue("onednn_bf16")
 
     torch.manual_seed(0)
     layer = nn.Linear(48, 96).to(dtype)

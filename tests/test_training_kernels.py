@@ -168,7 +168,7 @@ needs_onednn = pytest.mark.skipif(not onednn_linear_enabled(), reason="this torc
 
 
 @needs_onednn
-def test_mlp_bf16_training_fuses_gelu_with_the_same_gradients(built):
+def test_mlp_bf16_training_fuses_gelu_with_the_same_gradients(built, onednn_bf16):
     torch.manual_seed(0)
     mlp = Mlp(96, 384).train()
     x = torch.randn(4, 49, 96, requires_grad=True)
@@ -235,7 +235,7 @@ def test_bf16_second_derivatives_through_linear_and_gelu(built):
 
 
 @needs_onednn
-def test_bf16_weight_copies_follow_every_weight_change(built):
+def test_bf16_weight_copies_follow_every_weight_change(built, onednn_bf16):
     """The bf16 copy of a weight is kept between steps and refilled in place on every forward, so it
     follows the fp32 weight however it changes: fused AdamW (which does not bump the version counter),
     plain SGD, a write under no_grad. Two forwards before one backward: each graph keeps its own copy."""
@@ -281,7 +281,7 @@ def test_bf16_weight_copies_follow_every_weight_change(built):
 
 
 @needs_onednn
-def test_gelu_buffers_are_reused_only_when_free(built):
+def test_gelu_buffers_are_reused_only_when_free(built, onednn_bf16):
     """fc1 + GELU's slope lives in a buffer kept per layer and its backward's product in a kept scratch:
     reused step after step, never while a graph still holds them. Two forwards before their backwards,
     and a backward run twice (retain_graph), give the gradients of separate steps."""

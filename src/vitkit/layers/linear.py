@@ -49,6 +49,9 @@ _PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple | None, torch.Tensor, 
 )
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _INT8_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+# oneDNN's bf16 inner product needs avx512bw/vl/dq or avx_ne_convert: on an AVX2-only CPU it refuses to make
+# the primitive, and bf16 goes through F.linear (emulated, as for timm)
+_BF16_AVAILABLE = _AVAILABLE and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
 # int8 fc1 + GELU: per torch.ao layer, (its packed params object, oneDNN-packed int8 weight, fp32 scales,
 # zero points, bias)
 _INT8_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
@@ -64,6 +67,11 @@ def set_onednn_linear(enabled: bool) -> bool:
 
 def onednn_linear_enabled() -> bool:
     return _ENABLED and _AVAILABLE
+
+
+def onednn_linear_supports(dtype: torch.dtype) -> bool:
+    """Whether the oneDNN linear path is on and runs `dtype` on this CPU (bf16 needs AVX-512 or AVX-NE-CONVERT)."""
+    return onednn_linear_enabled() and (dtype == torch.float32 or (dtype == torch.bfloat16 and _BF16_AVAILABLE))
 
 
 _LONG_REDUCTION = 50  # fp32 grad_weight: tokens >= this x in_features (and out >= in): torch.mm measured faster
@@ -221,7 +229,7 @@ def _onednn_training_dtype(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor
         return torch.float32 if fp32_params and x.dtype == torch.float32 else None
     # bf16 autocast: the forward with its bias inside oneDNN, the backward on torch.mm, took 0.8-1.0x
     # F.linear's time per layer at Swin-T's shapes (fewest at stage 1: no pass copying the bias)
-    bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in _DTYPES
+    bf16 = _BF16_AVAILABLE and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in _DTYPES
     return torch.bfloat16 if bf16 and fp32_params else None
 
 
@@ -229,6 +237,8 @@ def _use_onednn(layer: nn.Module, x: torch.Tensor) -> bool:
     """The inference path: no gradient needed, no autocast (the kernel would ignore it)."""
     w = layer.weight
     if not _common_checks(layer, x) or x.dtype not in _DTYPES or w.dtype != x.dtype:
+        return False
+    if x.dtype == torch.bfloat16 and not _BF16_AVAILABLE:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False
