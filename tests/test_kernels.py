@@ -130,6 +130,35 @@ def test_applies_only_to_cpu_inference(built):
         kernels.set_kernels(previous)
 
 
+@pytest.mark.parametrize("isa_pays", [False, True])
+def test_models_take_the_attention_kernel_on_avx512_builds_only(built, monkeypatch, isa_pays):
+    """By default (`set_attention_kernel(None)`) Swin and ViT take the kernel where this CPU's build is an
+    AVX-512 one, and torch's attention on an AVX2 build, where the kernel measured slower; faked here by
+    the ISA probe, so that both cases run on every CPU. Outputs agree either way."""
+    swin = vitkit.create_model("swin_tiny_patch4_window7_224", img_size=112, depths=(2, 2, 2, 2), num_classes=10)
+    vit = vitkit.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=10)
+    calls = []
+    real = kernels.window_attention
+    monkeypatch.setattr(kernels, "window_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(kernels, "_attention_isa_pays", lambda: isa_pays)
+    x = torch.randn(2, 3, 112, 112)
+    previous = kernels.set_attention_kernel(None)
+    try:
+        assert kernels.attention_kernel_chosen() is isa_pays
+        with torch.no_grad():
+            got = [swin.eval()(x), vit.eval()(x[:, :, :64, :64])]
+        assert len(calls) == (8 + 2 if isa_pays else 0)
+        kernels.set_attention_kernel(False)
+        assert not kernels.attention_kernel_chosen()
+        with torch.no_grad():
+            want = [swin(x), vit(x[:, :, :64, :64])]
+        assert len(calls) == (8 + 2 if isa_pays else 0)
+    finally:
+        kernels.set_attention_kernel(previous)
+    for a, b in zip(got, want, strict=True):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
+
+
 @pytest.mark.parametrize(
     "name,size,mapped",
     [

@@ -20,6 +20,11 @@ a pure-Python package, and a machine without a compiler loses speed, not functio
 Where no build is loadable (no compiler, a CPU without AVX2, `VITKIT_KERNELS=0`, or
 `set_kernels(False)`) the models take their torch path, which agrees with the kernel to float
 rounding (tests/test_kernels.py).
+
+The models choose the attention kernel on AVX-512 builds only (`set_attention_kernel`): its 16-lane
+tiles and the rows of scores it keeps in registers fit AVX-512's 32 vector registers; in the AVX2 build
+each tile takes two of its 16 registers, they spill, and model forwards and training steps took
+1.2-1.7x the time of torch's attention (Zen 1 EPYC, 2 threads, docs/PERFORMANCE.md item 20).
 """
 
 from __future__ import annotations
@@ -154,6 +159,31 @@ def set_kernels(enabled: bool) -> bool:
     return previous
 
 
+# None: the models take the attention kernel where this CPU's build is an AVX-512 one; True: on every
+# build (tests of the AVX2 build through the models); False: never
+_ATTENTION_KERNEL: bool | None = None
+_ATTENTION_ISAS = ("avx512bf16", "avx512")
+
+
+def set_attention_kernel(enabled: bool | None) -> bool | None:
+    """Whether the models take the window attention kernel: None (default) where the build is an AVX-512
+    one, True wherever a build is loaded, False never; returns the previous setting. The other kernels
+    and direct calls of the ops are not affected."""
+    global _ATTENTION_KERNEL
+    previous, _ATTENTION_KERNEL = _ATTENTION_KERNEL, enabled
+    return previous
+
+
+@functools.lru_cache(maxsize=1)
+def _attention_isa_pays() -> bool:
+    return isa() in _ATTENTION_ISAS
+
+
+def attention_kernel_chosen() -> bool:
+    """Whether the models take the attention kernel on this CPU (`set_attention_kernel`), given a build."""
+    return _attention_isa_pays() if _ATTENTION_KERNEL is None else _ATTENTION_KERNEL
+
+
 def available() -> bool:
     """Whether the kernels are on and loaded (loading the build for this CPU on the first call)."""
     global _LOADED
@@ -169,12 +199,13 @@ def available() -> bool:
 
 def _takes(x: torch.Tensor, head_dim: int) -> bool:
     """What both kernel paths need of the attention's input x: the CPU, fp32 or bf16 (bf16 autocast
-    included), a head_dim of 16-64 in steps of 16, outside compilation, export and tracing, a build."""
+    included), a head_dim of 16-64 in steps of 16, outside compilation, export and tracing, a build, and
+    the attention kernel chosen for this CPU (`attention_kernel_chosen`)."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or head_dim % 16 or head_dim > 64:
         return False
     if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
         return False  # q, k and v would come out of the projection in fp16
-    return not capturing() and available()
+    return not capturing() and attention_kernel_chosen() and available()
 
 
 def window_attention_applies(x: torch.Tensor, head_dim: int) -> bool:
