@@ -145,6 +145,7 @@ def test_models_take_the_attention_kernel_on_avx512_builds_only(built, monkeypat
     previous = kernels.set_attention_kernel(None)
     try:
         assert kernels.attention_kernel_chosen() is isa_pays
+        assert ("attention: torch's" in kernels.status()) is not isa_pays
         with torch.no_grad():
             got = [swin.eval()(x), vit.eval()(x[:, :, :64, :64])]
         assert len(calls) == (8 + 2 if isa_pays else 0)

@@ -331,7 +331,8 @@ def status() -> str:
     if not _ENABLED:
         return "vitkit kernels: off"
     if available():
-        return f"vitkit kernels: {isa()} ({library_path(isa() or '').name})"
+        attention = "" if attention_kernel_chosen() else "; attention: torch's"
+        return f"vitkit kernels: {isa()} ({library_path(isa() or '').name}{attention})"
     if isa() is None:
         return "vitkit kernels: none for this CPU (torch path)"
     return "vitkit kernels: not built (torch path; `python -m vitkit.layers.kernels` builds them)"
