@@ -229,16 +229,14 @@ def _onednn_training_dtype(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor
         return torch.float32 if fp32_params and x.dtype == torch.float32 else None
     # bf16 autocast: the forward with its bias inside oneDNN, the backward on torch.mm, took 0.8-1.0x
     # F.linear's time per layer at Swin-T's shapes (fewest at stage 1: no pass copying the bias)
-    bf16 = _BF16_AVAILABLE and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in _DTYPES
-    return torch.bfloat16 if bf16 and fp32_params else None
+    bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in _DTYPES
+    return torch.bfloat16 if bf16 and fp32_params and onednn_linear_supports(torch.bfloat16) else None
 
 
 def _use_onednn(layer: nn.Module, x: torch.Tensor) -> bool:
     """The inference path: no gradient needed, no autocast (the kernel would ignore it)."""
     w = layer.weight
-    if not _common_checks(layer, x) or x.dtype not in _DTYPES or w.dtype != x.dtype:
-        return False
-    if x.dtype == torch.bfloat16 and not _BF16_AVAILABLE:
+    if not _common_checks(layer, x) or not onednn_linear_supports(x.dtype) or w.dtype != x.dtype:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False
