@@ -162,6 +162,8 @@ def main() -> None:
     p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul that measures the peak")
     p.add_argument("--out", type=Path, default=DOC, help="the markdown file whose table is replaced")
     args = p.parse_args()
+    if args.peak_size < 64:
+        p.error(f"--peak-size must be at least 64 (a matmul that small times nothing), got {args.peak_size}")
     if args.amps is None:
         args.amps = ["fp32", "bf16"] if bf16_flags() else ["fp32"]
     text = args.out.read_text() if args.out.exists() else f"# Performance\n\n{START}\n{END}\n"
