@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitkit
-from vitkit.layers.linear import linear, onednn_linear_enabled, set_onednn_linear
+from vitkit.layers import linear as linear_module
+from vitkit.layers.linear import fp32_backward_kernels, linear, onednn_linear_enabled, set_onednn_linear
 
 pytestmark = pytest.mark.skipif(not onednn_linear_enabled(), reason="this torch has no oneDNN linear kernel")
 
@@ -35,10 +36,17 @@ def plain_linear():
     set_onednn_linear(previous)
 
 
-# grad_weight by torch.mm (tokens >= 100 x in_features, out >= in: 16 x 784 tokens, 96 -> 288) and by oneDNN
+# the backward products on oneDNN or torch.mm by shape and CPU kind (`fp32_backward_kernels`), both kinds
+# faked on every CPU: AVX-512 takes mm for grad_weight at (96, 288, 16 x 784), AVX2 oneDNN for grad_input
+# at 16 x 784 tokens (>= 4 x in_features) and mm for it at 3 x 49
 @pytest.mark.parametrize("in_f,out_f,tokens", [(96, 288, 784), (384, 96, 784), (384, 1152, 49), (1536, 384, 49)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fp32_forward_and_gradients_match_f_linear(in_f, out_f, tokens, bias):
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "avx2"])
+def test_fp32_forward_and_gradients_match_f_linear(in_f, out_f, tokens, bias, avx512, monkeypatch):
+    monkeypatch.setattr(linear_module, "_avx512", lambda: avx512)
+    calls = []
+    onednn = linear_module._lp
+    monkeypatch.setattr(linear_module, "_lp", lambda *args: calls.append(args) or onednn(*args))
     torch.manual_seed(0)
     layer = nn.Linear(in_f, out_f, bias=bias)
     x = torch.randn(16 if tokens > 49 else 3, tokens, in_f, requires_grad=True)
@@ -46,6 +54,8 @@ def test_fp32_forward_and_gradients_match_f_linear(in_f, out_f, tokens, bias):
     assert "_OneDNNLinearBackward" in _grad_fns(y)
     g = torch.randn_like(y)
     y.backward(g)
+    x_by_onednn, w_by_onednn = fp32_backward_kernels(x.shape[0] * tokens, in_f, out_f, avx512)
+    assert len(calls) == 1 + x_by_onednn + w_by_onednn  # the forward, then each product oneDNN took
     got = [x.grad, layer.weight.grad] + ([layer.bias.grad] if bias else [])
     x.grad, layer.weight.grad = None, None
     layer.zero_grad()
@@ -55,6 +65,15 @@ def test_fp32_forward_and_gradients_match_f_linear(in_f, out_f, tokens, bias):
     assert _rel(y, ref) <= 1e-5
     for a, b in zip(got, want, strict=True):
         assert a.dtype == torch.float32 and _rel(a, b) <= 1e-5
+
+
+def test_backward_kernels_by_cpu_kind():
+    # Swin-T at batch 8: stage 1's qkv (25088 tokens, 96 -> 288), stage 3's fc2 (1568, 1536 -> 384)
+    assert fp32_backward_kernels(25088, 96, 288, avx512=True) == (True, False)  # long reduction: mm
+    assert fp32_backward_kernels(1568, 1536, 384, avx512=True) == (True, True)
+    assert fp32_backward_kernels(25088, 96, 288, avx512=False) == (True, False)
+    assert fp32_backward_kernels(1568, 1536, 384, avx512=False) == (False, False)
+    assert fp32_backward_kernels(1568, 384, 1536, avx512=False) == (True, False)  # 1568 >= 4 x 384
 
 
 def test_separate_bias_gets_its_gradient():

@@ -11,10 +11,10 @@ Inference reuses each weight prepacked in oneDNN's layout (`packed_weight`), reb
 
 Training (gradients needed) goes through `_OneDNNLinear`, an autograd function whose forward is the
 same kernel with the bias added inside it (`F.linear` copies the bias into its output first, a pass
-over the output). In fp32 its grad_input is that kernel too (the weight passed transposed, as a
-strided view), and its grad_weight is oneDNN except where `torch.mm` measured faster: where the
-reduction over tokens is long (>= 50 x in_features) and out_features >= in_features (Swin-T's stage 1
-at batch 8, stages 1-2 at batch 32: oneDNN took 1.2-1.8x mm's time there, 0.4-0.8x elsewhere). Under
+over the output). In fp32 its two backward products go to that kernel (the operands passed transposed, as
+strided views) or to `torch.mm`, whichever measured faster on this kind of CPU at that shape
+(`fp32_backward_kernels`): on AVX-512 CPUs oneDNN, but grad_weight over a long reduction; on AVX2-only
+CPUs mm, but grad_input over many tokens. Under
 bf16 autocast the input is cast to bf16 as autocast would, the weight and bias come from the layer's
 bf16 copies, kept between steps and refilled each forward (`_bf16_copy`), both backward products are
 `torch.mm` (oneDNN through torch), which measured faster than the kernel in bf16, and the bias gradient
@@ -26,6 +26,7 @@ Gradients match `F.linear`'s to float rounding in fp32 and to bf16 rounding unde
 
 from __future__ import annotations
 
+import functools
 import threading
 import types
 import weakref
@@ -37,7 +38,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from vitkit.core.hardware import vnni_flags
+from vitkit.core.hardware import cpu_info, vnni_flags
 from vitkit.layers.capture import capturing
 from vitkit.layers.weight_key import weight_key
 
@@ -75,6 +76,7 @@ def onednn_linear_supports(dtype: torch.dtype) -> bool:
 
 
 _LONG_REDUCTION = 50  # fp32 grad_weight: tokens >= this x in_features (and out >= in): torch.mm measured faster
+_AVX2_GRAD_INPUT_ROWS = 4  # AVX2 fp32 grad_input: oneDNN where tokens >= this x in_features (`fp32_backward_kernels`)
 
 
 def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,13 +140,34 @@ class _OneDNNLinear(torch.autograd.Function):
             grad_x = torch.mm(grad, wc) if need_x else None
             grad_w = torch.mm(grad.t(), x).to(weight.dtype) if need_w else None
             return grad_x, grad_w, grad_b, None, None, None, None
-        grad_x = _lp(grad, wc.t()) if need_x else None  # (M, out) @ (out, in)
-        grad_w = None
+        x_by_onednn, w_by_onednn = fp32_backward_kernels(x.shape[0], x.shape[1], grad.shape[1], _avx512())
+        grad_x = grad_w = None
+        if need_x:  # (M, out) @ (out, in)
+            grad_x = _lp(grad, wc.t()) if x_by_onednn else torch.mm(grad, wc)
         if need_w:  # (out, M) @ (M, in)
-            tokens, in_f, out_f = x.shape[0], x.shape[1], grad.shape[1]
-            use_mm = tokens >= _LONG_REDUCTION * in_f and out_f >= in_f
-            grad_w = torch.mm(grad.t(), x) if use_mm else _lp(grad.t(), x.t())
+            grad_w = _lp(grad.t(), x.t()) if w_by_onednn else torch.mm(grad.t(), x)
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+@functools.lru_cache(maxsize=1)
+def _avx512() -> bool:
+    """Whether oneDNN runs its AVX-512 kernels here (avx512f among the CPU flags); faked by the tests."""
+    return "avx512f" in cpu_info()["flags"]
+
+
+def fp32_backward_kernels(tokens: int, in_f: int, out_f: int, avx512: bool) -> tuple[bool, bool]:
+    """Which fp32 backward products of a (tokens, in_f) -> out_f linear run on oneDNN's kernel rather than
+    `torch.mm` (MKL): (grad_input, grad_weight), each where it measured faster on that kind of CPU.
+
+    - AVX-512 (AMD EPYC Zen 4 / 5): oneDNN for both, but grad_weight over a long reduction (tokens >=
+      50 x in_f, out_f >= in_f: Swin-T's stage 1 at batch 8), where oneDNN took 1.2-1.8x mm's time.
+    - AVX2 only (AMD EPYC Zen 1): grad_weight by mm everywhere (oneDNN took 1.1-2.4x its time at every
+      Swin-T and DeiT-S shape at batch 8), grad_input by oneDNN only where tokens >= 4 x in_f (0.9-0.95x
+      mm's time there; 1.1-1.7x at stage 4 and in fc2 of stage 3 and DeiT-S). docs/PERFORMANCE.md item 21.
+    """
+    if avx512:
+        return True, not (tokens >= _LONG_REDUCTION * in_f and out_f >= in_f)
+    return tokens >= _AVX2_GRAD_INPUT_ROWS * in_f, False
 
 
 # bf16 autocast training: each layer's bf16 copies of its weight and bias, kept between steps and refilled
