@@ -184,10 +184,16 @@ def window_sdpa(
 ) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v over 4-D inputs; `bias` broadcasts over the batch.
 
-    In bf16 on the CPU the fused kernel is ~1.4x slower than two matmuls and a softmax at window
-    sizes (N = 49-144 tokens), so those run explicitly; elsewhere (fp32: a tie; CUDA; export) SDPA.
+    On the CPU, in bf16 and wherever a gradient is needed, two matmuls and a softmax run explicitly: at
+    window sizes (N = 49-144 tokens) torch's fused kernel took ~1.4x their time in bf16 (AVX-512), and
+    with a gradient SDPA takes its math path, the same products plus a pass that guards fully masked rows
+    (a Swin-T fp32 training step: 1.04x faster without it, AVX2). fp32 inference keeps the fused kernel:
+    it ties on AVX-512 and, on an AVX2-only CPU, took 1.04-1.22x the explicit path's time at batch 8 but
+    0.56-0.84x at batch 32, whose scores leave the cache. Elsewhere (CUDA; export, whose graphs keep one
+    attention op) SDPA.
     """
-    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) or capturing():
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or bias.requires_grad)
+    if q.device.type != "cpu" or capturing() or not (grad or q.dtype in (torch.bfloat16, torch.float16)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     attn = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)  # (B, heads', N, N)
