@@ -9,13 +9,16 @@ PIP := $(PY) -m pip
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# stamp files: reinstall only when pyproject.toml changes
+# stamp files: reinstall only when pyproject.toml changes. --no-compile: pip would byte-compile every module
+# of every package (torch, transformers, mlflow, ...); Python compiles the ones imported on first use instead
+# (the dev install took 2 min 56 s against 4 min 34 s on a 2-core Zen 1 EPYC, docs/PERFORMANCE.md item 21)
+PIP_INSTALL := $(PIP) install -q --no-compile
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install -q -e .
+	$(PIP_INSTALL) -e .
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(PY)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
 venv: $(VENV)/.installed
