@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitkit
+from vitkit.core.hardware import has_avx512
 from vitkit.layers import linear as linear_module
 from vitkit.layers.linear import fp32_backward_kernels, linear, onednn_linear_enabled, set_onednn_linear
 
@@ -68,6 +69,10 @@ def test_fp32_forward_and_gradients_match_f_linear(in_f, out_f, tokens, bias, av
 
 
 def test_backward_kernels_by_cpu_kind():
+    # the CPU kind: AVX-512 with F, BW, VL and DQ, as oneDNN's AVX-512 kernels need
+    assert has_avx512({"model": "test", "flags": ["avx2", "avx512bw", "avx512dq", "avx512f", "avx512vl", "fma"]})
+    assert not has_avx512({"model": "test", "flags": ["avx2", "avx512f", "fma"]})
+    assert not has_avx512({"model": "test", "flags": ["avx2", "fma"]})
     # Swin-T at batch 8: stage 1's qkv (25088 tokens, 96 -> 288), stage 3's fc2 (1568, 1536 -> 384)
     assert fp32_backward_kernels(25088, 96, 288, avx512=True) == (True, False)  # long reduction: mm
     assert fp32_backward_kernels(1568, 1536, 384, avx512=True) == (True, True)

@@ -24,6 +24,8 @@ AMP_CHOICES: tuple[str, ...] = ("off", "bf16", "auto")
 BF16_FLAGS: tuple[str, ...] = ("amx_bf16", "amx_tile", "avx512_bf16")
 # the flags that give int8 dot products with 32-bit sums (oneDNN's u8 x s8 kernels without saturation)
 VNNI_FLAGS: tuple[str, ...] = ("amx_int8", "avx512_vnni", "avx_vnni")
+# AVX-512 as oneDNN's avx512_core kernels and vitkit's AVX-512 kernel builds need it
+AVX512_FLAGS: tuple[str, ...] = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 # other flags worth recording beside them (what the fp32 kernels use)
 _REPORTED_FLAGS = BF16_FLAGS + ("avx512f", "avx512_vnni", "amx_int8", "avx2", "fma")
 CPUINFO = Path("/proc/cpuinfo")
@@ -65,6 +67,11 @@ def bf16_flags(info: dict[str, Any] | None = None) -> list[str]:
 def vnni_flags(info: dict[str, Any] | None = None) -> list[str]:
     """The CPU flags present that give int8 dot products with 32-bit sums (empty: no VNNI)."""
     return _present(VNNI_FLAGS, info)
+
+
+def has_avx512(info: dict[str, Any] | None = None) -> bool:
+    """Whether the CPU has AVX-512 (F, BW, VL and DQ: what oneDNN's AVX-512 kernels need)."""
+    return len(_present(AVX512_FLAGS, info)) == len(AVX512_FLAGS)
 
 
 def reported_flags(info: dict[str, Any] | None = None) -> list[str]:

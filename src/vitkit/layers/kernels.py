@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from vitkit.core.errors import VitkitError
 from vitkit.core.files import atomic_path, cache_root
-from vitkit.core.hardware import cpu_info
+from vitkit.core.hardware import AVX512_FLAGS, cpu_info
 from vitkit.layers.capture import capturing
 
 _CSRC = Path(__file__).parent / "csrc"
@@ -55,12 +55,12 @@ ISAS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     # bf16 inputs: products by AVX512_BF16's pairwise dot product instead of widening to fp32 first
     (
         "avx512bf16",
-        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx2", "avx512_bf16"),
+        (*AVX512_FLAGS, "fma", "avx2", "avx512_bf16"),
         (*_AVX512, "-mavx512bf16"),
     ),
     (
         "avx512",
-        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx2"),
+        (*AVX512_FLAGS, "fma", "avx2"),
         _AVX512,
     ),
     ("avx2", ("avx2", "fma"), ("-mavx2", "-mfma")),

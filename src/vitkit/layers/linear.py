@@ -38,7 +38,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from vitkit.core.hardware import cpu_info, vnni_flags
+from vitkit.core.hardware import has_avx512, vnni_flags
 from vitkit.layers.capture import capturing
 from vitkit.layers.weight_key import weight_key
 
@@ -151,8 +151,8 @@ class _OneDNNLinear(torch.autograd.Function):
 
 @functools.lru_cache(maxsize=1)
 def _avx512() -> bool:
-    """Whether oneDNN runs its AVX-512 kernels here (avx512f among the CPU flags); faked by the tests."""
-    return "avx512f" in cpu_info()["flags"]
+    """Whether oneDNN runs its AVX-512 kernels here (`has_avx512`); faked by the tests."""
+    return has_avx512()
 
 
 def fp32_backward_kernels(tokens: int, in_f: int, out_f: int, avx512: bool) -> tuple[bool, bool]:
