@@ -5,6 +5,8 @@ first checkpoint, a full disk during a save, 2 processes (gloo) and `vitkit subm
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import resource
@@ -108,6 +110,7 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def resume(env: dict[str, str], run: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`vitkit train --resume RUN` as a process of its own (for launches the suite must not run inside)."""
     done = subprocess.run(
         [sys.executable, "-m", "vitkit", "train", "--resume", str(run), *extra],
         env={**os.environ, **env},
@@ -117,6 +120,18 @@ def resume(env: dict[str, str], run: Path, *extra: str) -> subprocess.CompletedP
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def resume_here(env: dict[str, str], run: Path, *extra: str, code: int = 0) -> tuple[str, str]:
+    """`vitkit train --resume RUN` in this process (what it tests is the resume, not a process start,
+    which costs seconds on a slow CPU); returns its stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for key, value in env.items():
+            mp.setenv(key, value)
+        got = main(["train", "--resume", str(run), *extra])
+    assert got == code, err.getvalue()[-3000:]
+    return out.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -136,7 +151,7 @@ def test_signal_stops_mid_epoch_and_resume_is_bit_identical(reference, env, tmp_
     if signum == signal.SIGINT:  # resuming is the same as after SIGTERM: checked once, to keep the suite short
         return
 
-    out = resume(env, run, "--threads", "1").stdout
+    out, _ = resume_here(env, run, "--threads", "1")
     assert f"resuming {run} in epoch {state['epoch'] + 1}, after {state['epoch_position']} batches" in out
     assert same_weights(reference, run)
     records = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (reference, run)]
@@ -182,7 +197,7 @@ def test_killed_before_first_checkpoint_restarts_in_place(reference, env, tmp_pa
     proc.kill()
     proc.communicate()
     assert (run / "config.yaml").is_file() and not (run / "state.pt").exists()
-    out = resume(env, run, "--threads", "1").stdout
+    out, _ = resume_here(env, run, "--threads", "1")
     assert "has no checkpoint yet: starting it again from the beginning" in out
     assert same_weights(reference, run)
     steps = [json.loads(x).get("step") for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -223,7 +238,7 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(env, 
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert f"cannot write {run / 'state.pt'}: File too large" in lines[0] and "is intact" in lines[0]
     assert (run / "state.pt").read_bytes() == before and not list(run.glob(".*.tmp"))
-    resume(env, run, "--threads", "1")  # with space again, the run finishes from the kept state
+    resume_here(env, run, "--threads", "1")  # with space again, the run finishes from the kept state
 
 
 def test_two_processes_agree_on_the_stopping_step_and_resume(env, tmp_path):
@@ -239,14 +254,8 @@ def test_two_processes_agree_on_the_stopping_step_and_resume(env, tmp_path):
     assert f"continue with: vitkit train --resume {run} --nproc 2" in err
     state = torch.load(run / "state.pt", weights_only=True)
     assert state["epoch_position"] > 0 and len(state["rng_ranks"]) == 2
-    one = subprocess.run(
-        [sys.executable, "-m", "vitkit", "train", "--resume", str(run)],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode in (1, 2) and "stopped mid-epoch with 2 process(es): resume it with --nproc 2" in one.stderr
+    _, err = resume_here(env, run, code=1)
+    assert "stopped mid-epoch with 2 process(es): resume it with --nproc 2" in err
     resume(env, run, "--nproc", "2")
     steps = [json.loads(x).get("step") for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in steps if s is not None] == list(range(1, 13))  # 6 steps an epoch on each rank

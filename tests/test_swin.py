@@ -11,6 +11,7 @@ import torch
 from timm.models._manipulate import reinit_non_persistent_buffers
 
 import vitkit
+from structural import sampled
 from vitkit.factory import get_variant
 from vitkit.models.swin import SwinTransformer, fit_window, shifted_window_mask
 
@@ -108,7 +109,7 @@ def _check_parity(name: str, slow: bool) -> None:
             _assert_close(p, q)
 
 
-@pytest.mark.parametrize("name", TIMM_NAMED)
+@pytest.mark.parametrize("name", sampled(TIMM_NAMED))  # one variant of each kind; all with --run-slow
 def test_timm_parity(name):
     _check_parity(name, slow=False)
 

@@ -9,6 +9,7 @@ import timm
 import torch
 
 import vitkit
+from structural import sampled
 from vitkit.factory import get_variant
 
 VIT_FAMILY = [n for n in vitkit.list_models() if get_variant(n).family in ("vit", "deit", "deit3")]
@@ -68,7 +69,7 @@ def _check_parity(name: str, slow: bool) -> None:
         _assert_close(ref(x), ours(x))
 
 
-@pytest.mark.parametrize("name", TIMM_NAMED)
+@pytest.mark.parametrize("name", sampled(TIMM_NAMED))  # one variant of each kind; all with --run-slow
 def test_timm_parity(name):
     _check_parity(name, slow=False)
 
