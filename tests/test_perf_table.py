@@ -1,11 +1,14 @@
 """scripts/perf_table.py: one run replaces the table between the markers of the report and nothing else.
-Tiny settings: the script is a benchmark, no speed is asserted."""
+Tiny settings: the script is a benchmark, no speed is asserted. It runs in this process, as
+`python scripts/perf_table.py` would run it (a new interpreter costs seconds on a slow CPU)."""
 
 from __future__ import annotations
 
-import subprocess
+import runpy
 import sys
 from pathlib import Path
+
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "perf_table.py"
 ARGS = [
@@ -33,15 +36,24 @@ ARGS = [
 ]
 
 
-def _run(out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *ARGS, "--out", str(out)], capture_output=True, text=True)
+def _run(out: Path, monkeypatch) -> int:
+    """The script's exit code (its output goes to capsys)."""
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *ARGS, "--out", str(out)])
+    threads = torch.get_num_threads()  # the script sets its own (--threads) and leaves them set
+    try:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    except SystemExit as stop:
+        print(stop.code, file=sys.stderr)  # what the interpreter prints for a message exit
+        return 1
+    finally:
+        torch.set_num_threads(threads)
+    return 0
 
 
-def test_the_table_is_regenerated_between_the_markers(tmp_path):
+def test_the_table_is_regenerated_between_the_markers(tmp_path, monkeypatch, capsys):
     doc = tmp_path / "PERFORMANCE.md"
     doc.write_text("# Performance\n\nbefore\n<!-- perf-table:start -->\nold table\n<!-- perf-table:end -->\nafter\n")
-    result = _run(doc)
-    assert result.returncode == 0, result.stderr
+    assert _run(doc, monkeypatch) == 0, capsys.readouterr().err
     text = doc.read_text()
     assert text.startswith("# Performance\n\nbefore\n<!-- perf-table:start -->\n") and text.endswith("-->\nafter\n")
     assert "old table" not in text
@@ -50,9 +62,8 @@ def test_the_table_is_regenerated_between_the_markers(tmp_path):
     assert "matmul peak" in text and "CPU: " in text and "GFLOP/s" in text
 
 
-def test_a_report_without_markers_is_left_alone(tmp_path):
+def test_a_report_without_markers_is_left_alone(tmp_path, monkeypatch, capsys):
     doc = tmp_path / "PERFORMANCE.md"
     doc.write_text("# my notes\n")
-    result = _run(doc)
-    assert result.returncode != 0 and "markers" in result.stderr
+    assert _run(doc, monkeypatch) == 1 and "markers" in capsys.readouterr().err
     assert doc.read_text() == "# my notes\n"
