@@ -3,16 +3,19 @@ import torch
 
 
 def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true", help="run full-size parity for every variant")
+    parser.addoption(
+        "--run-slow", action="store_true", help="run the slow cases (full-size parity, every variant, long loops)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--run-slow"):
         return
-    skip = pytest.mark.skip(reason="full-size large variant: run with `make test-all` (--run-slow)")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        slow = item.get_closest_marker("slow")
+        if slow is not None:
+            why = slow.args[0] if slow.args else "slow case"
+            item.add_marker(pytest.mark.skip(reason=f"{why}: run with `make test-all` (--run-slow)"))
 
 
 @pytest.fixture(autouse=True)

@@ -40,4 +40,5 @@ def representatives(names: list[str]) -> set[str]:
 def sampled(names: list[str]) -> list:
     """`names` as pytest parameters: the representatives always run, the others under --run-slow."""
     keep = representatives(names)
-    return [n if n in keep else pytest.param(n, marks=pytest.mark.slow) for n in names]
+    later = pytest.mark.slow("another variant of a kind checked in make test")
+    return [n if n in keep else pytest.param(n, marks=later) for n in names]

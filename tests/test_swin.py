@@ -114,7 +114,7 @@ def test_timm_parity(name):
     _check_parity(name, slow=False)
 
 
-@pytest.mark.slow
+@pytest.mark.slow("full-size large variant")
 @pytest.mark.parametrize("name", TIMM_NAMED)
 def test_timm_parity_full_size(name):
     _check_parity(name, slow=True)

@@ -74,7 +74,7 @@ def test_timm_parity(name):
     _check_parity(name, slow=False)
 
 
-@pytest.mark.slow
+@pytest.mark.slow("full-size large variant")
 @pytest.mark.parametrize("name", [n for n in TIMM_NAMED if not _is_full_size(n)])
 def test_timm_parity_full_size(name):
     _check_parity(name, slow=True)
