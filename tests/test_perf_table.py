@@ -42,9 +42,11 @@ def _run(out: Path, monkeypatch) -> int:
     threads = torch.get_num_threads()  # the script sets its own (--threads) and leaves them set
     try:
         runpy.run_path(str(SCRIPT), run_name="__main__")
-    except SystemExit as stop:
-        print(stop.code, file=sys.stderr)  # what the interpreter prints for a message exit
-        return 1
+    except SystemExit as stop:  # the interpreter's rule: a message is printed and exits 1, a number is the code
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+            return 1
+        return stop.code or 0
     finally:
         torch.set_num_threads(threads)
     return 0
