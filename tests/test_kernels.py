@@ -130,30 +130,35 @@ def test_applies_only_to_cpu_inference(built):
         kernels.set_kernels(previous)
 
 
-@pytest.mark.parametrize("isa_pays", [False, True])
-def test_models_take_the_attention_kernel_on_avx512_builds_only(built, monkeypatch, isa_pays):
-    """By default (`set_attention_kernel(None)`) Swin and ViT take the kernel where this CPU's build is an
-    AVX-512 one, and torch's attention on an AVX2 build, where the kernel measured slower; faked here by
-    the ISA probe, so that both cases run on every CPU. Outputs agree either way."""
+@pytest.mark.parametrize("isa", ["none", "avx2", "avx512"])
+def test_models_take_the_attention_kernel_where_it_pays_on_the_build(built, monkeypatch, isa):
+    """By default (`set_attention_kernel(None)`) Swin (head_dim 32) and ViT (64) take the kernel on an
+    AVX-512 build, Swin alone on the AVX2 build (at ViT's head size it tied torch's attention there), and
+    neither where no build applies; faked here by the ISA probe, so that every case runs on every CPU.
+    Outputs agree either way."""
+    head_dim = {"none": 0, "avx2": 32, "avx512": 64}[isa]
+    expected = {"none": 0, "avx2": 8, "avx512": 8 + 2}[isa]
     swin = vitkit.create_model("swin_tiny_patch4_window7_224", img_size=112, depths=(2, 2, 2, 2), num_classes=10)
     vit = vitkit.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=10)
     calls = []
     real = kernels.window_attention
     monkeypatch.setattr(kernels, "window_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(kernels, "_attention_isa_pays", lambda: isa_pays)
+    monkeypatch.setattr(kernels, "_attention_head_dim", lambda: head_dim)
     x = torch.randn(2, 3, 112, 112)
     previous = kernels.set_attention_kernel(None)
     try:
-        assert kernels.attention_kernel_chosen() is isa_pays
-        assert ("attention: torch's" in kernels.status()) is not isa_pays
+        assert kernels.attention_kernel_chosen(32) is (isa != "none")
+        assert kernels.attention_kernel_chosen(64) is (isa == "avx512")
+        assert ("attention: torch's" in kernels.status()) is (isa == "none")
+        assert ("up to head_dim 32" in kernels.status()) is (isa == "avx2")
         with torch.no_grad():
             got = [swin.eval()(x), vit.eval()(x[:, :, :64, :64])]
-        assert len(calls) == (8 + 2 if isa_pays else 0)
+        assert len(calls) == expected
         kernels.set_attention_kernel(False)
-        assert not kernels.attention_kernel_chosen()
+        assert not kernels.attention_kernel_chosen(32)
         with torch.no_grad():
             want = [swin(x), vit(x[:, :, :64, :64])]
-        assert len(calls) == (8 + 2 if isa_pays else 0)
+        assert len(calls) == expected
     finally:
         kernels.set_attention_kernel(previous)
     for a, b in zip(got, want, strict=True):

@@ -21,10 +21,12 @@ Where no build is loadable (no compiler, a CPU without AVX2, `VITKIT_KERNELS=0`,
 `set_kernels(False)`) the models take their torch path, which agrees with the kernel to float
 rounding (tests/test_kernels.py).
 
-The models choose the attention kernel on AVX-512 builds only (`set_attention_kernel`): its 16-lane
-tiles and the rows of scores it keeps in registers fit AVX-512's 32 vector registers; in the AVX2 build
-each tile takes two of its 16 registers, they spill, and model forwards and training steps took
-1.2-1.7x the time of torch's attention (Zen 1 EPYC, 2 threads, docs/PERFORMANCE.md item 20).
+The sources are written once for the build's vector width: 16 fp32 lanes with AVX-512, 8 with AVX2 (as
+16-lane vectors on AVX2, GCC took their shuffles lane by lane and the attention ran at up to 5x torch's
+time, docs/PERFORMANCE.md items 20 and 23). By default the models take the attention kernel for every
+head_dim it supports on AVX-512 builds, and for head_dim <= 32 (every Swin and Swin V2) on the AVX2
+build, where it took 0.55-0.9x torch's time at Swin's windows and tied torch's at ViT's 197 tokens of 64
+(`set_attention_kernel`).
 """
 
 from __future__ import annotations
@@ -159,29 +161,33 @@ def set_kernels(enabled: bool) -> bool:
     return previous
 
 
-# None: the models take the attention kernel where this CPU's build is an AVX-512 one; True: on every
-# build (tests of the AVX2 build through the models); False: never
+# None: the models take the attention kernel for the head sizes where it pays on this CPU's build
+# (`_ATTENTION_HEAD_DIM`); True: for every head size on every build (tests through the models); False: never
 _ATTENTION_KERNEL: bool | None = None
-_ATTENTION_ISAS = ("avx512bf16", "avx512")
+# the widest head_dim for which the kernel is the default, per build: every size it supports with AVX-512;
+# with AVX2 up to Swin's 32 (at ViT's 197 tokens of 64 it tied torch's attention: docs/PERFORMANCE.md item 23)
+_ATTENTION_HEAD_DIM = {"avx512bf16": 64, "avx512": 64, "avx2": 32}
 
 
 def set_attention_kernel(enabled: bool | None) -> bool | None:
-    """Whether the models take the window attention kernel: None (default) where the build is an AVX-512
-    one, True wherever a build is loaded, False never; returns the previous setting. The other kernels
-    and direct calls of the ops are not affected."""
+    """Whether the models take the window attention kernel: None (default) for the head sizes where it
+    pays on this CPU's build, True for every head size wherever a build is loaded, False never; returns the
+    previous setting. The other kernels and direct calls of the ops are not affected."""
     global _ATTENTION_KERNEL
     previous, _ATTENTION_KERNEL = _ATTENTION_KERNEL, enabled
     return previous
 
 
 @functools.lru_cache(maxsize=1)
-def _attention_isa_pays() -> bool:
-    return isa() in _ATTENTION_ISAS
+def _attention_head_dim() -> int:
+    """The widest head_dim for which the models take the kernel by default on this CPU (0: none)."""
+    return _ATTENTION_HEAD_DIM.get(isa() or "", 0)
 
 
-def attention_kernel_chosen() -> bool:
-    """Whether the models take the attention kernel on this CPU (`set_attention_kernel`), given a build."""
-    return _attention_isa_pays() if _ATTENTION_KERNEL is None else _ATTENTION_KERNEL
+def attention_kernel_chosen(head_dim: int = 64) -> bool:
+    """Whether the models take the attention kernel for heads of `head_dim` on this CPU
+    (`set_attention_kernel`), given a build."""
+    return head_dim <= _attention_head_dim() if _ATTENTION_KERNEL is None else _ATTENTION_KERNEL
 
 
 def available() -> bool:
@@ -205,7 +211,7 @@ def _takes(x: torch.Tensor, head_dim: int) -> bool:
         return False
     if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
         return False  # q, k and v would come out of the projection in fp16
-    return not capturing() and attention_kernel_chosen() and available()
+    return not capturing() and attention_kernel_chosen(head_dim) and available()
 
 
 def window_attention_applies(x: torch.Tensor, head_dim: int) -> bool:
@@ -331,7 +337,12 @@ def status() -> str:
     if not _ENABLED:
         return "vitkit kernels: off"
     if available():
-        attention = "" if attention_kernel_chosen() else "; attention: torch's"
+        if attention_kernel_chosen(64):
+            attention = ""
+        elif attention_kernel_chosen(32):
+            attention = "; attention: the kernel up to head_dim 32, torch's above"
+        else:
+            attention = "; attention: torch's"
         return f"vitkit kernels: {isa()} ({library_path(isa() or '').name}{attention})"
     if isa() is None:
         return "vitkit kernels: none for this CPU (torch path)"

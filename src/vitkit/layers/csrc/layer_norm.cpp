@@ -35,7 +35,7 @@ template <typename T>
 inline float row_sum(const T* x, int64_t C) {
   vf s = {};
   int64_t c = 0;
-  for (; c + L <= C; c += L) s += load16(x + c);
+  for (; c + L <= C; c += L) s += load_lanes(x + c);
   float t = hsum(s);
   for (; c < C; ++c) t += load(x + c);
   return t;
@@ -53,7 +53,7 @@ void forward_impl(const T* x, const float* w, const float* b, T* y, float* mean,
     vf q = {};
     int64_t c = 0;
     for (; c + L <= C; c += L) {
-      const vf d = load16(xr + c) - m;
+      const vf d = load_lanes(xr + c) - m;
       q += d * d;
     }
     float var = hsum(q);
@@ -63,8 +63,8 @@ void forward_impl(const T* x, const float* w, const float* b, T* y, float* mean,
     rstd[r] = rs;
     const vf s = splat(rs);
     for (c = 0; c + L <= C; c += L) {
-      const vf v = (load16(xr + c) - m) * s;
-      store16(yr + c, Affine ? v * loadv(w + c) + loadv(b + c) : v);
+      const vf v = (load_lanes(xr + c) - m) * s;
+      store_lanes(yr + c, Affine ? v * loadv(w + c) + loadv(b + c) : v);
     }
     for (; c < C; ++c) {
       const float v = (load(xr + c) - mu) * rs;
@@ -99,7 +99,7 @@ void backward_impl(const T* g, const T* x, const float* mean, const float* rstd,
     vf a = {}, bsum = {};
     int64_t c = 0;
     for (; c + L <= C; c += L) {
-      const vf gv = load16(gr + c), xh = (load16(xr + c) - m) * s;
+      const vf gv = load_lanes(gr + c), xh = (load_lanes(xr + c) - m) * s;
       const vf gw = Weighted ? gv * loadv(w + c) : gv;
       a += gw;
       bsum += gw * xh;
@@ -121,9 +121,9 @@ void backward_impl(const T* g, const T* x, const float* mean, const float* rstd,
     const float ma = sa * inv_c, mb = sb * inv_c;
     const vf va = splat(ma), vb = splat(mb);
     for (c = 0; c + L <= C; c += L) {
-      const vf gv = load16(gr + c), xh = (load16(xr + c) - m) * s;
+      const vf gv = load_lanes(gr + c), xh = (load_lanes(xr + c) - m) * s;
       const vf gw = Weighted ? gv * loadv(w + c) : gv;
-      store16(dr + c, s * (gw - va - xh * vb));
+      store_lanes(dr + c, s * (gw - va - xh * vb));
     }
     for (; c < C; ++c) {
       const float gv = load(gr + c), xh = (load(xr + c) - mu) * rs, gw = Weighted ? gv * w[c] : gv;

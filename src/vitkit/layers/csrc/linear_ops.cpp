@@ -87,17 +87,17 @@ void gelu_forward_impl(const T* x, T* y, T* s, int64_t n) {
     int64_t i = c0 * kGrain;
     for (; i + 4 * L <= end; i += 4 * L) {  // four independent vectors in flight: the fit is a serial chain
       vf yv[4], sv[4];
-      for (int u = 0; u < 4; ++u) gelu_parts(load16(x + i + u * L), yv[u], sv[u]);
+      for (int u = 0; u < 4; ++u) gelu_parts(load_lanes(x + i + u * L), yv[u], sv[u]);
       for (int u = 0; u < 4; ++u) {
-        store16(y + i + u * L, yv[u]);
-        store16(s + i + u * L, sv[u]);
+        store_lanes(y + i + u * L, yv[u]);
+        store_lanes(s + i + u * L, sv[u]);
       }
     }
     for (; i + L <= end; i += L) {
       vf yv, sv;
-      gelu_parts(load16(x + i), yv, sv);
-      store16(y + i, yv);
-      store16(s + i, sv);
+      gelu_parts(load_lanes(x + i), yv, sv);
+      store_lanes(y + i, yv);
+      store_lanes(s + i, sv);
     }
     for (; i < end; ++i) {
       float slope;
@@ -114,8 +114,8 @@ inline vf product16(const float* g, const float* s, float* dx) {
   return v;
 }
 inline vf product16(const c10::BFloat16* g, const c10::BFloat16* s, c10::BFloat16* dx) {
-  store16(dx, load16(g) * load16(s));
-  return load16(dx);
+  store_lanes(dx, load_lanes(g) * load_lanes(s));
+  return load_lanes(dx);
 }
 
 template <typename T>
@@ -139,7 +139,7 @@ void column_sums_impl(const T* x, float* sums, int64_t M, int64_t C) {
   by_row_blocks(M, C, sums, [&](int64_t r, float* acc) {
     const int64_t o = r * C;
     int64_t c = 0;
-    for (; c + L <= C; c += L) storev(acc + c, loadv(acc + c) + load16(x + o + c));
+    for (; c + L <= C; c += L) storev(acc + c, loadv(acc + c) + load_lanes(x + o + c));
     for (; c < C; ++c) acc[c] += load(x + o + c);
   });
 }

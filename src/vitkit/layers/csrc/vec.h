@@ -1,5 +1,5 @@
-// Helpers shared by vitkit's CPU kernels: bf16 <-> fp32 conversion, 16-lane fp32 vectors in GCC's generic
-// vector types (one AVX-512 register, or two AVX2 ones, whichever the build's flags give), exp for
+// Helpers shared by vitkit's CPU kernels: bf16 <-> fp32 conversion, fp32 vectors of one register in GCC's
+// generic vector types (16 lanes in the AVX-512 builds, 8 in the AVX2 one), exp for
 // non-positive arguments, rows in blocks over the threads with column sums, and the inputs' checks.
 // Included by each kernel source; vitkit.layers.kernels hashes this header with the sources, so a change
 // here rebuilds them.
@@ -38,11 +38,18 @@ inline float load(const c10::BFloat16* p) { return bf16_to_float(p->x); }
 inline void store(float* p, float v) { *p = v; }
 inline void store(c10::BFloat16* p, float v) { p->x = float_to_bf16(v); }
 
-// 16 fp32 lanes: one AVX-512 register, or two AVX2 ones (GCC's generic vectors lower to either)
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-constexpr int L = 16;
+// L fp32 lanes: one register of the build's widest vector unit. As two AVX2 registers, 16-lane vectors made
+// GCC take their shuffles (the transposes, the lane reductions) lane by lane: the AVX2 build's window
+// attention took 1.2-5x torch's time with them (docs/PERFORMANCE.md items 20 and 23).
+#ifdef __AVX512F__
+#define VITKIT_LANES 16
+#else
+#define VITKIT_LANES 8
+#endif
+constexpr int L = VITKIT_LANES;
+typedef float vf __attribute__((vector_size(4 * VITKIT_LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * VITKIT_LANES)));
+typedef uint16_t vh __attribute__((vector_size(2 * VITKIT_LANES)));
 
 inline vf splat(float x) { return vf{} + x; }
 inline vf loadv(const float* p) {
@@ -52,7 +59,7 @@ inline vf loadv(const float* p) {
 }
 inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
-// exp(x) for x <= 0 (scores minus their row maximum), 16 lanes at a time: Cody-Waite range reduction
+// exp(x) for x <= 0 (scores minus their row maximum), L lanes at a time: Cody-Waite range reduction
 // to r in [-ln2/2, ln2/2], Cephes' expf polynomial (~1 ulp), and 2^n put together from its bits.
 // Inputs below -87 (the padding's -inf included) give exp(-87) ~ 1.6e-38: zero next to the row
 // maximum's exp(0) = 1. NaN stays NaN (the comparison keeps it), so a NaN score reaches the output
@@ -74,13 +81,19 @@ inline vf exp_nonpositive(vf x) {
   return p * reinterpret_cast<const vf&>(bits);
 }
 
-// across the 16 lanes, as a tree (4 dependent steps where a lane-by-lane loop makes 15)
+// across the L lanes, as a tree (log2 L dependent steps where a lane-by-lane loop makes L - 1)
 template <typename Op>
 inline float reduce_lanes(vf v, Op op) {
+#if VITKIT_LANES == 16
   v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
   v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
   v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
   v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+#else
+  v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+  v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+  v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
+#endif
   return v[0];
 }
 inline float hmax(vf v) {
@@ -90,18 +103,18 @@ inline float hsum(vf v) {
   return reduce_lanes(v, [](vf a, vf b) { return a + b; });
 }
 
-// 16 values from memory as fp32 lanes (bf16: its bits are the top half of the fp32's)
-inline vf load16(const float* p) { return loadv(p); }
-inline vf load16(const c10::BFloat16* p) {
+// L values from memory as fp32 lanes (bf16: its bits are the top half of the fp32's)
+inline vf load_lanes(const float* p) { return loadv(p); }
+inline vf load_lanes(const c10::BFloat16* p) {
   vh h;
   std::memcpy(&h, p, sizeof h);
   const vi bits = __builtin_convertvector(h, vi) << 16;
   return reinterpret_cast<const vf&>(bits);
 }
 
-// 16 fp32 lanes to memory (bf16: rounded to nearest even, NaN kept a NaN, as float_to_bf16)
-inline void store16(float* p, vf x) { storev(p, x); }
-inline void store16(c10::BFloat16* p, vf x) {
+// L fp32 lanes to memory (bf16: rounded to nearest even, NaN kept a NaN, as float_to_bf16)
+inline void store_lanes(float* p, vf x) { storev(p, x); }
+inline void store_lanes(c10::BFloat16* p, vf x) {
 #ifdef __AVX512BF16__
   // one instruction; it also rounds to nearest even, and flushes results below 2^-126 to zero
   const __m256bh packed = _mm512_cvtneps_pbh(x);

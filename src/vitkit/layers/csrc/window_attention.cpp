@@ -80,12 +80,27 @@ struct Layout {
   }
 };
 
-// query rows per block: R x (D / 16) accumulators stay in registers. 7 where it divides N (Swin's
-// 49-token windows: no padded rows) took 0.84-0.98x the time of 4 per call; 4 elsewhere.
+// query rows per block: R x (D / L) accumulators stay in registers. AVX-512: 7 where it divides N (Swin's
+// 49-token windows: no padded rows) took 0.84-0.98x the time of 4 per call; 4 elsewhere. AVX2 (16
+// registers): 3 for head_dim <= 32 and 2 above; at Swin's windows 3 took 0.85-0.95x the time of 2 or 4,
+// and at 197 tokens of 64, 2 took 0.8-0.9x the time of 3 or 4 (Zen 1 EPYC, 2 threads).
 constexpr int R_MAX = 7;
+template <int DV>
+constexpr int avx2_rows() {
+  return DV * L <= 32 ? 3 : 2;
+}
 
-// One stage of a 16 x 16 transpose held in registers: rows i and i + B (i without bit B) swap the
-// lanes whose bit B differs from the row's; after the stages B = 8, 4, 2, 1, row r holds column r.
+// Key chunks per step of the scores: R rows x U chunks are independent sums, enough of them to hide the
+// FMA's latency (~5 dependent cycles at one vector FMA per cycle on the AVX2 CPUs measured) in AVX2's 16
+// registers; the AVX-512 builds' 7 or 4 rows cover it with U = 1.
+template <int R>
+constexpr int score_chunks() {
+  if constexpr (L == 8) return R >= 6 ? 1 : (6 + R - 1) / R;
+  return 1;
+}
+
+// One stage of an L x L transpose held in registers: rows i and i + B (i without bit B) swap the
+// lanes whose bit B differs from the row's; after the stages B = L / 2, ..., 2, 1, row r holds column r.
 template <int B>
 inline void transpose_stage(vf* r, vi lo, vi hi) {
   for (int i = 0; i < L; ++i) {
@@ -96,8 +111,13 @@ inline void transpose_stage(vf* r, vi lo, vi hi) {
   }
 }
 
-inline void transpose16(vf* r) {
-  // lo[c] = c with bit B clear ? a[c] : b[c - B]; hi[c] = c with bit B clear ? a[c + B] : b[c] (b's lanes are 16-31)
+inline void transpose_tile(vf* r) {
+  // lo[c] = c with bit B clear ? a[c] : b[c - B]; hi[c] = c with bit B clear ? a[c + B] : b[c] (b's lanes are L-2L-1)
+#if VITKIT_LANES == 8
+  transpose_stage<4>(r, vi{0, 1, 2, 3, 8, 9, 10, 11}, vi{4, 5, 6, 7, 12, 13, 14, 15});
+  transpose_stage<2>(r, vi{0, 1, 8, 9, 4, 5, 12, 13}, vi{2, 3, 10, 11, 6, 7, 14, 15});
+  transpose_stage<1>(r, vi{0, 8, 2, 10, 4, 12, 6, 14}, vi{1, 9, 3, 11, 5, 13, 7, 15});
+#else
   transpose_stage<8>(r, vi{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
                      vi{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
   transpose_stage<4>(r, vi{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
@@ -106,23 +126,24 @@ inline void transpose16(vf* r) {
                      vi{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
   transpose_stage<1>(r, vi{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
                      vi{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+#endif
 }
 
 // one row of D values to fp32
 template <typename T, int64_t D>
 inline void widen_row(const T* src, float* dst) {
-  for (int64_t d = 0; d < D; d += L) storev(dst + d, load16(src + d));
+  for (int64_t d = 0; d < D; d += L) storev(dst + d, load_lanes(src + d));
 }
 
-// k (N fp32 rows of D, row stride ks) to (D, NP), zero-padded past N: 16 x 16 tiles transposed in
+// k (N fp32 rows of D, row stride ks) to (D, NP), zero-padded past N: L x L tiles transposed in
 // registers
 template <int64_t D>
 inline void transpose_padded(const float* k, int64_t ks, int64_t N, int64_t NP, float* kt) {
   for (int64_t j0 = 0; j0 < NP; j0 += L)
     for (int64_t d0 = 0; d0 < D; d0 += L) {
       vf r[L];
-      for (int t = 0; t < L; ++t) r[t] = j0 + t < N ? load16(k + (j0 + t) * ks + d0) : vf{};
-      transpose16(r);
+      for (int t = 0; t < L; ++t) r[t] = j0 + t < N ? load_lanes(k + (j0 + t) * ks + d0) : vf{};
+      transpose_tile(r);
       for (int t = 0; t < L; ++t) storev(kt + (d0 + t) * NP + j0, r[t]);
     }
 }
@@ -149,7 +170,7 @@ inline void pad_bias(const float* bias, const Layout& s, int64_t w, int64_t h, i
   }
 }
 
-// A row of scores (NC chunks of 16) to its softmax numerators exp(x - max), each chunk handed to
+// A row of scores (NC chunks of L) to its softmax numerators exp(x - max), each chunk handed to
 // put(c, e) after chunk c is read; returns 1 / their sum
 template <typename Put>
 inline float softmax_numerators(const float* row, int64_t NC, Put put, float* row_max = nullptr) {
@@ -179,7 +200,7 @@ inline void store_lse(float* lse, const Layout& s, int64_t w, int64_t h, int64_t
   for (int64_t r = 0; r < rows; ++r) out[r] = top[r] - std::log(inv[r]);
 }
 
-// One (window, head) with head_dim = 16 * DV. Scratch: kt (D, NP) = k transposed, vb (N, D), bias
+// One (window, head) with head_dim = L * DV. Scratch: kt (D, NP) = k transposed, vb (N, D), bias
 // (N, NP) padded with -inf, qb (R, D), sc (R, NP): all fp32; off / out_off: the window's token offsets.
 template <typename T, int DV, int R>
 void attend(const T* q, const T* k, const T* v, T* out, const Layout& s, int64_t w, int64_t h,
@@ -208,18 +229,24 @@ void attend(const T* q, const T* k, const T* v, T* out, const Layout& s, int64_t
         for (int64_t d = 0; d < D; ++d) qb[r * D + d] = load(qi + d) * scale;
       }
     }
-    // scores: R rows x 16 keys per step, the reduction over D in registers
-    for (int64_t c = 0; c < NC; ++c) {
-      vf a[R] = {};
-      for (int64_t d = 0; d < D; ++d) {
-        const vf kv = loadv(kt + d * NP + c * L);
-        for (int r = 0; r < R; ++r) a[r] += qb[r * D + d] * kv;
-      }
+    // scores: R rows x U * L keys per step (U = score_chunks<R>), the reduction over D in registers
+    auto scores = [&]<int U>(int64_t c) {
+      vf a[R][U] = {};
+      for (int64_t d = 0; d < D; ++d)
+        for (int u = 0; u < U; ++u) {
+          const vf kv = loadv(kt + d * NP + (c + u) * L);
+          for (int r = 0; r < R; ++r) a[r][u] += qb[r * D + d] * kv;
+        }
       for (int r = 0; r < R; ++r) {
         const int64_t i = i0 + std::min<int64_t>(r, rows - 1);
-        storev(sc + r * NP + c * L, a[r] + loadv(bp + i * NP + c * L));
+        for (int u = 0; u < U; ++u)
+          storev(sc + r * NP + (c + u) * L, a[r][u] + loadv(bp + i * NP + (c + u) * L));
       }
-    }
+    };
+    constexpr int U = score_chunks<R>();
+    int64_t c = 0;
+    for (; c + U <= NC; c += U) scores.template operator()<U>(c);
+    for (; c < NC; ++c) scores.template operator()<1>(c);
     // softmax numerators in place; 1 / row sum kept for the end
     float inv[R], top[R];
     for (int r = 0; r < R; ++r) {
@@ -241,7 +268,7 @@ void attend(const T* q, const T* k, const T* v, T* out, const Layout& s, int64_t
       T* o = out + out_off[i0 + r] + h * D;
       for (int dv = 0; dv < DV; ++dv) {
         const vf x = acc[r][dv] * inv[r];
-        store16(o + dv * L, x);
+        store_lanes(o + dv * L, x);
       }
     }
   }
@@ -277,7 +304,7 @@ inline void transpose_words(const c10::BFloat16* x, const int64_t* off, int64_t 
         r[t] = vf{};
         if (j0 + t < N) std::memcpy(&r[t], x + off[j0 + t] + 2 * e0, std::min<int64_t>(L, E - e0) * 4);
       }
-      transpose16(r);
+      transpose_tile(r);
       for (int t = 0; t < L && e0 + t < E; ++t) storev(reinterpret_cast<float*>(out + (e0 + t) * NP + j0), r[t]);
     }
 }
@@ -346,7 +373,7 @@ void attend_bf16_dot(const c10::BFloat16* q, const c10::BFloat16* k, const c10::
       c10::BFloat16* o = out + out_off[i0 + r] + h * D;
       for (int dv = 0; dv < DV; ++dv) {
         const vf x = acc[r][dv] * inv[r];
-        store16(o + dv * L, x);
+        store_lanes(o + dv * L, x);
       }
     }
   }
@@ -496,11 +523,11 @@ void attend_backward(const T* q, const T* k, const T* v, const T* o, const T* g,
       m.nq[i] = row_norm<D>(m.qs + i * D);
       normalize<D>(m.qs + i * D, mult);
     } else {
-      for (int64_t d = 0; d < D; d += L) storev(m.qs + i * D + d, load16(qi + d) * scale);
+      for (int64_t d = 0; d < D; d += L) storev(m.qs + i * D + d, load_lanes(qi + d) * scale);
     }
     widen_row<T, D>(g + out_off[i] + hd, m.go + i * D);
     vf acc = {};  // delta_i = dO_i . O_i
-    for (int64_t d = 0; d < D; d += L) acc += loadv(m.go + i * D + d) * load16(o + out_off[i] + hd + d);
+    for (int64_t d = 0; d < D; d += L) acc += loadv(m.go + i * D + d) * load_lanes(o + out_off[i] + hd + d);
     m.delta[i] = hsum(acc);
   }
   std::copy(lse + (w * H + h) * N, lse + (w * H + h + 1) * N, m.lse);
@@ -509,7 +536,7 @@ void attend_backward(const T* q, const T* k, const T* v, const T* o, const T* g,
     const int64_t rows = std::min<int64_t>(R, N - i0);
     const float* qb = m.qs + i0 * D;
     const float* gb = m.go + i0 * D;
-    // P and dS, 16 keys at a time: the scores and dP = dO V^T reduce over D in registers
+    // P and dS, L keys at a time: the scores and dP = dO V^T reduce over D in registers
     for (int64_t c = 0; c < NC; ++c) {
       vf sa[R] = {}, ga[R] = {};
       if (words) {  // pairs of bf16 products by vdpbf16ps, the scores scaled after, as in the forward
@@ -568,9 +595,9 @@ void attend_backward(const T* q, const T* k, const T* v, const T* o, const T* g,
         }
         *dcosine += hsum(dot) * scale;
         unnormalize_grad<D>(gq, qn, m.nq[i0 + r]);
-        for (int dv = 0; dv < DV; ++dv) store16(dq + dv * L, loadv(gq + dv * L));
+        for (int dv = 0; dv < DV; ++dv) store_lanes(dq + dv * L, loadv(gq + dv * L));
       } else {
-        for (int dv = 0; dv < DV; ++dv) store16(dq + dv * L, acc[r][dv] * scale);
+        for (int dv = 0; dv < DV; ++dv) store_lanes(dq + dv * L, acc[r][dv] * scale);
       }
     }
     accumulate_keys<DV, R>(m.pb, NP, gb, N, m.dv);  // dV += P^T dO
@@ -584,7 +611,7 @@ void attend_backward(const T* q, const T* k, const T* v, const T* o, const T* g,
   for (int64_t j = 0; j < N; ++j) {
     T* dk = dqkv + 3 * out_off[j] + H * D + hd;
     T* dv = dk + H * D;
-    for (int64_t d = 0; d < D; d += L) store16(dk + d, loadv(m.dk + j * D + d)), store16(dv + d, loadv(m.dv + j * D + d));
+    for (int64_t d = 0; d < D; d += L) store_lanes(dk + d, loadv(m.dk + j * D + d)), store_lanes(dv + d, loadv(m.dv + j * D + d));
   }
 }
 
@@ -656,20 +683,25 @@ void run_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     }
 }
 
-// head_dim / 16 and the rows per block as template arguments, then `F<T, DV, R>::call(args...)`
+// head_dim / L and the rows per block as template arguments, then `F<T, DV, R>::call(args...)`
 template <template <typename, int, int> class F, typename T, typename... Args>
 void dispatch(const Layout& s, Args&... args) {
   auto rows = [&]<int DV>() {
+#if VITKIT_LANES == 8
+    F<T, DV, avx2_rows<DV>()>::call(args...);
+#else
     if (s.N % 7 == 0)
       F<T, DV, 7>::call(args...);
     else
       F<T, DV, 4>::call(args...);
+#endif
   };
-  switch (s.D / L) {
-    case 1: return rows.template operator()<1>();
-    case 2: return rows.template operator()<2>();
-    case 3: return rows.template operator()<3>();
-    default: return rows.template operator()<4>();
+  constexpr int per16 = 16 / L;  // vectors per 16 values of head_dim
+  switch (s.D / 16) {
+    case 1: return rows.template operator()<per16>();
+    case 2: return rows.template operator()<2 * per16>();
+    case 3: return rows.template operator()<3 * per16>();
+    default: return rows.template operator()<4 * per16>();
   }
 }
 
@@ -700,7 +732,7 @@ Layout check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, co
               op, ": q, k and v must all be float32 or all bfloat16");
   TORCH_CHECK(q.stride(3) == 1, op, ": the head_dim of q, k and v must be contiguous");
   const int64_t D = q.size(3);
-  TORCH_CHECK(D % L == 0 && D > 0 && D <= 4 * L, op, ": head_dim must be 16, 32, 48 or 64, got ", D);
+  TORCH_CHECK(D % 16 == 0 && D > 0 && D <= 64, op, ": head_dim must be 16, 32, 48 or 64, got ", D);
   Layout s{};
   s.D = D;
   if (!rows) {  // q: (windows, heads, N, D)
