@@ -37,9 +37,12 @@ lint: venv-dev
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-# --durations=15: the 15 slowest tests, to keep the suite under 15 minutes on 2 cores
+# two pytest-xdist workers, one per core of the project's 2-core machine, each test file on one worker (its
+# module fixtures built once); tests/conftest.py shares the cores' torch threads out between them. Half the
+# suite's wall time is single-threaded (imports, process starts), so two workers took 7 min 41 s where one
+# took 13 min 34 s (docs/PERFORMANCE.md item 24). --durations=15: the 15 slowest tests.
 test: lint browser kernels
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # the `vitkit serve` page test drives Debian's chromium (no browser download is possible) on a Fashion-MNIST
 # test image: as root, install both once; elsewhere that test skips and says why
@@ -54,7 +57,8 @@ browser:
 	    echo "could not install $(BROWSER_PACKAGES): the page test will skip"; \
 	fi
 
-# full-size parity for every variant (slow: large, huge and giant models at full depth)
+# full-size parity for every variant (slow: large, huge and giant models at full depth); one process, since
+# two workers would each hold a giant model and its timm twin at once
 test-all: lint kernels
 	$(PY) -m pytest -q --run-slow --durations=15
 

@@ -1,5 +1,18 @@
+import os
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers, one per core of the project's machine), each
+    worker and every process its tests start share the cores out: a worker of two torch threads beside
+    another would oversubscribe a 2-core machine, where OpenMP's threads spin at their barriers."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for the processes the tests start
+        torch.set_num_threads(threads)
 
 
 def pytest_addoption(parser):
