@@ -10,6 +10,11 @@ Prints the median per-round speed-up and its range, and which build ran.
     python -m vitkit.layers.kernels          # build the kernel for this CPU first (the Makefile does)
     python scripts/kernel_speed.py --threads 2
     python scripts/kernel_speed.py --threads 2 --mode train
+    python scripts/kernel_speed.py --threads 2 --op     # the attention op alone against torch's SDPA, fp32
+
+`--op` times `torch.ops.vitkit.window_attention` and `F.scaled_dot_product_attention` on the same q, k, v
+and bias at the shapes of Swin-T's stages, Swin V2's larger windows and ViT's 197 tokens (batch 8), with
+q, k, v as views of one qkv projection as the models pass them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -78,6 +84,49 @@ def compare(name: str, amp: str, batch: int, rounds: int, steps: int, mode: str 
     )
 
 
+# (windows, heads, tokens, head_dim, bias groups): Swin-T batch 8 stages 1 (shifted: 64 groups) and 3, Swin V2
+# windows of 8, 12 and 16, ViT-S / DeiT-S (197 tokens of 64) and a ViT of head_dim 32
+OP_SHAPES = (
+    (512, 3, 49, 32, 64),
+    (32, 12, 49, 32, 4),
+    (512, 3, 64, 32, 64),
+    (32, 12, 144, 32, 4),
+    (32, 12, 256, 32, 4),
+    (8, 6, 197, 64, 1),
+    (8, 12, 197, 32, 1),
+)
+
+
+def median_ms(fn: Callable[[], object], calls: int) -> float:
+    fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def compare_op(windows: int, heads: int, n: int, d: int, groups: int, rounds: int) -> str:
+    """The kernel against SDPA for one shape: median ms of `rounds` calls each, and the kernel's GFLOP/s."""
+    qkv = torch.randn(windows, n, 3, heads, d)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (windows, heads, n, d) views, as the models pass them
+    bias = torch.randn(groups, heads, n, n)
+    scale = d**-0.5
+    # SDPA as Swin's torch path calls it: windows batch-major, (images, groups * heads) against one bias
+    images = windows // groups
+    qs, ks, vs = (t.reshape(images, groups * heads, n, d) for t in (q, k, v))
+    mask = bias.view(1, groups * heads, n, n)
+    with torch.inference_mode():
+        ours = median_ms(lambda: kernels.window_attention(q, k, v, bias, scale), rounds)
+        torch_ms = median_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale), rounds)
+    gflop = 4 * windows * heads * n * n * d / 1e9
+    return (
+        f"windows {windows} heads {heads} tokens {n} head_dim {d} bias groups {groups}: kernel {ours:.1f} ms "
+        f"({gflop / ours * 1e3:.0f} GFLOP/s), torch SDPA {torch_ms:.1f} ms, kernel / torch time {ours / torch_ms:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -87,6 +136,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("infer", "train"), default="infer")
     parser.add_argument("--steps", type=int, default=2, help="forward passes (or training steps) per setting and round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--op", action="store_true", help="the attention op alone against SDPA (fp32), not models")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,6 +147,10 @@ def main() -> None:
         f"{info['model']} ({', '.join(reported_flags(info))}); torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {args.rounds} alternating rounds; {kernels.status()}"
     )
+    if args.op:
+        for shape in OP_SHAPES:
+            print(compare_op(*shape, rounds=args.rounds), flush=True)
+        return
     for name in args.models:
         for amp in args.amp:
             for batch in args.batch_sizes:

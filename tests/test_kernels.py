@@ -6,6 +6,10 @@ does not apply."""
 
 from __future__ import annotations
 
+import re
+import runpy
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -433,3 +437,24 @@ def test_the_flop_count_includes_the_kernel(built):
     on_cpu, _ = count_macs(model, x)
     on_meta, _ = count_macs(model.to("meta"), x.to("meta"))  # the torch path, counted by torch
     assert on_cpu == on_meta
+
+
+def test_kernel_speed_op_mode_times_the_op_against_sdpa_on_the_same_inputs(built):
+    """`scripts/kernel_speed.py --op` (the attention op against torch's SDPA): its SDPA call, fed the batch-major
+    (images, groups * heads) views and one bias, computes what the kernel computes, so the two times are of
+    the same work; the line names both times and the kernel's GFLOP/s."""
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "kernel_speed.py"))
+    line = script["compare_op"](8, 2, 49, 32, 4, rounds=1)
+    assert re.fullmatch(
+        r"windows 8 heads 2 tokens 49 head_dim 32 bias groups 4: kernel [\d.]+ ms \(\d+ GFLOP/s\), "
+        r"torch SDPA [\d.]+ ms, kernel / torch time [\d.]+",
+        line,
+    ), line
+    qkv = torch.randn(8, 49, 3, 2, 32)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    bias = torch.randn(4, 2, 49, 49)
+    with torch.inference_mode():
+        ours = kernels.window_attention(q, k, v, bias, 32**-0.5)  # (windows, tokens, heads, head_dim)
+        views = (t.reshape(2, 4 * 2, 49, 32) for t in (q, k, v))
+        ref = F.scaled_dot_product_attention(*views, attn_mask=bias.view(1, 8, 49, 49), scale=32**-0.5)
+    torch.testing.assert_close(ours, ref.reshape(8, 2, 49, 32).transpose(1, 2), rtol=1e-5, atol=1e-5)
