@@ -13,6 +13,7 @@ from torch import nn
 
 import vitkit
 from vitkit.layers import LayerNorm, Mlp, kernels
+from vitkit.layers import linear as linear_module
 from vitkit.layers.drop_path import DropPath
 from vitkit.layers.linear import _BF16_COPIES, linear, onednn_linear_enabled
 
@@ -190,6 +191,32 @@ def test_mlp_bf16_training_fuses_gelu_with_the_same_gradients(built, onednn_bf16
         assert _rel(a, b) < 2e-2  # bf16 rounding; the fc1 bias gradient is summed in fp32 here
     for p in mlp.parameters():
         assert p.grad.dtype == torch.float32
+
+
+@needs_onednn
+@pytest.mark.parametrize("avx512", [False, True])
+def test_mlp_fp32_training_fuses_gelu_on_avx2_only(built, monkeypatch, avx512):
+    """fp32 training: fc1's GELU is vitkit's kernel on AVX2-only CPUs, where it measured faster, and torch's
+    GELU on AVX-512 ones (not measured there); the CPU kind is faked, so both run everywhere. The gradients
+    agree with torch's composition to fp32 rounding either way."""
+    monkeypatch.setattr(linear_module, "_avx512", lambda: avx512)
+    torch.manual_seed(0)
+    mlp = Mlp(96, 384).train()
+    x = torch.randn(4, 49, 96, requires_grad=True)
+    g = torch.randn(4, 49, 96)
+
+    def grads(fn):
+        mlp.zero_grad()
+        x.grad = None
+        y = fn(x)
+        y.backward(g)
+        return [y, x.grad, *(p.grad for p in mlp.parameters())]
+
+    got = grads(mlp)
+    assert _has_fn(got[0], "GeluBackward0") is avx512
+    want = grads(lambda t: F.linear(F.gelu(F.linear(t, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight, mlp.fc2.bias))
+    for a, b in zip(got, want, strict=True):
+        assert _rel(a, b) < 1e-5
 
 
 def _has_fn(y: torch.Tensor, name: str) -> bool:

@@ -195,10 +195,19 @@ def _bf16_copy(layer: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
         return _kept(_BF16_COPIES.setdefault(layer, {}), name, t.shape, torch.bfloat16).copy_(t)
 
 
-def _slope_buffer(layer: nn.Module, shape: tuple[int, int]) -> torch.Tensor:
-    """Where fc1's GELU writes its slope in bf16 training: the layer's kept (rows, out_features) buffer,
-    or a new one while a graph not yet backpropagated still holds it (saved for its backward)."""
-    return _kept(_BF16_COPIES.setdefault(layer, {}), "slope", shape, torch.bfloat16)
+def _slope_buffer(layer: nn.Module, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """Where fc1's GELU writes its slope in training: the layer's kept (rows, out_features) buffer, or a
+    new one while a graph not yet backpropagated still holds it (saved for its backward)."""
+    return _kept(_BF16_COPIES.setdefault(layer, {}), "slope", shape, dtype)
+
+
+def gelu_kernel_trains(dtype: torch.dtype) -> bool:
+    """Whether fc1's GELU in training is vitkit's kernel (`gelu_train_` / `gelu_backward`) for activations
+    of `dtype`: bf16 wherever the kernels are built; fp32 on AVX2-only CPUs, where it measured faster
+    than torch's GELU and its backward (docs/PERFORMANCE.md item 25; not measured on AVX-512)."""
+    if dtype == torch.float32 and _avx512():
+        return False
+    return dtype in (torch.bfloat16, torch.float32) and kernels_available()
 
 
 # the GELU backward's product, which lives only inside `_OneDNNLinear.backward`: one buffer per shape and
@@ -350,8 +359,8 @@ def linear(layer: nn.Module, x: torch.Tensor, gelu: bool = False, bias: torch.Te
             if b is not None:
                 bc = _bf16_copy(layer, "bias", b) if b is layer.bias else b.to(dtype)
                 b = b if b is layer.bias else bc  # a bias made here: its cast differentiable, as autocast's
-        fused = gelu and dtype == torch.bfloat16 and kernels_available()
-        slope = _slope_buffer(layer, (x2.shape[0], int(layer.out_features))) if fused else None
+        fused = gelu and gelu_kernel_trains(dtype)
+        slope = _slope_buffer(layer, (x2.shape[0], int(layer.out_features)), dtype) if fused else None
         y = _OneDNNLinear.apply(x2, w, b, wc, bc, fused, slope)  # autocast does not reach the oneDNN op inside
         y = y.view(*x.shape[:-1], y.shape[-1])  # (..., out_features)
         return F.gelu(y) if gelu and not fused else y
