@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from test_data import fake_images, offline_idx
 from vitkit.cli import main
+from vitkit.core import hardware
 from vitkit.core.errors import VitkitError
 from vitkit.core.hardware import vnni_flags
 from vitkit.data import fashion_mnist
@@ -65,11 +66,13 @@ def run(tmp_path_factory):
         yield out
 
 
-def test_quantize_run_writes_a_file_that_predicts_as_the_in_memory_int8_model(run, tmp_path, capsys):
+def test_quantize_run_writes_a_file_that_predicts_as_the_in_memory_int8_model(run, tmp_path, capsys, monkeypatch):
     target = tmp_path / "int8.safetensors"
+    monkeypatch.setattr(hardware, "vnni_flags", lambda: [])  # a CPU without VNNI: the output says what int8 gains
     assert main(["quantize", "--run", str(run), "--out", str(target), "--max-drop", "100", "--test"]) == 0
     printed = capsys.readouterr().out
     assert "val top-1: fp32" in printed and "test top-1: fp32" in printed and str(target) in printed
+    assert "note: this CPU has no VNNI" in printed
     assert is_quantized_file(target) and not is_quantized_file(run / "best.safetensors")
 
     meta = read_metadata(target)
@@ -124,7 +127,8 @@ def test_the_gate_refuses_a_model_that_drops_too_much(run, tmp_path, capsys):
     assert not target.exists() and not list(tmp_path.glob(".refused*"))
 
 
-def test_a_checkpoint_with_data_is_quantised_beside_it(run, tmp_path, capsys):
+def test_a_checkpoint_with_data_is_quantised_beside_it(run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(hardware, "vnni_flags", lambda: ["avx512_vnni"])  # with VNNI: no note
     assert main(["quantize", "--checkpoint", str(run / "best.safetensors")]) == 2
     assert "--checkpoint needs --data" in capsys.readouterr().err
     checkpoint = tmp_path / "weights.safetensors"
@@ -146,7 +150,8 @@ def test_a_checkpoint_with_data_is_quantised_beside_it(run, tmp_path, capsys):
         == 0
     )
     written = tmp_path / "weights.int8.safetensors"
-    assert str(written) in capsys.readouterr().out and read_metadata(written)["scheme"] == "per-tensor"
+    printed = capsys.readouterr().out
+    assert str(written) in printed and read_metadata(written)["scheme"] == "per-tensor" and "note:" not in printed
     assert load_quantized(written, create_model).int8_metadata["source"] == str(checkpoint)
 
 
