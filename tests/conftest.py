@@ -10,7 +10,8 @@ def pytest_configure(config):
     another would oversubscribe a 2-core machine, where OpenMP's threads spin at their barriers."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
-        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # for the processes the tests start
         torch.set_num_threads(threads)
 

@@ -25,7 +25,7 @@ The sources are written once for the build's vector width: 16 fp32 lanes with AV
 16-lane vectors on AVX2, GCC took their shuffles lane by lane and the attention ran at up to 5x torch's
 time, docs/PERFORMANCE.md items 20 and 23). By default the models take the attention kernel for every
 head_dim it supports on AVX-512 builds, and for head_dim <= 32 (every Swin and Swin V2) on the AVX2
-build, where it took 0.55-0.9x torch's time at Swin's windows and tied torch's at ViT's 197 tokens of 64
+build, where it took 0.52-0.88x torch's time at Swin's windows and tied torch's at ViT's 197 tokens of 64
 (`set_attention_kernel`).
 """
 

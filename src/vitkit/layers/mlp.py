@@ -22,7 +22,8 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.act
         if type(act) is nn.GELU and act.approximate == "none" and not (act._forward_hooks or act._forward_pre_hooks):
-            # fc1 and its GELU in one call: fused where `linear` has a kernel for it (inference, bf16 training)
+            # fc1 and its GELU in one call: fused where `linear` has a kernel for it (inference; training where
+            # `gelu_kernel_trains`)
             h = linear(self.fc1, x, gelu=True)
         else:
             h = act(linear(self.fc1, x))

@@ -51,7 +51,7 @@ inline vf reciprocal(vf a) {
 #endif
 }
 
-// y = x Phi(x) and the slope Phi(x) + x phi(x), 16 lanes at a time. Both need exp(-x^2 / 2): erf's
+// y = x Phi(x) and the slope Phi(x) + x phi(x), L lanes at a time. Both need exp(-x^2 / 2): erf's
 // fit below is e^(-z^2) times a polynomial, and with z = |x| / sqrt2 that exponential is phi's, so one
 // exp serves both.
 inline void gelu_parts(vf x, vf& y, vf& slope) {
