@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -33,7 +32,7 @@ from vitkit.core.hardware import cpu_info, reported_flags
 from vitkit.factory import create_model, default_img_size
 from vitkit.layers import kernels
 from vitkit.layers.precision import cast_for_inference
-from vitkit.tools.bench import images_per_s
+from vitkit.tools.bench import images_per_s, median_call_s
 from vitkit.train.optim import build_optimizer
 
 MODELS = ("swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256")
@@ -98,16 +97,6 @@ OP_SHAPES = (
 )
 
 
-def median_ms(fn: Callable[[], object], calls: int) -> float:
-    fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def compare_op(windows: int, heads: int, n: int, d: int, groups: int, rounds: int) -> str:
     """The kernel against SDPA for one shape: median ms of `rounds` calls each, and the kernel's GFLOP/s."""
     qkv = torch.randn(windows, n, 3, heads, d)
@@ -124,8 +113,8 @@ def compare_op(windows: int, heads: int, n: int, d: int, groups: int, rounds: in
         return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
 
     with torch.inference_mode():
-        ours = median_ms(lambda: kernels.window_attention(q, k, v, bias, scale), rounds)
-        torch_ms = median_ms(sdpa, rounds)
+        ours = median_call_s(lambda: kernels.window_attention(q, k, v, bias, scale), rounds) * 1e3
+        torch_ms = median_call_s(sdpa, rounds) * 1e3
     gflop = 4 * windows * heads * n * n * d / 1e9
     return (
         f"windows {windows} heads {heads} tokens {n} head_dim {d} bias groups {groups}: kernel {ours:.1f} ms "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from vitkit.core.files import write_text
 from vitkit.core.hardware import bf16_flags, cpu_info, reported_flags
 from vitkit.layers.linear import onednn_linear_supports
-from vitkit.tools.bench import BenchOptions, compare_with_timm
+from vitkit.tools.bench import BenchOptions, compare_with_timm, median_call_s
 from vitkit.tools.flops import model_macs
 
 MODELS = ("deit_small_patch16_224", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256")
@@ -40,16 +39,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     kernels = [lambda: a @ b]
     if onednn_linear_supports(dtype):
         kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
-    best = 0.0
-    for run in kernels:
-        run()  # first call: allocation and kernel selection
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-        best = max(best, 2 * n**3 / statistics.median(times) / 1e9)
-    return best
+    return max(2 * n**3 / median_call_s(run, reps) / 1e9 for run in kernels)
 
 
 def measure(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:

@@ -339,8 +339,8 @@ def status() -> str:
     if available():
         if attention_kernel_chosen(64):
             attention = ""
-        elif attention_kernel_chosen(32):
-            attention = "; attention: the kernel up to head_dim 32, torch's above"
+        elif attention_kernel_chosen(16):  # the default, with a limit below 64 on this build
+            attention = f"; attention: the kernel up to head_dim {_attention_head_dim()}, torch's above"
         else:
             attention = "; attention: torch's"
         return f"vitkit kernels: {isa()} ({library_path(isa() or '').name}{attention})"

@@ -84,9 +84,8 @@ def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torc
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """y = x @ w.T + b for 2-D x, then exact GELU when `gelu` (by vitkit's kernel: `gelu_kernel_trains`), with
-    the backward products
-    on the kernels that measured fastest.
+    """y = x @ w.T + b for 2-D x, then exact GELU when `gelu` (vitkit's kernel: `gelu_kernel_trains`), with
+    the backward products on the kernels that measured fastest.
 
     `weight` and `bias` are what autograd differentiates (the layer's parameters); the products use
     `wc` and `bc`, the same tensors, or their bf16 copies under autocast (`_bf16_copy`), and the

@@ -245,6 +245,18 @@ def _img_size(name: str, img_size: int | tuple[int, int] | None) -> tuple[int, i
 
 
 # -- public API ----------------------------------------------------------------------------------
+def median_call_s(fn: Callable[[], Any], calls: int) -> float:
+    """Median wall seconds of `calls` calls of fn(), after one untimed call (allocation, kernel selection):
+    the op-level timings of scripts/perf_table.py (matmul peak) and kernel_speed.py (--op)."""
+    fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def images_per_s(model: nn.Module | Callable[[torch.Tensor], Any], x: torch.Tensor, steps: int) -> float:
     """Images per second of `steps` back-to-back calls model(x), wall clock, nothing synchronised: the
     CPU A/B scripts (scripts/swin_vs_deit.py, kernel_speed.py, int8_speed.py) alternate it between peers."""
