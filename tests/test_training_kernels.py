@@ -337,6 +337,41 @@ def test_gelu_buffers_are_reused_only_when_free(built, onednn_bf16):
 
 
 @needs_onednn
+def test_eval_drops_the_kept_training_buffers(built, monkeypatch):
+    """`model.eval()` frees fc1's GELU slope, the bf16 weight copies and the backward's scratch; training
+    again makes them anew with the same gradients. The scratch is one flat buffer for every shape (a Swin's
+    stages, a short last batch), as large as the largest product."""
+    monkeypatch.setattr(linear_module, "_avx512", lambda: False)  # fp32 takes the GELU kernel
+    torch.manual_seed(0)
+    model = nn.Sequential(Mlp(32, 64), Mlp(32, 128)).train()
+
+    def step(x: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad()
+        model(x).square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    x = torch.randn(4, 6, 32)
+    first = step(x)
+    assert {id(m) for m in (model[0].fc1, model[1].fc1)} <= {id(m) for m in _BF16_COPIES.keys()}
+    step(x[:1])  # a short batch: its products fit the kept scratch
+    scratch = list(linear_module._SCRATCH.values())
+    assert len(scratch) == 1 and scratch[0].numel() == 4 * 6 * 128
+    model.eval()
+    assert not any(m in _BF16_COPIES for m in model.modules()) and not linear_module._SCRATCH
+    with torch.no_grad():
+        model(x)  # inference keeps none of them
+    assert not any(m in _BF16_COPIES for m in model.modules()) and not linear_module._SCRATCH
+    model.train()
+    assert all(torch.equal(a, b) for a, b in zip(step(x), first, strict=True))
+    if linear_module._BF16_AVAILABLE:  # bf16 autocast training keeps copies of the weights as well
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x).float().sum().backward()
+        assert "weight" in _BF16_COPIES[model[0].fc2]
+    linear_module.release_training_buffers()
+    assert not _BF16_COPIES and not linear_module._SCRATCH
+
+
+@needs_onednn
 def test_inference_caches_follow_a_fused_optimiser_step():
     """Prepacked inference weights and Swin's eval-mode bias are keyed on the weights' versions and on
     the optimiser steps taken: a fused AdamW step (no version bump) between two evaluations shows."""

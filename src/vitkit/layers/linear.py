@@ -210,14 +210,30 @@ def gelu_kernel_trains(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float32) and kernels_available()
 
 
-# the GELU backward's product, which lives only inside `_OneDNNLinear.backward`: one buffer per shape and
-# dtype, per thread (autograd may run backward passes on several threads at once)
-_SCRATCH = threading.local()
+# the GELU backward's product, which lives only inside `_OneDNNLinear.backward` (written, read by its two
+# products, dropped before it returns): one flat buffer per thread and dtype, as large as the largest
+# product yet, viewed at each shape (autograd may run backward passes on several threads at once). One
+# buffer for every shape: per shape, a Swin's four stages and a short last batch kept nine.
+_SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
 
 def _scratch(like: torch.Tensor) -> torch.Tensor:
-    buffers: dict[tuple, torch.Tensor] = _SCRATCH.__dict__.setdefault("buffers", {})
-    return _kept(buffers, (tuple(like.shape), like.dtype), like.shape, like.dtype)
+    key, n = (threading.get_ident(), like.dtype), like.numel()
+    flat = _SCRATCH.get(key)
+    if flat is None or flat.numel() < n:
+        flat = _SCRATCH[key] = torch.empty(n, dtype=like.dtype, device="cpu")
+    return flat[:n].view(like.shape)
+
+
+def release_training_buffers(module: nn.Module | None = None) -> None:
+    """Drop what the training path keeps between steps: the GELU slopes and bf16 weight copies of the
+    linear layers in `module` (every layer's when None) and the backward's scratch. A graph that still
+    holds one keeps it; the next training forward makes new ones. `Mlp.train(False)` (so `model.eval()`)
+    calls it: fc1's slope is an activation-sized buffer (Swin-T at batch 128: ~2.9 GB in fp32)."""
+    layers = list(_BF16_COPIES.keys()) if module is None else list(module.modules())
+    for layer in layers:
+        _BF16_COPIES.pop(layer, None)
+    _SCRATCH.clear()
 
 
 def kernels_module() -> types.ModuleType:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vitkit.layers.linear import linear
+from vitkit.layers.linear import linear, release_training_buffers
 
 
 class Mlp(nn.Module):
@@ -18,6 +18,11 @@ class Mlp(nn.Module):
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
+
+    def train(self, mode: bool = True) -> Mlp:
+        if not mode:  # eval: fc1's GELU slope (activation-sized) and the layers' bf16 copies are not needed
+            release_training_buffers(self)
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.act
