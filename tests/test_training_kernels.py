@@ -354,7 +354,7 @@ def test_eval_drops_the_kept_training_buffers(built, monkeypatch):
     first = step(x)
     assert {id(m) for m in (model[0].fc1, model[1].fc1)} <= {id(m) for m in _BF16_COPIES.keys()}
     step(x[:1])  # a short batch: its products fit the kept scratch
-    scratch = list(linear_module._SCRATCH.values())
+    scratch = [flat for buffers in linear_module._SCRATCH.values() for flat in buffers.values()]
     assert len(scratch) == 1 and scratch[0].numel() == 4 * 6 * 128
     model.eval()
     assert not any(m in _BF16_COPIES for m in model.modules()) and not linear_module._SCRATCH

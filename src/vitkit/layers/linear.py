@@ -211,17 +211,18 @@ def gelu_kernel_trains(dtype: torch.dtype) -> bool:
 
 
 # the GELU backward's product, which lives only inside `_OneDNNLinear.backward` (written, read by its two
-# products, dropped before it returns): one flat buffer per thread and dtype, as large as the largest
-# product yet, viewed at each shape (autograd may run backward passes on several threads at once). One
-# buffer for every shape: per shape, a Swin's four stages and a short last batch kept nine.
-_SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+# products, dropped before it returns): per thread (autograd may run backward passes on several threads at
+# once; a finished thread's entry goes with its Thread object) one flat buffer per dtype, as large as the
+# largest product yet, viewed at each shape. One buffer for every shape: per shape, a Swin's four stages and
+# a short last batch kept nine.
+_SCRATCH: weakref.WeakKeyDictionary[threading.Thread, dict[torch.dtype, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def _scratch(like: torch.Tensor) -> torch.Tensor:
-    key, n = (threading.get_ident(), like.dtype), like.numel()
-    flat = _SCRATCH.get(key)
+    buffers, n = _SCRATCH.setdefault(threading.current_thread(), {}), like.numel()
+    flat = buffers.get(like.dtype)
     if flat is None or flat.numel() < n:
-        flat = _SCRATCH[key] = torch.empty(n, dtype=like.dtype, device="cpu")
+        flat = buffers[like.dtype] = torch.empty(n, dtype=like.dtype, device="cpu")
     return flat[:n].view(like.shape)
 
 
