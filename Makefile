@@ -9,9 +9,17 @@ PIP := $(PY) -m pip
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# Byte-code: every Python process of the tests, the demo and the tools below reads compiled modules from one
+# cache inside the venv (PYTHONPYCACHEPREFIX, so the source tree stays clean, `make clean` removes it) and
+# writes the ones it compiles there, even where the shell sets PYTHONDONTWRITEBYTECODE: without that cache each
+# of the suite's ~100 processes recompiled torch, torch._dynamo (pulled in by torchvision's import) and the
+# rest from source, and a subset of the suite took 339 s against 175 s with it (docs/PERFORMANCE.md item 28)
+export PYTHONPYCACHEPREFIX := $(CURDIR)/$(VENV)/pycache
+unexport PYTHONDONTWRITEBYTECODE
+
 # stamp files: reinstall only when pyproject.toml changes. --no-compile: pip would byte-compile every module
-# of every package (torch, transformers, mlflow, ...); Python compiles the ones imported on first use instead
-# (the dev install took 2 min 56 s against 4 min 34 s on a 2-core Zen 1 EPYC, docs/PERFORMANCE.md item 21)
+# of every package (torch, transformers, mlflow, ...); the processes above compile the ones they import, once,
+# into the cache (the dev install took 2 min 56 s against 4 min 34 s on a 2-core Zen 1 EPYC, item 21)
 PIP_INSTALL := $(PIP) install -q --no-compile
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP_INSTALL) -e .
