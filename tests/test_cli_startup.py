@@ -4,6 +4,7 @@ with the builders."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,9 @@ from vitkit.cli.models import FIELDS, measure_variant, variant_table
 from vitkit.factory import list_models
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+# a bare environment, keeping the Makefile's byte-code cache (docs/PERFORMANCE.md item 28)
+BARE_ENV = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"}
+BARE_ENV.update({key: os.environ[key] for key in ("PYTHONPYCACHEPREFIX",) if key in os.environ})
 
 # run in a fresh interpreter; prints the exit code, then whether torch was imported
 PROBE = """
@@ -37,7 +41,7 @@ def probe(argv: list[str], bare_root: bool) -> tuple[str, str]:
         capture_output=True,
         text=True,
         timeout=300,
-        env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
+        env=BARE_ENV,
     )
     assert done.returncode == 0, done.stderr
     *output, last = done.stdout.splitlines()
@@ -61,7 +65,7 @@ def test_the_installed_entry_point_imports_no_torch_for_help():
         [sys.executable, "-c", "import sys, vitkit; print('torch' in sys.modules)"],
         capture_output=True,
         text=True,
-        env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
+        env=BARE_ENV,
     )
     if root.stdout.strip() == "True":
         pytest.skip("the package root (vitkit/__init__.py) still imports torch eagerly")

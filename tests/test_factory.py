@@ -4,6 +4,7 @@ the encoder-only case of `load_checkpoint`."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,8 @@ from vitkit.train.modeling import build_model, load_weights, save_weights
 from vitkit.weights.vitkit_format import read_metadata, save_model
 
 SRC = Path(vitkit.__file__).parent
+# a bare environment keeps the Makefile's byte-code cache, or torch compiles from source (PERFORMANCE item 28)
+BYTECODE_CACHE = {key: os.environ[key] for key in ("PYTHONPYCACHEPREFIX",) if key in os.environ}
 TINY_VIT = dict(img_size=32, patch_size=4, depth=1, embed_dim=32, num_heads=2)
 TINY_SWIN = dict(img_size=32, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4)
 
@@ -30,7 +33,7 @@ def _python(code: str) -> str:
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PYTHONPATH": str(SRC.parent), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+        env={"PYTHONPATH": str(SRC.parent), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", **BYTECODE_CACHE},
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip()
