@@ -10,8 +10,8 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Byte-code: every Python process of the tests, the demo and the tools below reads compiled modules from one
-# cache inside the venv (PYTHONPYCACHEPREFIX, so the source tree stays clean, `make clean` removes it) and
-# writes the ones it compiles there, even where the shell sets PYTHONDONTWRITEBYTECODE: without that cache each
+# cache inside the venv (PYTHONPYCACHEPREFIX, so the source tree stays clean, `make clean` removes it; not for apt's
+# own Python) and writes the ones it compiles there, even where the shell sets PYTHONDONTWRITEBYTECODE: without that cache each
 # of the suite's ~100 processes recompiled torch, torch._dynamo (pulled in by torchvision's import) and the
 # rest from source, and a subset of the suite took 339 s against 175 s with it (docs/PERFORMANCE.md item 28)
 export PYTHONPYCACHEPREFIX := $(CURDIR)/$(VENV)/pycache
@@ -59,7 +59,7 @@ browser:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    { [ ! -x /usr/bin/chromium ] || [ ! -d /usr/share/datasets/fashion-mnist ]; }; then \
 	  echo "installing $(BROWSER_PACKAGES) (Debian) for the page test ..."; \
-	  export DEBIAN_FRONTEND=noninteractive; \
+	  export DEBIAN_FRONTEND=noninteractive; unset PYTHONPYCACHEPREFIX; \
 	  apt-get install -y -q $(BROWSER_PACKAGES) >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null && apt-get install -y -q $(BROWSER_PACKAGES) >/dev/null; } || \
 	    echo "could not install $(BROWSER_PACKAGES): the page test will skip"; \

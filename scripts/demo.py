@@ -24,7 +24,9 @@ def ensure_data() -> int:
         root = None
     if root is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
         print(f"installing the Debian package {fashion_mnist.DEBIAN_PACKAGE} ...", flush=True)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        # apt's own Python (package scripts) compiles into the system's folders, not the Makefile's venv cache
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPYCACHEPREFIX"}
+        env["DEBIAN_FRONTEND"] = "noninteractive"
         install = ["apt-get", "install", "-y", "-q", fashion_mnist.DEBIAN_PACKAGE]
         if subprocess.run(install, env=env).returncode != 0:  # the package lists may be stale
             subprocess.run(["apt-get", "update", "-q"], env=env)
