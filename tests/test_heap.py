@@ -31,8 +31,11 @@ def check_kept_heap() -> None:
     assert fresh > 8000  # 64 MiB above the mmap threshold: new pages each time (16,384 of 4 KiB)
     with heap.heap_kept() as applied:
         assert applied
-        kept = min(_faults_of_reallocating() for _ in range(4))  # once the heap has grown to hold it
-    assert kept < fresh / 10
+        # the first reallocations can still fault: a small allocation may split the freed block, and the heap
+        # grows until it holds the pattern, after 1-4 rounds in 12 processes (Zen 1, glibc 2.36); 4 rounds failed
+        # a `make test` once
+        kept = [_faults_of_reallocating() for _ in range(12)]
+    assert min(kept) < fresh / 10, (fresh, kept)
     assert _faults_of_reallocating() > 8000  # the defaults are back
 
 
